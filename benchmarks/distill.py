@@ -1,0 +1,388 @@
+"""Distillation fidelity, cost and mode coverage: APD against its SGLD teacher.
+
+For each architecture with a finished SGLD run (``<runs>/sgld-<arch>/READY``) this
+
+1. distils it with the default design, ``apd distill --samples <run> --out
+   <runs>/bench/distill-<arch>.safetensors``, timing the whole command (``--reuse`` evaluates
+   the shipped ``models/mnist-<arch>/model.safetensors`` instead and takes the time it
+   recorded);
+2. draws K = 100 networks from the checkpoint file with :meth:`Checkpoint.generate` on fixed
+   noise (NumPy seed 0), and takes the teacher as the run's 100 samples spread across its
+   chains (:meth:`SampleStore.select_spread`);
+3. compares them on the MNIST test set (accuracy, NLL, mean KL(teacher || APD)) and on the
+   five OOD sets (10,000 images each, seed 0) by AUROC of predictive entropy, mutual
+   information and model variance, with pass/fail against the issue's targets (accuracy at
+   most 0.1 points and each AUROC at most 0.005 below the teacher's, NLL at most 0.01 above;
+   distillation within 10 min for fcNN1, 20 min for fcNN2; fcNN1 checkpoint at most 8 MB);
+4. checks what the service will do with the checkpoint: test accuracy with K = 100 (target
+   >= 97.5 %), and at the stored thresholds (5 % target FPR on validation) the share of MNIST
+   test digits flagged (<= 7 %) and of notMNIST letters flagged (>= 90 %).
+
+It also times the paper preset (full P-dimensional generator and critic) for
+``--paper-steps`` generator steps (a quarter of them for fcNN2) on ``--device``, on 200 spread
+samples, and runs the toy posterior
+with four separated modes (:mod:`training.apd.toy`), reporting how many modes the default
+design, the same GAN without chain conditioning, and a Gaussian fit cover.
+
+Writes ``benchmarks/results/distill.json`` and ``distill.md``. Wall times on a shared CPU are
+pessimistic: the load average during the run is recorded next to them.
+
+    python benchmarks/distill.py [--runs runs] [--archs fcnn1 fcnn2] [--reuse]
+        [--paper-steps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from apd.checkpoint import Checkpoint, load_checkpoint
+from apd.uncertainty import PredictiveSummary, ScoreName
+from training.apd import toy
+from training.apd.fidelity import compare, predict
+from training.apd.offline import distill_offline, preset
+from training.cli import main as apd_main
+from training.data import MNIST, OOD_SETS, load_mnist, load_ood
+from training.sample_store import SampleStore
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+RESULTS: Final = ROOT / "benchmarks" / "results"
+K: Final = 100
+OOD_SIZE: Final = 10_000
+TIME_TARGET_S: Final = {"fcnn1": 600.0, "fcnn2": 1200.0}
+SIZE_TARGET_BYTES: Final = {"fcnn1": 8_000_000}
+SHIPPED: Final = "fcnn1"  # the service targets below are for the shipped model
+SERVICE_ACCURACY_MIN: Final = 0.975
+MNIST_FLAG_MAX: Final = 0.07
+NOTMNIST_FLAG_MIN: Final = 0.90
+
+
+def _device_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def student_networks(ckpt: Checkpoint, k: int = K, seed: int = 0) -> np.ndarray:
+    """``k`` networks from the checkpoint file itself, on fixed NumPy noise."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
+    eps = None
+    if ckpt.meta.generator.has_residual:
+        eps = rng.standard_normal((k, ckpt.num_params), dtype=np.float32)
+    return ckpt.generate(z, eps)
+
+
+def distil(run: Path, arch: str, runs: Path, reuse: bool) -> tuple[Path, float, float]:
+    """The checkpoint to evaluate, its distillation wall time and the load average then."""
+    shipped = ROOT / "models" / f"mnist-{arch}" / "model.safetensors"
+    if reuse and shipped.is_file():
+        ckpt = load_checkpoint(shipped)
+        return shipped, float(ckpt.meta.metrics.get("total_seconds", float("nan"))), _load()
+    out = runs / "bench" / f"distill-{arch}.safetensors"
+    t0 = time.perf_counter()
+    code = apd_main(["distill", "--samples", str(run), "--out", str(out), "--no-progress"])
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"apd distill failed on {run} (exit {code})")
+    return out, seconds, _load()
+
+
+def service_checks(
+    ckpt: Checkpoint,
+    student_test: PredictiveSummary,
+    student_ood: dict[str, PredictiveSummary],
+    y: NDArray[np.int64],
+) -> dict[str, Any]:
+    """What the service does with this checkpoint at its stored thresholds."""
+    a = ckpt.meta.anomaly
+    out: dict[str, Any] = {
+        "test_accuracy": float((student_test.labels == y).mean()),
+        "default_score": a.default_score.value,
+        "target_fpr": a.target_fpr,
+        "flag_rate": {},
+    }
+    for s in ScoreName:
+        t = a.thresholds[s]
+        out["flag_rate"][s.value] = {
+            "mnist_test": float((student_test.score(s) > t).mean()),
+            **{n: float((p.score(s) > t).mean()) for n, p in student_ood.items()},
+        }
+    d = out["flag_rate"][a.default_score.value]
+    out["pass_accuracy"] = out["test_accuracy"] >= SERVICE_ACCURACY_MIN
+    out["pass_mnist_flags"] = d["mnist_test"] <= MNIST_FLAG_MAX
+    out["pass_notmnist_flags"] = d["notmnist"] >= NOTMNIST_FLAG_MIN
+    return out
+
+
+def bench_arch(
+    arch: str, args: argparse.Namespace, mnist: MNIST, ood: dict[str, NDArray[np.float32]]
+) -> dict[str, Any]:
+    run = args.runs / f"sgld-{arch}"
+    if not (run / "READY").is_file():
+        return {"skipped": f"{run} has no READY"}
+    store = SampleStore.open(run / "samples")
+    path, seconds, load = distil(run, arch, args.runs, args.reuse)
+    ckpt = load_checkpoint(path)
+    spec = store.spec
+    teacher = torch.from_numpy(np.asarray(store.theta[store.select_spread(K)]))
+    t_pred = predict(spec, teacher, mnist.test_x, ood)
+    s_pred = predict(spec, torch.from_numpy(student_networks(ckpt)), mnist.test_x, ood)
+    fidelity = compare(t_pred, s_pred, mnist.test_y)
+    size = ckpt.size_bytes
+    out: dict[str, Any] = {
+        "run": str(run),
+        "samples": len(store),
+        "chains": store.meta.get("num_chains"),
+        "checkpoint": str(path),
+        "checkpoint_sha256": ckpt.sha256,
+        "checkpoint_bytes": size,
+        "size_target_bytes": SIZE_TARGET_BYTES.get(arch),
+        "pass_size": size <= SIZE_TARGET_BYTES.get(arch, size),
+        "distill_seconds": round(seconds, 1),
+        "distill_target_seconds": TIME_TARGET_S[arch],
+        "pass_time": seconds <= TIME_TARGET_S[arch],
+        "load_average_after": load,
+        "generator": ckpt.meta.generator.model_dump(),
+        "best_step": ckpt.meta.metrics.get("best_step"),
+        "residual_scale": ckpt.meta.metrics.get("residual_scale"),
+        "fidelity": fidelity,
+        "service": service_checks(ckpt, s_pred.test, s_pred.ood, mnist.test_y),
+    }
+    return out
+
+
+def paper_timing(arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    """ms per generator step of the paper preset (5 critic steps each) on ``args.device``."""
+    run = args.runs / f"sgld-{arch}"
+    if not (run / "READY").is_file() or args.paper_steps <= 0:
+        return {"skipped": "no run" if args.paper_steps > 0 else "--paper-steps 0"}
+    store = SampleStore.open(run / "samples")
+    rows = store.select_spread(min(200, len(store)))
+    warm = 2
+    steps = args.paper_steps if store.spec.num_params < 200_000 else max(2, args.paper_steps // 4)
+    cfg = preset("paper", steps=steps + warm, eval_every=10**9)
+    t0 = time.perf_counter()
+    distill_offline(store.theta, cfg, rows=rows, device=args.device, progress=False)
+    total = time.perf_counter() - t0
+    # A second, warm-up-only run separates set-up and the first slow steps from the rate.
+    t1 = time.perf_counter()
+    distill_offline(
+        store.theta,
+        preset("paper", steps=warm, eval_every=10**9),
+        rows=rows,
+        device=args.device,
+        progress=False,
+    )
+    overhead = time.perf_counter() - t1
+    ms = 1000.0 * (total - overhead) / steps
+    return {
+        "device": _device_info(args.device),
+        "steps_timed": steps,
+        "ms_per_step": round(ms, 1),
+        "projected_100k_steps_hours": round(ms * 100_000 / 3.6e6, 1),
+        "load_average_after": _load(),
+    }
+
+
+def toy_coverage(seed: int = 0) -> dict[str, Any]:
+    problem = toy.make_problem(seed=seed)
+    samples = toy.sample_posterior(
+        problem, chains_per_mode=2, steps=2000, burn_in=500, thinning=5, lr=0.05, seed=seed
+    )
+    out: dict[str, Any] = {
+        "separation_nats": round(toy.separation_nats(problem), 1),
+        "chains": len(np.unique(samples.chain)),
+        "samples": len(samples.theta),
+        "sgld": toy.mode_coverage(problem, samples.theta, samples.theta).to_dict(),
+    }
+    rng = torch.Generator().manual_seed(1)
+    for name, conditional in (("apd_default", True), ("apd_unconditional", False)):
+        gen = toy.distill_toy(samples, steps=1000, conditional=conditional, seed=seed)
+        draws = gen.sample(4000, rng).numpy()
+        out[name] = toy.mode_coverage(problem, draws, samples.theta).to_dict()
+    out["gaussian"] = toy.mode_coverage(
+        problem, toy.gaussian_draws(samples.theta, 4000, seed), samples.theta
+    ).to_dict()
+    return out
+
+
+def _fmt_pass(ok: bool) -> str:
+    return "pass" if ok else "**FAIL**"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# APD distillation: fidelity to the SGLD teacher, cost, mode coverage",
+        "",
+        f"{result['created_at']}; code {result['code_revision'][:12]}; "
+        f"{result['device']['machine']}, {result['device']['cpu_count']} cores, torch threads "
+        f"{result['device']['torch_threads']}. Wall times were measured on a CPU shared with "
+        "other work (load average recorded), so they are pessimistic.",
+        "",
+        "Teacher: 100 SGLD samples spread across the chains. APD: K = 100 networks drawn "
+        "from the checkpoint file (NumPy seed 0). Test set: MNIST test (10,000); OOD sets: "
+        "10,000 images each, seed 0.",
+        "",
+    ]
+    for arch, r in result["archs"].items():
+        if "skipped" in r:
+            lines += [f"## {arch}: skipped ({r['skipped']})", ""]
+            continue
+        f = r["fidelity"]
+        g = r["generator"]
+        lines += [
+            f"## {arch}",
+            "",
+            f"Run `{r['run']}` ({r['samples']} samples, {r['chains']} chains) -> "
+            f"`{r['checkpoint']}`: design `{g['design']}`, generator z {g['noise_dim']} -> "
+            f"{g['hidden_sizes']} -> {g['output_dim']}, basis {g['basis_dtype']}; best step "
+            f"{r['best_step']}, residual scale {r['residual_scale']}.",
+            "",
+            "| figure | teacher (SGLD) | APD | difference | target | verdict |",
+            "|---|---|---|---|---|---|",
+            f"| test accuracy | {f['teacher']['accuracy']:.4f} | {f['student']['accuracy']:.4f} "
+            f"| {-f['accuracy_drop'] * 100:+.2f} pts | >= -0.10 pts | "
+            f"{_fmt_pass(f['pass_accuracy'])} |",
+            f"| test NLL | {f['teacher']['nll']:.4f} | {f['student']['nll']:.4f} | "
+            f"{f['nll_increase']:+.4f} | <= +0.01 | {_fmt_pass(f['pass_nll'])} |",
+            f"| mean KL(teacher ‖ APD), test | | | {f['mean_kl_teacher_student']:.5f} nats "
+            "| (reported) | |",
+        ]
+        for name, rows in f["auroc"].items():
+            for score, row in rows.items():
+                lines.append(
+                    f"| AUROC {name} / {score} | {row['teacher']:.4f} | {row['student']:.4f} | "
+                    f"{-row['drop']:+.4f} | >= -0.005 | {_fmt_pass(row['pass'])} |"
+                )
+        size_t = r["size_target_bytes"]
+        lines += [
+            f"| distillation wall time | | {r['distill_seconds']:.0f} s | | "
+            f"<= {r['distill_target_seconds']:.0f} s | {_fmt_pass(r['pass_time'])} |",
+            f"| checkpoint size | | {r['checkpoint_bytes'] / 1e6:.2f} MB | | "
+            + (f"<= {size_t / 1e6:.0f} MB" if size_t else "(reported)")
+            + f" | {_fmt_pass(r['pass_size']) if size_t else ''} |",
+            "",
+        ]
+        s = r["service"]
+        d = s["flag_rate"][s["default_score"]]
+
+        def verdict(target: str, ok: bool, arch: str = arch) -> str:
+            return f" ({target}: {_fmt_pass(ok)})" if arch == SHIPPED else ""
+
+        lines += [
+            f"Service view ({s['default_score']}, thresholds for target FPR {s['target_fpr']} "
+            f"on validation): test accuracy {s['test_accuracy']:.4f}"
+            f"{verdict('>= 0.975', s['pass_accuracy'])}, MNIST test flagged "
+            f"{d['mnist_test']:.3f}{verdict('<= 0.07', s['pass_mnist_flags'])}, notMNIST "
+            f"flagged {d['notmnist']:.3f}{verdict('>= 0.90', s['pass_notmnist_flags'])}."
+            + ("" if arch == SHIPPED else " (Service targets apply to the shipped fcNN1.)"),
+            "",
+            "| score | MNIST test | " + " | ".join(OOD_SETS) + " |",
+            "|---|---|" + "---|" * len(OOD_SETS),
+        ]
+        for score, rates in s["flag_rate"].items():
+            lines.append(
+                f"| {score} | {rates['mnist_test']:.3f} | "
+                + " | ".join(f"{rates[n]:.3f}" for n in OOD_SETS)
+                + " |"
+            )
+        lines.append("")
+    lines += [
+        "## Paper preset cost",
+        "",
+        "| arch | device | ms / generator step | 100,000 steps |",
+        "|---|---|---|---|",
+    ]
+    for arch, p in result["paper_preset"].items():
+        if "skipped" in p:
+            lines.append(f"| {arch} | skipped ({p['skipped']}) | | |")
+        else:
+            lines.append(
+                f"| {arch} | {p['device']['device']} | {p['ms_per_step']:.0f} | "
+                f"{p['projected_100k_steps_hours']} h |"
+            )
+    t = result.get("toy")
+    if t:
+        lines += [
+            "",
+            "## Mode coverage on the toy posterior",
+            "",
+            f"Four modes separated by a {t['separation_nats']}-nat valley; {t['chains']} SGLD "
+            f"chains started in the modes, {t['samples']} samples. A mode is covered when at "
+            "least 5 % of 4,000 draws lie on its ridge (log posterior above the SGLD samples' "
+            "1 % quantile); each holds 25 % of the posterior.",
+            "",
+            "| method | modes covered | share per mode | on a ridge |",
+            "|---|---|---|---|",
+        ]
+        for name in ("sgld", "apd_default", "apd_unconditional", "gaussian"):
+            c = t[name]
+            shares = ", ".join(f"{v:.3f}" for v in c["mode_shares"])
+            lines.append(
+                f"| {name} | {c['modes_covered']} / {c['of_modes']} | {shares} | "
+                f"{c['on_ridge_fraction']:.3f} |"
+            )
+    lines += ["", "Reproduce: `python benchmarks/distill.py`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=Path, default=ROOT / "runs")
+    p.add_argument("--archs", nargs="+", default=["fcnn1", "fcnn2"])
+    p.add_argument("--reuse", action="store_true", help="evaluate models/mnist-<arch> as is")
+    p.add_argument("--paper-steps", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-toy", action="store_true")
+    p.add_argument("--render", action="store_true", help="rewrite distill.md from distill.json")
+    args = p.parse_args()
+    if args.render:
+        (RESULTS / "distill.md").write_text(
+            markdown(json.loads((RESULTS / "distill.json").read_text()))
+        )
+        return
+    from training.apd.package import code_revision
+
+    mnist = load_mnist()
+    ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
+    result: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_revision": code_revision(),
+        "device": _device_info(args.device),
+        "archs": {},
+        "paper_preset": {},
+    }
+    for arch in args.archs:
+        result["archs"][arch] = bench_arch(arch, args, mnist, ood)
+        result["paper_preset"][arch] = paper_timing(arch, args)
+    if not args.no_toy:
+        result["toy"] = toy_coverage()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "distill.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP layer: routes (:mod:`service.api.routes`), dependencies (:mod:`service.api.deps`)."""

@@ -1,0 +1,42 @@
+"""Dependencies of the routes, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.runtime import ServiceRuntime
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_runtime_or_none(request: Request) -> ServiceRuntime | None:
+    runtime: ServiceRuntime | None = getattr(request.app.state, "runtime", None)
+    return runtime
+
+
+def get_runtime(
+    runtime: Annotated[ServiceRuntime | None, Depends(get_runtime_or_none)],
+) -> ServiceRuntime:
+    if runtime is None:
+        raise HTTPException(
+            status_code=503, detail="the service is starting: checkpoint not loaded yet"
+        )
+    return runtime
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
+MaybeRuntimeDep = Annotated[ServiceRuntime | None, Depends(get_runtime_or_none)]

@@ -1,0 +1,1 @@
+"""One module per resource: inference, health, model metadata, metrics."""

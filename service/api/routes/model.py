@@ -1,0 +1,55 @@
+"""``GET /v1/model``: the served checkpoint's metadata."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import RuntimeDep
+from service.api.errors import ERROR_RESPONSES
+from service.posterior_pool import NETWORKS_PER_BLOCK
+from service.schemas import AnomalyInfo, Limits, ModelInfo
+
+router = APIRouter(tags=["model"])
+
+
+@router.get(
+    "/v1/model",
+    response_model=ModelInfo,
+    responses={503: ERROR_RESPONSES[503]},
+    summary="The loaded checkpoint: identity, architecture, thresholds, provenance, limits",
+)
+async def model_info(runtime: RuntimeDep) -> ModelInfo:
+    ckpt = runtime.checkpoint
+    meta = ckpt.meta
+    settings = runtime.settings
+    anomaly = meta.anomaly
+    return ModelInfo(
+        id=meta.model_id,
+        version=meta.version,
+        sha256=ckpt.sha256,
+        checkpoint_bytes=ckpt.size_bytes,
+        target=meta.target.model_dump(mode="json"),
+        parameter_count=meta.target.num_params,
+        generator=meta.generator.model_dump(mode="json"),
+        generator_parameter_count=sum(int(t.size) for t in ckpt.tensors.values()),
+        input=meta.input.model_dump(mode="json"),
+        default_num_samples=runtime.default_num_samples,
+        anomaly=AnomalyInfo(
+            default_score=anomaly.default_score,
+            target_fpr=anomaly.target_fpr,
+            thresholds=dict(anomaly.thresholds),
+            calibration_set=anomaly.calibration_set,
+            calibration_size=anomaly.calibration_size,
+            calibration_num_samples=anomaly.num_samples,
+        ),
+        provenance=meta.provenance.model_dump(mode="json"),
+        metrics=dict(meta.metrics),
+        backend=runtime.backend.kind.value,
+        pool_size=runtime.pool.size,
+        limits=Limits(
+            max_batch=settings.max_batch,
+            max_num_samples=settings.max_num_samples,
+            max_body_bytes=settings.max_body_bytes,
+            networks_per_block=NETWORKS_PER_BLOCK,
+        ),
+    )

@@ -1,0 +1,157 @@
+"""``apd serve``: run the inference service under uvicorn.
+
+Flags mirror :class:`service.config.Settings` (``--checkpoint``, ``--host``, ``--port``,
+``--workers``, ``--redis-url``, ``--backend``, ...; ``apd serve --help`` lists them all) and
+win over the ``APD_*`` environment. Before anything is served, this process validates the
+settings and loads and checks the checkpoint; a problem is one line on stderr and a non-zero
+exit code (2: bad settings, 1: a checkpoint that cannot be served).
+
+NumPy's BLAS reads its thread count once, when NumPy loads, so this module sets
+``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` from ``--num-threads``
+(``APD_NUM_THREADS``; default 1, parallelism coming from concurrent requests and workers)
+before anything imports NumPy, unless they are set already; worker processes inherit them.
+Without this, every worker's forward would start one BLAS thread per core, and a few
+concurrent requests would oversubscribe the machine many times over.
+
+With ``--workers N > 1`` uvicorn starts N worker processes, each building the app from
+``APD_*`` variables that this process sets from its validated settings (pinning the
+checkpoint's sha256, so a file replaced meanwhile is refused), and Prometheus multi-process
+mode is switched on with a fresh directory so that ``/metrics`` aggregates every worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+
+if TYPE_CHECKING:  # the runtime imports wait until the BLAS threads are set (they load NumPy)
+    from service.config import Settings
+
+PROG = "apd serve"
+APP_FACTORY = "service.main:create_app"
+BACKEND_MODULES = {"onnxruntime": ("onnxruntime", "onnx"), "torch": ("torch",)}
+BLAS_THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def limit_blas_threads(argv: Sequence[str]) -> None:
+    """Set the BLAS thread variables from ``--num-threads`` / ``APD_NUM_THREADS`` (default 1;
+    0 leaves the library default), unless already set. Invalid values are left for the
+    settings to report."""
+    value = os.environ.get("APD_NUM_THREADS", "1")
+    for i, arg in enumerate(argv):
+        if arg == "--num-threads" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--num-threads="):
+            value = arg.split("=", 1)[1]
+    if value.isdigit() and int(value) > 0:
+        for var in BLAS_THREAD_VARS:
+            os.environ.setdefault(var, value)
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    """Settings from flags over ``APD_*`` variables (raises on a bad flag or value)."""
+    from service.config import Settings
+
+    return CliApp.run(Settings, cli_args=list(argv))
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["apd"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def _missing_backend_module(backend: str) -> str | None:
+    for module in BACKEND_MODULES[backend]:
+        if importlib.util.find_spec(module) is None:
+            return module
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    limit_blas_threads(args)
+    from apd.checkpoint import CheckpointError
+    from service.config import describe_validation_error
+
+    try:
+        settings = parse_settings(args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except SettingsError as exc:
+        return _fail(str(exc).splitlines()[0], 2)
+    except ValidationError as exc:
+        return _fail(describe_validation_error(exc), 2)
+
+    missing = _missing_backend_module(settings.backend.value)
+    if missing is not None:
+        return _fail(f"backend {settings.backend.value} needs the {missing!r} package", 2)
+
+    from service.runtime import load_servable
+
+    try:
+        checkpoint = load_servable(settings)
+    except CheckpointError as exc:
+        return _fail(str(exc), 1)
+
+    import uvicorn
+
+    from service.http_protocol import HeaderTimeoutH11Protocol
+    from service.metrics import MULTIPROC_ENV
+
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.value,
+        "log_config": _log_config(settings.log_level.value),
+        "limit_concurrency": settings.limit_concurrency,
+        "timeout_keep_alive": settings.timeout_keep_alive_s,
+        "server_header": False,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        # h11 bounds header size while headers stream in (httptools buffers any header
+        # whole), and this subclass bounds the time they may take.
+        "http": HeaderTimeoutH11Protocol,
+    }
+    HeaderTimeoutH11Protocol.header_timeout_s = settings.header_timeout_s
+    try:
+        if settings.workers == 1:
+            from service.main import create_app
+
+            uvicorn.run(create_app(settings, checkpoint), **common)
+            return 0
+        with tempfile.TemporaryDirectory(prefix="apd-metrics-") as metrics_dir:
+            os.environ[MULTIPROC_ENV] = metrics_dir
+            pinned = settings.model_copy(
+                update={
+                    "expected_sha256": checkpoint.sha256,
+                    "checkpoint": checkpoint.path.resolve(),
+                }
+            )
+            for name, value in pinned.to_env().items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            uvicorn.run(APP_FACTORY, factory=True, workers=settings.workers, **common)
+        return 0
+    except SystemExit as exc:  # uvicorn exits on a port in use or a worker that fails to start
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

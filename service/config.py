@@ -1,0 +1,214 @@
+"""The service's one settings class, read from ``APD_*`` environment variables and from flags.
+
+``apd serve --redis-url redis://... --workers 2`` and ``APD_REDIS_URL=redis://...
+APD_WORKERS=2 apd serve`` are the same; flags win over the environment. Every field is
+validated when the service starts, and an invalid value is reported in one line
+(:func:`describe_validation_error`).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Final, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.posterior_pool import NETWORKS_PER_BLOCK
+from service.schemas import MAX_NUM_SAMPLES
+
+PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT: Final = PROJECT_ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
+ENV_PREFIX: Final = "APD_"
+
+
+class Backend(enum.StrEnum):
+    """How the generator (noise -> weights) and the K-network forward are computed.
+
+    ``onnxruntime``: the generator as an ONNX graph (:mod:`apd.onnx_generator`) in an
+    onnxruntime session, the forward in NumPy (:func:`apd.networks.forward_probs`); torch is
+    never imported. ``torch``: torch modules built from the checkpoint's tensors, the
+    forward with :func:`apd.torch_ops.forward_logits`.
+    """
+
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+
+
+class LogLevel(enum.StrEnum):
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
+
+
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class Settings(BaseSettings):
+    """Everything ``apd serve`` can be told. Environment: ``APD_<NAME>``; flag: ``--<name>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        cli_prog_name="apd serve",
+        cli_kebab_case=True,
+        cli_exit_on_error=False,
+        cli_hide_none_type=True,
+    )
+
+    # What to serve and how.
+    checkpoint: Path = Field(
+        default=DEFAULT_CHECKPOINT, description="APD checkpoint (.safetensors)"
+    )
+    expected_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Refuse to start unless the checkpoint file has this sha256",
+    )
+    backend: Backend = Field(default=Backend.ONNXRUNTIME, description="generator/forward backend")
+    num_threads: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="threads per computation (generator, forward; BLAS, onnxruntime, torch) "
+        "per worker; 0: each library's default (all cores)",
+    )
+    compute_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="generator/forward computations running at once per worker",
+    )
+
+    # HTTP server.
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to bind")
+    port: int = Field(default=8000, ge=1, le=65535, description="port to bind")
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes")
+    log_level: LogLevel = Field(default=LogLevel.INFO, description="uvicorn log level")
+    limit_concurrency: int | None = Field(
+        default=None, ge=1, description="uvicorn: connections/tasks at once per worker before 503"
+    )
+    timeout_keep_alive_s: int = Field(
+        default=5, ge=1, le=600, description="idle keep-alive timeout"
+    )
+    header_timeout_s: Seconds = Field(
+        default=10.0,
+        description="a connection whose next request's headers are not complete by then "
+        "(from its opening or the previous response) is closed",
+    )
+    body_timeout_s: Seconds = Field(
+        default=30.0, description="a request body not fully received by then gets 408"
+    )
+
+    # Request limits.
+    default_num_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NUM_SAMPLES,
+        description="K when a request gives none (default: checkpoint's)",
+    )
+    max_num_samples: int = Field(
+        default=MAX_NUM_SAMPLES,
+        ge=1,
+        le=MAX_NUM_SAMPLES,
+        description="largest K a request may ask for",
+    )
+    max_batch: int = Field(
+        default=256, ge=1, le=4096, description="most images in one request (413 above)"
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, le=1 << 30, description="largest request body (413 above)"
+    )
+
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, le=1 << 20, description="largest request headers (431 above)"
+    )
+
+    # Posterior networks and their caches.
+    pool_size: int = Field(
+        default=200, ge=NETWORKS_PER_BLOCK, le=100_000, description="networks in the shared pool"
+    )
+    local_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        le=1 << 20,
+        description="in-process LRU of network blocks, MiB per worker",
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for the shared cache (unset: in-process only)"
+    )
+    redis_key_prefix: str = Field(
+        default="apd", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="prefix of every Redis key"
+    )
+    cache_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="TTL of cached network blocks"
+    )
+    redis_socket_timeout_s: Seconds = Field(default=0.25, description="Redis connect/read timeout")
+    redis_lock_timeout_s: Seconds = Field(
+        default=10.0, description="lifetime of the lock a worker holds while it generates a block"
+    )
+    redis_lock_wait_s: Seconds = Field(
+        default=3.0, description="how long to wait for another worker's block before generating it"
+    )
+    redis_health_interval_s: Seconds = Field(
+        default=1.0, description="Redis ping interval while up"
+    )
+    redis_retry_min_s: Seconds = Field(
+        default=0.25, description="first retry delay while Redis is down"
+    )
+    redis_retry_max_s: Seconds = Field(
+        default=5.0, description="longest retry delay while Redis is down"
+    )
+
+    @field_validator("pool_size")
+    @classmethod
+    def _whole_blocks(cls, v: int) -> int:
+        if v % NETWORKS_PER_BLOCK:
+            raise ValueError(f"must be a multiple of {NETWORKS_PER_BLOCK} (networks per block)")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        scheme = urlsplit(v).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"scheme must be redis://, rediss:// or unix://, not {scheme!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.default_num_samples is not None and self.default_num_samples > self.max_num_samples:
+            raise ValueError(
+                f"default_num_samples {self.default_num_samples} exceeds max_num_samples "
+                f"{self.max_num_samples}"
+            )
+        if self.redis_retry_min_s > self.redis_retry_max_s:
+            raise ValueError("redis_retry_min_s exceeds redis_retry_max_s")
+        return self
+
+    @property
+    def local_cache_bytes(self) -> int:
+        return int(self.local_cache_mb * 1024 * 1024)
+
+    def to_env(self) -> dict[str, str | None]:
+        """These settings as ``APD_*`` variables (None: unset), for worker processes."""
+        out: dict[str, str | None] = {}
+        for name, value in self.model_dump(mode="json").items():
+            out[f"{ENV_PREFIX}{name.upper()}"] = None if value is None else str(value)
+        return out
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each invalid setting and what is wrong with it."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}: {msg} (got {err.get('input')!r})" if err["loc"] else msg)
+    return "invalid settings: " + "; ".join(parts)

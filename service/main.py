@@ -1,0 +1,107 @@
+"""The FastAPI application: ``create_app(settings)``; uvicorn runs ``create_app`` as a factory.
+
+Startup work happens once, in the lifespan: load and check the checkpoint (unless the caller
+passes one already loaded), build the backend, connect to Redis, and fill the shared pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+import apd
+from apd.checkpoint import Checkpoint
+from service.api.errors import http_error_handler, validation_error_handler
+from service.api.main import api_router
+from service.config import Settings
+from service.metrics import Metrics, mark_worker_exited
+from service.middleware import BodyLimitMiddleware, BodyTimeoutMiddleware, MetricsMiddleware
+from service.runtime import ServiceRuntime, load_servable
+
+log = logging.getLogger("apd.service")
+
+DESCRIPTION = """\
+Serves an APD checkpoint: posterior networks drawn from the distilled generator give the
+posterior predictive of each MNIST-style input, its uncertainty (predictive entropy, expected
+entropy, mutual information, model variance) and an anomaly flag at a threshold calibrated
+when the checkpoint was made. `seed` makes an answer reproducible on any worker or replica.
+Client mistakes get 4xx (422 malformed, 413 over a limit) with a message naming the field.
+"""
+
+
+class APDService(FastAPI):
+    """FastAPI whose OpenAPI document states this server's own limits, so that the document
+    stays the true contract when ``max_num_samples`` is set below the API's 1000."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            _state_limits(super().openapi(), self.state.settings)
+        assert self.openapi_schema is not None
+        return self.openapi_schema
+
+
+def _state_limits(schema: dict[str, Any], settings: Settings) -> None:
+    for name in ("PredictRequest", "AnomalyScoreRequest"):
+        props = schema["components"]["schemas"][name]["properties"]
+        for branch in props["num_samples"].get("anyOf", [props["num_samples"]]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = settings.max_num_samples
+        props["inputs"]["maxItems"] = settings.max_batch  # more: 413, as API.md says
+        props["inputs"]["description"] += (
+            f" This server: at most {settings.max_batch} images, and request bodies of at"
+            f" most {settings.max_body_bytes} bytes."
+        )
+
+
+def create_app(
+    settings: Settings | None = None, checkpoint: Checkpoint | None = None
+) -> APDService:
+    """The service for ``settings`` (default: from ``APD_*`` variables).
+
+    ``checkpoint``, if given, must be the one ``settings.checkpoint`` names, already loaded
+    (``apd serve`` loads it before starting a single worker, to fail fast).
+    """
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ckpt = checkpoint if checkpoint is not None else load_servable(settings)
+        runtime = await ServiceRuntime.start(settings, ckpt, metrics)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await runtime.close()
+            mark_worker_exited(os.getpid())
+
+    app = APDService(
+        title="APD inference service",
+        summary="Calibrated uncertainty from a distilled Bayesian posterior",
+        description=DESCRIPTION,
+        version=apd.__version__,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.runtime = None
+    # Outermost last: metrics see every answer, including the limits' 413 and 408.
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.include_router(api_router)
+    return app

@@ -1,0 +1,144 @@
+"""Pure ASGI middleware: request metrics, the request-body size limit and a body deadline.
+
+The size limit answers 413 from ``Content-Length`` before reading anything, and counts bytes
+while a body without one streams in, stopping at the limit; its message names the limit.
+(FastAPI's own ``max_body_size`` does the same but replaces every such answer with a
+plain-text "Content Too Large", which breaks the API's JSON error contract.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _endpoint(scope: Scope) -> str:
+    """The route template; for a request answered before routing (an early 413), its path
+    if that is a route's path. Never a raw unknown path: label values stay bounded."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    app = scope.get("app")
+    known = {getattr(r, "path", None) for r in getattr(app, "routes", ())}
+    return scope["path"] if scope.get("path") in known else "unmatched"
+
+
+class MetricsMiddleware:
+    """Counts requests by route template, method and status, and times them."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        m = self.metrics
+        m.requests_in_flight.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            m.requests_in_flight.dec()
+            endpoint = _endpoint(scope)
+            method = scope.get("method", "")
+            method = method if method in KNOWN_METHODS else "OTHER"
+            m.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
+            m.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+
+
+class BodyTimeoutMiddleware:
+    """A request body not received in full within ``timeout_s`` of the request's start
+    gets 408, so a slow client cannot hold a request open indefinitely."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        body_done = False
+
+        async def receive_by_deadline() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    status_code=408,
+                    detail=f"request body not received within body_timeout_s={self.timeout_s:g} s",
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, receive_by_deadline, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over ``max_bytes``, without reading more of it than the limit;
+    431 for request headers over ``max_header_bytes`` in all."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_header_bytes = max_header_bytes
+        self.message = (
+            f"request body is larger than the limit of {max_bytes} bytes (max_body_bytes)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+        if header_bytes > self.max_header_bytes:
+            message = (
+                f"request headers hold {header_bytes} bytes; the limit is "
+                f"{self.max_header_bytes} (max_header_bytes)"
+            )
+            await JSONResponse({"detail": message}, status_code=431)(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(status_code=413, detail=self.message)
+            return message
+
+        await self.app(scope, receive_within_limit, send)

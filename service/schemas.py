@@ -1,0 +1,422 @@
+"""Request and response bodies of the HTTP API (``/work/shared/API.md``): the OpenAPI contract.
+
+Field names named in API.md are fixed. Inputs are validated here, once, with errors whose
+``loc`` and message name the image and pixel at fault: the structure first (each image is 784
+floats or 28 rows of 28), then the types (JSON numbers only), then the values (finite, in
+[0, 1]). JSON ``NaN``/``Infinity`` literals, which Python's JSON parser accepts, are rejected
+as non-finite. Limits that depend on the settings (batch size, ``num_samples`` above the
+configured maximum) are checked by the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Self
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from apd.uncertainty import ScoreName
+from service.examples import MNIST_TEST_0_LABEL, mnist_example
+
+IMAGE_SIDE: Final = 28
+IMAGE_PIXELS: Final = IMAGE_SIDE * IMAGE_SIDE
+MAX_SEED: Final = 2**63 - 1
+MAX_NUM_SAMPLES: Final = 1000
+
+_EXAMPLE_IMAGE: list[JsonValue] = [*mnist_example()]
+
+Pixel = Annotated[StrictFloat, Field(json_schema_extra={"minimum": 0.0, "maximum": 1.0})]
+FlatImage = Annotated[
+    list[Pixel],
+    Field(min_length=IMAGE_PIXELS, max_length=IMAGE_PIXELS, title="Flat image (784 floats)"),
+]
+ImageRow = Annotated[list[Pixel], Field(min_length=IMAGE_SIDE, max_length=IMAGE_SIDE)]
+NestedImage = Annotated[
+    list[ImageRow],
+    Field(min_length=IMAGE_SIDE, max_length=IMAGE_SIDE, title="Nested image (28x28 floats)"),
+]
+
+
+def _image_form(value: Any) -> str | None:
+    """Which form an image takes, so that errors come from that form alone."""
+    if isinstance(value, list):
+        if len(value) == IMAGE_PIXELS:
+            return "flat"
+        if len(value) == IMAGE_SIDE:
+            return "nested"
+    return None
+
+
+Image = Annotated[
+    Annotated[FlatImage, Tag("flat")] | Annotated[NestedImage, Tag("nested")],
+    Discriminator(_image_form),
+]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes ``7.0``: accept integral floats as ints (strict
+    otherwise: no strings, no booleans, no ``7.5``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+NumSamples = Annotated[
+    Annotated[StrictInt, Field(ge=1, le=MAX_NUM_SAMPLES), BeforeValidator(_integral)] | None,
+    Field(
+        description="Posterior networks to average over (K). Default: the checkpoint's "
+        "(see GET /v1/model); the server's maximum may be lower than 1000.",
+        examples=[100],
+    ),
+]
+Seed = Annotated[
+    Annotated[StrictInt, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)] | None,
+    Field(
+        description="Makes the answer reproducible: the same seed, num_samples and inputs "
+        "against the same checkpoint give the same numbers on any worker or replica. "
+        "Without it the networks are drawn at random from the server's shared pool.",
+        examples=[7],
+    ),
+]
+
+
+class _Forbid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _error(
+    kind: str, message: str, loc: tuple[int | str, ...], offending: Any, **ctx: Any
+) -> ValidationError:
+    return ValidationError.from_exception_data(
+        "inputs",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(kind, message, ctx or None),
+                loc=loc,
+                input=offending,
+            )
+        ],
+    )
+
+
+class _ImageBatch(_Forbid):
+    """Shared ``inputs`` field and its validation."""
+
+    inputs: list[Image] = Field(
+        min_length=1,
+        description="Images, each a flat list of 784 floats or a 28x28 nested list, "
+        "pixels in [0, 1] (pixel / 255), white strokes on black. At most the server's "
+        "max_batch images (see GET /v1/model; 413 above it).",
+    )
+    _pixels: NDArray[np.float32] = PrivateAttr()
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _check_structure(cls, value: Any) -> Any:
+        """Name the image whose shape is wrong, before the per-element type checks."""
+        if not isinstance(value, list):
+            return value  # pydantic's own error: "Input should be a valid list"
+        for i, image in enumerate(value):
+            if not isinstance(image, list):
+                raise _error(
+                    "image_type",
+                    "inputs[{index}] must be a list of 784 floats or 28 lists of 28 floats, "
+                    "not {got}",
+                    (i,),
+                    image,
+                    index=i,
+                    got=type(image).__name__,
+                )
+            if len(image) == IMAGE_PIXELS:
+                continue
+            if len(image) == IMAGE_SIDE and any(isinstance(r, list) for r in image):
+                for j, row in enumerate(image):
+                    if not isinstance(row, list):
+                        raise _error(
+                            "image_shape",
+                            "inputs[{index}][{row}] must be a row of 28 floats, not {got}",
+                            (i, j),
+                            row,
+                            index=i,
+                            row=j,
+                            got=type(row).__name__,
+                        )
+                    if len(row) != IMAGE_SIDE:
+                        raise _error(
+                            "image_shape",
+                            "inputs[{index}][{row}] has {n} values; each of the 28 rows needs 28",
+                            (i, j),
+                            row,
+                            index=i,
+                            row=j,
+                            n=len(row),
+                        )
+                continue
+            raise _error(
+                "image_shape",
+                "inputs[{index}] has {n} items; an image is 784 floats or 28 rows of 28 floats",
+                (i,),
+                image,
+                index=i,
+                n=len(image),
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_pixels(self) -> Self:
+        """Finite and in [0, 1]; keeps the batch as a float32 array ``(N, 784)``."""
+        pixels = np.empty((len(self.inputs), IMAGE_PIXELS), dtype=np.float64)
+        for i, image in enumerate(self.inputs):
+            pixels[i] = np.asarray(image, dtype=np.float64).reshape(IMAGE_PIXELS)
+        finite = np.isfinite(pixels)
+        bad = ~finite | (pixels < 0.0) | (pixels > 1.0)
+        if bad.any():
+            i, p = (int(v) for v in np.argwhere(bad)[0])
+            nested = len(self.inputs[i]) == IMAGE_SIDE
+            loc: tuple[int | str, ...] = (
+                ("inputs", i, p // IMAGE_SIDE, p % IMAGE_SIDE) if nested else ("inputs", i, p)
+            )
+            where = "".join(f"[{part}]" for part in loc[1:])
+            value = float(pixels[i, p])
+            total = int(bad.sum())
+            if not finite[i, p]:
+                raise _error(
+                    "finite_number",
+                    "inputs{where} is {value}: pixels must be finite numbers "
+                    "({total} bad value(s) in this request)",
+                    loc,
+                    value,
+                    where=where,
+                    value=str(value),
+                    total=total,
+                )
+            raise _error(
+                "pixel_range",
+                "inputs{where} is {value}: pixels must lie in [0, 1] (pixel / 255) "
+                "({total} bad value(s) in this request)",
+                loc,
+                value,
+                where=where,
+                value=value,
+                total=total,
+            )
+        self._pixels = pixels.astype(np.float32)
+        return self
+
+    @property
+    def pixels(self) -> NDArray[np.float32]:
+        """The validated images as float32 ``(N, 784)``."""
+        return self._pixels
+
+
+class PredictRequest(_ImageBatch):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"inputs": [_EXAMPLE_IMAGE], "num_samples": 100, "seed": 7},
+                {"inputs": [_EXAMPLE_IMAGE]},
+            ]
+        }
+    )
+
+    num_samples: NumSamples = None
+    seed: Seed = None
+
+
+class AnomalyScoreRequest(_ImageBatch):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [_EXAMPLE_IMAGE],
+                    "num_samples": 100,
+                    "seed": 7,
+                    "score": "mutual_information",
+                }
+            ]
+        }
+    )
+
+    num_samples: NumSamples = None
+    seed: Seed = None
+    score: ScoreName | None = Field(
+        default=None,
+        description="Anomaly score to report. Default: the checkpoint's calibrated default.",
+        examples=["mutual_information"],
+    )
+
+
+class ModelRef(BaseModel):
+    id: str = Field(examples=["mnist-fcnn1"])
+    version: str = Field(examples=["2024-06-01"])
+    checkpoint_sha256: str = Field(examples=["9f2c" + "0" * 60])
+
+
+class Uncertainty(BaseModel):
+    predictive_entropy: float = Field(description="H[mean p] in nats (total uncertainty)")
+    expected_entropy: float = Field(description="mean over networks of H[p_k] (aleatoric)")
+    mutual_information: float = Field(description="their difference (epistemic; BALD)")
+    model_variance: float = Field(
+        description="mean over classes of the variance of p_k(c|x) across the K networks"
+    )
+
+
+class AnomalyFlag(BaseModel):
+    score: float
+    is_anomaly: bool = Field(description="score > threshold")
+    threshold: float
+    score_name: ScoreName
+
+
+class Prediction(BaseModel):
+    label: int = Field(ge=0, examples=[MNIST_TEST_0_LABEL])
+    probabilities: list[float] = Field(
+        description="Posterior predictive: the mean of the K networks' softmax (sums to 1)"
+    )
+    uncertainty: Uncertainty
+    anomaly: AnomalyFlag
+
+
+_EXAMPLE_MODEL: dict[str, JsonValue] = {
+    "id": "mnist-fcnn1",
+    "version": "2024-06-01",
+    "checkpoint_sha256": "9f2c" + "0" * 60,
+}
+_EXAMPLE_PREDICTION: dict[str, JsonValue] = {
+    "label": 7,
+    "probabilities": [0.0001, 0.0002, 0.0009, 0.0011, 0.0001, 0.0001, 0.0, 0.9962, 0.0002, 0.0011],
+    "uncertainty": {
+        "predictive_entropy": 0.0312,
+        "expected_entropy": 0.0254,
+        "mutual_information": 0.0058,
+        "model_variance": 0.00004,
+    },
+    "anomaly": {
+        "score": 0.0058,
+        "is_anomaly": False,
+        "threshold": 0.0731,
+        "score_name": "mutual_information",
+    },
+}
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": _EXAMPLE_MODEL,
+                    "num_samples": 100,
+                    "seed": 7,
+                    "predictions": [_EXAMPLE_PREDICTION],
+                }
+            ]
+        }
+    )
+
+    model: ModelRef
+    num_samples: int = Field(description="K, the posterior networks averaged over")
+    seed: int | None = Field(description="The request's seed; null when drawn from the pool")
+    predictions: list[Prediction] = Field(description="One per input, in order")
+
+
+class AnomalyScoreResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "score_name": "mutual_information",
+                    "threshold": 0.0731,
+                    "target_fpr": 0.05,
+                    "scores": [0.0058, 0.4120],
+                    "is_anomaly": [False, True],
+                    "num_samples": 100,
+                    "seed": 7,
+                    "model": _EXAMPLE_MODEL,
+                }
+            ]
+        }
+    )
+
+    score_name: ScoreName
+    threshold: float
+    target_fpr: float = Field(description="False-positive rate the threshold was set for")
+    scores: list[float]
+    is_anomaly: list[bool]
+    num_samples: int
+    seed: int | None
+    model: ModelRef
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready' or 'starting'", examples=["ready"])
+    cache: str = Field(description="'redis' or 'memory'", examples=["redis"])
+    redis: str = Field(
+        description="'ok', 'degraded' (unreachable; answering from the in-process cache) "
+        "or 'disabled' (no Redis URL configured)",
+        examples=["ok"],
+    )
+    degraded: bool
+    pool_networks: int = Field(description="Networks in the shared pool held in memory")
+    checkpoint_sha256: str | None = None
+
+
+class ErrorMessage(BaseModel):
+    detail: str = Field(examples=["request body is larger than the limit of 8388608 bytes"])
+
+
+class Limits(BaseModel):
+    max_batch: int
+    max_num_samples: int
+    max_body_bytes: int
+    networks_per_block: int
+
+
+class AnomalyInfo(BaseModel):
+    default_score: ScoreName
+    target_fpr: float
+    thresholds: dict[ScoreName, float]
+    calibration_set: str
+    calibration_size: int
+    calibration_num_samples: int
+
+
+class ModelInfo(BaseModel):
+    id: str
+    version: str
+    sha256: str
+    checkpoint_bytes: int
+    target: dict[str, Any] = Field(description="Target architecture: arch, layer sizes, ...")
+    parameter_count: int = Field(description="Weights in one posterior network")
+    generator: dict[str, Any] = Field(description="Generator shape and design")
+    generator_parameter_count: int
+    input: dict[str, Any] = Field(description="Input convention: shape, range, scale")
+    default_num_samples: int
+    anomaly: AnomalyInfo
+    provenance: dict[str, Any] = Field(
+        description="Data, sampler settings, distillation settings, code revision"
+    )
+    metrics: dict[str, Any] = Field(description="Evaluation figures stored in the checkpoint")
+    backend: str
+    pool_size: int
+    limits: Limits

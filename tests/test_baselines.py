@@ -1,0 +1,141 @@
+"""training/baselines.py: gradients, minibatches, predictive metrics, SGD / MC-Dropout."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apd.networks import MLPSpec, get_spec
+from training import sgld
+from training.baselines import (
+    ClassificationLikelihood,
+    MinibatchStream,
+    PointTrainSettings,
+    init_theta,
+    member_probs,
+    score_predictive,
+    train_point_estimate,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _blobs(n: int, spec: MLPSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable synthetic data: class c has mean ``2 e_c`` in the first C input dims."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, spec.num_classes, (n,), generator=g)
+    x = 0.3 * torch.randn(n, spec.input_dim, generator=g)
+    x[torch.arange(n), y] += 2.0
+    return x, y
+
+
+@pytest.mark.parametrize("layer_sizes", [(6, 5, 3), (6, 7, 5, 3)])
+def test_hand_written_gradient_matches_autograd(layer_sizes: tuple[int, ...]) -> None:
+    spec = MLPSpec("t", layer_sizes)
+    x, y = _blobs(40, spec)
+    lik = ClassificationLikelihood(spec, x.double(), y)
+    theta = init_theta(spec, 3, torch.Generator().manual_seed(1)).double()
+    idx = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(2))
+    ll, grad = lik.value_and_grad(theta, idx)
+    ll_ref, grad_ref = sgld.loss_gradient(lik, theta, idx)
+    torch.testing.assert_close(ll, ll_ref)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_log_likelihood_is_minibatch_mean_of_log_softmax() -> None:
+    spec = MLPSpec("t", (6, 5, 3))
+    x, y = _blobs(20, spec)
+    lik = ClassificationLikelihood(spec, x, y)
+    theta = init_theta(spec, 2, torch.Generator().manual_seed(0))
+    idx = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    out = lik(theta, idx)
+    for k in range(2):
+        w1, b1 = theta[k, :30].reshape(6, 5), theta[k, 30:35]
+        w2, b2 = theta[k, 35:50].reshape(5, 3), theta[k, 50:53]
+        logits = torch.relu(x[idx[k]] @ w1 + b1) @ w2 + b2
+        expected = -F.cross_entropy(logits, y[idx[k]])
+        torch.testing.assert_close(out[k], expected)
+
+
+def test_init_theta_bounds_and_independence() -> None:
+    spec = get_spec("fcnn1")
+    theta = init_theta(spec, 2, torch.Generator().manual_seed(0))
+    (ws, _), (ws2, _) = spec.offsets()
+    assert theta[:, ws].abs().max() <= 1 / math.sqrt(784)
+    assert theta[:, ws2].abs().max() <= 1 / math.sqrt(100)
+    assert theta[:, ws].std().item() == pytest.approx(1 / math.sqrt(784) / math.sqrt(3), rel=0.02)
+    assert not torch.equal(theta[0], theta[1])
+
+
+def test_minibatch_stream_walks_a_permutation_per_network() -> None:
+    stream = MinibatchStream(50, 10, 3, torch.Generator().manual_seed(0))
+    epoch = torch.cat([next(stream) for _ in range(5)], dim=1)
+    assert epoch.shape == (3, 50)
+    for k in range(3):
+        assert sorted(epoch[k].tolist()) == list(range(50))
+    assert not torch.equal(epoch[0], epoch[1])
+    with pytest.raises(ValueError):
+        MinibatchStream(5, 10, 1, torch.Generator())
+
+
+def test_score_predictive_against_a_reference() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((200, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, 4, 200)
+    m = score_predictive(torch.tensor(probs), y)
+    assert m.accuracy == pytest.approx(np.mean(probs.argmax(1) == y))
+    assert m.nll == pytest.approx(-np.mean(np.log(probs[np.arange(200), y])))
+
+
+def test_member_probs_chunks_and_dropout_passes() -> None:
+    spec = MLPSpec("t", (6, 5, 3))
+    x, _ = _blobs(25, spec)
+    theta = init_theta(spec, 2, torch.Generator().manual_seed(0))
+    full = member_probs(spec, theta, x, chunk=1000)
+    torch.testing.assert_close(member_probs(spec, theta, x, chunk=7), full)
+    torch.testing.assert_close(full.sum(-1), torch.ones(2, 25))
+    mc = member_probs(spec, theta, x, dropout=0.5, passes=4, generator=torch.Generator())
+    assert mc.shape == (8, 25, 3)
+    assert not torch.allclose(mc[0], mc[1])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_point_estimate_learns_separable_data(dropout: float) -> None:
+    spec = MLPSpec("t", (20, 16, 4))
+    x, y = _blobs(400, spec)
+    xt, yt = _blobs(200, spec, seed=1)
+    settings = PointTrainSettings(lr=0.1, batch_size=20, epochs=5, dropout=dropout)
+    theta = train_point_estimate(spec, x, y, settings, torch.Generator().manual_seed(0), False)
+    assert theta.shape == (1, spec.num_params)
+    acc = score_predictive(member_probs(spec, theta, xt).mean(0), yt).accuracy
+    assert acc > 0.95
+    # an untrained network is at chance
+    theta0 = init_theta(spec, 1, torch.Generator().manual_seed(0))
+    assert score_predictive(member_probs(spec, theta0, xt).mean(0), yt).accuracy < 0.6
+
+
+def test_point_settings_validate() -> None:
+    with pytest.raises(ValueError, match="step size"):
+        PointTrainSettings(lr=-1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        PointTrainSettings(dropout=1.0)
+
+
+def test_divergence_is_reported() -> None:
+    spec = MLPSpec("t", (20, 16, 4))
+    x, y = _blobs(400, spec)
+    settings = PointTrainSettings(lr=1e6, batch_size=20, epochs=30, momentum=0.0)
+    with pytest.raises(FloatingPointError, match="lower the step size"):
+        train_point_estimate(spec, x * 1e3, y, settings, torch.Generator().manual_seed(0), False)

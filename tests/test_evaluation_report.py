@@ -1,0 +1,177 @@
+"""The anomaly tables, the fidelity check and the report, on small random networks.
+
+Nothing here needs MNIST: the "test set" and the OOD sets are random images and the methods
+are random networks, so the numbers mean nothing; what is checked is that every row reaches
+the report, that APD-vs-SGLD rows are marked against the target whichever way they fall,
+that single-network scores are reported as undefined, and that ``results.json`` is strict
+JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from apd.networks import MLPSpec
+from apd.uncertainty import ScoreName, summarize
+from training.evaluation import anomaly
+from training.evaluation.active_learning import (
+    Acquisition,
+    ActiveLearningSettings,
+    initial_labels,
+    select,
+)
+from training.evaluation.methods import MemberNetworks
+from training.evaluation.report import SCORE_LABELS, write_report
+from training.evaluation.suite import SuiteResult, classification_and_anomaly
+
+SPEC = MLPSpec("tiny", (784, 6, 10))
+
+
+def _members(seed: int, k: int) -> MemberNetworks:
+    g = torch.Generator().manual_seed(seed)
+    return MemberNetworks(SPEC, torch.randn(k, SPEC.num_params, generator=g) * 0.1)
+
+
+def _results(tmp_path: Path) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    test_x = rng.random((120, 784), dtype=np.float32) * 0.5
+    test_y = rng.integers(0, 10, 120)
+    ood = {
+        "notmnist": rng.random((60, 784), dtype=np.float32),
+        "uniform": rng.random((60, 784), dtype=np.float32),
+    }
+    members = {"sgd": _members(0, 1), "sgld": _members(1, 6), "apd": _members(2, 6)}
+    results = classification_and_anomaly(members, test_x, test_y, ood, (1.0, 5.0), seed=0)
+    results["anomaly"]["ood_sets"] = {k: f"{k} (random stand-in)" for k in ood}
+    results["methods"] = {
+        k: {
+            "label": k.upper(),
+            "num_members": m.num_members,
+            "stored_bytes": 4 * SPEC.num_params * m.num_members,
+            "provenance": {"run": f"runs/{k}", "seed": 0},
+        }
+        for k, m in members.items()
+    }
+    results["methods"]["apd"]["provenance"] = {
+        "checkpoint": "model.safetensors",
+        "sha256": "0" * 64,
+        "design": "subspace",
+        "subspace_rank": 4,
+        "code_revision": "abc",
+    }
+    results["meta"] = {
+        "name": "unit",
+        "arch": "tiny",
+        "spec": SPEC.to_dict(),
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "code_revision": "f" * 40,
+        "uncommitted_changes": True,
+        "command": "apd evaluate --arch tiny",
+        "machine": "test",
+        "data_sha256": "d" * 64,
+        "config": {"seed": 0, "num_samples": 6, "dropout_passes": 6, "experiments": ["x"]},
+        "seconds": {"total": 1.0},
+    }
+    return results
+
+
+def test_report_lists_every_anomaly_and_fidelity_row(tmp_path: Path) -> None:
+    results = _results(tmp_path)
+    fid = results["fidelity"]
+    # 2 sets x 2 scales x 4 scores, all defined for K = 6
+    assert fid["anomaly_rows"] == 16
+    assert fid["issue_score_rows"] == 12
+    report = write_report(SuiteResult(results), tmp_path).read_text()
+    fid_section = report.split("### APD against its SGLD teacher")[1].split("### ")[0]
+    table_rows = [
+        line for line in fid_section.splitlines() if line.startswith("| ") and "OOD set" not in line
+    ]
+    assert len(table_rows) == 16
+    for row in fid["anomaly"]:
+        verdict = "yes" if row["drop"] <= row["tolerance"] else "**NO**"
+        expected = (
+            f"| {row['ood_set']} | {row['scale']:g} | {SCORE_LABELS[row['score']]} | "
+            f"{row['teacher_auroc']:.4f} | {row['student_auroc']:.4f} | {row['drop']:+.4f} | "
+            f"{verdict} |"
+        )
+        assert expected in fid_section
+    assert f"**{fid['anomaly_rows_within']} of 16**" in report
+    # every (set, scale, score) appears in each of the AUROC / AUPR-in / AUPR-out tables
+    for title in ("AUROC", "AUPR-in", "AUPR-out"):
+        for scale in ("1", "5"):
+            section = report.split(f"### {title}, input scale {scale}\n")[1].split("###")[0]
+            assert sum(line.startswith("| notmnist") for line in section.splitlines()) == 4
+    assert (tmp_path / "reliability.png").stat().st_size > 0
+    assert (tmp_path / "anomaly_auroc.png").stat().st_size > 0
+    assert "with uncommitted local changes" in report
+
+
+def test_results_json_is_strict_and_single_network_scores_are_undefined(tmp_path: Path) -> None:
+    write_report(SuiteResult(_results(tmp_path)), tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)
+    sgd_rows = [r for r in data["anomaly"]["rows"] if r["method"] == "sgd"]
+    for r in sgd_rows:
+        undefined = r["score"] in ("mutual_information", "model_variance")
+        assert (r["auroc"] is None) == undefined
+
+
+def test_fidelity_rows_mark_drops_against_the_tolerance() -> None:
+    def row(method: str, auroc: float) -> anomaly.AnomalyRow:
+        return anomaly.AnomalyRow(method, "notmnist", 1.0, "mutual_information", auroc, 0, 0)
+
+    rows = [row("sgld", 0.95), row("apd", 0.9449)]
+    (f,) = anomaly.fidelity_rows(rows)
+    assert f.drop == pytest.approx(0.0051) and not f.within
+    (g,) = anomaly.fidelity_rows([row("sgld", 0.95), row("apd", 0.946)])
+    assert g.within and g.issue_target
+    nan_row = anomaly.AnomalyRow("apd", "notmnist", 1.0, "mutual_information", math.nan, 0, 0)
+    assert anomaly.fidelity_rows([row("sgld", 0.95), nan_row]) == []
+
+
+def test_acquisition_picks_the_highest_scores_and_initial_labels_are_balanced() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10) * 0.3, size=(8, 50))  # (K, N, C)
+    summary = summarize(probs)
+    candidates = np.arange(100, 150)
+    picked = select(summary, Acquisition.BALD, candidates, 5, rng)
+    mi = summary.score(ScoreName.MUTUAL_INFORMATION)
+    np.testing.assert_array_equal(picked, np.sort(candidates[np.argsort(-mi)[:5]]))
+    picked_h = select(summary, Acquisition.ENTROPY, candidates, 5, rng)
+    h = summary.predictive_entropy
+    np.testing.assert_array_equal(picked_h, np.sort(candidates[np.argsort(-h)[:5]]))
+    random_pick = select(None, Acquisition.RANDOM, candidates, 5, rng)
+    assert len(set(random_pick.tolist())) == 5 and set(random_pick) <= set(candidates)
+
+    y = np.repeat(np.arange(10), 30)
+    idx = initial_labels(y, 2, rng)
+    np.testing.assert_array_equal(np.bincount(y[idx]), np.full(10, 2))
+    assert ActiveLearningSettings().sgld_steps == 200 + 25 * 5 + 200
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arch", "fcnn9"], "unknown architecture"),
+        (["--arch", "fcnn1", "--runs", "no/such/runs"], "does not exist"),
+        (["--arch", "fcnn1", "--checkpoint", "no/such.safetensors"], "does not exist"),
+        (["--arch", "fcnn1", "--attack-eps", "0.1,x"], "comma-separated numbers"),
+        (["--arch", "fcnn1", "--experiments", "anomaly,magic"], "unknown experiment"),
+    ],
+)
+def test_bad_evaluate_flags_give_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    runs = ["--runs", str(tmp_path)] if "--runs" not in argv else []
+    assert main(["evaluate", *argv, *runs, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("apd evaluate: error:") and message in err
+    assert len(err.splitlines()) == 1

@@ -1,0 +1,536 @@
+"""The HTTP API on an in-process cache: answers checked against an independent computation,
+reproducibility, every bad-input case, limits, health and metrics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
+
+from apd.checkpoint import Checkpoint, load_checkpoint
+from apd.uncertainty import ScoreName
+from service.config import Backend, Settings
+from service.main import create_app
+
+MAX_BATCH = 8
+MAX_BODY = 256 * 1024
+MAX_K = 200
+GOOD = [0.5] * 784
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("api") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ckpt(ckpt_path: Path) -> Checkpoint:
+    return load_checkpoint(ckpt_path)
+
+
+def settings_for(path: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "checkpoint": path,
+        "redis_url": None,
+        "pool_size": 50,
+        "max_batch": MAX_BATCH,
+        "max_body_bytes": MAX_BODY,
+        "max_num_samples": MAX_K,
+        "default_num_samples": None,
+        "backend": Backend.ONNXRUNTIME,
+        "num_threads": 1,
+    }
+    return Settings(**(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def client(ckpt_path: Path) -> Iterator[Any]:
+    with make_client(create_app(settings_for(ckpt_path))) as c:
+        yield c
+
+
+# --- an independent reference: the documented noise scheme, the checkpoint's own
+# generator, and a per-network float64 forward written out here --------------------------
+
+
+def reference_networks(ckpt: Checkpoint, seed: int, k: int) -> NDArray[np.float32]:
+    g = ckpt.meta.generator
+    blocks = []
+    for b in range(math.ceil(k / 10)):
+        rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(b,)))
+        z = rng.standard_normal((10, g.noise_dim), dtype=np.float32)
+        eps = rng.standard_normal((10, ckpt.num_params), dtype=np.float32)
+        blocks.append(ckpt.generate(z, eps if g.has_residual else None))
+    return np.concatenate(blocks)[:k]
+
+
+def reference_probs(theta: NDArray[np.float32], x: NDArray[np.floating]) -> NDArray[np.float64]:
+    out = []
+    for t in theta.astype(np.float64):
+        h, offset = x.astype(np.float64), 0
+        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(TARGET_SIZES)):
+            w = t[offset : offset + fan_in * fan_out].reshape(fan_in, fan_out)
+            offset += fan_in * fan_out
+            b = t[offset : offset + fan_out]
+            offset += fan_out
+            h = h @ w + b
+            if layer < len(TARGET_SIZES) - 2:
+                h = np.maximum(h, 0)
+        e = np.exp(h - h.max(axis=1, keepdims=True))
+        out.append(e / e.sum(axis=1, keepdims=True))
+    return np.stack(out)
+
+
+def reference_summary(p: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+    mean = p.mean(axis=0)
+    h_pred = -(mean * np.log(mean)).sum(axis=1)
+    h_exp = (-(p * np.log(p)).sum(axis=2)).mean(axis=0)
+    return {
+        "probabilities": mean,
+        "predictive_entropy": h_pred,
+        "expected_entropy": h_exp,
+        "mutual_information": h_pred - h_exp,
+        "model_variance": ((p - mean) ** 2).mean(axis=0).mean(axis=1),
+        "max_probability": 1.0 - mean.max(axis=1),
+    }
+
+
+def predict(client: Any, **body: Any) -> dict[str, Any]:
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+def test_predict_matches_independent_computation(client: Any, ckpt: Checkpoint) -> None:
+    x = random_images(6, seed=4)
+    k, seed = 25, 1234
+    result = predict(client, inputs=x.tolist(), num_samples=k, seed=seed)
+    ref = reference_summary(reference_probs(reference_networks(ckpt, seed, k), x))
+    assert result["num_samples"] == k and result["seed"] == seed
+    assert result["model"] == {
+        "id": ckpt.meta.model_id,
+        "version": ckpt.meta.version,
+        "checkpoint_sha256": ckpt.sha256,
+    }
+    preds = result["predictions"]
+    assert len(preds) == len(x)
+    probs = np.array([p["probabilities"] for p in preds])
+    np.testing.assert_allclose(probs, ref["probabilities"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert [p["label"] for p in preds] == ref["probabilities"].argmax(axis=1).tolist()
+    for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        got = [p["uncertainty"][name] for p in preds]
+        np.testing.assert_allclose(got, ref[name], rtol=1e-5, atol=2e-6, err_msg=name)
+    got = [p["uncertainty"]["model_variance"] for p in preds]
+    np.testing.assert_allclose(got, ref["model_variance"], rtol=1e-4, atol=1e-9)
+    threshold = ckpt.meta.anomaly.thresholds[ScoreName.MUTUAL_INFORMATION]
+    for p in preds:
+        anomaly = p["anomaly"]
+        assert anomaly["score_name"] == "mutual_information"
+        assert anomaly["threshold"] == threshold
+        assert anomaly["score"] == p["uncertainty"]["mutual_information"]
+        assert anomaly["is_anomaly"] == (anomaly["score"] > threshold)
+
+
+@pytest.mark.parametrize("score", list(ScoreName))
+def test_anomaly_score_matches_reference_and_threshold(
+    client: Any, ckpt: Checkpoint, score: ScoreName
+) -> None:
+    x = random_images(MAX_BATCH, seed=9)
+    k, seed = 40, 77
+    response = client.post(
+        "/anomaly-score",
+        json={"inputs": x.tolist(), "num_samples": k, "seed": seed, "score": score.value},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ref = reference_summary(reference_probs(reference_networks(ckpt, seed, k), x))
+    threshold = ckpt.meta.anomaly.thresholds[score]
+    assert body["score_name"] == score.value and body["threshold"] == threshold
+    assert body["target_fpr"] == ckpt.meta.anomaly.target_fpr
+    np.testing.assert_allclose(body["scores"], ref[score.value], rtol=1e-4, atol=2e-6)
+    assert body["is_anomaly"] == [s > threshold for s in body["scores"]]
+
+
+def test_flags_follow_the_threshold_both_ways(client: Any) -> None:
+    """With thresholds calibrated at 50% on such images, a batch has both outcomes."""
+    flags: list[bool] = []
+    for seed in range(3):
+        x = random_images(MAX_BATCH, seed=100 + seed)
+        flags += client.post("/anomaly-score", json={"inputs": x.tolist()}).json()["is_anomaly"]
+    assert any(flags) and not all(flags)
+
+
+def test_nested_and_flat_inputs_are_the_same_image(client: Any) -> None:
+    x = random_images(1, seed=5)[0]
+    flat = predict(client, inputs=[x.tolist()], seed=3)
+    nested = predict(client, inputs=[x.reshape(28, 28).tolist()], seed=3)
+    assert flat["predictions"] == nested["predictions"]
+
+
+def test_input_scale_is_applied(tmp_path: Path, ckpt: Checkpoint) -> None:
+    """A checkpoint whose input convention says ``scale = 2`` sees twice the pixels."""
+    from apd.checkpoint import save_checkpoint
+
+    meta = ckpt.meta.model_copy(update={"input": ckpt.meta.input.model_copy(update={"scale": 2.0})})
+    path = tmp_path / "scaled.safetensors"
+    save_checkpoint(path, meta, ckpt.tensors)
+    x = random_images(2, seed=8) / 2
+    with make_client(create_app(settings_for(path))) as scaled:
+        got = predict(scaled, inputs=x.tolist(), num_samples=10, seed=2)
+    ref = reference_summary(reference_probs(reference_networks(ckpt, 2, 10), 2 * x))
+    probs = [p["probabilities"] for p in got["predictions"]]
+    np.testing.assert_allclose(probs, ref["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+# --- reproducibility ---------------------------------------------------------------------
+
+
+def test_same_seed_same_numbers_and_other_seed_other_numbers(client: Any) -> None:
+    x = random_images(2, seed=1).tolist()
+    a = predict(client, inputs=x, num_samples=30, seed=42)
+    b = predict(client, inputs=x, num_samples=30, seed=42)
+    c = predict(client, inputs=x, num_samples=30, seed=43)
+    assert a == b
+    assert a["predictions"] != c["predictions"]
+
+
+def test_seed_reproducible_across_instances_and_backends(ckpt_path: Path, client: Any) -> None:
+    x = random_images(3, seed=2).tolist()
+    body = {"inputs": x, "num_samples": 35, "seed": 2024}
+    first = predict(client, **body)
+    with make_client(create_app(settings_for(ckpt_path))) as other:
+        assert predict(other, **body) == first
+    with make_client(create_app(settings_for(ckpt_path, backend=Backend.TORCH))) as torch_app:
+        assert torch_app.get("/v1/model").json()["backend"] == "torch"
+        via_torch = predict(torch_app, **body)
+    for p, q in zip(first["predictions"], via_torch["predictions"], strict=True):
+        assert p["label"] == q["label"]
+        np.testing.assert_allclose(q["probabilities"], p["probabilities"], rtol=1e-5, atol=1e-7)
+        for name, value in p["uncertainty"].items():
+            assert q["uncertainty"][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
+def test_requests_without_seed_draw_from_the_pool(client: Any) -> None:
+    x = random_images(1, seed=3).tolist()
+    answers = {
+        json.dumps(predict(client, inputs=x, num_samples=10)["predictions"]) for _ in range(8)
+    }
+    assert len(answers) > 1  # 5 windows of 10 networks in a pool of 50: all equal has p < 1e-5
+    big = predict(client, inputs=x, num_samples=120)  # more than the pool: pool + stream blocks
+    assert big["num_samples"] == 120 and big["seed"] is None
+
+
+def test_default_num_samples_comes_from_the_checkpoint(client: Any, ckpt: Checkpoint) -> None:
+    assert predict(client, inputs=[GOOD])["num_samples"] == ckpt.meta.num_samples_default
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def raw(text: str) -> dict[str, Any]:
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"json": fields}
+
+
+NAN_BODY = '{"inputs": [[' + ", ".join(["0.5"] * 783 + ["NaN"]) + "]]}"
+INF_BODY = '{"inputs": [[' + ", ".join(["Infinity"] + ["0.5"] * 783) + "]]}"
+NEG_INF_NESTED = (
+    '{"inputs": [['
+    + ", ".join(["[" + ", ".join(["0.1"] * 28) + "]"] * 27)
+    + ", ["
+    + ", ".join(["0.1"] * 27 + ["-Infinity"])
+    + "]]]}"
+)
+ROWS_27 = [[0.1] * 28] * 27 + [[0.1] * 27]
+BAD_INPUTS: list[tuple[str, str, dict[str, Any], int, str]] = [
+    ("short image", "/predict", body(inputs=[[0.5] * 783]), 422, "inputs[0] has 783 items"),
+    ("long image", "/predict", body(inputs=[[0.5] * 785]), 422, "inputs[0] has 785 items"),
+    ("short row", "/predict", body(inputs=[ROWS_27]), 422, "inputs[0][27] has 27 values"),
+    ("27 rows", "/predict", body(inputs=[[[0.1] * 28] * 27]), 422, "inputs[0] has 27 items"),
+    ("3-d image", "/predict", body(inputs=[[[[0.1]] * 28] * 28]), 422, "inputs[0].nested[0][0]"),
+    ("image not a list", "/predict", body(inputs=["abc"]), 422, "inputs[0] must be a list"),
+    ("inputs not a list", "/predict", body(inputs=5), 422, "inputs: Input should be a valid list"),
+    ("empty batch", "/predict", body(inputs=[]), 422, "inputs: List should have at least 1"),
+    ("missing inputs", "/predict", body(num_samples=3), 422, "inputs: Field required"),
+    ("NaN literal", "/predict", raw(NAN_BODY), 422, "inputs[0][783] is nan"),
+    ("Infinity literal", "/predict", raw(INF_BODY), 422, "inputs[0][0] is inf"),
+    ("-Infinity nested", "/anomaly-score", raw(NEG_INF_NESTED), 422, "inputs[0][27][27] is -inf"),
+    ("pixel above 1", "/predict", body(inputs=[[*GOOD[:-1], 1.5]]), 422, "inputs[0][783] is 1.5"),
+    ("pixel below 0", "/predict", body(inputs=[[-0.01, *GOOD[1:]]]), 422, "must lie in [0, 1]"),
+    (
+        "string pixel",
+        "/predict",
+        body(inputs=[["0.5"] * 784]),
+        422,
+        "Input should be a valid number",
+    ),
+    ("bool pixel", "/predict", body(inputs=[[True, *GOOD[1:]]]), 422, "inputs[0].flat[0]"),
+    ("num_samples 0", "/predict", body(inputs=[GOOD], num_samples=0), 422, "num_samples"),
+    ("num_samples 1001", "/predict", body(inputs=[GOOD], num_samples=1001), 422, "num_samples"),
+    (
+        "num_samples over server max",
+        "/predict",
+        body(inputs=[GOOD], num_samples=MAX_K + 1),
+        422,
+        f"less than or equal to {MAX_K}",
+    ),
+    ("num_samples float", "/predict", body(inputs=[GOOD], num_samples=2.5), 422, "num_samples"),
+    ("seed negative", "/predict", body(inputs=[GOOD], seed=-1), 422, "seed"),
+    ("seed too big", "/predict", body(inputs=[GOOD], seed=2**63), 422, "seed"),
+    ("seed string", "/predict", body(inputs=[GOOD], seed="7"), 422, "seed"),
+    ("unknown field", "/predict", body(inputs=[GOOD], samples=3), 422, "samples: Extra inputs"),
+    (
+        "unknown score",
+        "/anomaly-score",
+        body(inputs=[GOOD], score="entropy"),
+        422,
+        "'mutual_information', 'predictive_entropy', 'model_variance' or 'max_probability'",
+    ),
+    ("not JSON", "/predict", raw("inputs=0.5"), 422, "body is not valid JSON"),
+    ("truncated JSON", "/predict", raw('{"inputs": [[0.5, 0.5'), 422, "body is not valid JSON"),
+    ("JSON array body", "/predict", raw("[1, 2]"), 422, "Input should be a valid dictionary"),
+    (
+        "text/plain body",
+        "/predict",
+        {"content": b'{"inputs": []}', "headers": {"content-type": "text/plain"}},
+        422,
+        "valid dictionary",
+    ),
+    ("batch over max_batch", "/predict", body(inputs=[GOOD] * (MAX_BATCH + 1)), 413, "max_batch"),
+    ("body over max_body_bytes", "/predict", raw(" " * (MAX_BODY + 1)), 413, str(MAX_BODY)),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "request_kwargs", "status", "message"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_input_is_a_4xx_naming_the_problem(
+    client: Any, path: str, request_kwargs: dict[str, Any], status: int, message: str
+) -> None:
+    response = client.post(path, **request_kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    if status == 422:
+        payload = response.json()
+        assert payload["detail"] and all(
+            {"loc", "msg", "type"} <= set(d) for d in payload["detail"]
+        )
+        assert len(response.content) < 20_000  # errors are summarised, inputs not echoed
+    # The process stays healthy and keeps answering.
+    assert client.get("/healthz").status_code == 200
+    assert client.post("/predict", json={"inputs": [GOOD], "num_samples": 1}).status_code == 200
+
+
+def test_score_without_calibrated_threshold_is_422(tmp_path: Path, ckpt: Checkpoint) -> None:
+    from apd.checkpoint import save_checkpoint
+
+    anomaly = ckpt.meta.anomaly.model_copy(
+        update={"thresholds": {ScoreName.MUTUAL_INFORMATION: 0.1}}
+    )
+    path = tmp_path / "one-score.safetensors"
+    save_checkpoint(path, ckpt.meta.model_copy(update={"anomaly": anomaly}), ckpt.tensors)
+    with make_client(create_app(settings_for(path))) as c:
+        response = c.post("/anomaly-score", json={"inputs": [GOOD], "score": "model_variance"})
+    assert response.status_code == 422
+    assert "no calibrated threshold" in response.text and "mutual_information" in response.text
+
+
+def _asgi_post(app: Any, chunks: int, content_length: int | None, stall: bool = False) -> Any:
+    """POST /predict straight into the ASGI app, body fed in 16 KiB chunks; returns
+    (status, body, chunks the app asked for)."""
+    chunk = b"[" + b"0.5," * 4096
+    asked = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        if stall and asked > 1:
+            await anyio.sleep(30)
+        if asked > chunks:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json")]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    anyio.run(app, scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], payload, asked
+
+
+def test_oversized_body_is_refused_without_being_read(ckpt_path: Path) -> None:
+    app = create_app(settings_for(ckpt_path))
+    status, _, asked = _asgi_post(app, chunks=1000, content_length=10**9)
+    assert status == 413 and asked == 0  # from Content-Length alone
+    status, payload, asked = _asgi_post(app, chunks=1000, content_length=None)
+    assert status == 413 and asked <= MAX_BODY // (16 * 1024) + 2  # stops once over the limit
+    assert b"max_body_bytes" in payload
+
+
+def test_slow_body_gets_408(ckpt_path: Path) -> None:
+    app = create_app(settings_for(ckpt_path, body_timeout_s=0.2))
+    status, payload, _ = _asgi_post(app, chunks=10, content_length=None, stall=True)
+    assert status == 408 and b"body_timeout_s" in payload
+
+
+# --- health, model, metrics, OpenAPI -----------------------------------------------------
+
+
+def test_health_and_readiness(client: Any, ckpt: Checkpoint) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() | {"checkpoint_sha256": None} == {
+        "status": "ready",
+        "cache": "memory",
+        "redis": "disabled",
+        "degraded": False,
+        "pool_networks": 50,
+        "checkpoint_sha256": None,
+    }
+    assert ready.json()["checkpoint_sha256"] == ckpt.sha256
+
+
+def test_not_ready_before_startup(ckpt_path: Path) -> None:
+    app = create_app(settings_for(ckpt_path))
+    client = make_client(app)  # no `with`: the lifespan has not run
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert client.post("/predict", json={"inputs": [GOOD]}).status_code == 503
+
+
+def test_model_info(client: Any, ckpt: Checkpoint, ckpt_path: Path) -> None:
+    info = client.get("/v1/model").json()
+    assert info["id"] == ckpt.meta.model_id and info["sha256"] == ckpt.sha256
+    assert info["checkpoint_bytes"] == ckpt_path.stat().st_size
+    assert info["target"]["layer_sizes"] == list(TARGET_SIZES)
+    assert info["parameter_count"] == ckpt.num_params
+    assert info["default_num_samples"] == ckpt.meta.num_samples_default
+    assert info["anomaly"]["thresholds"] == {
+        k.value: v for k, v in ckpt.meta.anomaly.thresholds.items()
+    }
+    assert info["anomaly"]["target_fpr"] == ckpt.meta.anomaly.target_fpr
+    assert info["provenance"]["code_revision"] == ckpt.meta.provenance.code_revision
+    assert info["limits"] == {
+        "max_batch": MAX_BATCH,
+        "max_num_samples": MAX_K,
+        "max_body_bytes": MAX_BODY,
+        "networks_per_block": 10,
+    }
+
+
+def metric(client: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels or ''} not exported")
+
+
+def test_metrics_count_requests_networks_and_flags(ckpt_path: Path) -> None:
+    with make_client(create_app(settings_for(ckpt_path))) as c:
+        assert metric(c, "apd_cache_misses_total") == 5  # the pool: 50 networks
+        x = random_images(4, seed=11).tolist()
+        answers = [
+            predict(c, inputs=x, num_samples=20),
+            predict(c, inputs=x, num_samples=30, seed=5),
+        ]
+        flagged = sum(p["anomaly"]["is_anomaly"] for a in answers for p in a["predictions"])
+        c.post("/predict", json={"inputs": []})
+        c.get("/nowhere")
+        ok = {"endpoint": "/predict", "method": "POST", "status": "200"}
+        assert metric(c, "apd_requests_total", ok) == 2
+        bad = {"endpoint": "/predict", "method": "POST", "status": "422"}
+        assert metric(c, "apd_requests_total", bad) == 1
+        assert metric(c, "apd_requests_total", {"endpoint": "unmatched", "status": "404"}) == 1
+        assert metric(c, "apd_request_duration_seconds_count", {"endpoint": "/predict"}) == 3
+        assert metric(c, "apd_posterior_networks_sampled_total") == 50
+        assert metric(c, "apd_cache_misses_total") == 5 + 3  # the seeded request's 3 blocks
+        assert metric(c, "apd_anomaly_flags_total", {"score": "mutual_information"}) == flagged
+        assert metric(c, "apd_requests_in_flight") == 1  # this /metrics request
+        assert metric(c, "apd_cache_degraded") == 0
+        info = {"model_id": "test-fcnn", "backend": "onnxruntime"}
+        assert metric(c, "apd_model_info", info) == 1
+        predict(c, inputs=x, num_samples=30, seed=5)
+        assert metric(c, "apd_cache_hits_total", {"tier": "memory"}) == 3
+
+
+def test_openapi_is_the_contract(client: Any) -> None:
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    for path, method in [
+        ("/predict", "post"),
+        ("/anomaly-score", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/v1/model", "get"),
+        ("/metrics", "get"),
+    ]:
+        assert method in paths[path], path
+    for path in ("/predict", "/anomaly-score"):
+        responses = paths[path]["post"]["responses"]
+        assert {"200", "413", "422"} <= set(responses)
+    schemas = doc["components"]["schemas"]
+    example = schemas["PredictRequest"]["examples"][0]
+    assert len(example["inputs"][0]) == 784 and example["seed"] == 7
+    # The documented example is a real request.
+    assert client.post("/predict", json=example).status_code == 200
+    from service.schemas import AnomalyScoreResponse, PredictResponse
+
+    for model in (PredictResponse, AnomalyScoreResponse):  # documented answers are valid ones
+        for answer in schemas[model.__name__]["examples"]:
+            model.model_validate(answer)
+    num_samples = schemas["PredictRequest"]["properties"]["num_samples"]["anyOf"][0]
+    assert num_samples["maximum"] == MAX_K  # this server's limit, not only the API's 1000
+    assert schemas["PredictRequest"]["properties"]["inputs"]["maxItems"] == MAX_BATCH
+    prediction = schemas["Prediction"]["properties"]
+    assert {"label", "probabilities", "uncertainty", "anomaly"} <= set(prediction)
+    uncertainty = schemas["Uncertainty"]["properties"]
+    assert set(uncertainty) == {
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "model_variance",
+    }

@@ -1,0 +1,97 @@
+"""The service loads only the generator: nothing under service/ imports training, and the
+onnxruntime backend serves without importing torch."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from service_support import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = ROOT / "service"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an ``import``/``from ... import`` in ``path`` names (any nesting)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+    return names
+
+
+def test_scanner_sees_every_import_form(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import training\nfrom training.cli import main\n"
+        "def f():\n    import training.apd as t\n"
+        "import importlib\nimportlib.import_module('training.train')\n"
+    )
+    names = imported_modules(probe)
+    assert {"training", "training.cli", "training.apd", "training.train"} <= names
+
+
+def test_service_never_imports_training() -> None:
+    files = sorted(SERVICE.rglob("*.py"))
+    assert len(files) > 5, "service/ not found"
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(
+            n for n in imported_modules(f) if n == "training" or n.startswith("training.")
+        )
+        for f in files
+    }
+    assert not {f: n for f, n in offenders.items() if n}
+
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys, warnings
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+    from service.config import Backend, Settings
+    from service.main import create_app
+
+    settings = Settings(checkpoint=sys.argv[1], backend=Backend.ONNXRUNTIME, pool_size=10)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/predict", json={"inputs": [[0.5] * 784], "num_samples": 10})
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "training"))
+    print(json.dumps({"status": response.status_code, "heavy": heavy}))
+    """
+)
+
+
+def test_onnxruntime_backend_serves_without_torch(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "model.safetensors")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APD_")}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(ckpt)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["status"] == 200
+    assert report["heavy"] == [], f"imported: {report['heavy']}"

@@ -1,0 +1,158 @@
+"""``apd train`` (training/train.py): run directories, reproducibility, one-line errors.
+
+MNIST is replaced by a tiny synthetic 10-class problem (monkeypatched ``load_dataset``), so
+these tests train real fcNN1 networks in seconds and can check that they learn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from training import train
+from training.cli import main
+from training.data import DataError
+from training.sample_store import SampleStore
+
+SGLD_FAST = ["--steps", "60", "--cycle-steps", "30", "--thinning", "5", "--chains", "2"]
+POINT_FAST = ["--epochs", "2", "--batch-size", "20"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _split(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c lights up a 10-pixel block c of the image (plus noise), values in [0, 1]."""
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = 0.2 * torch.rand(n, 784, generator=g)
+    for c in range(10):
+        x[y == c, 10 * c : 10 * c + 10] += 0.8
+    return x, y
+
+
+@pytest.fixture(autouse=True)
+def synthetic_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake(data_dir: str | None) -> train.Dataset:
+        g = torch.Generator().manual_seed(123)
+        (tx, ty), (vx, vy), (sx, sy) = _split(400, g), _split(200, g), _split(200, g)
+        return train.Dataset(tx, ty, vx, vy, sx, sy, sha256="f" * 64)
+
+    monkeypatch.setattr(train, "load_dataset", fake)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["train", *argv, "--no-progress", "--threads", "1"])
+    return code, capsys.readouterr().err
+
+
+def test_sgld_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, err = _run(["sgld", "--arch", "fcnn1", "--out", str(out), *SGLD_FAST], capsys)
+    assert code == 0, err
+    assert (out / "READY").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    # every flag resolved: unset ones carry the architecture's tuned default
+    assert cfg["steps"] == 60 and cfg["chains"] == 2
+    for key, value in train.DEFAULTS["sgld"]["fcnn1"].items():
+        if key not in ("steps", "cycle_steps", "thinning", "chains"):
+            assert cfg[key] == value, key
+    assert cfg["data_sha256"] == "f" * 64 and cfg["seed"] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.9  # the synthetic classes are easy: it learned
+    assert 0 < metrics["test_nll"] < 1.0
+    assert {"val_accuracy", "val_nll", "train_wall_s", "device"} <= set(metrics)
+    store = SampleStore.open(out / "samples")
+    # 2 cycles of 30 steps, sampling stage = last half, every 5th step -> 3 per cycle
+    assert len(store) == 2 * 2 * 3 and store.meta["num_chains"] == 2
+    assert store.meta["sampler"]["schedule"]["kind"] == "cyclical"
+    assert store.meta["data_sha256"] == "f" * 64
+    assert metrics["num_samples_evaluated"] == 12
+
+
+def test_sgld_is_reproducible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    thetas = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        argv = ["sgld", "--arch", "fcnn1", "--out", str(tmp_path / name), "--seed", seed]
+        assert _run([*argv, *SGLD_FAST], capsys)[0] == 0
+        thetas.append(np.array(SampleStore.open(tmp_path / name / "samples").theta))
+    np.testing.assert_array_equal(thetas[0], thetas[1])
+    assert not np.array_equal(thetas[0], thetas[2])
+
+
+@pytest.mark.parametrize(("method", "p"), [("sgd", "0.0"), ("dropout", "0.5")])
+def test_point_estimate_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, p: str
+) -> None:
+    out = tmp_path / method
+    code, err = _run([method, "--arch", "fcnn1", "--out", str(out), *POINT_FAST], capsys)
+    assert code == 0, err
+    theta = load_file(str(out / "weights.safetensors"))["theta"]
+    assert theta.shape == (1, 79510) and theta.dtype == np.float32
+    with safe_open(str(out / "weights.safetensors"), "np") as f:
+        assert f.metadata() == {"arch": "fcnn1", "dropout": p}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.9 and (out / "READY").is_file()
+    assert ("200 dropout passes" in metrics["predictive"]) == (method == "dropout")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sgld", "--arch", "fcnn9"], "unknown architecture 'fcnn9'"),
+        (["sgld", "--arch", "fcnn1", "--lr", "-0.1"], "--lr (the step size) must be positive"),
+        (["sgd", "--arch", "fcnn1", "--lr", "0"], "--lr (the step size) must be positive"),
+        (["sgld", "--arch", "fcnn1", "--burn-in", "50", "--steps", "50"], "--burn-in"),
+        (["sgld", "--arch", "fcnn1", "--schedule", "linear"], "--schedule must be one of"),
+        (["sgld", "--arch", "fcnn1", "--preconditioner", "adam"], "--preconditioner must be"),
+        (["sgld", "--arch", "fcnn1", "--temperature", "-1"], "--temperature"),
+        (["sgld", "--arch", "fcnn1", "--chains", "0"], "--chains must be positive"),
+        (["dropout", "--arch", "fcnn1", "--momentum", "1.5"], "--momentum"),
+    ],
+)
+def test_bad_flags_give_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, err = _run([*argv, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing written for a rejected command
+
+
+def test_non_empty_out_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["sgd", "--arch", "fcnn1", "--out", str(out), *POINT_FAST]
+    code, err = _run(argv, capsys)
+    assert code == 2 and "--force" in err and err.count("\n") == 1
+    assert _run([*argv, "--force"], capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --force only replaces run files
+
+
+def test_data_error_gives_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing(data_dir: str | None) -> train.Dataset:
+        raise DataError("/nowhere/mnist/train-images-idx3-ubyte.gz is missing; put it there")
+
+    monkeypatch.setattr(train, "load_dataset", missing)
+    code, err = _run(["sgld", "--arch", "fcnn1", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "train-images" in err
+
+
+def test_divergence_gives_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["sgld", "--arch", "fcnn1", "--out", str(tmp_path / "r"), *SGLD_FAST]
+    code, err = _run([*argv, "--lr", "1e9", "--schedule", "constant"], capsys)
+    assert code == 2 and "lower the step size" in err and err.count("\n") == 1

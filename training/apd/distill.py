@@ -1,0 +1,328 @@
+"""``apd distill``: SGLD samples (or, online, SGLD run alongside) -> one generator checkpoint.
+
+    apd distill --samples runs/sgld-fcnn1 --out models/mnist-fcnn1/model.safetensors
+    apd distill --samples runs/sgld-fcnn1 --preset paper --device cuda --out paper.safetensors
+    apd distill --algorithm online --arch fcnn1 --out online.safetensors
+
+Offline (Algorithm 1) reads a finished sample store; the teacher that validation compares
+against is 100 samples spread across its chains (``SampleStore.select_spread``). Online
+(Algorithm 2) runs SGLD chains on the MNIST training split while the GAN trains, and compares
+against the chains' most recent samples. Either way, the generator with the lowest validation
+KL is kept, anomaly thresholds are calibrated on the MNIST validation split with
+``--num-samples`` networks from the generator, and the checkpoint is written together with
+``<name>.fidelity.json`` (the validation history, residual-noise search and settings).
+The test split is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from apd.checkpoint import load_checkpoint
+from apd.networks import ARCHITECTURES, MLPSpec, get_spec
+from apd.uncertainty import ScoreName
+from training.errors import UserError
+
+from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
+from .fidelity import ValidationMonitor
+from .gan import Generator
+from .offline import (
+    PRESETS,
+    DistillConfig,
+    DistillResult,
+    distill_offline,
+    mode_labels,
+    preset,
+)
+from .online import OnlineConfig, OnlineResult, default_online_config, distill_online
+from .package import default_version, write_checkpoint
+
+TEACHER_SAMPLES = 100
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 2)[1] if __doc__ else None
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--samples", metavar="RUN_DIR", help="SGLD run folder (or its samples/)")
+    io.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
+    io.add_argument("--data-dir", default=None, help="datasets folder (default: $APD_DATA_DIR)")
+    io.add_argument("--model-id", default=None, help="model id (default: mnist-<arch>)")
+    io.add_argument("--version", default=None, help="model version (default: UTC date-time)")
+    alg = parser.add_argument_group("algorithm")
+    alg.add_argument("--algorithm", choices=("offline", "online"), default="offline")
+    alg.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    alg.add_argument("--arch", choices=sorted(ARCHITECTURES), help="target network (online)")
+    alg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    alg.add_argument("--seed", type=int, default=None)
+    gan = parser.add_argument_group("GAN (defaults from the preset)")
+    gan.add_argument("--steps", type=int, default=None, help="generator steps")
+    gan.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    gan.add_argument("--rank", type=int, default=None, help="subspace dimension r")
+    gan.add_argument("--basis-dtype", choices=("float16", "float32"), default=None)
+    gan.add_argument("--max-samples", type=int, default=None, help="SGLD samples to train on")
+    gan.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+    gan.add_argument(
+        "--residual-scales",
+        default=None,
+        metavar="S[,S...]",
+        help="residual noise levels to choose from on validation (0 drops the residual)",
+    )
+    cal = parser.add_argument_group("calibration")
+    cal.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)
+    cal.add_argument(
+        "--default-score", choices=[s.value for s in ScoreName], default=DEFAULT_SCORE.value
+    )
+    cal.add_argument("--num-samples", type=int, default=100, help="networks per prediction")
+    onl = parser.add_argument_group("online SGLD (--algorithm online)")
+    onl.add_argument("--chains", type=int, default=None)
+    onl.add_argument("--sgld-lr", type=float, default=None)
+    onl.add_argument("--burn-in", type=int, default=None)
+    onl.add_argument("--thinning", type=int, default=None)
+    onl.add_argument("--buffer-size", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _say(msg: str) -> None:
+    tqdm.write(f"apd distill: {msg}", file=sys.stderr)
+
+
+def _samples_dir(arg: str) -> Path:
+    p = Path(arg)
+    return p / "samples" if (p / "samples").is_dir() else p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not str(args.out).endswith(".safetensors"):
+        raise UserError(f"--out must name a .safetensors file, got {args.out}")
+    if not 0.0 < args.target_fpr < 1.0:
+        raise UserError(f"--target-fpr must lie in (0, 1), got {args.target_fpr}")
+    if not 1 <= args.num_samples <= 1000:
+        raise UserError(f"--num-samples must lie in 1..1000, got {args.num_samples}")
+    if args.algorithm == "offline" and not args.samples:
+        raise UserError("offline distillation needs --samples RUN_DIR (or use --algorithm online)")
+    if args.algorithm == "online" and not args.arch:
+        raise UserError("online distillation needs --arch (it runs SGLD itself)")
+    if args.algorithm == "online" and args.samples:
+        raise UserError("--samples is for offline distillation; online runs its own SGLD")
+    for name in ("steps", "rank", "max_samples", "eval_every", "chains", "thinning"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available")
+
+
+def _scales(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"--residual-scales must be numbers separated by commas, got {text}"
+        raise UserError(msg) from None
+
+
+def _config(args: argparse.Namespace) -> DistillConfig:
+    try:
+        return preset(
+            args.preset,
+            steps=args.steps,
+            lr=args.lr,
+            rank=args.rank,
+            basis_dtype=args.basis_dtype,
+            max_train_samples=args.max_samples,
+            eval_every=args.eval_every,
+            residual_scales=_scales(args.residual_scales),
+            seed=args.seed,
+            num_networks=args.num_samples,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _offline(
+    args: argparse.Namespace, config: DistillConfig, mnist: Any, fingerprint: str
+) -> tuple[MLPSpec, DistillResult, dict[str, Any], dict[str, Any]]:
+    from training.sample_store import SampleStore
+
+    store = SampleStore.open(_samples_dir(args.samples))
+    if store.meta.get("data_sha256") != fingerprint:
+        raise UserError(
+            f"{store.path} was sampled on other data (data_sha256 "
+            f"{str(store.meta.get('data_sha256'))[:12]}... != {fingerprint[:12]}...)"
+        )
+    spec = store.spec
+    n_train = min(config.max_train_samples or len(store), len(store))
+    if n_train < 3:
+        raise UserError(f"{store.path} holds {len(store)} samples; distillation needs more")
+    rows = store.select_spread(n_train)
+    teacher_rows = store.select_spread(min(TEACHER_SAMPLES, len(store)))
+    teacher = torch.from_numpy(np.asarray(store.theta[teacher_rows])).to(args.device)
+    monitor = ValidationMonitor(
+        spec, mnist.val_x, mnist.val_y, teacher, config.num_networks, config.seed
+    )
+    _say(
+        f"{spec.name} ({spec.num_params} weights): {len(store)} samples in {store.path}, "
+        f"training on {n_train}; teacher = {len(teacher_rows)} spread samples, validation "
+        f"acc {monitor.teacher_metrics['accuracy']:.4f} nll {monitor.teacher_metrics['nll']:.4f}"
+    )
+    modes = mode_labels(store.chain[rows], store.step[rows], store.meta.get("sampler"))
+    _say(f"{len(np.unique(modes))} components (chains, or chains x cycles for cSG-MCMC)")
+    result = distill_offline(
+        store.theta,
+        config,
+        rows=rows,
+        chains=modes,
+        monitor=monitor,
+        device=args.device,
+        report=_say,
+        progress=not args.no_progress,
+    )
+    sampler = dict(store.meta.get("sampler", {}))
+    sampler |= {
+        "run": str(store.path),
+        "num_samples": len(store),
+        "num_chains": store.meta.get("num_chains"),
+        "created_at": store.meta.get("created_at"),
+    }
+    teacher_info = {"teacher_samples": len(teacher_rows), **monitor.teacher_metrics}
+    return spec, result, sampler, teacher_info
+
+
+def _online(
+    args: argparse.Namespace, config: DistillConfig, mnist: Any
+) -> tuple[MLPSpec, OnlineResult, dict[str, Any], dict[str, Any]]:
+    spec = get_spec(args.arch)
+    overrides = {
+        k: v
+        for k, v in {
+            "num_chains": args.chains,
+            "sgld_lr": args.sgld_lr,
+            "burn_in": args.burn_in,
+            "thinning": args.thinning,
+            "buffer_size": args.buffer_size,
+        }.items()
+        if v is not None
+    }
+    try:
+        online: OnlineConfig = default_online_config(distill=config, **overrides)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    _say(f"online APD on {spec.name}: {online.num_chains} SGLD chains on the training split")
+    result = distill_online(
+        spec,
+        mnist.train_x,
+        mnist.train_y,
+        online,
+        val=(mnist.val_x, mnist.val_y),
+        device=args.device,
+        report=_say,
+        progress=not args.no_progress,
+    )
+    sampler = {"online": True, **online.sgld_settings(len(mnist.train_x)).to_dict()}
+    sampler |= {k: v for k, v in online.to_dict().items() if k != "distill"}
+    return spec, result, sampler, {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.data import dataset_fingerprint, load_mnist
+
+    _check_args(args)
+    config = _config(args)
+    t0 = time.perf_counter()
+    mnist = load_mnist(args.data_dir)
+    fingerprint = dataset_fingerprint(mnist)
+    result: DistillResult | OnlineResult
+    if args.algorithm == "offline":
+        spec, result, sampler, teacher_info = _offline(args, config, mnist, fingerprint)
+    else:
+        spec, result, sampler, teacher_info = _online(args, config, mnist)
+    seconds = time.perf_counter() - t0
+
+    generator: Generator = result.generator
+    rng = torch.Generator(device=args.device).manual_seed(config.seed + 1)
+    theta = generator.sample(args.num_samples, rng)
+    anomaly, val_summary = calibrate(
+        spec, theta, mnist.val_x, args.target_fpr, ScoreName(args.default_score)
+    )
+    best = result.summary()["best_validation"]
+    final = next(
+        (r for r in result.residual_search if r["residual_scale"] == result.residual_scale), None
+    )
+    metrics: dict[str, Any] = {
+        "validation": {
+            "accuracy": float((val_summary.labels == mnist.val_y).mean()),
+            "selected": final or best,
+            "flag_rate": {
+                s.value: flag_rate(val_summary, s, anomaly.thresholds[s]) for s in ScoreName
+            },
+        },
+        "teacher_validation": teacher_info,
+        "distill_seconds": round(seconds, 1),
+        "best_step": result.best_step,
+        "residual_scale": result.residual_scale,
+        "subspace": result.subspace,
+    }
+    metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
+    model_id = args.model_id or f"mnist-{spec.name}"
+    design = config.design.value
+    distillation = {
+        "algorithm": args.algorithm,
+        "preset": args.preset,
+        "device": args.device,
+        **(result.config.to_dict() if isinstance(result, OnlineResult) else config.to_dict()),
+        "residual_scale": result.residual_scale,
+        "best_step": result.best_step,
+    }
+    out = Path(args.out)
+    sha, _meta = write_checkpoint(
+        out,
+        generator,
+        spec,
+        design=design,
+        basis_dtype=config.basis_dtype if design == "subspace" else "float32",
+        anomaly=anomaly,
+        model_id=model_id,
+        version=args.version or default_version(),
+        data={"mnist_sha256": fingerprint, "files": dict(mnist.sha256), "split": "paper"},
+        sampler=sampler,
+        distillation=distillation,
+        metrics=metrics,
+        num_samples_default=args.num_samples,
+    )
+    ckpt = load_checkpoint(out)  # re-read: what the service will see
+    fidelity_path = out.with_name(out.name.removesuffix(".safetensors") + ".fidelity.json")
+    fidelity_path.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(out),
+                "checkpoint_sha256": sha,
+                "history": result.history,
+                **result.summary(),
+                "metrics": metrics,
+                "settings": distillation,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(
+        f"wrote {out} ({ckpt.size_bytes / 1e6:.2f} MB, sha256 {sha[:12]}) "
+        f"and {fidelity_path.name}\n"
+        f"  validation accuracy {metrics['validation']['accuracy']:.4f}, "
+        f"best step {result.best_step}, residual scale {result.residual_scale:g}, "
+        f"{seconds:.0f} s\n"
+        f"  thresholds at FPR {args.target_fpr:g}: "
+        + ", ".join(f"{s.value} {t:.4g}" for s, t in anomaly.thresholds.items())
+    )
+    return 0

@@ -1,0 +1,206 @@
+"""How faithfully a generator reproduces its SGLD teacher's posterior predictive.
+
+Teacher and student are each K networks ``theta (K, P)``; each gives member softmax outputs
+``p_k(y|x)`` and the posterior predictive ``p(y|x) = 1/K sum_k p_k(y|x)``. We compare
+
+* test accuracy and NLL ``-1/N sum_n log p(y_n|x_n)`` of the two predictives;
+* ``KL(p_teacher || p_student)`` per input, averaged over the test set, in nats;
+* per OOD set and per anomaly score (:mod:`apd.uncertainty`), the AUROC of telling the OOD
+  inputs (positives) from the in-distribution test inputs (negatives) by the score.
+
+The targets of the distillation issue: accuracy at most 0.1 points below the teacher's, NLL
+at most 0.01 above, each AUROC at most 0.005 below (:data:`TARGETS`).
+
+:class:`ValidationMonitor` tracks a generator during training on the MNIST **validation**
+split (never the test set) against the teacher's predictive there; distillation keeps the
+generator with the lowest validation criterion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from sklearn.metrics import roc_auc_score
+
+from apd import torch_ops
+from apd.networks import MLPSpec
+from apd.uncertainty import PredictiveSummary, ScoreName, summarize
+
+from .gan import Generator
+
+FIDELITY_SCORES: Final = (
+    ScoreName.PREDICTIVE_ENTROPY,
+    ScoreName.MUTUAL_INFORMATION,
+    ScoreName.MODEL_VARIANCE,
+)
+ACCURACY_TOLERANCE: Final = 0.001  # 0.1 percentage points
+NLL_TOLERANCE: Final = 0.01
+AUROC_TOLERANCE: Final = 0.005
+TARGETS: Final = {
+    "accuracy_drop_max": ACCURACY_TOLERANCE,
+    "nll_increase_max": NLL_TOLERANCE,
+    "auroc_drop_max": AUROC_TOLERANCE,
+}
+_EPS: Final = 1e-12
+
+
+@torch.no_grad()
+def member_probs(
+    spec: MLPSpec, theta: torch.Tensor, x: NDArray[np.float32] | torch.Tensor, chunk: int = 2000
+) -> NDArray[np.float32]:
+    """Softmax outputs ``(K, N, C)`` of ``theta (K, P)`` on ``x (N, D)``, on theta's device."""
+    outs = []
+    for start in range(0, x.shape[0], chunk):
+        block = x[start : start + chunk]
+        xb = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block))
+        xb = xb.to(device=theta.device, dtype=torch.float32)
+        outs.append(torch.softmax(torch_ops.forward_logits(spec, theta, xb), -1).cpu())
+    return torch.cat(outs, dim=1).numpy()
+
+
+def nll(probs: NDArray[np.floating], y: NDArray[np.integer]) -> float:
+    """``-1/N sum_n log p(y_n | x_n)`` of a predictive ``probs (N, C)``."""
+    p = np.asarray(probs, dtype=np.float64)[np.arange(len(y)), np.asarray(y)]
+    return float(-np.log(np.clip(p, _EPS, None)).mean())
+
+
+def accuracy(probs: NDArray[np.floating], y: NDArray[np.integer]) -> float:
+    return float((np.asarray(probs).argmax(axis=1) == np.asarray(y)).mean())
+
+
+def kl_divergence(p: NDArray[np.floating], q: NDArray[np.floating]) -> NDArray[np.float64]:
+    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` per row, in nats (``0 log 0 = 0``)."""
+    p64 = np.asarray(p, dtype=np.float64)
+    q64 = np.asarray(q, dtype=np.float64)
+    terms = p64 * (np.log(np.clip(p64, _EPS, None)) - np.log(np.clip(q64, _EPS, None)))
+    return np.where(p64 > 0, terms, 0.0).sum(axis=-1)
+
+
+def auroc(in_scores: NDArray[np.floating], ood_scores: NDArray[np.floating]) -> float:
+    """AUROC of flagging OOD inputs (positives) by a score where larger means stranger."""
+    labels = np.r_[np.zeros(len(in_scores)), np.ones(len(ood_scores))]
+    return float(roc_auc_score(labels, np.r_[in_scores, ood_scores]))
+
+
+def ood_aurocs(
+    in_summary: PredictiveSummary,
+    ood_summary: PredictiveSummary,
+    scores: tuple[ScoreName, ...] = FIDELITY_SCORES,
+) -> dict[str, float]:
+    return {s.value: auroc(in_summary.score(s), ood_summary.score(s)) for s in scores}
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One method's K-network outputs on the test set and on each OOD set."""
+
+    test: PredictiveSummary
+    ood: dict[str, PredictiveSummary]
+
+
+def predict(
+    spec: MLPSpec,
+    theta: torch.Tensor,
+    test_x: NDArray[np.float32],
+    ood: Mapping[str, NDArray[np.float32]],
+) -> Predictions:
+    return Predictions(
+        test=summarize(member_probs(spec, theta, test_x)),
+        ood={name: summarize(member_probs(spec, theta, x)) for name, x in ood.items()},
+    )
+
+
+def compare(
+    teacher: Predictions, student: Predictions, test_y: NDArray[np.integer]
+) -> dict[str, Any]:
+    """Every fidelity figure of the issue, with pass/fail against :data:`TARGETS`."""
+    t_acc, s_acc = (
+        accuracy(teacher.test.probabilities, test_y),
+        accuracy(student.test.probabilities, test_y),
+    )
+    t_nll, s_nll = nll(teacher.test.probabilities, test_y), nll(student.test.probabilities, test_y)
+    kl = kl_divergence(teacher.test.probabilities, student.test.probabilities)
+    out: dict[str, Any] = {
+        "teacher": {"accuracy": t_acc, "nll": t_nll},
+        "student": {"accuracy": s_acc, "nll": s_nll},
+        "accuracy_drop": t_acc - s_acc,
+        "nll_increase": s_nll - t_nll,
+        "mean_kl_teacher_student": float(kl.mean()),
+        "pass_accuracy": t_acc - s_acc <= ACCURACY_TOLERANCE,
+        "pass_nll": s_nll - t_nll <= NLL_TOLERANCE,
+        "auroc": {},
+    }
+    all_pass = True
+    for name in teacher.ood:
+        t_au = ood_aurocs(teacher.test, teacher.ood[name])
+        s_au = ood_aurocs(student.test, student.ood[name])
+        rows = {}
+        for score in t_au:
+            drop = t_au[score] - s_au[score]
+            ok = drop <= AUROC_TOLERANCE
+            all_pass &= ok
+            rows[score] = {"teacher": t_au[score], "student": s_au[score], "drop": drop, "pass": ok}
+        out["auroc"][name] = rows
+    out["pass_auroc"] = all_pass
+    out["pass_all"] = bool(out["pass_accuracy"] and out["pass_nll"] and all_pass)
+    return out
+
+
+class ValidationMonitor:
+    """Scores a generator against the teacher on held-out validation inputs.
+
+    The same noise (seeded once) is used at every evaluation, so two evaluations differ only
+    through the generator. The criterion is the mean ``KL(p_teacher || p_generator)`` over
+    the validation inputs: it is zero only when the two predictives agree everywhere, and it
+    penalises both a generator that is too narrow (overconfident, higher NLL) and one that
+    is too wide (blurred predictions).
+    """
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        x: NDArray[np.float32],
+        y: NDArray[np.integer],
+        teacher_theta: torch.Tensor,
+        num_networks: int = 100,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.x = torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: x may be read-only
+        self.y = np.asarray(y)
+        self.num_networks = int(num_networks)
+        self.seed = int(seed)
+        teacher = summarize(member_probs(spec, teacher_theta, self.x))
+        self.teacher = teacher
+        self.teacher_metrics = {
+            "accuracy": accuracy(teacher.probabilities, self.y),
+            "nll": nll(teacher.probabilities, self.y),
+            "mutual_information": float(teacher.mutual_information.mean()),
+            "model_variance": float(teacher.model_variance.mean()),
+        }
+
+    def draw(self, generator: Generator) -> torch.Tensor:
+        rng = torch.Generator(device=generator.scale.device).manual_seed(self.seed)
+        return generator.sample(self.num_networks, rng)
+
+    @torch.no_grad()
+    def evaluate(self, generator: Generator) -> dict[str, float]:
+        """Validation accuracy, NLL, KL to the teacher, and mean MI / model variance ratios."""
+        was_training = generator.training
+        generator.eval()
+        s = summarize(member_probs(self.spec, self.draw(generator), self.x))
+        generator.train(was_training)
+        kl = kl_divergence(self.teacher.probabilities, s.probabilities)
+        t = self.teacher_metrics
+        return {
+            "val_accuracy": accuracy(s.probabilities, self.y),
+            "val_nll": nll(s.probabilities, self.y),
+            "val_kl": float(kl.mean()),
+            "val_mi_ratio": float(s.mutual_information.mean()) / max(t["mutual_information"], _EPS),
+            "val_variance_ratio": float(s.model_variance.mean()) / max(t["model_variance"], _EPS),
+        }

@@ -1,0 +1,44 @@
+"""``apd train | distill | export | evaluate``: the training side of the ``apd`` command.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so ``apd train --help`` stays quick.
+A :class:`~training.errors.UserError` (or a ``ValueError`` from validation) becomes one line
+on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from training.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.train", "train SGD, MC-Dropout or SGLD on MNIST"),
+    "distill": ("training.apd.distill", "distil SGLD samples into a generator checkpoint"),
+    "export": ("training.apd.export", "export a checkpoint's generator to ONNX"),
+    "evaluate": ("training.evaluation.cli", "run the evaluation suite and write a report"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="apd")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    wanted = args[0] if args and args[0] in COMMANDS else None
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            importlib.import_module(module_name).configure(p)
+    ns = parser.parse_args(args)
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    try:
+        return int(module.run(ns) or 0)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        print(f"apd {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"apd {ns.command}: interrupted", file=sys.stderr)
+        return 130

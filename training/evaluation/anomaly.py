@@ -1,0 +1,231 @@
+"""Experiments 1 and 2: classification on MNIST test, and anomaly detection against OOD sets.
+
+Anomaly detection follows Wang et al. (2018) and their reference code: the in-distribution
+inputs are the MNIST test images, the out-of-distribution (OOD) inputs one of the OOD sets of
+:mod:`training.data`, and each uncertainty score of the posterior predictive
+(:class:`apd.uncertainty.ScoreName`, larger = more anomalous) ranks them; we report AUROC,
+AUPR-in and AUPR-out (:func:`training.evaluation.metrics.detection_metrics`).
+
+Input scale: at scale ``s`` the OOD images are multiplied by ``s`` and the MNIST images are
+left as they are. Scale 1 is the honest setting (every input is a valid image in [0, 1]);
+scale 5 is the reference code's default (``ood_scale: 5``), kept for comparability with the
+paper's tables. Brighter-than-possible inputs are much easier to flag.
+
+APD's fidelity target (the distillation issue): on every OOD set and score, its AUROC may be
+at most :data:`training.apd.fidelity.AUROC_TOLERANCE` below SGLD's. :func:`fidelity_rows`
+checks it on *every* anomaly row (all scales and all four scores, max-probability included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from apd.uncertainty import PredictiveSummary, ScoreName
+from training.apd.fidelity import (
+    ACCURACY_TOLERANCE,
+    AUROC_TOLERANCE,
+    FIDELITY_SCORES,
+    NLL_TOLERANCE,
+)
+from training.evaluation import metrics
+from training.evaluation.metrics import ClassificationMetrics, ReliabilityDiagram
+
+ANOMALY_SCORES: Final = (
+    ScoreName.MAX_PROBABILITY,
+    ScoreName.PREDICTIVE_ENTROPY,
+    ScoreName.MUTUAL_INFORMATION,
+    ScoreName.MODEL_VARIANCE,
+)
+DEFAULT_SCALES: Final = (1.0, 5.0)
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    method: str
+    num_members: int
+    metrics: ClassificationMetrics
+    reliability: ReliabilityDiagram
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "num_members": self.num_members,
+            **self.metrics.to_dict(),
+            "reliability": self.reliability.to_dict(),
+        }
+
+
+def classify(
+    method: str,
+    summary: PredictiveSummary,
+    labels: NDArray[np.integer],
+    num_members: int,
+    n_bins: int = metrics.DEFAULT_ECE_BINS,
+) -> ClassificationResult:
+    probs = summary.probabilities
+    return ClassificationResult(
+        method=method,
+        num_members=num_members,
+        metrics=metrics.classification_metrics(probs, labels, n_bins),
+        reliability=metrics.reliability_diagram(probs, labels, n_bins),
+    )
+
+
+@dataclass(frozen=True)
+class AnomalyRow:
+    """One (method, OOD set, scale, score): NaN metrics when the score is undefined (mutual
+    information or model variance of a single network) or constant (cannot rank anything)."""
+
+    method: str
+    ood_set: str
+    scale: float
+    score: str
+    auroc: float
+    aupr_in: float
+    aupr_out: float
+
+    @property
+    def defined(self) -> bool:
+        return not math.isnan(self.auroc)
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = asdict(self)
+        for k in ("auroc", "aupr_in", "aupr_out"):
+            d[k] = None if math.isnan(getattr(self, k)) else getattr(self, k)
+        return d
+
+
+def is_constant_score(a: NDArray[np.floating], b: NDArray[np.floating]) -> bool:
+    both = np.concatenate([a, b])
+    return bool(np.ptp(both) <= 1e-12 * max(1.0, float(np.abs(both).max())))
+
+
+def score_defined(score: ScoreName, num_members: int) -> bool:
+    """Mutual information and model variance need at least two networks (for one network
+    they are 0 up to rounding, and ranking rounding noise would be meaningless)."""
+    return num_members > 1 or score not in (
+        ScoreName.MUTUAL_INFORMATION,
+        ScoreName.MODEL_VARIANCE,
+    )
+
+
+def anomaly_rows(
+    method: str,
+    in_summary: PredictiveSummary,
+    out_summary: PredictiveSummary,
+    ood_set: str,
+    scale: float,
+    num_members: int,
+    scores: tuple[ScoreName, ...] = ANOMALY_SCORES,
+) -> list[AnomalyRow]:
+    rows = []
+    for score in scores:
+        s_in, s_out = in_summary.score(score), out_summary.score(score)
+        if not score_defined(score, num_members) or is_constant_score(s_in, s_out):
+            d = metrics.DetectionMetrics(math.nan, math.nan, math.nan)
+        else:
+            d = metrics.detection_metrics(s_in, s_out)
+        rows.append(AnomalyRow(method, ood_set, scale, score.value, d.auroc, d.aupr_in, d.aupr_out))
+    return rows
+
+
+def scaled(x: NDArray[np.float32], scale: float) -> NDArray[np.float32]:
+    """OOD inputs at input scale ``scale`` (see the module docstring)."""
+    return x if scale == 1.0 else (x * np.float32(scale)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    """APD's AUROC against SGLD's on one anomaly row."""
+
+    ood_set: str
+    scale: float
+    score: str
+    teacher_auroc: float
+    student_auroc: float
+    tolerance: float
+    issue_target: bool  # one of the three scores the distillation issue names
+
+    @property
+    def drop(self) -> float:
+        return self.teacher_auroc - self.student_auroc
+
+    @property
+    def within(self) -> bool:
+        return self.drop <= self.tolerance
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "drop": self.drop, "within_target": self.within}
+
+
+def fidelity_rows(
+    rows: list[AnomalyRow],
+    teacher: str = "sgld",
+    student: str = "apd",
+    tolerance: float = AUROC_TOLERANCE,
+) -> list[FidelityRow]:
+    """Every (set, scale, score) where both methods have a defined AUROC, in table order."""
+    by_key = {(r.method, r.ood_set, r.scale, r.score): r for r in rows}
+    targeted = {s.value for s in FIDELITY_SCORES}
+    out = []
+    for r in rows:
+        if r.method != teacher:
+            continue
+        s = by_key.get((student, r.ood_set, r.scale, r.score))
+        if s is None or not (r.defined and s.defined):
+            continue
+        out.append(
+            FidelityRow(
+                r.ood_set, r.scale, r.score, r.auroc, s.auroc, tolerance, r.score in targeted
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class ClassificationFidelity:
+    teacher_accuracy: float
+    student_accuracy: float
+    teacher_nll: float
+    student_nll: float
+    mean_kl: float  # KL(teacher || student) averaged over the test set
+
+    @property
+    def accuracy_within(self) -> bool:
+        return self.teacher_accuracy - self.student_accuracy <= ACCURACY_TOLERANCE + 1e-12
+
+    @property
+    def nll_within(self) -> bool:
+        return self.student_nll - self.teacher_nll <= NLL_TOLERANCE
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            **asdict(self),
+            "accuracy_within_target": self.accuracy_within,
+            "nll_within_target": self.nll_within,
+            "targets": {
+                "accuracy_drop_max": ACCURACY_TOLERANCE,
+                "nll_increase_max": NLL_TOLERANCE,
+                "auroc_drop_max": AUROC_TOLERANCE,
+            },
+        }
+
+
+def classification_fidelity(
+    teacher: PredictiveSummary,
+    student: PredictiveSummary,
+    labels: NDArray[np.integer],
+) -> ClassificationFidelity:
+    pt, ps = teacher.probabilities, student.probabilities
+    return ClassificationFidelity(
+        teacher_accuracy=metrics.accuracy(pt, labels),
+        student_accuracy=metrics.accuracy(ps, labels),
+        teacher_nll=metrics.negative_log_likelihood(pt, labels),
+        student_nll=metrics.negative_log_likelihood(ps, labels),
+        mean_kl=metrics.mean_kl_divergence(pt, ps),
+    )

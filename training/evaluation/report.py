@@ -1,0 +1,819 @@
+"""Write an evaluation as ``report.md`` + PNG plots + ``results.json`` in one folder.
+
+Every table and figure carries a provenance line: the runs and seeds it came from, the
+checkpoint digest, the evaluation seed and the code revision. The figures carry it too,
+printed under the plot, so a PNG on its own still says where it came from.
+
+Nothing is filtered: every anomaly row, every attack setting and every active-learning curve
+in ``results.json`` appears in the report, and each APD-vs-SGLD anomaly row is marked
+against the fidelity target whether it meets it or not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from training.evaluation.suite import SuiteResult
+
+RESULTS_FILE: Final = "results.json"
+REPORT_FILE: Final = "report.md"
+SCORE_LABELS: Final = {
+    "max_probability": "max-probability",
+    "predictive_entropy": "predictive entropy",
+    "mutual_information": "mutual information",
+    "model_variance": "model variance",
+}
+METHOD_COLORS: Final = {
+    "sgd": "#7f7f7f",
+    "dropout": "#ff7f0e",
+    "ensemble": "#2ca02c",
+    "sgld": "#1f77b4",
+    "gaussian": "#9467bd",
+    "apd": "#d62728",
+}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{float(v):.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.2f}%"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _scale(s: float) -> str:
+    return f"{s:g}"
+
+
+def provenance_line(
+    results: dict[str, Any], keys: Iterable[str] | None = None, source: str | None = None
+) -> str:
+    """``Source: ...`` naming the runs and seeds of ``keys`` (default: every method), or
+    ``source`` for experiments that train their own models."""
+    meta = results["meta"]
+    parts = []
+    methods = results.get("methods", {})
+    for key in keys if keys is not None else methods:
+        m = methods.get(key)
+        if m is None:
+            continue
+        prov = m["provenance"]
+        if key == "apd":
+            parts.append(f"apd={Path(prov['checkpoint']).name} sha256 {prov['sha256'][:12]}")
+        elif key == "ensemble":
+            seeds = [str(x.get("seed", "?")) for x in prov.get("members", [])]
+            parts.append(f"ensemble=sgd seeds {','.join(seeds)}")
+        elif key == "gaussian":
+            parts.append(f"gaussian=rank {prov.get('rank')} fit to {prov.get('fitted_to', 'sgld')}")
+        else:
+            run = prov.get("run", "?")
+            parts.append(f"{key}={run} (seed {prov.get('seed', '?')})")
+    rev = meta.get("code_revision", "unknown")
+    dirty = " + local changes" if meta.get("uncommitted_changes") else ""
+    cfg = meta["config"]
+    if source is not None:
+        return f"Source: {source}; code {rev[:10]}{dirty}; {meta['created_at']}."
+    return (
+        f"Source: {'; '.join(parts)}. Evaluation seed {cfg['seed']}, "
+        f"K={cfg['num_samples']} (MC-Dropout {cfg['dropout_passes']} passes); "
+        f"code {rev[:10]}{dirty}; {meta['created_at']}."
+    )
+
+
+def _al_source(results: dict[str, Any]) -> str:
+    st = results["active_learning"]["settings"]
+    seeds = ", ".join(str(s) for s in st["seeds"])
+    return (
+        "MNIST training split (pool) and test split, networks trained inside this evaluation, "
+        f"seeds {seeds}, settings in results.json active_learning.settings"
+    )
+
+
+def toy_source(results: dict[str, Any]) -> str:
+    seed = results["toy"]["settings"]["seed"]
+    return (
+        f"2-D toy data and networks trained inside this evaluation (toy seed {seed}, "
+        "settings in results.json toy.settings)"
+    )
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig: Any, path: Path, caption: str) -> None:
+    fig.text(0.0, -0.01, caption, fontsize=6.5, ha="left", va="top", wrap=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def plot_reliability(results: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    rows = results["classification"]["rows"]
+    fig, axes = plt.subplots(
+        1, len(rows), figsize=(3.0 * len(rows), 3.4), squeeze=False, layout="constrained"
+    )
+    for ax, row in zip(axes[0], rows, strict=True):
+        rel = row["reliability"]
+        edges = np.asarray(rel["edges"])
+        centres = (edges[:-1] + edges[1:]) / 2
+        acc = np.array([np.nan if v is None else v for v in rel["accuracy"]])
+        conf = np.array([np.nan if v is None else v for v in rel["confidence"]])
+        width = edges[1] - edges[0]
+        ax.bar(centres, np.nan_to_num(acc), width=width * 0.95, color="#1f77b4", label="accuracy")
+        ax.plot(conf, acc, "o", color="black", ms=3, label="(confidence, accuracy)")
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        label = results["methods"][row["method"]]["label"]
+        ax.set_title(f"{label}\nECE {row['ece']:.4f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Reliability diagrams, MNIST test", fontsize=10)
+    _finish(fig, path, provenance_line(results))
+
+
+def plot_anomaly(results: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    an = results["anomaly"]
+    scales = an["scales"]
+    scores = list(SCORE_LABELS)
+    methods = list(results["methods"])
+    sets = list(an["ood_size"])
+    table = {(r["method"], r["ood_set"], r["scale"], r["score"]): r["auroc"] for r in an["rows"]}
+    fig, axes = plt.subplots(
+        len(scales),
+        len(scores),
+        figsize=(4.2 * len(scores), 3.2 * len(scales)),
+        squeeze=False,
+        layout="constrained",
+    )
+    width = 0.8 / max(1, len(methods))
+    for i, scale in enumerate(scales):
+        for j, score in enumerate(scores):
+            ax = axes[i][j]
+            for k, m in enumerate(methods):
+                vals = [table.get((m, s, scale, score)) for s in sets]
+                ys = [np.nan if v is None else v for v in vals]
+                xs = np.arange(len(sets)) + (k - (len(methods) - 1) / 2) * width
+                ax.bar(xs, ys, width=width, color=METHOD_COLORS.get(m), label=m)
+            ax.set_xticks(np.arange(len(sets)))
+            ax.set_xticklabels(sets, fontsize=7, rotation=20)
+            ax.set_ylim(0.0, 1.0)
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{SCORE_LABELS[score]}, OOD scale {_scale(scale)}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("AUROC")
+    axes[0][0].legend(fontsize=7, ncol=2, loc="lower left")
+    fig.suptitle("Anomaly detection AUROC, MNIST test vs each OOD set", fontsize=10)
+    _finish(fig, path, provenance_line(results))
+
+
+def plot_adversarial(results: dict[str, Any], path: Path, score: str) -> None:
+    plt = _plt()
+    adv = results["adversarial"]
+    rows = adv["rows"]
+    kinds = adv["settings"]["kinds"]
+    settings = ["white-box", adv["settings"]["transfer_source"]]
+    methods = list(results["methods"])
+    fig, axes = plt.subplots(
+        2, 2 * len(kinds), figsize=(4.0 * 2 * len(kinds), 6.6), squeeze=False, layout="constrained"
+    )
+    for c, (kind, crafted) in enumerate((k, s) for k in kinds for s in settings):
+        for r, what in enumerate(("accuracy", score)):
+            ax = axes[r][c]
+            for m in methods:
+                sel = [
+                    x
+                    for x in rows
+                    if x["method"] == m and x["attack"] == kind and x["crafted_on"] == crafted
+                ]
+                if m == adv["settings"]["transfer_source"] and crafted != "white-box":
+                    sel = [
+                        x
+                        for x in rows
+                        if x["method"] == m
+                        and x["attack"] == kind
+                        and x["crafted_on"] == "white-box"
+                    ]
+                if not sel:
+                    continue
+                sel.sort(key=lambda x: x["eps"])
+                eps = [0.0] + [x["eps"] for x in sel]
+                if what == "accuracy":
+                    ys = [sel[0]["clean_accuracy"]] + [x["accuracy"] for x in sel]
+                else:
+                    ys = [0.5] + [
+                        np.nan if x["auroc"][what] is None else x["auroc"][what] for x in sel
+                    ]
+                ax.plot(eps, ys, "o-", ms=3, color=METHOD_COLORS.get(m), label=m)
+            where = "white-box" if crafted == "white-box" else f"transfer from {crafted}"
+            ax.set_title(f"{kind.upper()}, {where}", fontsize=9)
+            ax.set_xlabel("eps (L-inf, pixels in [0, 1])")
+            ax.set_ylabel("accuracy" if what == "accuracy" else f"AUROC by {SCORE_LABELS[what]}")
+            ax.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(
+        "Adversarial examples: accuracy (top) and clean-vs-attacked AUROC by "
+        f"{SCORE_LABELS[score]} (bottom)",
+        fontsize=10,
+    )
+    _finish(fig, path, provenance_line(results))
+
+
+def plot_active_learning(results: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    al = results["active_learning"]
+    summary = al["summary"]
+    acqs = al["settings"]["acquisitions"]
+    fig, axes = plt.subplots(
+        1,
+        len(acqs),
+        figsize=(4.2 * len(acqs), 3.6),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    colors = {"sgld": METHOD_COLORS["sgld"], "apd": METHOD_COLORS["apd"]}
+    for ax, acq in zip(axes[0], acqs, strict=True):
+        for s in summary:
+            if s["acquisition"] != acq:
+                continue
+            x = s["labels"]
+            c = colors.get(s["learner"], "black")
+            ax.plot(
+                x, s["mean"], "o-", ms=3, color=c, label=f"{s['learner']} (mean of {s['seeds']})"
+            )
+            ax.fill_between(x, s["min"], s["max"], color=c, alpha=0.2, lw=0)
+        ax.set_title(f"acquisition: {acq}", fontsize=9)
+        ax.set_xlabel("labelled images")
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend(fontsize=7)
+    st = al["settings"]
+    caption = (
+        f"Band: min-max over seeds {', '.join(str(x) for x in st['seeds'])}. "
+        f"Pool {st['pool_size']} training images, "
+        f"test subset {st['test_size']}, K={st['num_samples']}, {st['sgld_steps_per_round']} "
+        f"SGLD steps per fit (T={st['temperature']:g}), online APD {st['gan_steps']} GAN steps. "
+        + provenance_line(results, source=_al_source(results))
+    )
+    fig.suptitle("Active learning on MNIST (cold start every round)", fontsize=10)
+    _finish(fig, path, caption)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    meta = results["meta"]
+    cfg = meta["config"]
+    secs = meta["seconds"]
+    out = [
+        f"# Evaluation report: {meta['name']} ({meta['arch']})",
+        "",
+        f"Generated {meta['created_at']} by `{meta['command'] or 'apd evaluate'}`.",
+        "",
+        f"- Code revision: `{meta['code_revision']}`"
+        + (" (with uncommitted local changes)" if meta.get("uncommitted_changes") else ""),
+        f"- Machine: {meta['machine']}",
+        f"- MNIST files sha256 fingerprint: `{meta['data_sha256']}`",
+        f"- Target network: {meta['spec']['layer_sizes']} ({meta['spec']['num_params']:,} weights)",
+        f"- Evaluation seed {cfg['seed']}; K = {cfg['num_samples']} networks per predictive "
+        f"(MC-Dropout: {cfg['dropout_passes']} passes; SGD: 1; deep ensemble: its members)",
+        f"- Wall time: **{secs.get('total', float('nan')):.0f} s** in all ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
+        + ")",
+        "",
+        "## Methods and where they came from",
+        "",
+    ]
+    rows = []
+    for key, m in results["methods"].items():
+        prov = m["provenance"]
+        if key == "apd":
+            src = (
+                f"`{prov['checkpoint']}` (sha256 `{prov['sha256'][:16]}`, {prov['design']} design"
+                + (f", subspace rank {prov['subspace_rank']}" if prov.get("subspace_rank") else "")
+                + f", built at code `{str(prov.get('code_revision'))[:10]}`)"
+            )
+        elif key == "ensemble":
+            src = ", ".join(f"`{x['run']}` (seed {x.get('seed', '?')})" for x in prov["members"])
+        elif key == "gaussian":
+            src = (
+                f"fitted to `{prov.get('fitted_to')}`: mean and per-weight variance over "
+                f"{prov['moment_samples']} samples, rank-{prov['rank']} factor from "
+                f"{prov['fit_samples']} spread samples"
+            )
+        elif key == "sgld":
+            src = (
+                f"`{prov['run']}` (seed {prov.get('seed', '?')}; {prov.get('samples_stored', '?')} "
+                f"samples from {prov.get('chains', '?')} chains; K spread across chains and time)"
+            )
+        else:
+            extra = f", dropout p = {prov['dropout']}" if "dropout" in prov else ""
+            src = f"`{prov['run']}` (seed {prov.get('seed', '?')}{extra})"
+        rows.append([m["label"], f"`{key}`", str(m["num_members"]), src])
+    out.append(_table(["method", "key", "K", "source"], rows))
+    missing = results.get("missing_methods") or {}
+    if missing:
+        out += ["", "Not evaluated (inputs missing):", ""]
+        out += [f"- `{k}`: {v}" for k, v in missing.items()]
+    return out
+
+
+def _classification(results: dict[str, Any]) -> list[str]:
+    cl = results["classification"]
+    rows = [
+        [
+            results["methods"][r["method"]]["label"],
+            str(r["num_members"]),
+            _pct(r["accuracy"]),
+            _f(r["nll"]),
+            _f(r["brier"]),
+            _f(r["ece"]),
+        ]
+        for r in cl["rows"]
+    ]
+    return [
+        "## 1. Classification",
+        "",
+        f"{cl['inputs']}. Brier score: mean over images of the squared distance between the "
+        "predictive and the one-hot label (range 0 to 2). ECE: 15 equal-width confidence bins.",
+        "",
+        _table(["method", "K", "accuracy", "NLL (nats)", "Brier", "ECE"], rows),
+        "",
+        f"_{provenance_line(results)}_",
+        "",
+        "![Reliability diagrams](reliability.png)",
+    ]
+
+
+def _fidelity(results: dict[str, Any]) -> list[str]:
+    fid = results.get("fidelity")
+    if fid is None:
+        return ["### APD against SGLD", "", "Not available: needs both `sgld` and `apd`."]
+    c = fid["classification"]
+    t = c["targets"]
+    tol = t["auroc_drop_max"]
+    out = [
+        "### APD against its SGLD teacher (fidelity targets)",
+        "",
+        f"Targets (distillation issue): accuracy at most {100 * t['accuracy_drop_max']:.1f} "
+        f"points below SGLD's, NLL at most {t['nll_increase_max']} above, and on every "
+        f"anomaly row AUROC at most {tol} below SGLD's. Every row is listed below; the three "
+        "scores the issue names are predictive entropy, mutual information and model variance, "
+        "and max-probability is held to the same bar here.",
+        "",
+        f"- Accuracy: SGLD {_pct(c['teacher_accuracy'])}, APD {_pct(c['student_accuracy'])} "
+        f"-> **{'within target' if c['accuracy_within_target'] else 'MISSES target'}**",
+        f"- NLL: SGLD {_f(c['teacher_nll'])}, APD {_f(c['student_nll'])} "
+        f"-> **{'within target' if c['nll_within_target'] else 'MISSES target'}**",
+        "- Mean KL(SGLD predictive || APD predictive) over the test set: "
+        f"{_f(c['mean_kl'], 5)} nats",
+        f"- Anomaly rows within target: **{fid['anomaly_rows_within']} of {fid['anomaly_rows']}** "
+        f"(issue's three scores: {fid['issue_score_rows_within']} of {fid['issue_score_rows']})",
+        "",
+    ]
+    rows = []
+    for r in fid["anomaly"]:
+        verdict = "yes" if r["within_target"] else "**NO**"
+        rows.append(
+            [
+                r["ood_set"],
+                _scale(r["scale"]),
+                SCORE_LABELS[r["score"]],
+                _f(r["teacher_auroc"]),
+                _f(r["student_auroc"]),
+                f"{r['drop']:+.4f}",
+                verdict,
+            ]
+        )
+    out.append(
+        _table(
+            ["OOD set", "scale", "score", "SGLD AUROC", "APD AUROC", "drop (SGLD - APD)", "within"],
+            rows,
+        )
+    )
+    out += ["", f"_{provenance_line(results, ['sgld', 'apd'])}_"]
+    return out
+
+
+def _gan_vs_gaussian(results: dict[str, Any]) -> list[str]:
+    fid, fg = results.get("fidelity"), results.get("fidelity_gaussian")
+    if fg is None:
+        return []
+    out = [
+        "### Does the GAN beat a Gaussian?",
+        "",
+        "The Gaussian (rank-R plus diagonal covariance, SWAG-style) is fitted to the same SGLD "
+        "samples APD distils. Both are measured against SGLD the same way.",
+        "",
+    ]
+    rows = []
+    for name, f in (("APD", fid), ("Gaussian", fg)):
+        if f is None:
+            continue
+        c = f["classification"]
+        an = f["anomaly"]
+        drops = np.array([r["drop"] for r in an]) if an else np.array([np.nan])
+        rows.append(
+            [
+                name,
+                _pct(c["student_accuracy"]),
+                _f(c["student_nll"]),
+                _f(c["mean_kl"], 5),
+                f"{sum(r['within_target'] for r in an)} of {len(an)}",
+                _f(float(np.mean(np.abs(drops))), 4),
+                _f(float(np.max(drops)), 4),
+            ]
+        )
+    c0 = fg["classification"]
+    out.append(
+        _table(
+            [
+                "method",
+                f"accuracy (SGLD {_pct(c0['teacher_accuracy'])})",
+                f"NLL (SGLD {_f(c0['teacher_nll'])})",
+                "KL from SGLD",
+                "anomaly rows within 0.005",
+                "mean abs AUROC diff",
+                "worst AUROC drop",
+            ],
+            rows,
+        )
+    )
+    diag = results.get("gaussian_diagnostics")
+    if diag is not None:
+        one = diag["one_chain"]
+        out += [
+            "",
+            "Why the Gaussian does what it does (same test images, K as above):",
+            "",
+            _table(
+                ["Gaussian variant", "accuracy", "NLL"],
+                [
+                    [
+                        "its mean network alone",
+                        _pct(diag["mean_network"]["accuracy"]),
+                        _f(diag["mean_network"]["nll"]),
+                    ],
+                    [
+                        "draws without the diagonal part",
+                        _pct(diag["without_diagonal"]["accuracy"]),
+                        _f(diag["without_diagonal"]["nll"]),
+                    ],
+                    [
+                        f"fitted to chain {one['chain']} only ({one['samples']} samples, "
+                        f"rank {one['rank']})",
+                        _pct(one["accuracy"]),
+                        _f(one["nll"]),
+                    ],
+                ],
+            ),
+            "",
+            "When the mean of all chains' samples is a poor network while a Gaussian fitted "
+            "to one chain predicts well, the chains sit in different modes, and one Gaussian "
+            "over all of them puts its mass between the modes.",
+        ]
+    out += ["", f"_{provenance_line(results, ['sgld', 'apd', 'gaussian'])}_"]
+    return out
+
+
+def _anomaly(results: dict[str, Any]) -> list[str]:
+    an = results["anomaly"]
+    methods = list(results["methods"])
+    labels = [results["methods"][m]["label"] for m in methods]
+    table = {(r["method"], r["ood_set"], r["scale"], r["score"]): r for r in an["rows"]}
+    out = [
+        "## 2. Anomaly detection",
+        "",
+        f"In-distribution: {an['in_distribution']}. Out-of-distribution sets "
+        f"({', '.join(f'{k} {v:,}' for k, v in an['ood_size'].items())} images):",
+        "",
+    ]
+    out += [f"- `{k}`: {v}" for k, v in an["ood_sets"].items()]
+    out += [
+        "",
+        "Scores (larger = more anomalous): 1 - max-probability, predictive entropy, mutual "
+        "information (BALD) and model variance (mean over classes of the variance of the "
+        "networks' probabilities). At input scale s the OOD images are multiplied by s and the "
+        "MNIST images are not; scale 5 is the reference code's default (`ood_scale: 5`), kept "
+        "for comparability, scale 1 is the honest setting. `n/a`: the score is undefined "
+        "(a single network has no mutual information or model variance).",
+        "",
+    ]
+    out += _fidelity(results)
+    out += [""]
+    out += _gan_vs_gaussian(results)
+    for metric, title in (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out")):
+        for scale in an["scales"]:
+            out += ["", f"### {title}, input scale {_scale(scale)}", ""]
+            rows = []
+            for s in an["ood_size"]:
+                for score in SCORE_LABELS:
+                    cells = []
+                    for m in methods:
+                        r = table.get((m, s, scale, score))
+                        cells.append(_f(r[metric]) if r else "n/a")
+                    rows.append([s, SCORE_LABELS[score], *cells])
+            out.append(_table(["OOD set", "score", *labels], rows))
+    out += ["", f"_{provenance_line(results)}_", "", "![Anomaly AUROC](anomaly_auroc.png)"]
+    return out
+
+
+def _adversarial(results: dict[str, Any]) -> list[str]:
+    adv = results["adversarial"]
+    st = adv["settings"]
+    methods = list(results["methods"])
+    labels = [results["methods"][m]["label"] for m in methods]
+    by = {(r["method"], r["attack"], r["eps"], r["crafted_on"]): r for r in adv["rows"]}
+    source = st["transfer_source"]
+    out = [
+        "## 3. Adversarial examples",
+        "",
+        f"{adv['inputs']}. Attacks: {', '.join(k.upper() for k in st['kinds'])} in the "
+        f"L-infinity ball, eps in {st['eps']} (pixels in [0, 1], clipped to [0, 1]); PGD "
+        f"{st['pgd_steps']} steps of {st['pgd_step_size']}. The loss is the NLL of each "
+        "method's posterior predictive (mean softmax of its K networks). White-box: crafted "
+        "against the method's own K networks (MC-Dropout: fresh masks per step). Transfer: "
+        f"crafted once against `{source}` and shown to every method (for `{source}` itself "
+        "the transfer rows equal its white-box rows). AUROC: attacked (positive) vs the same "
+        "images clean, by each score; all attacked images count. In the plots the eps = 0 "
+        "points are the clean accuracy and AUROC 0.5 (clean against itself).",
+        "",
+        "### Accuracy under attack",
+        "",
+    ]
+    settings = ["white-box", source]
+    clean = {
+        m: next((r["clean_accuracy"] for r in adv["rows"] if r["method"] == m), None)
+        for m in methods
+    }
+    rows = [["clean", "-", "-", *[_pct(clean[m]) for m in methods]]]
+    for kind in st["kinds"]:
+        for crafted in settings:
+            for eps in st["eps"]:
+                cells = []
+                for m in methods:
+                    key = (m, kind, eps, "white-box" if m == source else crafted)
+                    r = by.get(key)
+                    cells.append(_pct(r["accuracy"]) if r else "n/a")
+                where = "white-box" if crafted == "white-box" else f"from {crafted}"
+                rows.append([kind.upper(), where, f"{eps:g}", *cells])
+    out.append(_table(["attack", "crafted", "eps", *labels], rows))
+    for score in SCORE_LABELS:
+        out += ["", f"### Clean vs attacked AUROC by {SCORE_LABELS[score]}", ""]
+        rows = []
+        for kind in st["kinds"]:
+            for crafted in settings:
+                for eps in st["eps"]:
+                    cells = []
+                    for m in methods:
+                        r = by.get((m, kind, eps, "white-box" if m == source else crafted))
+                        cells.append(_f(r["auroc"][score]) if r else "n/a")
+                    where = "white-box" if crafted == "white-box" else f"from {crafted}"
+                    rows.append([kind.upper(), where, f"{eps:g}", *cells])
+        out.append(_table(["attack", "crafted", "eps", *labels], rows))
+    out += [
+        "",
+        f"_{provenance_line(results)}_",
+        "",
+        "![Adversarial, mutual information](adversarial_mutual_information.png)",
+        "",
+        "![Adversarial, predictive entropy](adversarial_predictive_entropy.png)",
+    ]
+    return out
+
+
+def _active_learning(results: dict[str, Any]) -> list[str]:
+    al = results["active_learning"]
+    st = al["settings"]
+    out = [
+        "## 4. Active learning",
+        "",
+        f"Scale run here (for a shared 2-core CPU, {al['seconds']:.0f} s): seeds "
+        f"{', '.join(str(x) for x in st['seeds'])}, "
+        f"{st['rounds']} acquisition rounds of {st['acquire']} from "
+        f"{10 * st['initial_per_class']} initial labels ({st['initial_per_class']} per class), "
+        f"pool = {st['pool_size']} random training images, test accuracy on "
+        f"{st['test_size']} random test images, K = {st['num_samples']} networks. Each round "
+        f"refits from scratch: {st['chains']} SGLD chains x {st['sgld_steps_per_round']} steps "
+        f"(step {st['sgld_lr']}, burn-in {st['burn_in']}, thinning {st['thinning']}, "
+        f"temperature {st['temperature']:g}, prior std {st['prior_std']}); online APD runs the "
+        f"same chains with {st['gan_steps']} GAN steps interleaved (subspace rank "
+        f"{st['apd_rank']}, buffer {st['buffer_size']}), selecting its generator by KL to the "
+        "chains on unlabelled pool images. The paper's curves go to 1,000 labels; this run "
+        "shows the start of them only.",
+        "",
+    ]
+    rows = []
+    for s in al["summary"]:
+        cells = [
+            f"{100 * mu:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
+            for mu, lo, hi in zip(s["mean"], s["min"], s["max"], strict=True)
+        ]
+        rows.append([s["learner"], s["acquisition"], *cells])
+    labels = al["summary"][0]["labels"] if al["summary"] else []
+    out.append(_table(["learner", "acquisition", *[f"{n} labels" for n in labels]], rows))
+    out += [
+        "",
+        "Test accuracy in %, mean over seeds (min-max).",
+        "",
+        f"_{provenance_line(results, source=_al_source(results))}_",
+        "",
+        "![Active learning](active_learning.png)",
+    ]
+    return out
+
+
+def _toy(results: dict[str, Any]) -> list[str]:
+    toy = results["toy"]
+    st = toy["settings"]
+    rows = []
+    for name, v in toy["per_method"].items():
+        rows.append(
+            [
+                name,
+                _pct(v["train_accuracy"]),
+                _f(v["entropy_near_data"], 3),
+                _f(v["entropy_far"], 3),
+                _f(v["mi_near_data"], 3),
+                _f(v["mi_far"], 3),
+                _f(toy["kl_from_sgld_grid"].get(name), 4) if name != "SGLD" else "-",
+            ]
+        )
+    return [
+        "## 5. The toy picture (paper's Figure 2)",
+        "",
+        f"Two classes of {st['points_per_class']} points from N((-2,-2), 0.3 I) and "
+        "N((2,2), 0.3 I), as in the reference `train_toy2d.py`; a 2-50-2 ReLU network. "
+        f"SGLD: {st['sgld_chains']} chains x {st['sgld_steps']} full-batch steps (step "
+        f"{st['sgld_lr']}, burn-in {st['sgld_burn_in']}, thinning {st['sgld_thinning']}, prior "
+        f"std {st['prior_std']}); APD distilled offline from those samples for "
+        f"{st['apd_steps']} generator steps, in the paper's design (all 252 weights) and in "
+        f"the default subspace design (rank {st['apd_rank']}); MC-Dropout p = {st['dropout']} "
+        f"({st['dropout_passes']} passes). K = {st['num_samples']}; seed {st['seed']}. "
+        f"{toy['regions']}.",
+        "",
+        _table(
+            [
+                "method",
+                "train acc.",
+                "entropy near",
+                "entropy far",
+                "MI near",
+                "MI far",
+                "KL from SGLD (grid)",
+            ],
+            rows,
+        ),
+        "",
+        f"_{provenance_line(results, source=toy_source(results))}_",
+        "",
+        "![Toy](toy.png)",
+    ]
+
+
+def _cost(results: dict[str, Any]) -> list[str]:
+    cost = results["cost"]
+    rows = [
+        [
+            results["methods"][r["method"]]["label"],
+            _bytes(r["stored_bytes"]),
+            str(r["num_members"]),
+            f"{1e3 * r['draw_seconds']:.2f}",
+            f"{1e3 * r['predict_seconds']:.1f}",
+        ]
+        for r in cost["rows"]
+    ]
+    note = ""
+    if cost.get("sgld_store_bytes"):
+        note = (
+            f" The SGLD row counts the K = 100 samples a service would keep; the whole sample "
+            f"store it draws from is {_bytes(cost['sgld_store_bytes'])}."
+        )
+    return [
+        "## 6. Cost",
+        "",
+        "Bytes that must be stored to serve each predictive; time to draw K networks (read "
+        "from the memory-mapped SGLD store, sample the Gaussian, run the generator; nothing "
+        f"for fixed sets); and time to predict a batch of {cost['batch_size']} images with them "
+        "(forward pass plus uncertainty summary). Median of 5 after a warm-up, on "
+        f"{results['meta']['machine']}, while other jobs shared the CPU." + note,
+        "",
+        _table(
+            ["method", "stored", "K", "draw K (ms)", f"predict {cost['batch_size']} (ms)"], rows
+        ),
+        "",
+        f"_{provenance_line(results)}_",
+    ]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    parts = _header(results)
+    if "classification" in results:
+        parts += ["", *_classification(results)]
+    if "anomaly" in results:
+        parts += ["", *_anomaly(results)]
+    if "adversarial" in results:
+        parts += ["", *_adversarial(results)]
+    if "active_learning" in results:
+        parts += ["", *_active_learning(results)]
+    if "toy" in results:
+        parts += ["", *_toy(results)]
+    if "cost" in results:
+        parts += ["", *_cost(results)]
+    cfg = results["meta"]["config"]
+    parts += [
+        "",
+        "## Reproducing",
+        "",
+        "Everything above (tables, figures, `results.json`) came from one run of",
+        "",
+        f"    {results['meta']['command'] or 'apd evaluate'}",
+        "",
+        f"with the evaluation settings recorded in `results.json` under `meta.config` "
+        f"(experiments: {', '.join(cfg['experiments'])}).",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _clean_nan(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean_nan(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_clean_nan(v) for v in o]
+    return o
+
+
+def write_report(result: SuiteResult, out_dir: Path) -> Path:
+    """Write ``report.md``, the PNGs and ``results.json`` into ``out_dir``; returns the report."""
+    from training.evaluation.toy import plot_toy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = result.results
+    if "classification" in results:
+        plot_reliability(results, out_dir / "reliability.png")
+    if "anomaly" in results:
+        plot_anomaly(results, out_dir / "anomaly_auroc.png")
+    if "adversarial" in results:
+        for score in ("mutual_information", "predictive_entropy"):
+            plot_adversarial(results, out_dir / f"adversarial_{score}.png", score)
+    if "active_learning" in results:
+        plot_active_learning(results, out_dir / "active_learning.png")
+    if result.toy is not None:
+        plot_toy(
+            result.toy, out_dir / "toy.png", provenance_line(results, source=toy_source(results))
+        )
+    (out_dir / RESULTS_FILE).write_text(
+        json.dumps(_clean_nan(results), indent=1, default=_json_default, allow_nan=False) + "\n"
+    )
+    report = out_dir / REPORT_FILE
+    report.write_text(render_markdown(results))
+    return report

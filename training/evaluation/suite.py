@@ -1,0 +1,453 @@
+"""The evaluation suite: load every method, run the experiments, collect one results dict.
+
+:func:`run_suite` is what ``apd evaluate`` runs; :mod:`training.evaluation.report` turns its
+result into ``report.md``, PNG plots and ``results.json``. Each experiment records its own
+wall time, and the whole result records where every number came from (runs, seeds,
+configs, the checkpoint's digest, the code revision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from apd.networks import MLPSpec, get_spec
+from training.errors import UserError
+from training.evaluation import anomaly, methods, metrics
+from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
+from training.evaluation.adversarial import AttackSettings, run_adversarial
+from training.evaluation.cost import measure_cost
+from training.evaluation.toy import ToyResult, ToySettings
+
+EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
+METHOD_ORDER: Final = ("sgd", "dropout", "ensemble", "sgld", "gaussian", "apd")
+DEFAULT_GAUSSIAN_RANK: Final = 20
+GAUSSIAN_FIT_SAMPLES: Final = 1000
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Everything ``apd evaluate`` was asked to do (recorded in ``results.json``)."""
+
+    arch: str
+    runs: Path
+    checkpoint: Path | None
+    name: str
+    data_dir: str | None = None
+    sgld_run: Path | None = None
+    sgd_run: Path | None = None
+    dropout_run: Path | None = None
+    ensemble_runs: tuple[Path, ...] | None = None
+    num_samples: int = 100
+    dropout_passes: int = 200
+    gaussian_rank: int | None = None
+    ood_size: int = 10_000
+    test_size: int | None = None
+    scales: tuple[float, ...] = anomaly.DEFAULT_SCALES
+    attacks: AttackSettings = field(default_factory=AttackSettings)
+    active_learning: ActiveLearningSettings = field(default_factory=ActiveLearningSettings)
+    toy: ToySettings = field(default_factory=ToySettings)
+    experiments: tuple[str, ...] = EXPERIMENTS
+    seed: int = 0
+    threads: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
+        if unknown:
+            raise UserError(
+                f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}"
+            )
+        if self.num_samples < 1 or self.dropout_passes < 1 or self.ood_size < 1:
+            raise UserError("num_samples, dropout_passes and ood_size must be positive")
+        if any(s <= 0 for s in self.scales):
+            raise UserError(f"input scales must be positive, got {self.scales}")
+
+    def run_dir(self, kind: str) -> Path:
+        explicit = {"sgld": self.sgld_run, "sgd": self.sgd_run, "dropout": self.dropout_run}
+        return explicit.get(kind) or self.runs / f"{kind}-{self.arch}"
+
+    def ensemble_dirs(self) -> list[Path]:
+        if self.ensemble_runs is not None:
+            return list(self.ensemble_runs)
+        extra = sorted(self.runs.glob(f"sgd-{self.arch}-seed*"))
+        return [self.run_dir("sgd"), *extra]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "runs": str(self.runs),
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "dropout_passes": self.dropout_passes,
+            "gaussian_rank": self.gaussian_rank,
+            "ood_size": self.ood_size,
+            "test_size": self.test_size,
+            "scales": list(self.scales),
+            "attacks": self.attacks.to_dict(),
+            "active_learning": self.active_learning.to_dict(),
+            "toy": self.toy.to_dict(),
+            "experiments": list(self.experiments),
+            "seed": self.seed,
+            "threads": self.threads,
+        }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads (1 for the many tiny ops of the small models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def code_state(repo: Path | None = None) -> dict[str, Any]:
+    """The git revision of this code and whether the working tree had local changes."""
+    from training.apd.package import code_revision
+
+    where = repo or Path(__file__).resolve().parents[2]
+    rev = code_revision(where)
+    dirty: bool | None = None
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"code_revision": rev, "uncommitted_changes": dirty}
+
+
+def machine_description(threads: int) -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {model}, {threads} torch threads ({os.cpu_count()} cores, shared)"
+
+
+def load_methods(
+    cfg: SuiteConfig, spec: MLPSpec, log: Callable[[str], None]
+) -> tuple[dict[str, methods.PosteriorMethod], dict[str, str]]:
+    """Every method whose inputs exist; the second dict says why each missing one is missing."""
+    found: dict[str, methods.PosteriorMethod] = {}
+    missing: dict[str, str] = {}
+
+    def attempt(key: str, build: Callable[[], methods.PosteriorMethod]) -> None:
+        try:
+            found[key] = build()
+        except (UserError, ValueError, OSError) as exc:
+            missing[key] = str(exc)
+            log(f"method {key}: not evaluated ({exc})")
+
+    attempt("sgd", lambda: methods.load_sgd(cfg.run_dir("sgd"), spec))
+
+    def dropout() -> methods.PosteriorMethod:
+        method, _ = methods.load_dropout(cfg.run_dir("dropout"), spec, cfg.dropout_passes)
+        return method
+
+    attempt("dropout", dropout)
+    # finished runs only: `apd train` writes READY last
+    dirs = [d for d in cfg.ensemble_dirs() if (d / "READY").is_file()]
+    attempt("ensemble", lambda: methods.load_ensemble(dirs, spec))
+    attempt("sgld", lambda: methods.load_sgld(cfg.run_dir("sgld"), spec))
+    checkpoint = cfg.checkpoint
+    if checkpoint is not None:
+
+        def apd() -> methods.PosteriorMethod:
+            assert checkpoint is not None
+            return methods.load_apd(checkpoint, spec)
+
+        attempt("apd", apd)
+    else:
+        missing["apd"] = "no --checkpoint given"
+    if "sgld" in found:
+        sgld_method = found["sgld"]
+        assert isinstance(sgld_method, methods.SGLDSamples)
+
+        def gaussian() -> methods.PosteriorMethod:
+            rank = cfg.gaussian_rank
+            if rank is None:
+                apd_m = found.get("apd")
+                sub = apd_m.provenance().get("subspace_rank") if apd_m is not None else None
+                rank = int(sub) if sub else DEFAULT_GAUSSIAN_RANK
+            store = sgld_method.store
+            n_fit = min(GAUSSIAN_FIT_SAMPLES, len(store))
+            rank = min(rank, n_fit - 1)
+            fit = methods.fit_gaussian(
+                spec, store.theta, rank, fit_rows=store.select_spread(n_fit), progress=log
+            )
+            return replace(fit, source={**fit.source, "fitted_to": str(cfg.run_dir("sgld"))})
+
+        attempt("gaussian", gaussian)
+    else:
+        missing["gaussian"] = "needs the SGLD samples"
+    ordered: dict[str, methods.PosteriorMethod] = {k: found[k] for k in METHOD_ORDER if k in found}
+    return ordered, missing
+
+
+def _num_members(method: methods.PosteriorMethod, cfg: SuiteConfig) -> int:
+    return cfg.dropout_passes if method.key == "dropout" else cfg.num_samples
+
+
+@dataclass
+class SuiteResult:
+    """The results dict (what ``results.json`` holds) and objects the plots need."""
+
+    results: dict[str, Any]
+    toy: ToyResult | None = None
+
+
+def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> SuiteResult:
+    """Run the configured experiments (see the module docstring)."""
+    say: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr))
+    from training.data import OOD_SETS, dataset_fingerprint, describe_ood, load_mnist, load_ood
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    spec = get_spec(cfg.arch)
+    mnist = load_mnist(cfg.data_dir)
+    test_x, test_y = np.asarray(mnist.test_x), np.asarray(mnist.test_y)
+    if cfg.test_size is not None and cfg.test_size < len(test_x):
+        pick = np.random.default_rng(cfg.seed).choice(len(test_x), cfg.test_size, replace=False)
+        test_x, test_y = test_x[np.sort(pick)], test_y[np.sort(pick)]
+    seconds: dict[str, float] = {}
+    toy: ToyResult | None = None
+    results: dict[str, Any] = {
+        "meta": {
+            "name": cfg.name,
+            "arch": cfg.arch,
+            "spec": spec.to_dict(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            **code_state(),
+            "command": " ".join(["apd", *sys.argv[1:]]) if sys.argv else "",
+            "machine": machine_description(cfg.threads),
+            "data_sha256": dataset_fingerprint(mnist),
+            "test_inputs": len(test_x),
+            "config": cfg.to_dict(),
+            "seconds": seconds,
+        }
+    }
+
+    t0 = time.perf_counter()
+    found, missing = load_methods(cfg, spec, say)
+    seconds["load_methods"] = round(time.perf_counter() - t0, 1)
+    if not found:
+        raise UserError(f"no method could be loaded from {cfg.runs}: {missing}")
+    members = {k: m.draw(_num_members(m, cfg), cfg.seed) for k, m in found.items()}
+    results["methods"] = {
+        k: {
+            "label": m.label,
+            "num_members": members[k].num_members,
+            "stored_bytes": m.stored_bytes(),
+            "provenance": m.provenance(),
+        }
+        for k, m in found.items()
+    }
+    results["missing_methods"] = missing
+
+    wants = set(cfg.experiments)
+    if wants & {"classification", "anomaly"}:
+        t0 = time.perf_counter()
+        ood = {
+            name: load_ood(name, n=cfg.ood_size, data_dir=cfg.data_dir, seed=cfg.seed)
+            for name in OOD_SETS
+        }
+        say("loaded OOD sets: " + ", ".join(f"{k} {len(v)}" for k, v in ood.items()))
+        results.update(
+            classification_and_anomaly(
+                members, test_x, test_y, ood, cfg.scales, cfg.seed, cfg.progress
+            )
+        )
+        results["anomaly"]["ood_sets"] = {name: describe_ood(name) for name in OOD_SETS}
+        gauss, sgld_m = found.get("gaussian"), found.get("sgld")
+        if isinstance(gauss, methods.GaussianPosterior) and isinstance(sgld_m, methods.SGLDSamples):
+            results["gaussian_diagnostics"] = gaussian_diagnostics(
+                gauss, sgld_m, test_x, test_y, cfg.num_samples, cfg.seed
+            )
+        seconds["classification_and_anomaly"] = round(time.perf_counter() - t0, 1)
+    if "adversarial" in wants:
+        t0 = time.perf_counter()
+        n = min(cfg.attacks.num_inputs, len(test_x))
+        pick = np.sort(np.random.default_rng(cfg.seed + 1).choice(len(test_x), n, replace=False))
+        rows = run_adversarial(members, test_x[pick], test_y[pick], cfg.attacks, cfg.progress, say)
+        results["adversarial"] = {
+            "settings": cfg.attacks.to_dict(),
+            "inputs": f"{n} MNIST test images (seeded random subset)",
+            "rows": [r.to_dict() for r in rows],
+        }
+        seconds["adversarial"] = round(time.perf_counter() - t0, 1)
+    if "cost" in wants:
+        t0 = time.perf_counter()
+        batch = test_x[:100]
+        sgld_m = found.get("sgld")
+        results["cost"] = {
+            "batch_size": len(batch),
+            "rows": [
+                measure_cost(m, batch, _num_members(m, cfg), seed=cfg.seed).to_dict()
+                for m in found.values()
+            ],
+            "sgld_store_bytes": (
+                sgld_m.store_bytes() if isinstance(sgld_m, methods.SGLDSamples) else None
+            ),
+        }
+        seconds["cost"] = round(time.perf_counter() - t0, 1)
+    if "toy" in wants:
+        from training.evaluation.toy import run_toy
+
+        t0 = time.perf_counter()
+        say("toy: SGLD, APD (two designs) and MC-Dropout on the 2-D problem")
+        with torch_threads(1):
+            toy = run_toy(cfg.toy)
+        results["toy"] = toy.to_dict()
+        seconds["toy"] = round(time.perf_counter() - t0, 1)
+    if "active_learning" in wants:
+        t0 = time.perf_counter()
+        s = cfg.active_learning
+        say(
+            f"active learning: {len(s.seeds)} seeds x {len(s.learners)} learners x "
+            f"{len(s.acquisitions)} acquisitions x {s.rounds + 1} fits"
+        )
+        with torch_threads(1):
+            al = run_active_learning(
+                spec,
+                np.asarray(mnist.train_x),
+                np.asarray(mnist.train_y),
+                np.asarray(mnist.test_x),
+                np.asarray(mnist.test_y),
+                s,
+                cfg.progress,
+            )
+        results["active_learning"] = al.to_dict()
+        seconds["active_learning"] = round(time.perf_counter() - t0, 1)
+    seconds["total"] = round(time.perf_counter() - t_start, 1)
+    return SuiteResult(results, toy)
+
+
+def gaussian_diagnostics(
+    gaussian: methods.GaussianPosterior,
+    sgld: methods.SGLDSamples,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Why the Gaussian predicts as it does: its mean network alone, its draws without the
+    diagonal part, and the same kind of Gaussian fitted to one chain's samples only (one
+    mode). Accuracy and NLL on the test set for each."""
+    spec = gaussian.spec
+
+    def score(theta: np.ndarray) -> dict[str, float]:
+        mem = methods.MemberNetworks(spec, torch.from_numpy(np.ascontiguousarray(theta)))
+        p = mem.summary(test_x, seed).probabilities
+        return {
+            "accuracy": metrics.accuracy(p, test_y),
+            "nll": metrics.negative_log_likelihood(p, test_y),
+        }
+
+    store = sgld.store
+    first_chain = int(np.asarray(store.chain)[0]) if len(store) else 0
+    rows = np.flatnonzero(np.asarray(store.chain) == first_chain)
+    one = methods.fit_gaussian(
+        spec, np.asarray(store.theta[rows]), min(gaussian.rank, len(rows) - 1)
+    )
+    low_rank_only = replace(gaussian, diag_std=np.zeros_like(gaussian.diag_std))
+    return {
+        "mean_network": score(gaussian.mean[None]),
+        "without_diagonal": score(low_rank_only.sample_theta(num_samples, seed)),
+        "one_chain": {
+            "chain": first_chain,
+            "samples": len(rows),
+            "rank": one.rank,
+            **score(one.sample_theta(num_samples, seed)),
+        },
+    }
+
+
+def classification_and_anomaly(
+    members: dict[str, methods.MemberNetworks],
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    ood: dict[str, np.ndarray],
+    scales: tuple[float, ...],
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Experiments 1 and 2 for every method, and the APD / Gaussian fidelity against SGLD."""
+    from tqdm import tqdm
+
+    classification = []
+    rows: list[anomaly.AnomalyRow] = []
+    in_summaries = {}
+    bar = tqdm(
+        total=len(members) * (1 + len(ood) * len(scales)),
+        desc="predict",
+        disable=not progress,
+        unit="set",
+    )
+    for key, mem in members.items():
+        s_in = mem.summary(test_x, seed)
+        in_summaries[key] = s_in
+        bar.update()
+        classification.append(anomaly.classify(key, s_in, test_y, mem.num_members))
+        for name, x_out in ood.items():
+            for scale in scales:
+                s_out = mem.summary(anomaly.scaled(x_out, scale), seed)
+                rows += anomaly.anomaly_rows(key, s_in, s_out, name, scale, mem.num_members)
+                bar.update()
+    bar.close()
+    out: dict[str, Any] = {
+        "classification": {
+            "inputs": f"{len(test_x)} MNIST test images",
+            "rows": [c.to_dict() for c in classification],
+        },
+        "anomaly": {
+            "in_distribution": f"{len(test_x)} MNIST test images (never scaled)",
+            "ood_size": {k: len(v) for k, v in ood.items()},
+            "scales": list(scales),
+            "rows": [r.to_dict() for r in rows],
+        },
+    }
+    if "sgld" in members and "apd" in members:
+        cls_fid = anomaly.classification_fidelity(in_summaries["sgld"], in_summaries["apd"], test_y)
+        fid = anomaly.fidelity_rows(rows)
+        out["fidelity"] = {
+            "teacher": "sgld",
+            "student": "apd",
+            "classification": cls_fid.to_dict(),
+            "anomaly": [f.to_dict() for f in fid],
+            "anomaly_rows": len(fid),
+            "anomaly_rows_within": sum(f.within for f in fid),
+            "issue_score_rows": sum(f.issue_target for f in fid),
+            "issue_score_rows_within": sum(f.within for f in fid if f.issue_target),
+        }
+    if "sgld" in members and "gaussian" in members:
+        fid_g = anomaly.fidelity_rows(rows, student="gaussian")
+        out.setdefault("fidelity_gaussian", {})["anomaly"] = [f.to_dict() for f in fid_g]
+        out["fidelity_gaussian"]["classification"] = anomaly.classification_fidelity(
+            in_summaries["sgld"], in_summaries["gaussian"], test_y
+        ).to_dict()
+    return out

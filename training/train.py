@@ -1,0 +1,514 @@
+"""``apd train {sgd,dropout,sgld} --arch {fcnn1,fcnn2} --out DIR``: train and write a run directory.
+
+A run directory holds
+
+* ``config.json``: every flag, resolved (architecture defaults filled in), plus the data
+  fingerprint and the code version;
+* ``metrics.json``: validation and test accuracy / NLL of the method's predictive, wall time
+  and device;
+* ``samples/`` (SGLD): a :class:`~training.sample_store.SampleStore`; or
+  ``weights.safetensors`` (SGD, MC-Dropout): tensor ``theta`` of shape ``(1, P)`` with
+  metadata ``arch`` and ``dropout`` (the rate p, ``"0.0"`` for SGD);
+* ``READY``: an empty file written last, so a reader can tell a finished run.
+
+Predictives: SGD uses its single network; MC-Dropout averages the softmax of 200 stochastic
+passes (Gal & Ghahramani 2016); SGLD averages the softmax of 100 samples spread evenly
+across the chains and across time within each chain
+(:meth:`~training.sample_store.SampleStore.select_spread`).
+
+Every flag left unset takes the tuned default for the architecture (:data:`DEFAULTS`); the
+SGLD defaults are the ones chosen by validation accuracy, see ``docs/training.md``. Runs are
+seeded: the same flags, seed and thread count give the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from apd import __version__
+from apd.networks import MLPSpec, get_spec
+from training import sgld
+from training.baselines import (
+    ClassificationLikelihood,
+    MinibatchStream,
+    PointTrainSettings,
+    PredictiveMetrics,
+    init_theta,
+    member_probs,
+    score_predictive,
+    train_point_estimate,
+)
+from training.errors import UserError
+from training.sample_store import SampleStore
+
+METHODS: Final = ("sgd", "dropout", "sgld")
+CONFIG_FILE: Final = "config.json"
+METRICS_FILE: Final = "metrics.json"
+WEIGHTS_FILE: Final = "weights.safetensors"
+SAMPLES_DIR: Final = "samples"
+READY_FILE: Final = "READY"
+
+# Tuned per architecture; every entry is a flag's default when the flag is not given.
+# SGLD: cyclical step size (Zhang et al. 2020) over C parallel chains, see docs/training.md.
+DEFAULTS: Final[dict[str, dict[str, dict[str, Any]]]] = {
+    "sgld": {
+        "fcnn1": {
+            "chains": 8,
+            "steps": 30_000,
+            "batch_size": 100,
+            "lr": 0.5,
+            "schedule": "cyclical",
+            "cycle_steps": 10_000,
+            "explore_fraction": 0.5,
+            "gamma": 0.55,
+            "decay_steps": 10_000,
+            "burn_in": 0,
+            "thinning": 100,
+            "temperature": 1.0,
+            "prior_std": 1.0,
+            "preconditioner": "identity",
+        },
+        "fcnn2": {
+            "chains": 4,
+            "steps": 40_000,
+            "batch_size": 100,
+            "lr": 0.5,
+            "schedule": "cyclical",
+            "cycle_steps": 8_000,
+            "explore_fraction": 0.8,
+            "gamma": 0.55,
+            "decay_steps": 10_000,
+            "burn_in": 0,
+            "thinning": 32,
+            "temperature": 1.0,
+            "prior_std": 1.0,
+            "preconditioner": "identity",
+        },
+    },
+    "sgd": {
+        "fcnn1": {
+            "epochs": 50,
+            "batch_size": 100,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+        },
+        "fcnn2": {
+            "epochs": 50,
+            "batch_size": 100,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+        },
+    },
+    "dropout": {
+        "fcnn1": {
+            "epochs": 50,
+            "batch_size": 100,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+        },
+        "fcnn2": {
+            "epochs": 50,
+            "batch_size": 100,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+        },
+    },
+}
+SGLD_EVAL_SAMPLES: Final = 100
+DROPOUT_PASSES: Final = 200
+DROPOUT_RATE: Final = 0.5
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="target network: fcnn1 (784-100-10) or fcnn2")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $APD_DATA_DIR)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, minibatches and noise")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine 2 threads run 5-15x "
+        "slower under load)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size per network")
+    p.add_argument("--lr", type=float, default=None, help="step size (on the mean loss)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``sgd``, ``dropout`` and ``sgld`` sub-commands with their flags."""
+    sub = parser.add_subparsers(dest="method", required=True, metavar="method")
+    for method, help_text in (
+        ("sgd", "SGD point estimate (MAP with weight decay)"),
+        ("dropout", f"MC-Dropout, p = {DROPOUT_RATE}, {DROPOUT_PASSES} passes at test time"),
+    ):
+        p = sub.add_parser(method, help=help_text, description=help_text)
+        _common(p)
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--momentum", type=float, default=None)
+        p.add_argument("--weight-decay", type=float, default=None)
+    desc = "SGLD (Welling & Teh 2011), C chains in parallel, samples to <out>/samples/"
+    p = sub.add_parser("sgld", help=desc, description=desc)
+    _common(p)
+    p.add_argument("--chains", type=int, default=None, help="parallel chains C")
+    p.add_argument("--steps", type=int, default=None, help="steps per chain")
+    p.add_argument("--burn-in", type=int, default=None, help="steps discarded first")
+    p.add_argument("--thinning", type=int, default=None, help="keep every k-th step")
+    p.add_argument("--schedule", default=None, help="constant | polynomial | cyclical")
+    p.add_argument("--gamma", type=float, default=None, help="polynomial decay exponent")
+    p.add_argument("--decay-steps", type=int, default=None, help="polynomial decay scale")
+    p.add_argument("--cycle-steps", type=int, default=None, help="cyclical: steps per cycle")
+    p.add_argument(
+        "--explore-fraction", type=float, default=None, help="cyclical: noise-free fraction"
+    )
+    p.add_argument("--temperature", type=float, default=None, help="T (1 = Bayes posterior)")
+    p.add_argument("--prior-std", type=float, default=None, help="Gaussian prior std sigma")
+    p.add_argument("--preconditioner", default=None, help="identity (SGLD) | rmsprop (pSGLD)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="every N steps print the validation accuracy of the chains (0 = never)",
+    )
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag with the architecture's default filled in; validates names and ranges."""
+    method = str(args.method)
+    try:
+        spec = get_spec(str(args.arch))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    cfg: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    for key, value in DEFAULTS[method][spec.name].items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    cfg["out"] = str(args.out)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    def positive(name: str, flag: str) -> None:
+        v = cfg[name]
+        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+            raise UserError(f"--{flag} must be positive, got {v}")
+
+    positive("lr", "lr (the step size)")
+    positive("batch_size", "batch-size")
+    positive("threads", "threads")
+    if cfg["method"] == "sgld":
+        for name in ("chains", "steps", "thinning", "cycle_steps", "decay_steps", "prior_std"):
+            positive(name, name.replace("_", "-"))
+        if cfg["burn_in"] < 0 or cfg["burn_in"] >= cfg["steps"]:
+            raise UserError(f"--burn-in must lie in [0, --steps), got {cfg['burn_in']}")
+        if not (cfg["temperature"] >= 0 and math.isfinite(cfg["temperature"])):
+            raise UserError(f"--temperature must be >= 0, got {cfg['temperature']}")
+        for name, enum_type in (
+            ("schedule", sgld.ScheduleKind),
+            ("preconditioner", sgld.Preconditioner),
+        ):
+            valid = [e.value for e in enum_type]
+            if cfg[name] not in valid:
+                raise UserError(f"--{name} must be one of {', '.join(valid)}, got {cfg[name]!r}")
+        if not 0.0 <= cfg["explore_fraction"] < 1.0:
+            raise UserError(f"--explore-fraction must lie in [0, 1), got {cfg['explore_fraction']}")
+        if cfg["eval_every"] < 0:
+            raise UserError(f"--eval-every must be >= 0, got {cfg['eval_every']}")
+        if not 0.0 <= cfg["gamma"] <= 1.0:
+            raise UserError(f"--gamma must lie in [0, 1], got {cfg['gamma']}")
+    else:
+        positive("epochs", "epochs")
+        if not 0.0 <= cfg["momentum"] < 1.0:
+            raise UserError(f"--momentum must lie in [0, 1), got {cfg['momentum']}")
+        if cfg["weight_decay"] < 0:
+            raise UserError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"run directory {out} is not empty; pass --force to overwrite it")
+        for name in (READY_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE):
+            (out / name).unlink(missing_ok=True)
+        samples = out / SAMPLES_DIR
+        if samples.is_dir():
+            for f in samples.iterdir():
+                if f.suffix in (".npy", ".json") and f.is_file():
+                    f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def device_description(threads: int) -> str:
+    """``"cpu: <model name>, N threads (of M cores)"``: what the numbers were measured on."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {threads} torch threads (of {os.cpu_count()} cores)"
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train / validation / test arrays as torch tensors, and the data fingerprint."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    sha256: str
+
+
+def load_dataset(data_dir: str | None) -> Dataset:
+    """MNIST with the paper's split, via :func:`training.data.load_mnist` (copied, writable)."""
+    from training.data import dataset_fingerprint, load_mnist
+
+    m = load_mnist(data_dir)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a))
+
+    return Dataset(
+        t(m.train_x),
+        t(m.train_y).long(),
+        t(m.val_x),
+        t(m.val_y).long(),
+        t(m.test_x),
+        t(m.test_y).long(),
+        dataset_fingerprint(m),
+    )
+
+
+def sgld_settings(cfg: dict[str, Any], num_data: int) -> sgld.SGLDSettings:
+    schedule = sgld.StepSchedule(
+        kind=sgld.ScheduleKind(cfg["schedule"]),
+        lr=float(cfg["lr"]),
+        gamma=float(cfg["gamma"]),
+        decay_steps=int(cfg["decay_steps"]),
+        cycle_steps=int(cfg["cycle_steps"]),
+        explore_fraction=float(cfg["explore_fraction"]),
+    )
+    return sgld.SGLDSettings(
+        num_data=num_data,
+        schedule=schedule,
+        prior_std=float(cfg["prior_std"]),
+        temperature=float(cfg["temperature"]),
+        preconditioner=sgld.Preconditioner(cfg["preconditioner"]),
+    )
+
+
+def count_retained(num_steps: int, burn_in: int, thinning: int, schedule: sgld.StepSchedule) -> int:
+    return sum(sgld.is_retained(t, burn_in, thinning, schedule) for t in range(num_steps))
+
+
+def run_sgld(
+    spec: MLPSpec,
+    data: Dataset,
+    cfg: dict[str, Any],
+    samples_dir: Path,
+    progress: bool = True,
+    trace: list[dict[str, float]] | None = None,
+) -> SampleStore:
+    """Run ``cfg['chains']`` SGLD chains in one batched process; samples go to a store.
+
+    With ``cfg['eval_every']`` > 0 the validation accuracy of the current chain states is
+    printed every that many steps and appended to ``trace``."""
+    trace = [] if trace is None else trace
+    settings = sgld_settings(cfg, data.train_x.shape[0])
+    chains = int(cfg["chains"])
+    steps, burn_in, thinning = int(cfg["steps"]), int(cfg["burn_in"]), int(cfg["thinning"])
+    kept = count_retained(steps, burn_in, thinning, settings.schedule)
+    if kept == 0:
+        raise UserError("no sample would be kept: check --steps, --burn-in and --thinning")
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
+    likelihood = ClassificationLikelihood(spec, data.train_x, data.train_y)
+    transform = sgld.build(likelihood, settings, likelihood.value_and_grad)
+    state = transform.init(init_theta(spec, chains, gen))
+    batches = MinibatchStream(data.train_x.shape[0], int(cfg["batch_size"]), chains, gen)
+    meta: dict[str, Any] = {"sampler": {"method": "sgld", **settings.to_dict(), **_chain_meta(cfg)}}
+    meta["data_sha256"] = data.sha256
+    store = SampleStore.create(samples_dir, spec, kept * chains, meta)
+    chain_ids = np.arange(chains, dtype=np.int32)
+
+    def keep(s: sgld.SGLDState) -> None:
+        store.append(s.params.numpy(), chain_ids, s.step)
+
+    def monitor(s: sgld.SGLDState) -> str:
+        probs = member_probs(spec, s.params, data.val_x)
+        each = [score_predictive(p, data.val_y).accuracy for p in probs]
+        together = score_predictive(probs.mean(0), data.val_y)
+        trace.append(
+            {"step": s.step, "val_accuracy_chains": together.accuracy, "val_nll": together.nll}
+        )
+        return (
+            f"val accuracy of the {chains} current chain states: mean {np.mean(each):.4f}, "
+            f"averaged {together.accuracy:.4f} (NLL {together.nll:.4f}), "
+            f"step size {settings.schedule(s.step - 1):.3g}, kept {len(store)}"
+        )
+
+    sgld.sample(
+        transform,
+        state,
+        batches,
+        steps,
+        burn_in,
+        thinning,
+        settings.schedule,
+        keep,
+        gen,
+        progress,
+        monitor=monitor,
+        monitor_every=int(cfg.get("eval_every") or 0),
+    )
+    store.close()
+    return store
+
+
+def _chain_meta(cfg: dict[str, Any]) -> dict[str, Any]:
+    keys = ("chains", "steps", "burn_in", "thinning", "batch_size", "seed")
+    return {k: cfg[k] for k in keys}
+
+
+def evaluate_samples(
+    spec: MLPSpec, theta: np.ndarray | torch.Tensor, data: Dataset
+) -> dict[str, PredictiveMetrics]:
+    """Posterior-predictive metrics of networks ``theta (K, P)`` on validation and test."""
+    return {
+        split: score_predictive(member_probs(spec, theta, x).mean(0), y)
+        for split, (x, y) in {
+            "val": (data.val_x, data.val_y),
+            "test": (data.test_x, data.test_y),
+        }.items()
+    }
+
+
+def evaluate_dropout(
+    spec: MLPSpec, theta: torch.Tensor, data: Dataset, p: float, passes: int, seed: int
+) -> dict[str, PredictiveMetrics]:
+    """MC-Dropout predictive: mean softmax over ``passes`` masks (seeded)."""
+    out = {}
+    for split, (x, y) in {
+        "val": (data.val_x, data.val_y),
+        "test": (data.test_x, data.test_y),
+    }.items():
+        gen = torch.Generator().manual_seed(seed)
+        probs = member_probs(spec, theta, x, dropout=p, passes=passes, generator=gen)
+        out[split] = score_predictive(probs.mean(0), y)
+    return out
+
+
+def _metrics(evals: dict[str, PredictiveMetrics], **extra: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    for split, e in evals.items():
+        m[f"{split}_accuracy"] = e.accuracy
+        m[f"{split}_nll"] = e.nll
+    m.update(extra)
+    return m
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the requested method and write the run directory (see the module docstring)."""
+    cfg = resolve_config(args)
+    spec = get_spec(cfg["arch"])
+    out = Path(cfg["out"])
+    torch.set_num_threads(int(cfg["threads"]))
+    data = load_dataset(cfg["data_dir"])
+    _prepare_out(out, bool(cfg["force"]))
+    progress = not cfg["no_progress"]
+    full_cfg = {**cfg, "data_sha256": data.sha256, "apd_version": __version__}
+    _write_json(out / CONFIG_FILE, full_cfg)
+    device = device_description(int(cfg["threads"]))
+    start = time.perf_counter()
+    if cfg["method"] == "sgld":
+        trace: list[dict[str, float]] = []
+        store = run_sgld(spec, data, cfg, out / SAMPLES_DIR, progress, trace)
+        train_s = time.perf_counter() - start
+        idx = store.select_spread(min(SGLD_EVAL_SAMPLES, len(store)))
+        evals = evaluate_samples(spec, np.asarray(store.theta[idx]), data)
+        metrics = _metrics(
+            evals,
+            predictive=f"mean softmax of {len(idx)} samples spread across {cfg['chains']} chains",
+            num_samples_stored=len(store),
+            num_samples_evaluated=len(idx),
+            val_trace=trace,
+        )
+    else:
+        p = DROPOUT_RATE if cfg["method"] == "dropout" else 0.0
+        settings = PointTrainSettings(
+            lr=float(cfg["lr"]),
+            momentum=float(cfg["momentum"]),
+            weight_decay=float(cfg["weight_decay"]),
+            batch_size=int(cfg["batch_size"]),
+            epochs=int(cfg["epochs"]),
+            dropout=p,
+        )
+        gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        try:
+            theta = train_point_estimate(spec, data.train_x, data.train_y, settings, gen, progress)
+        except FloatingPointError as exc:
+            raise UserError(str(exc)) from None
+        train_s = time.perf_counter() - start
+        save_file(
+            {"theta": theta.numpy().astype(np.float32)},
+            str(out / WEIGHTS_FILE),
+            metadata={"arch": spec.name, "dropout": str(p)},
+        )
+        if p > 0:
+            evals = evaluate_dropout(spec, theta, data, p, DROPOUT_PASSES, int(cfg["seed"]))
+            predictive = f"mean softmax of {DROPOUT_PASSES} dropout passes (p={p})"
+        else:
+            evals = evaluate_samples(spec, theta, data)
+            predictive = "single network"
+        metrics = _metrics(evals, predictive=predictive)
+    metrics.update(
+        method=cfg["method"],
+        arch=spec.name,
+        train_wall_s=train_s,
+        total_wall_s=time.perf_counter() - start,
+        device=device,
+        threads=int(cfg["threads"]),
+    )
+    _write_json(out / METRICS_FILE, metrics)
+    (out / READY_FILE).touch()
+    print(
+        f"{cfg['method']} {spec.name}: test accuracy {metrics['test_accuracy']:.4f}, "
+        f"NLL {metrics['test_nll']:.4f}, val accuracy {metrics['val_accuracy']:.4f}, "
+        f"train {train_s:.0f} s -> {out}"
+    )
+    return 0
