@@ -11,6 +11,26 @@ import torch
 from apd.networks import MLPSpec
 
 
+def compose_weights(
+    h: torch.Tensor,
+    basis: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    residual_std: torch.Tensor | None,
+    eps: torch.Tensor | None,
+) -> torch.Tensor:
+    """A generator's weights from its MLP output ``h``: ``mean + h @ basis + residual_std *
+    eps``, each part skipped when the checkpoint has none (see :mod:`apd.checkpoint`)."""
+    if basis is not None:
+        h = h @ basis
+    if mean is not None:
+        h = h + mean
+    if residual_std is not None:
+        if eps is None:
+            raise ValueError("this generator adds residual noise: pass eps of shape (K, P)")
+        h = h + residual_std * eps
+    return h
+
+
 def unflatten(spec: MLPSpec, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Views of ``theta (K, P)`` as ``[(W (K, in, out), b (K, out)), ...]``."""
     if theta.ndim != 2 or theta.shape[1] != spec.num_params:

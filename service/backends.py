@@ -83,6 +83,8 @@ def _torch_generator(ckpt: Checkpoint) -> torch.nn.Module:
     import torch
     from torch import nn
 
+    from apd.torch_ops import compose_weights
+
     class Generator(nn.Module):
         """``theta = mean + MLP(z) @ basis + residual_std * eps`` (absent parts skipped)."""
 
@@ -110,16 +112,7 @@ def _torch_generator(ckpt: Checkpoint) -> torch.nn.Module:
             return t
 
         def forward(self, z: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-            h = self.mlp(z)
-            if self.basis is not None:
-                h = h @ self.basis
-            if self.mean is not None:
-                h = h + self.mean
-            if self.residual_std is not None:
-                if eps is None:
-                    raise ValueError("this generator adds residual noise: pass eps")
-                h = h + self.residual_std * eps
-            return h
+            return compose_weights(self.mlp(z), self.basis, self.mean, self.residual_std, eps)
 
     return Generator().eval()
 

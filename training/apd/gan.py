@@ -59,6 +59,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from apd import torch_ops
 from apd.checkpoint import BASIS, LAYER_PREFIX, MEAN, RESIDUAL_STD, GeneratorConfig
 
 RealBatch = tuple[torch.Tensor, torch.Tensor | None]
@@ -192,16 +193,9 @@ class Generator(nn.Module):
 
     def weights(self, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """``theta (K, P) = mean + c @ basis + residual_std * eps``, ``z (K, noise_dim)``."""
-        h = self.coefficients(z)
-        if self.basis is not None:
-            h = h @ self.basis
-        if self.mean is not None:
-            h = h + self.mean
-        if self.residual_std is not None:
-            if eps is None:
-                raise ValueError("this generator adds residual noise: pass eps of shape (K, P)")
-            h = h + self.residual_std * eps
-        return h
+        return torch_ops.compose_weights(
+            self.coefficients(z), self.basis, self.mean, self.residual_std, eps
+        )
 
     def draw_noise(
         self, k: int, rng: torch.Generator | None = None

@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from apd.networks import MLPSpec, get_spec
+from training.apd.offline import torch_threads
 from training.errors import UserError
 from training.evaluation import anomaly, methods, metrics
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
@@ -104,17 +105,6 @@ class SuiteConfig:
             "seed": self.seed,
             "threads": self.threads,
         }
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch threads (1 for the many tiny ops of the small models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def code_state(repo: Path | None = None) -> dict[str, Any]:
