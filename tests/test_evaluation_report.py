@@ -76,7 +76,12 @@ def _results(tmp_path: Path) -> dict[str, Any]:
         "command": "apd evaluate --arch tiny",
         "machine": "test",
         "data_sha256": "d" * 64,
-        "config": {"seed": 0, "num_samples": 6, "dropout_passes": 6, "experiments": ["x"]},
+        "config": {
+            "seed": 0,
+            "num_samples": 6,
+            "dropout_passes": 6,
+            "experiments": ["classification", "anomaly"],
+        },
         "seconds": {"total": 1.0},
     }
     return results
@@ -111,6 +116,7 @@ def test_report_lists_every_anomaly_and_fidelity_row(tmp_path: Path) -> None:
     assert (tmp_path / "reliability.png").stat().st_size > 0
     assert (tmp_path / "anomaly_auroc.png").stat().st_size > 0
     assert "with uncommitted local changes" in report
+    assert "not run in this report: adversarial, active_learning, toy, cost" in report
 
 
 def test_results_json_is_strict_and_single_network_scores_are_undefined(tmp_path: Path) -> None:

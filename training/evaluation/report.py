@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from training.evaluation.suite import SuiteResult
+from training.evaluation.suite import EXPERIMENTS, SuiteResult
 
 RESULTS_FILE: Final = "results.json"
 REPORT_FILE: Final = "report.md"
@@ -316,6 +316,14 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"- Wall time: **{secs.get('total', float('nan')):.0f} s** in all ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
         + ")",
+    ]
+    skipped = [e for e in EXPERIMENTS if e not in cfg["experiments"]]
+    if skipped:
+        out.append(
+            f"- Experiments not run in this report: {', '.join(skipped)} "
+            f"(chosen with `--experiments`)"
+        )
+    out += [
         "",
         "## Methods and where they came from",
         "",
