@@ -58,7 +58,10 @@ class OnlineConfig:
     prior_std: float = 1.0
     temperature: float = 1.0
     batch_size: int = 100
-    burn_in: int = 2000
+    # The subspace is fitted once, on the first samples after burn-in, so the chains must have
+    # settled by then: at constant step 0.05, fcNN1's chains are at 94.8% validation accuracy
+    # after 2,000 steps (the generator then stalled at 93.8%) and 97.0% after 10,000 (96.97%).
+    burn_in: int = 10000
     thinning: int = 10
     buffer_size: int = 1000
     warmup_samples: int = 200
