@@ -28,7 +28,7 @@ from training.evaluation.active_learning import (
     select,
 )
 from training.evaluation.methods import MemberNetworks
-from training.evaluation.report import SCORE_LABELS, write_report
+from training.evaluation.report import SCORE_LABELS, render_markdown, write_report
 from training.evaluation.suite import SuiteResult, classification_and_anomaly
 
 SPEC = MLPSpec("tiny", (784, 6, 10))
@@ -117,6 +117,18 @@ def test_report_lists_every_anomaly_and_fidelity_row(tmp_path: Path) -> None:
     assert (tmp_path / "anomaly_auroc.png").stat().st_size > 0
     assert "with uncommitted local changes" in report
     assert "not run in this report: adversarial, active_learning, toy, cost" in report
+
+
+def test_a_report_of_self_training_experiments_names_no_methods(tmp_path: Path) -> None:
+    """Active learning and the toy train their own models: no trained run is listed, and
+    no run is reported missing."""
+    meta = _results(tmp_path)["meta"]
+    meta["config"]["experiments"] = ["active_learning"]
+    report = render_markdown({"meta": meta, "methods": {}, "missing_methods": {}})
+    assert "## Methods and where they came from" not in report
+    assert "Not evaluated" not in report
+    assert "no trained run or checkpoint is used" in report
+    assert "not run in this report: classification, anomaly, adversarial, toy, cost" in report
 
 
 def test_results_json_is_strict_and_single_network_scores_are_undefined(tmp_path: Path) -> None:

@@ -323,6 +323,13 @@ def _header(results: dict[str, Any]) -> list[str]:
             f"- Experiments not run in this report: {', '.join(skipped)} "
             f"(chosen with `--experiments`)"
         )
+    if not results["methods"] and not results.get("missing_methods"):
+        return [
+            *out,
+            "",
+            "The experiments here train their own models (see their sections); no trained run "
+            "or checkpoint is used.",
+        ]
     out += [
         "",
         "## Methods and where they came from",

@@ -33,6 +33,9 @@ from training.evaluation.cost import measure_cost
 from training.evaluation.toy import ToyResult, ToySettings
 
 EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
+# The experiments that evaluate the trained runs and the checkpoint; active learning and the
+# toy picture train their own models.
+USES_METHODS: Final = frozenset({"classification", "anomaly", "adversarial", "cost"})
 METHOD_ORDER: Final = ("sgd", "dropout", "ensemble", "sgld", "gaussian", "apd")
 DEFAULT_GAUSSIAN_RANK: Final = 20
 GAUSSIAN_FIT_SAMPLES: Final = 1000
@@ -242,11 +245,15 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
         }
     }
 
-    t0 = time.perf_counter()
-    found, missing = load_methods(cfg, spec, say)
-    seconds["load_methods"] = round(time.perf_counter() - t0, 1)
-    if not found:
-        raise UserError(f"no method could be loaded from {cfg.runs}: {missing}")
+    wants = set(cfg.experiments)
+    found: dict[str, methods.PosteriorMethod] = {}
+    missing: dict[str, str] = {}
+    if wants & USES_METHODS:
+        t0 = time.perf_counter()
+        found, missing = load_methods(cfg, spec, say)
+        seconds["load_methods"] = round(time.perf_counter() - t0, 1)
+        if not found:
+            raise UserError(f"no method could be loaded from {cfg.runs}: {missing}")
     members = {k: m.draw(_num_members(m, cfg), cfg.seed) for k, m in found.items()}
     results["methods"] = {
         k: {
@@ -259,7 +266,6 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
     }
     results["missing_methods"] = missing
 
-    wants = set(cfg.experiments)
     if wants & {"classification", "anomaly"}:
         t0 = time.perf_counter()
         ood = {
