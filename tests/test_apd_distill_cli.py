@@ -117,3 +117,15 @@ def test_missing_sample_store_is_a_user_error(
     ]
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_default_preset_steps_follow_the_target_network() -> None:
+    from training.apd.offline import PRESETS, preset
+
+    base = PRESETS["default"].steps
+    assert preset("default", arch="fcnn1").steps == base == 10_000
+    assert preset("default", arch="fcnn2").steps == 20_000
+    # An explicit --steps wins, and other presets keep their own.
+    assert preset("default", arch="fcnn2", steps=500).steps == 500
+    assert preset("paper", arch="fcnn2").steps == PRESETS["paper"].steps
+    assert preset("default").steps == base

@@ -31,6 +31,7 @@ from apd.checkpoint import load_checkpoint
 from apd.networks import ARCHITECTURES, MLPSpec, get_spec
 from apd.uncertainty import ScoreName
 from training.errors import UserError
+from training.sample_store import SampleStore
 
 from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
 from .fidelity import ValidationMonitor
@@ -65,7 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     alg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     alg.add_argument("--seed", type=int, default=None)
     gan = parser.add_argument_group("GAN (defaults from the preset)")
-    gan.add_argument("--steps", type=int, default=None, help="generator steps")
+    gan.add_argument(
+        "--steps", type=int, default=None, help="generator steps (default preset: 20,000 for fcnn2)"
+    )
     gan.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     gan.add_argument("--rank", type=int, default=None, help="subspace dimension r")
     gan.add_argument("--basis-dtype", choices=("float16", "float32"), default=None)
@@ -132,10 +135,11 @@ def _scales(text: str | None) -> tuple[float, ...] | None:
         raise UserError(msg) from None
 
 
-def _config(args: argparse.Namespace) -> DistillConfig:
+def _config(args: argparse.Namespace, arch: str) -> DistillConfig:
     try:
         return preset(
             args.preset,
+            arch=arch,
             steps=args.steps,
             lr=args.lr,
             rank=args.rank,
@@ -151,11 +155,12 @@ def _config(args: argparse.Namespace) -> DistillConfig:
 
 
 def _offline(
-    args: argparse.Namespace, config: DistillConfig, mnist: Any, fingerprint: str
+    args: argparse.Namespace,
+    store: SampleStore,
+    config: DistillConfig,
+    mnist: Any,
+    fingerprint: str,
 ) -> tuple[MLPSpec, DistillResult, dict[str, Any], dict[str, Any]]:
-    from training.sample_store import SampleStore
-
-    store = SampleStore.open(_samples_dir(args.samples))
     if store.meta.get("data_sha256") != fingerprint:
         raise UserError(
             f"{store.path} was sampled on other data (data_sha256 "
@@ -238,13 +243,14 @@ def run(args: argparse.Namespace) -> int:
     from training.data import dataset_fingerprint, load_mnist
 
     _check_args(args)
-    config = _config(args)
+    store = SampleStore.open(_samples_dir(args.samples)) if args.algorithm == "offline" else None
+    config = _config(args, store.spec.name if store is not None else args.arch)
     t0 = time.perf_counter()
     mnist = load_mnist(args.data_dir)
     fingerprint = dataset_fingerprint(mnist)
     result: DistillResult | OnlineResult
-    if args.algorithm == "offline":
-        spec, result, sampler, teacher_info = _offline(args, config, mnist, fingerprint)
+    if store is not None:
+        spec, result, sampler, teacher_info = _offline(args, store, config, mnist, fingerprint)
     else:
         spec, result, sampler, teacher_info = _online(args, config, mnist)
     seconds = time.perf_counter() - t0
