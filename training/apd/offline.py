@@ -120,10 +120,10 @@ PRESETS: dict[str, DistillConfig] = {
 
 
 # Generator steps where a target network needs more than its preset's ``steps``. fcNN2's
-# default design, measured on two SGLD runs (docs/distillation.md): 10,000 steps reached a
-# validation KL of 0.0003 on one (best at the last step, still improving) and only 0.0032 on
-# the other, which missed 8 of 40 anomaly rows; 20,000 steps on the second reached 0.00023
-# (best step 14,000) in 766 s, inside the 20-minute budget.
+# default design on three SGLD runs (docs/distillation.md): with 10,000 steps one run was
+# still improving at the last step and another stopped at a validation KL of 0.0032 and missed
+# 8 of 40 anomaly rows; with 20,000 that run reached 0.00023 and a third 0.00020 (best steps
+# 14,000 and 18,000), in 683-766 s, inside the 20-minute budget.
 ARCH_STEPS: dict[str, dict[str, int]] = {"default": {"fcnn2": 20_000}}
 
 
