@@ -129,11 +129,29 @@ def _first_layer(x: FloatArray, w: FloatArray, b: FloatArray) -> FloatArray:
     return np.matmul(x[None], w) + b[:, None, :]
 
 
+def _forward_one(layers: list[tuple[FloatArray, FloatArray]], x: FloatArray) -> FloatArray:
+    """One input ``x (D,)`` through K networks -> ``(K, C)``: batched matrix-vector products.
+
+    :func:`numpy.einsum` streams each ``(K, in, out)`` weight block once, where
+    :func:`numpy.matmul` makes one BLAS call per network, each a poorly blocked 1-row GEMM:
+    1.5x (fcNN1) to 1.9x (fcNN2) faster at N = 1, slower from N = 2 on (measured with the
+    caches flushed, K = 100, one thread; see docs/training.md).
+    """
+    w0, b0 = layers[0]
+    h = np.einsum("d,kdh->kh", x, w0) + b0
+    for w, b in layers[1:]:
+        np.maximum(h, 0.0, out=h)
+        h = np.einsum("kd,kdh->kh", h, w) + b
+    return h
+
+
 def forward_logits(spec: MLPSpec, theta: FloatArray, x: FloatArray) -> FloatArray:
     """Logits of K networks on N inputs: ``theta (K, P)``, ``x (N, D)`` -> ``(K, N, C)``."""
     if x.ndim != 2 or x.shape[1] != spec.input_dim:
         raise ValueError(f"expected inputs of shape (N, {spec.input_dim}), got {x.shape}")
     layers = unflatten(spec, theta)
+    if x.shape[0] == 1:
+        return _forward_one(layers, x[0].astype(theta.dtype, copy=False))[:, None, :]
     w0, b0 = layers[0]
     h = _first_layer(x.astype(theta.dtype, copy=False), w0, b0)
     for w, b in layers[1:]:

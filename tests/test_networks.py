@@ -87,9 +87,10 @@ def test_numpy_forward_matches_naive_loop(spec: MLPSpec, n: int) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_torch_forward_matches_numpy(spec: MLPSpec) -> None:
+@pytest.mark.parametrize("n", [1, 6])  # N = 1 takes NumPy's matrix-vector path
+def test_torch_forward_matches_numpy(spec: MLPSpec, n: int) -> None:
     theta = _theta(spec, 5)
-    x = np.random.default_rng(2).random((6, spec.input_dim)).astype(np.float32)
+    x = np.random.default_rng(2).random((n, spec.input_dim)).astype(np.float32)
     got = torch_ops.forward_logits(spec, torch.from_numpy(theta), torch.from_numpy(x))
     np.testing.assert_allclose(got.numpy(), forward_logits(spec, theta, x), rtol=1e-5, atol=1e-5)
 
@@ -104,10 +105,11 @@ def test_torch_per_network_batches() -> None:
         np.testing.assert_allclose(got[k].numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_fcnn1_real_size_agreement() -> None:
+@pytest.mark.parametrize("n", [1, 2])
+def test_fcnn1_real_size_agreement(n: int) -> None:
     spec = get_spec("fcnn1")
     theta = (_theta(spec, 3) * 0.05).astype(np.float32)
-    x = np.random.default_rng(4).random((2, 784)).astype(np.float32)
+    x = np.random.default_rng(4).random((n, 784)).astype(np.float32)
     ref = _naive_logits(spec, theta, x)
     np.testing.assert_allclose(forward_logits(spec, theta, x), ref, rtol=1e-4, atol=1e-4)
     got = torch_ops.forward_logits(spec, torch.from_numpy(theta), torch.from_numpy(x))
