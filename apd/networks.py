@@ -134,8 +134,8 @@ def _forward_one(layers: list[tuple[FloatArray, FloatArray]], x: FloatArray) -> 
 
     :func:`numpy.einsum` streams each ``(K, in, out)`` weight block once, where
     :func:`numpy.matmul` makes one BLAS call per network, each a poorly blocked 1-row GEMM:
-    1.3-1.5x (fcNN1) and 1.9x (fcNN2) faster at N = 1, slower from N = 2 on (measured with the
-    caches flushed, K = 100, one thread; see docs/training.md).
+    1.3-1.5x (fcNN1) and 1.9x (fcNN2) faster at N = 1, slower from N = 2 on (K = 100, one thread,
+    warm or flushed caches; see docs/training.md).
     """
     w0, b0 = layers[0]
     h = np.einsum("d,kdh->kh", x, w0) + b0
