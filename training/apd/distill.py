@@ -37,6 +37,7 @@ from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
 from .fidelity import ValidationMonitor
 from .gan import Generator
 from .offline import (
+    ARCH_STEPS,
     PRESETS,
     DistillConfig,
     DistillResult,
@@ -66,8 +67,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     alg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     alg.add_argument("--seed", type=int, default=None)
     gan = parser.add_argument_group("GAN (defaults from the preset)")
+    per_arch = ", ".join(f"{n:,} for {a}" for a, n in ARCH_STEPS["default"].items())
     gan.add_argument(
-        "--steps", type=int, default=None, help="generator steps (default preset: 20,000 for fcnn2)"
+        "--steps", type=int, default=None, help=f"generator steps (default preset: {per_arch})"
     )
     gan.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     gan.add_argument("--rank", type=int, default=None, help="subspace dimension r")
