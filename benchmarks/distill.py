@@ -21,7 +21,7 @@ For each architecture with a finished SGLD run (``<runs>/sgld-<arch>/READY``) th
 It also times the paper preset (full P-dimensional generator and critic) for
 ``--paper-steps`` generator steps (a quarter of them for fcNN2) on ``--device``, on 200 spread
 samples, and runs the toy posterior
-with four separated modes (:mod:`training.apd.toy`), reporting how many modes the default
+with four separated modes (:mod:`training.distillation.toy`), reporting how many modes the default
 design, the same GAN without chain conditioning, and a Gaussian fit cover.
 
 Writes ``benchmarks/results/distill.json`` and ``distill.md``. Wall times on a shared CPU are
@@ -48,9 +48,9 @@ from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.uncertainty import PredictiveSummary, ScoreName
-from training.apd import toy
-from training.apd.fidelity import compare, predict
-from training.apd.offline import distill_offline, preset
+from training.distillation import toy
+from training.distillation.fidelity import compare, predict
+from training.distillation.offline import distill_offline, preset
 from training.cli import main as apd_main
 from training.data import MNIST, OOD_SETS, load_mnist, load_ood
 from training.sample_store import SampleStore
@@ -362,7 +362,7 @@ def main() -> None:
             markdown(json.loads((RESULTS / "distill.json").read_text()))
         )
         return
-    from training.apd.package import code_revision
+    from training.distillation.package import code_revision
 
     mnist = load_mnist()
     ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}

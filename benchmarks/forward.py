@@ -5,7 +5,7 @@ For fcNN1 and fcNN2, K = 100 networks and batch sizes N = 1 and N = 64, times in
 * numpy batched: ``apd.networks.forward_probs(spec, theta (K, P), x (N, D))``;
 * numpy loop:    ``[forward_probs(spec, theta[k:k+1], x) for k in range(K)]``, the same maths
   one network at a time (what one writes without the batched API);
-* torch batched / torch loop: the same with :func:`apd.torch_ops.forward_logits` + softmax.
+* torch batched / torch loop: the same with :func:`training.torch_ops.forward_logits` + softmax.
 
 Reports the speed-up (loop time / batched time, target >= 5x), the achieved GFLOP/s
 (``2 N K sum_l fan_in_l fan_out_l`` multiply-adds per call) against the machine's measured
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from apd import torch_ops
+from training import torch_ops
 from apd.networks import MLPSpec, forward_probs, get_spec
 from training.train import device_description
 

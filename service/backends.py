@@ -4,11 +4,11 @@ Both backends take the same NumPy noise (:func:`service.posterior_pool.block_noi
 with :meth:`apd.checkpoint.Checkpoint.generate` to within 1e-5 relative error.
 
 * :class:`OnnxRuntimeBackend`: the generator graph from
-  :func:`apd.onnx_generator.build_generator_onnx` in an onnxruntime session; the forward is
+  :func:`training.distillation.onnx_graph.build_generator_onnx` in an onnxruntime session; the forward is
   NumPy's :func:`apd.networks.forward_probs`.
   Nothing here imports torch.
 * :class:`TorchBackend`: torch modules holding the checkpoint's tensors; the forward is
-  :func:`apd.torch_ops.forward_logits`. torch is imported only when this backend is built.
+  :func:`training.torch_ops.forward_logits`. torch is imported only when this backend is built.
 
 Each forward evaluates the K networks on the N inputs as one batched pass.
 """
@@ -51,7 +51,7 @@ class OnnxRuntimeBackend:
     def __init__(self, ckpt: Checkpoint, num_threads: int = 0) -> None:
         import onnxruntime as ort
 
-        from apd.onnx_generator import INPUT_EPS, INPUT_Z, OUTPUT_THETA, build_generator_onnx
+        from training.distillation.onnx_graph import INPUT_EPS, INPUT_Z, OUTPUT_THETA, build_generator_onnx
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -83,7 +83,7 @@ def _torch_generator(ckpt: Checkpoint) -> torch.nn.Module:
     import torch
     from torch import nn
 
-    from apd.torch_ops import compose_weights
+    from training.torch_ops import compose_weights
 
     class Generator(nn.Module):
         """``theta = mean + MLP(z) @ basis + residual_std * eps`` (absent parts skipped)."""
@@ -144,7 +144,7 @@ class TorchBackend:
 
     def forward_probs(self, theta: FloatArray, x: FloatArray) -> FloatArray:
         torch = self._torch
-        from apd.torch_ops import forward_logits
+        from training.torch_ops import forward_logits
 
         with torch.inference_mode():
             theta_t = torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32))

@@ -27,10 +27,10 @@ ENV_PREFIX: Final = "APD_"
 class Backend(enum.StrEnum):
     """How the generator (noise -> weights) and the K-network forward are computed.
 
-    ``onnxruntime``: the generator as an ONNX graph (:mod:`apd.onnx_generator`) in an
+    ``onnxruntime``: the generator as an ONNX graph (:mod:`training.distillation.onnx_graph`) in an
     onnxruntime session, the forward in NumPy (:func:`apd.networks.forward_probs`); torch is
     never imported. ``torch``: torch modules built from the checkpoint's tensors, the
-    forward with :func:`apd.torch_ops.forward_logits`.
+    forward with :func:`training.torch_ops.forward_logits`.
     """
 
     ONNXRUNTIME = "onnxruntime"

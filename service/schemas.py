@@ -33,10 +33,10 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from apd.uncertainty import ScoreName
 from service.examples import MNIST_TEST_0_LABEL, mnist_example
+from service.posterior_pool import MAX_SEED
 
 IMAGE_SIDE: Final = 28
 IMAGE_PIXELS: Final = IMAGE_SIDE * IMAGE_SIDE
-MAX_SEED: Final = 2**63 - 1
 MAX_NUM_SAMPLES: Final = 1000
 
 _EXAMPLE_IMAGE: list[JsonValue] = [*mnist_example()]

@@ -21,11 +21,11 @@ from safetensors.numpy import load_file, save_file
 from apd.checkpoint import DIGEST_KEY, META_KEY, CheckpointError, content_digest, load_checkpoint
 from apd.networks import MLPSpec
 from apd.uncertainty import ScoreName
-from training.apd.calibrate import calibrate
-from training.apd.gan import Generator, WGANGPConfig
-from training.apd.offline import build_subspace_generator
-from training.apd.package import generator_from_checkpoint, write_checkpoint
-from training.apd.subspace import fit_subspace
+from training.distillation.calibrate import calibrate
+from training.distillation.gan import Generator, WGANGPConfig
+from training.distillation.offline import build_subspace_generator
+from training.distillation.package import generator_from_checkpoint, write_checkpoint
+from training.distillation.subspace import fit_subspace
 
 SPEC = MLPSpec("tiny", (6, 5, 3))  # P = 6*5 + 5 + 5*3 + 3 = 53
 
@@ -168,8 +168,8 @@ def test_refuses_another_format_version(good: Path, tmp_path: Path) -> None:
 
 def test_onnx_export_matches_torch(good: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from apd.onnx_generator import build_generator_onnx
-    from training.apd.export import check_parity
+    from training.distillation.onnx_graph import build_generator_onnx
+    from training.distillation.export import check_parity
     from training.cli import main
 
     ckpt = load_checkpoint(good)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from apd import torch_ops
+from training import torch_ops
 from apd.networks import MLPSpec, forward_probs
 from training.evaluation.methods import (
     FixedNetworks,
@@ -36,7 +36,7 @@ def test_dropout_members_match_torch_ops_dropout_with_the_same_masks(
     spec: MLPSpec, passes: int
 ) -> None:
     """The shared-first-layer MC-Dropout forward draws the same masks, in the same order,
-    as :func:`apd.torch_ops.forward_logits` on the network repeated ``passes`` times."""
+    as :func:`training.torch_ops.forward_logits` on the network repeated ``passes`` times."""
     rng = np.random.default_rng(1)
     theta = torch.from_numpy(rng.normal(size=(1, spec.num_params)).astype(np.float32))
     x = torch.from_numpy(rng.random((20, spec.input_dim), dtype=np.float32))

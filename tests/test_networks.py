@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apd import torch_ops
+from training import torch_ops
 from apd.networks import (
     ARCHITECTURES,
     MLPSpec,

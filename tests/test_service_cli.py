@@ -111,7 +111,7 @@ def test_blas_threads_follow_num_threads(
 
 
 def test_the_serve_command_loads_numpy_only_after_setting_blas_threads() -> None:
-    code = "import sys, apd.cli, service.cli; print('numpy' in sys.modules)"
+    code = "import sys, apd_cli, service.cli; print('numpy' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )

@@ -43,11 +43,11 @@ def test_scanner_sees_every_import_form(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import training\nfrom training.cli import main\n"
-        "def f():\n    import training.apd as t\n"
+        "def f():\n    import training.distillation as t\n"
         "import importlib\nimportlib.import_module('training.train')\n"
     )
     names = imported_modules(probe)
-    assert {"training", "training.cli", "training.apd", "training.train"} <= names
+    assert {"training", "training.cli", "training.distillation", "training.train"} <= names
 
 
 def test_service_never_imports_training() -> None:

@@ -1,7 +1,7 @@
 """Point-estimate baselines (SGD, MC-Dropout) and the pieces every MNIST sampler shares.
 
 All networks are flat parameter vectors ``theta (K, P)`` in the layout of
-:mod:`apd.networks`, evaluated with :func:`apd.torch_ops.forward_logits`; K networks (SGLD
+:mod:`apd.networks`, evaluated with :func:`training.torch_ops.forward_logits`; K networks (SGLD
 chains, or K = 1 for a baseline) train in one batched pass, each on its own minibatch.
 
 * SGD (maximum a posteriori): minimise the mean negative log-likelihood plus weight decay
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from apd import torch_ops
+from training import torch_ops
 from apd.networks import MLPSpec
 
 

@@ -17,8 +17,8 @@ from training.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train SGD, MC-Dropout or SGLD on MNIST"),
-    "distill": ("training.apd.distill", "distil SGLD samples into a generator checkpoint"),
-    "export": ("training.apd.export", "export a checkpoint's generator to ONNX"),
+    "distill": ("training.distillation.distill", "distil SGLD samples into a generator checkpoint"),
+    "export": ("training.distillation.export", "export a checkpoint's generator to ONNX"),
     "evaluate": ("training.evaluation.cli", "run the evaluation suite and write a report"),
 }
 

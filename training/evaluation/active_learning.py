@@ -12,7 +12,7 @@ labelled set, and record test accuracy of the posterior predictive. Acquisition 
 Learners, both refitted from scratch every round on the current labelled set:
 
 * ``sgld``  C SGLD chains (:mod:`training.sgld`), K networks spread over the retained samples;
-* ``apd``   online APD (Algorithm 2, :func:`training.apd.online.distill_online`): the GAN
+* ``apd``   online APD (Algorithm 2, :func:`training.distillation.online.distill_online`): the GAN
             trains alongside the same SGLD chains on a buffer of recent samples, and the K
             networks are drawn from the generator; no sample outlives the round.
 
@@ -241,7 +241,7 @@ def fit_online_apd(
     selection_x: NDArray[np.float32],
 ) -> torch.Tensor:
     """K networks drawn from a generator trained online alongside SGLD (Algorithm 2)."""
-    from training.apd.online import default_online_config, distill_online
+    from training.distillation.online import default_online_config, distill_online
 
     config = default_online_config(
         num_chains=s.chains,

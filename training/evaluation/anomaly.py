@@ -12,7 +12,7 @@ scale 5 is the reference code's default (``ood_scale: 5``), kept for comparabili
 paper's tables. Brighter-than-possible inputs are much easier to flag.
 
 APD's fidelity target (the distillation issue): on every OOD set and score, its AUROC may be
-at most :data:`training.apd.fidelity.AUROC_TOLERANCE` below SGLD's. :func:`fidelity_rows`
+at most :data:`training.distillation.fidelity.AUROC_TOLERANCE` below SGLD's. :func:`fidelity_rows`
 checks it on *every* anomaly row (all scales and all four scores, max-probability included).
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from apd.uncertainty import PredictiveSummary, ScoreName
-from training.apd.fidelity import (
+from training.distillation.fidelity import (
     ACCURACY_TOLERANCE,
     AUROC_TOLERANCE,
     FIDELITY_SCORES,

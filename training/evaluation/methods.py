@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd import torch_ops
+from training import torch_ops
 from apd.checkpoint import Checkpoint
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary, summarize

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from apd.networks import MLPSpec, get_spec
-from training.apd.offline import torch_threads
+from training.distillation.offline import torch_threads
 from training.errors import UserError
 from training.evaluation import anomaly, methods, metrics
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
@@ -112,7 +112,7 @@ class SuiteConfig:
 
 def code_state(repo: Path | None = None) -> dict[str, Any]:
     """The git revision of this code and whether the working tree had local changes."""
-    from training.apd.package import code_revision
+    from training.distillation.package import code_revision
 
     where = repo or Path(__file__).resolve().parents[2]
     rev = code_revision(where)

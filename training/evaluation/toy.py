@@ -6,7 +6,7 @@ MLP (2-50-2, the same flat layout as the MNIST networks) is fitted three ways:
 
 * SGLD (:mod:`training.sgld`, full batch, several chains from independent initialisations);
 * APD, distilled offline from those SGLD samples with
-  :func:`training.apd.offline.distill_offline`, in both designs: the paper's (the generator
+  :func:`training.distillation.offline.distill_offline`, in both designs: the paper's (the generator
   outputs all 252 weights, as in the paper's Figure 2) and our default subspace design
   (rank 20 plus residual noise). There is no held-out toy set, so no validation monitor:
   the generator after the last step is used, with the fitted residual noise level;
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from apd import torch_ops
+from training import torch_ops
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary
 from training import sgld
@@ -134,7 +134,7 @@ def distill_apd(samples: NDArray[np.float32], s: ToySettings, design: str) -> ND
     default preset's learning-rate schedule, since the paper's 100,000 steps are not needed
     for a 252-weight network.
     """
-    from training.apd.offline import distill_offline, preset
+    from training.distillation.offline import distill_offline, preset
 
     common: dict[str, Any] = {
         "steps": s.apd_steps,

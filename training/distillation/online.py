@@ -8,7 +8,7 @@ real minibatches drawn from the buffer. No sample is stored beyond the buffer: t
 is the only lasting summary of the chain, which is the point of the online variant (and what
 active learning uses: one short run per acquisition round, no sample store on disk).
 
-With the subspace design (:mod:`training.apd.subspace`) the subspace is fitted once, on the
+With the subspace design (:mod:`training.distillation.subspace`) the subspace is fitted once, on the
 first ``warmup_samples`` buffered samples, and the buffer then holds each later sample's
 standardised coefficients; the residual std is the root mean square, over every sample that
 entered the buffer after the fit, of its component outside the subspace, accumulated as the
@@ -218,7 +218,7 @@ def distill_online(
     """Algorithm 2 on training data ``(x, y)``; ``val`` (inputs, labels) enables model
     selection against the chains' most recent samples (see :class:`ValidationMonitor`).
     ``threads``: torch intra-op threads for the run (default: 1 on CPU, see
-    :func:`~training.apd.offline.torch_threads`)."""
+    :func:`~training.distillation.offline.torch_threads`)."""
     dev = torch.device(device)
     if threads is None and dev.type == "cpu":
         threads = 1

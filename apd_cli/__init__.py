@@ -1,6 +1,8 @@
-"""The ``apd`` command: dispatches to the training or the serving side without importing the other.
+"""The ``apd`` command: dispatches to the serving or the training side without importing the other.
 
-``apd serve`` imports only :mod:`service`; every other subcommand imports :mod:`training`.
+It lives outside the :mod:`apd` contract package, so that no import runs from the contract up
+to a side. ``apd serve`` imports only :mod:`service`; every other subcommand imports
+:mod:`training`, whose own table (:data:`training.cli.COMMANDS`) says what each one does.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-TRAINING_COMMANDS = ("train", "distill", "export", "evaluate", "calibrate")
+TRAINING_COMMANDS = ("train", "distill", "export", "evaluate")
 USAGE = """usage: apd <command> [options]
 
 commands:

@@ -253,7 +253,7 @@ def toy_config(steps: int = 1000, conditional: bool = True, seed: int = 0) -> Di
 def distill_toy(
     samples: ToySamples, steps: int = 1000, conditional: bool = True, seed: int = 0
 ) -> Generator:
-    """Algorithm 1 (:func:`training.apd.offline.distill_offline`) on the toy samples."""
+    """Algorithm 1 (:func:`training.distillation.offline.distill_offline`) on the toy samples."""
     result = distill_offline(
         samples.theta,
         toy_config(steps, conditional, seed),

@@ -2,20 +2,20 @@
 
 Given SGLD samples ``theta_1..theta_S`` (here: a spread of them across chains and time),
 repeat ``T`` times: ``n_critic`` critic steps, each on a minibatch of samples and a minibatch
-of generated networks, then one generator step (:class:`~training.apd.gan.WGANGP`).
+of generated networks, then one generator step (:class:`~training.distillation.gan.WGANGP`).
 
 Two designs (:class:`Design`):
 
 * ``paper``: the generator's MLP outputs all P weights; the critic reads P weights. This is
   the reference recipe (``--preset paper``: 100,000 steps, 10,000 samples).
 * ``subspace`` (the default): the samples are first reduced to a fixed affine subspace and
-  residual (:mod:`training.apd.subspace`); generator and critic work on the r standardised
+  residual (:mod:`training.distillation.subspace`); generator and critic work on the r standardised
   coefficients, and the generator maps them back with ``mean + c @ basis`` plus independent
   residual noise. The GAN is still trained adversarially on the SGLD samples, now seen
   through their coordinates ``(theta_s - mean) @ basis^T``.
 
 Because a WGAN's output wanders while it trains (the issue measured an NLL of 0.29 against
-the teacher's 0.09 half-way through a paper run), a :class:`~training.apd.fidelity.
+the teacher's 0.09 half-way through a paper run), a :class:`~training.distillation.fidelity.
 ValidationMonitor` scores the generator every ``eval_every`` steps on the MNIST validation
 split and the generator with the lowest validation KL to the teacher is kept. Finally the
 residual noise level is chosen on the same criterion among ``residual_scales`` (multipliers
@@ -355,7 +355,7 @@ def distill_offline(
     """Algorithm 1 on ``samples[rows]`` (``samples`` may be a memmap ``(S, P)``).
 
     ``chains`` are the chain ids of ``samples[rows]``; with ``config.condition_on_chains``
-    the generator is chain-conditional (:mod:`training.apd.gan`). ``threads`` sets torch's
+    the generator is chain-conditional (:mod:`training.distillation.gan`). ``threads`` sets torch's
     intra-op threads while the GAN trains (default: 1 on CPU for the subspace design).
     """
     dev = torch.device(device)

@@ -27,7 +27,7 @@ import torch
 from numpy.typing import NDArray
 from sklearn.metrics import roc_auc_score
 
-from apd import torch_ops
+from training import torch_ops
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary, ScoreName, summarize
 

@@ -1,6 +1,6 @@
 """``apd export CHECKPOINT --out model.onnx``: the generator as an ONNX sampler.
 
-The graph (:func:`apd.onnx_generator.build_generator_onnx`) takes noise ``z (K, noise_dim)``
+The graph (:func:`training.distillation.onnx_graph.build_generator_onnx`) takes noise ``z (K, noise_dim)``
 and, when the generator adds residual noise, ``eps (K, P)``, and returns ``theta (K, P)``,
 so onnxruntime can serve without torch. After writing, the export is checked: onnxruntime and
 the torch generator rebuilt from the checkpoint run on the same noise, and the relative error
@@ -71,7 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from apd.onnx_generator import build_generator_onnx
+        from training.distillation.onnx_graph import build_generator_onnx
     except ImportError as exc:
         raise UserError(f"ONNX export is unavailable ({exc})") from None
     if args.check_networks <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.apd.subspace import fit_subspace, load_rows
+from training.distillation.subspace import fit_subspace, load_rows
 
 
 def _planted(s: int = 400, p: int = 60, r: int = 3, noise: float = 0.05, seed: int = 0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.apd.gan import (
+from training.distillation.gan import (
     WGANGP,
     Critic,
     Generator,

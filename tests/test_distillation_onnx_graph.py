@@ -12,7 +12,7 @@ from service_support import Design, make_checkpoint, random_images
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.networks import forward_probs
-from apd.onnx_generator import OPSET, build_generator_onnx
+from training.distillation.onnx_graph import OPSET, build_generator_onnx
 from service.backends import OnnxRuntimeBackend, TorchBackend
 from service.config import Backend
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from apd.networks import MLPSpec
-from training.apd.fidelity import accuracy, member_probs
-from training.apd.gan import WGANGPConfig
-from training.apd.offline import Design, DistillConfig
-from training.apd.online import OnlineConfig, RingBuffer, distill_online
+from training.distillation.fidelity import accuracy, member_probs
+from training.distillation.gan import WGANGPConfig
+from training.distillation.offline import Design, DistillConfig
+from training.distillation.online import OnlineConfig, RingBuffer, distill_online
 
 SPEC = MLPSpec("tiny", (4, 8, 3))
 

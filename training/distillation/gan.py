@@ -59,7 +59,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from apd import torch_ops
+from training import torch_ops
 from apd.checkpoint import BASIS, LAYER_PREFIX, MEAN, RESIDUAL_STD, GeneratorConfig
 
 RealBatch = tuple[torch.Tensor, torch.Tensor | None]

@@ -120,7 +120,7 @@ def test_missing_sample_store_is_a_user_error(
 
 
 def test_default_preset_steps_follow_the_target_network() -> None:
-    from training.apd.offline import PRESETS, preset
+    from training.distillation.offline import PRESETS, preset
 
     base = PRESETS["default"].steps
     assert preset("default", arch="fcnn1").steps == base == 10_000

@@ -7,8 +7,8 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 
 from apd.uncertainty import ScoreName, summarize
-from training.apd.calibrate import flag_rate, thresholds_for
-from training.apd.fidelity import (
+from training.distillation.calibrate import flag_rate, thresholds_for
+from training.distillation.fidelity import (
     Predictions,
     accuracy,
     auroc,

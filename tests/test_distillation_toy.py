@@ -1,4 +1,4 @@
-"""Mode coverage on a posterior with four known, separated modes (:mod:`training.apd.toy`).
+"""Mode coverage on a posterior with four known, separated modes (:mod:`training.distillation.toy`).
 
 SGLD chains started in each mode stay there; the default design (a chain-conditional WGAN-GP
 in a subspace) must put about a quarter of its draws on each mode's ridge, while a Gaussian
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.apd import toy
+from training.distillation import toy
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,3 @@
-from apd.cli import main
+from apd_cli import main
 
 raise SystemExit(main())
