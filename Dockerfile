@@ -6,7 +6,7 @@
 #   docker build --target train -t apd-train:0.1.0 .  # training stack: torch 2.13.0 CPU
 #
 # The runtime image holds the core package, the [serve] extras and the shipped checkpoint,
-# and serves with the onnxruntime backend, so it carries no torch.
+# and serves with the factored NumPy forward, so it carries no torch and no onnxruntime.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -21,9 +21,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY apd/ apd/
+COPY apd_cli/ apd_cli/
 COPY service/ service/
 
-# The serving wheel is built from apd/ and service/ only: training/ is not in this stage,
+# The serving wheel is built from apd/, apd_cli/ and service/ only: training/ is not in this stage,
 # so the runtime image cannot import (or carry) the training code.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/venv \
@@ -67,7 +68,7 @@ HEALTHCHECK NONE
 ENTRYPOINT ["apd"]
 CMD ["--help"]
 # ---------------------------------------------------------------------------------------
-# runtime (the last stage, so the default target): non-root, healthchecked, onnxruntime backend.
+# runtime (the last stage, so the default target): non-root, healthchecked, NumPy only.
 FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="apd" \
@@ -85,7 +86,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     APD_CHECKPOINT=/app/models/mnist-fcnn1/model.safetensors \
-    APD_BACKEND=onnxruntime \
     APD_HOST=0.0.0.0 \
     APD_PORT=8000 \
     APD_WORKERS=1

@@ -34,10 +34,10 @@ unit: setup
 test: lint typecheck unit
 
 # The deployment checks alone (also part of `make test`): static checks of the Dockerfile,
-# compose, Prometheus and Grafana files, then the loopback topology (needs Debian's
+# compose, Prometheus, Grafana and Kubernetes files, then the loopback topology (needs Debian's
 # prometheus: apt-get install prometheus).
 deploy-check: setup
-	$(BIN)/pytest -q tests/test_deploy_static.py tests/test_topology.py
+	$(BIN)/pytest -q tests/test_deploy_static.py tests/test_topology.py tests/test_k8s_manifests.py
 
 # Images, where a Docker engine runs (docs/deployment.md).
 image:

@@ -29,12 +29,14 @@ one-line reason for a missing, truncated, tampered, mismatched or foreign file.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import itertools
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -92,6 +94,14 @@ class InputConvention(_Strict):
     description: str = "28x28 grayscale, float pixels in [0, 1] (pixel / 255), white on black"
 
 
+class Design(enum.StrEnum):
+    """What the generator's MLP outputs: coefficients in a fixed subspace (the default design,
+    with a basis, mean and residual noise) or all P weights directly (the paper's design)."""
+
+    SUBSPACE = "subspace"
+    PAPER = "paper"
+
+
 class GeneratorConfig(_Strict):
     noise_dim: int = Field(gt=0)
     hidden_sizes: list[int]
@@ -101,7 +111,7 @@ class GeneratorConfig(_Strict):
     has_mean: bool
     has_residual: bool
     basis_dtype: Literal["float32", "float16"] = "float32"
-    design: str = Field(description="'subspace' (default design) or 'paper'")
+    design: Design
 
 
 class AnomalyCalibration(_Strict):
@@ -260,26 +270,62 @@ class Checkpoint:
         n = len(self.meta.generator.hidden_sizes) + 1
         return [(self.tensors[w], self.tensors[b]) for w, b in _generator_layer_names(n)]
 
+    @property
+    def is_affine(self) -> bool:
+        """Whether every network lies in the affine subspace ``offset + code @ directions``
+        (no residual noise), so that it can be served from its code alone."""
+        return not self.meta.generator.has_residual
+
+    @property
+    def code_dim(self) -> int:
+        """Length of a network's code: ``r`` with a basis, else the last hidden width."""
+        g = self.meta.generator
+        return g.output_dim if g.has_basis else ([g.noise_dim, *g.hidden_sizes])[-1]
+
+    def codes(self, z: NDArray[np.float32]) -> NDArray[np.float32]:
+        """The generator up to its affine tail: noise ``z (K, noise_dim)`` -> codes ``(K, r)``.
+
+        With a basis the code is the MLP's output ``c``; without one (the paper's design) it is
+        the MLP's last hidden layer ``h``, and the last layer is the tail's affine map.
+        """
+        h = np.asarray(z, dtype=np.float32)
+        layers = self.generator_layers()
+        if not self.meta.generator.has_basis:
+            layers = layers[:-1]
+        for i, (w, b) in enumerate(layers):
+            h = h @ w + b
+            if i < len(layers) - 1 or not self.meta.generator.has_basis:
+                h = np.maximum(h, 0.0)
+        return h
+
+    @cached_property
+    def affine(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """``(offset (P,), directions (r, P))`` with ``theta = offset + code @ directions``
+        (before residual noise)."""
+        g = self.meta.generator
+        p = self.num_params
+        if g.has_basis:
+            offset = self.tensors[MEAN] if g.has_mean else np.zeros(p, np.float32)
+            directions = self.tensors[BASIS]
+        else:
+            directions, bias = self.generator_layers()[-1]
+            offset = bias + self.tensors[MEAN] if g.has_mean else bias
+        return np.ascontiguousarray(offset, np.float32), np.ascontiguousarray(directions)
+
     def generate(
         self, z: NDArray[np.float32], eps: NDArray[np.float32] | None = None
     ) -> NDArray[np.float32]:
-        """Reference NumPy generator: noise ``z (K, noise_dim)``, ``eps (K, P)`` -> ``(K, P)``."""
-        h = np.asarray(z, dtype=np.float32)
-        layers = self.generator_layers()
-        for i, (w, b) in enumerate(layers):
-            h = h @ w + b
-            if i < len(layers) - 1:
-                h = np.maximum(h, 0.0)
-        g = self.meta.generator
-        if g.has_basis:
-            h = h @ self.tensors[BASIS]
-        if g.has_mean:
-            h = h + self.tensors[MEAN]
-        if g.has_residual:
+        """Reference NumPy generator: noise ``z (K, noise_dim)``, ``eps (K, P)`` -> ``(K, P)``.
+
+        ``theta = offset + codes(z) @ directions [+ residual_std * eps]``.
+        """
+        offset, directions = self.affine
+        theta = self.codes(z) @ directions + offset
+        if self.meta.generator.has_residual:
             if eps is None:
                 raise ValueError("this generator adds residual noise: pass eps of shape (K, P)")
-            h = h + self.tensors[RESIDUAL_STD] * eps
-        return h.astype(np.float32, copy=False)
+            theta = theta + self.tensors[RESIDUAL_STD] * eps
+        return theta.astype(np.float32, copy=False)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

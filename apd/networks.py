@@ -138,10 +138,19 @@ def _forward_one(layers: list[tuple[FloatArray, FloatArray]], x: FloatArray) -> 
     warm or flushed caches; see docs/training.md).
     """
     w0, b0 = layers[0]
-    h = np.einsum("d,kdh->kh", x, w0) + b0
-    for w, b in layers[1:]:
+    return forward_hidden(layers[1:], np.einsum("d,kdh->kh", x, w0) + b0)
+
+
+def forward_hidden(layers: list[tuple[FloatArray, FloatArray]], h: FloatArray) -> FloatArray:
+    """The layers after the first: ``h`` holds K networks' first-layer pre-activations,
+    ``(K, N, H)`` or ``(K, H)`` for one input; each layer is ReLU then ``h @ W_k + b_k``.
+    Returns the logits. ``h`` is overwritten (the ReLU runs in place)."""
+    for w, b in layers:
         np.maximum(h, 0.0, out=h)
-        h = np.einsum("kd,kdh->kh", h, w) + b
+        if h.ndim == 2:
+            h = np.einsum("kd,kdh->kh", h, w) + b
+        else:
+            h = np.matmul(h, w) + b[:, None, :]
     return h
 
 
@@ -153,11 +162,7 @@ def forward_logits(spec: MLPSpec, theta: FloatArray, x: FloatArray) -> FloatArra
     if x.shape[0] == 1:
         return _forward_one(layers, x[0].astype(theta.dtype, copy=False))[:, None, :]
     w0, b0 = layers[0]
-    h = _first_layer(x.astype(theta.dtype, copy=False), w0, b0)
-    for w, b in layers[1:]:
-        np.maximum(h, 0.0, out=h)
-        h = np.matmul(h, w) + b[:, None, :]
-    return h
+    return forward_hidden(layers[1:], _first_layer(x.astype(theta.dtype, copy=False), w0, b0))
 
 
 def softmax(logits: FloatArray, axis: int = -1) -> FloatArray:

@@ -65,23 +65,58 @@ class PredictiveSummary:
         return np.asarray(getattr(self, name.value))
 
 
+class PredictiveAccumulator:
+    """Running sums over networks from which :func:`summarize`'s decomposition follows.
+
+    Networks arrive in chunks of softmax outputs ``(k, N, C)``; only ``O(N C)`` is kept, so a
+    posterior of any size K is summarised in bounded memory. All sums are float64.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum_p: NDArray[np.float64] | None = None  # (N, C)
+        self._sum_p2: NDArray[np.float64] | None = None  # (N, C)
+        self._sum_h: NDArray[np.float64] | None = None  # (N,)
+
+    def add(self, member_probs: FloatArray) -> None:
+        """Add ``member_probs (k, N, C)``: k more networks' softmax on the same N inputs."""
+        p = np.asarray(member_probs, dtype=np.float64)
+        if p.ndim != 3:
+            raise ValueError(f"expected member probabilities of shape (K, N, C), got {p.shape}")
+        if self._sum_p is None or self._sum_p2 is None or self._sum_h is None:
+            self._sum_p = np.zeros(p.shape[1:])
+            self._sum_p2 = np.zeros(p.shape[1:])
+            self._sum_h = np.zeros(p.shape[1])
+        elif self._sum_p.shape != p.shape[1:]:
+            raise ValueError(f"chunk of shape {p.shape} after chunks of {self._sum_p.shape}")
+        self._sum_p += p.sum(axis=0)
+        self._sum_p2 += np.einsum("knc,knc->nc", p, p)
+        self._sum_h += entropy(p).sum(axis=0)
+        self.count += p.shape[0]
+
+    def summary(self) -> PredictiveSummary:
+        """The decomposition of every network added so far (see :func:`summarize`)."""
+        if self._sum_p is None or self._sum_p2 is None or self._sum_h is None:
+            raise ValueError("no networks added")
+        mean = self._sum_p / self.count
+        variance = np.clip(self._sum_p2 / self.count - mean * mean, 0.0, None).mean(axis=1)
+        probabilities = mean / mean.sum(axis=1, keepdims=True)
+        h_pred = entropy(probabilities)
+        h_exp = self._sum_h / self.count
+        mi = np.minimum(np.clip(h_pred - h_exp, 0.0, None), h_pred)
+        return PredictiveSummary(probabilities, h_pred, h_exp, mi, variance)
+
+
 def summarize(member_probs: FloatArray) -> PredictiveSummary:
     """Uncertainty decomposition from ``member_probs (K, N, C)``: K networks, N inputs.
 
-    Computed in float64. Mutual information is clipped at 0 from below, which only removes
-    rounding error: by Jensen's inequality it is non-negative and at most ``H[p]``.
+    Computed in float64 (:class:`PredictiveAccumulator` with one chunk). Mutual information is
+    clipped at 0 from below, which only removes rounding error: by Jensen's inequality it is
+    non-negative and at most ``H[p]``.
     """
-    p = np.asarray(member_probs, dtype=np.float64)
-    if p.ndim != 3:
-        raise ValueError(f"expected member probabilities of shape (K, N, C), got {p.shape}")
-    mean = p.mean(axis=0)
-    mean /= mean.sum(axis=1, keepdims=True)
-    h_pred = entropy(mean)
-    h_exp = entropy(p).mean(axis=0)
-    mi = np.clip(h_pred - h_exp, 0.0, None)
-    mi = np.minimum(mi, h_pred)
-    variance = p.var(axis=0).mean(axis=1)
-    return PredictiveSummary(mean, h_pred, h_exp, mi, variance)
+    acc = PredictiveAccumulator()
+    acc.add(member_probs)
+    return acc.summary()
 
 
 def calibrate_threshold(in_distribution_scores: FloatArray, target_fpr: float) -> float:

@@ -7,8 +7,9 @@ For each architecture with a finished SGLD run (``<runs>/sgld-<arch>/READY``) th
    the shipped ``models/mnist-<arch>/model.safetensors`` instead and takes the time it
    recorded);
 2. draws K = 100 networks from the checkpoint file with :meth:`Checkpoint.generate` on fixed
-   noise (NumPy seed 0), and takes the teacher as the run's 100 samples spread across its
-   chains (:meth:`SampleStore.select_spread`);
+   noise (NumPy seed 0, :func:`training.distillation.package.sample_networks`), and takes
+   the teacher as the run's 100 samples spread across its chains
+   (:meth:`SampleStore.select_spread`);
 3. compares them on the MNIST test set (accuracy, NLL, mean KL(teacher || APD)) and on the
    five OOD sets (10,000 images each, seed 0) by AUROC of predictive entropy, mutual
    information and model variance, with pass/fail against the issue's targets (accuracy at
@@ -20,9 +21,9 @@ For each architecture with a finished SGLD run (``<runs>/sgld-<arch>/READY``) th
 
 It also times the paper preset (full P-dimensional generator and critic) for
 ``--paper-steps`` generator steps (a quarter of them for fcNN2) on ``--device``, on 200 spread
-samples, and runs the toy posterior
-with four separated modes (:mod:`training.distillation.toy`), reporting how many modes the default
-design, the same GAN without chain conditioning, and a Gaussian fit cover.
+samples, and runs the toy posterior with four separated modes
+(:mod:`training.distillation.toy_posterior`), reporting how many modes the default design,
+the same GAN without chain conditioning, and a Gaussian fit cover.
 
 Writes ``benchmarks/results/distill.json`` and ``distill.md``. Wall times on a shared CPU are
 pessimistic: the load average during the run is recorded next to them.
@@ -48,11 +49,13 @@ from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.uncertainty import PredictiveSummary, ScoreName
-from training.distillation import toy
-from training.distillation.fidelity import compare, predict
-from training.distillation.offline import distill_offline, preset
 from training.cli import main as apd_main
 from training.data import MNIST, OOD_SETS, load_mnist, load_ood
+from training.distillation import toy_posterior
+from training.distillation.fidelity import compare, predict
+from training.distillation.offline import distill_offline, preset
+from training.distillation.package import sample_networks
+from training.metrics import accuracy
 from training.sample_store import SampleStore
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -83,16 +86,6 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def student_networks(ckpt: Checkpoint, k: int = K, seed: int = 0) -> np.ndarray:
-    """``k`` networks from the checkpoint file itself, on fixed NumPy noise."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
-    eps = None
-    if ckpt.meta.generator.has_residual:
-        eps = rng.standard_normal((k, ckpt.num_params), dtype=np.float32)
-    return ckpt.generate(z, eps)
-
-
 def distil(run: Path, arch: str, runs: Path, reuse: bool) -> tuple[Path, float, float]:
     """The checkpoint to evaluate, its distillation wall time and the load average then."""
     shipped = ROOT / "models" / f"mnist-{arch}" / "model.safetensors"
@@ -117,7 +110,7 @@ def service_checks(
     """What the service does with this checkpoint at its stored thresholds."""
     a = ckpt.meta.anomaly
     out: dict[str, Any] = {
-        "test_accuracy": float((student_test.labels == y).mean()),
+        "test_accuracy": accuracy(student_test.probabilities, y),
         "default_score": a.default_score.value,
         "target_fpr": a.target_fpr,
         "flag_rate": {},
@@ -147,7 +140,7 @@ def bench_arch(
     spec = store.spec
     teacher = torch.from_numpy(np.asarray(store.theta[store.select_spread(K)]))
     t_pred = predict(spec, teacher, mnist.test_x, ood)
-    s_pred = predict(spec, torch.from_numpy(student_networks(ckpt)), mnist.test_x, ood)
+    s_pred = predict(spec, torch.from_numpy(sample_networks(ckpt, K, seed=0)), mnist.test_x, ood)
     fidelity = compare(t_pred, s_pred, mnist.test_y)
     size = ckpt.size_bytes
     out: dict[str, Any] = {
@@ -206,23 +199,23 @@ def paper_timing(arch: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def toy_coverage(seed: int = 0) -> dict[str, Any]:
-    problem = toy.make_problem(seed=seed)
-    samples = toy.sample_posterior(
+    problem = toy_posterior.make_problem(seed=seed)
+    samples = toy_posterior.sample_posterior(
         problem, chains_per_mode=2, steps=2000, burn_in=500, thinning=5, lr=0.05, seed=seed
     )
     out: dict[str, Any] = {
-        "separation_nats": round(toy.separation_nats(problem), 1),
+        "separation_nats": round(toy_posterior.separation_nats(problem), 1),
         "chains": len(np.unique(samples.chain)),
         "samples": len(samples.theta),
-        "sgld": toy.mode_coverage(problem, samples.theta, samples.theta).to_dict(),
+        "sgld": toy_posterior.mode_coverage(problem, samples.theta, samples.theta).to_dict(),
     }
     rng = torch.Generator().manual_seed(1)
     for name, conditional in (("apd_default", True), ("apd_unconditional", False)):
-        gen = toy.distill_toy(samples, steps=1000, conditional=conditional, seed=seed)
+        gen = toy_posterior.distill_toy(samples, steps=1000, conditional=conditional, seed=seed)
         draws = gen.sample(4000, rng).numpy()
-        out[name] = toy.mode_coverage(problem, draws, samples.theta).to_dict()
-    out["gaussian"] = toy.mode_coverage(
-        problem, toy.gaussian_draws(samples.theta, 4000, seed), samples.theta
+        out[name] = toy_posterior.mode_coverage(problem, draws, samples.theta).to_dict()
+    out["gaussian"] = toy_posterior.mode_coverage(
+        problem, toy_posterior.gaussian_draws(samples.theta, 4000, seed), samples.theta
     ).to_dict()
     return out
 

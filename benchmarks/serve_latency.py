@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env |= {"OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     env |= {"PYTHONPATH": str(ROOT)}
     port, floor_port = free_port(), free_port()
-    serve_cmd = [sys.executable, "-m", "apd", "serve", "--checkpoint", str(ckpt_path),
+    serve_cmd = [sys.executable, "-m", "apd_cli", "serve", "--checkpoint", str(ckpt_path),
                  "--host", LOOPBACK, "--port", str(port), "--workers", "1",
                  "--backend", args.backend, "--num-threads", str(args.threads),
                  "--local-cache-mb", "1024", "--log-level", "warning"]  # fmt: skip

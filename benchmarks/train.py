@@ -31,9 +31,10 @@ import torch
 from safetensors import safe_open
 
 from apd.networks import get_spec
-from training.baselines import member_probs, score_predictive
 from training.cli import main as apd_main
+from training.metrics import accuracy, negative_log_likelihood
 from training.sample_store import SampleStore
+from training.torch_ops import member_probs
 from training.train import (
     DROPOUT_PASSES,
     METRICS_FILE,
@@ -72,8 +73,13 @@ def evaluate_run(run: Path, method: str, x: torch.Tensor, y: torch.Tensor) -> di
             probs = member_probs(spec, theta, x).mean(0)
             how = "single network"
         stored = 1
-    m = score_predictive(probs, y)
-    return {"test_accuracy": m.accuracy, "test_nll": m.nll, "predictive": how, "stored": stored}
+    p_test = probs.numpy()
+    return {
+        "test_accuracy": accuracy(p_test, y),
+        "test_nll": negative_log_likelihood(p_test, y),
+        "predictive": how,
+        "stored": stored,
+    }
 
 
 def _markdown(result: dict[str, Any]) -> str:

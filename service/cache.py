@@ -1,38 +1,40 @@
-"""Caches of generated network blocks: in-process LRU, then Redis, then the generator.
+"""Caches of network codes: in-process LRU, then Redis, then the generator.
 
-A block (:mod:`service.posterior_pool`) is 10 networks ``(10, P)`` float32. Lookup order:
+A block (:mod:`service.posterior_pool`) is 10 networks, each held as its code ``c (r,)``
+(:mod:`apd.factored`): 184 bytes per network for the shipped fcNN1 (r = 46), where the
+materialised network is 318 KB. Lookup order for the blocks of a request:
 
-1. the in-process LRU (:class:`LocalBlockCache`, bounded in bytes);
-2. a block another request of this process is already fetching or generating: wait for it
-   (single flight per key within the process);
-3. Redis (:class:`RedisBlockStore`), key ``{prefix}:net:{checkpoint_sha256}:{stream}:{block}``;
-4. the generator. Before generating, a worker takes a short Redis lock
-   (``SET NX PX`` through redis-py's :class:`~redis.asyncio.lock.Lock`) on the block; a
-   worker that finds the lock taken polls Redis for the other's result for at most
-   ``lock_wait_s`` and generates the block itself only if it does not come.
+1. the in-process LRU (:class:`LocalBlockCache`, bounded in bytes), which also keeps each
+   block's tails when the architecture's are small (:class:`NetworkBlock`);
+2. Redis (:class:`RedisBlockStore`), key ``{prefix}:codes:{checkpoint_sha256}:{stream}:{block}``,
+   one pipelined ``MGET``-style round trip for all of a request's blocks, with a TTL;
+3. the generator, for whatever is still missing, in one pass over all missing blocks; the
+   new blocks are written back to Redis.
 
-Redis values are :func:`encode_block` bytes, never pickle: a fixed header (magic ``APDN``,
-format version, dtype code, checkpoint sha256, stream tag, block index, rows, columns),
-the raw little-endian float32 weights, and a SHA-256 over header and weights. On read,
-:func:`decode_block` checks all of it and that every weight is finite; an entry that fails
-is deleted, counted (``apd_cache_corrupt_entries_total``), regenerated and rewritten, and
-never served.
+Generating codes is cheap (benchmarks/results/serve_factored.md measures a Redis hit against
+regeneration), so there is no cross-worker lock, no polling for another worker's result and
+no in-process single flight: two workers that miss the same block both compute it, in less
+time than coordinating would take, and write the same bytes.
+
+Redis values are :func:`encode_block` bytes, never pickle: a fixed header (magic ``APDC``,
+format version, checkpoint sha256, stream tag, block index, rows, code length), the raw
+little-endian float32 codes, and an HMAC-SHA256 over header and codes with the secret
+``cache_hmac_key``. On read, :func:`decode_block` checks the MAC first (so an entry forged by
+anyone who can write to Redis but does not hold the key is refused), then every header field
+and that every value is finite; an entry that fails is deleted, counted
+(``apd_cache_corrupt_entries_total``), regenerated and rewritten, and never served.
 
 Redis being unreachable never fails a request. Every Redis call has a short socket timeout;
 the first connection error or timeout marks the store unavailable (``apd_cache_degraded`` =
-1, ``/readyz`` says ``degraded``), after which requests skip Redis entirely and are answered
-from the in-process cache and the generator, while a background task pings Redis with
-exponential backoff and switches back as soon as it answers.
-
-The service is asynchronous: Redis I/O uses ``redis.asyncio`` on the event loop, and every
-CPU-bound step (generation, encoding and checksums, the forward) runs in worker threads, so
-the event loop stays free while a block is computed.
+1, ``/readyz`` says ``degraded``), after which requests skip Redis entirely, while a
+background task pings Redis with exponential backoff and switches back when it answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import struct
 from collections import OrderedDict
@@ -40,25 +42,22 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-import anyio.to_thread
 import numpy as np
 from numpy.typing import NDArray
 
-from service.metrics import Metrics
-from service.posterior_pool import NETWORKS_PER_BLOCK, Stream
+from service.posterior_pool import NETWORKS_PER_BLOCK, NetworkBlock, Stream
+from service.telemetry import Metrics
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.lock import Lock
 
 FloatArray = NDArray[np.float32]
 log = logging.getLogger("apd.service.cache")
 
-MAGIC: Final = b"APDN"
-FORMAT_VERSION: Final = 1
-DTYPE_FLOAT32_LE: Final = 1
-_HEADER: Final = struct.Struct("<4sHH32s16sQII")
-CHECKSUM_BYTES: Final = 32  # SHA-256 (hardware-accelerated here; faster than blake2b)
+MAGIC: Final = b"APDC"
+FORMAT_VERSION: Final = 2
+_HEADER: Final = struct.Struct("<4sH32s16sQII")
+MAC_BYTES: Final = 32  # HMAC-SHA256
 HEADER_BYTES: Final = _HEADER.size
 
 
@@ -68,75 +67,76 @@ class CorruptEntry(ValueError):
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """What every block of one checkpoint looks like."""
+    """What every cached block of one checkpoint looks like, and the key that signs it."""
 
     checkpoint_sha256: str
-    num_params: int
+    code_dim: int
+    hmac_key: bytes
     rows: int = NETWORKS_PER_BLOCK
+
+    def __post_init__(self) -> None:
+        if len(self.hmac_key) < 16:
+            raise ValueError("the cache HMAC key must be at least 16 bytes")
 
     @property
     def payload_bytes(self) -> int:
-        return self.rows * self.num_params * 4
+        return self.rows * self.code_dim * 4
 
     @property
     def entry_bytes(self) -> int:
-        return HEADER_BYTES + self.payload_bytes + CHECKSUM_BYTES
+        return HEADER_BYTES + self.payload_bytes + MAC_BYTES
+
+    def mac(self, signed: bytes | memoryview) -> bytes:
+        return hmac.new(self.hmac_key, signed, hashlib.sha256).digest()
 
 
 def _stream_tag(stream: Stream) -> bytes:
     return hashlib.sha256(stream.name.encode()).digest()[:16]
 
 
-def encode_block(layout: BlockLayout, stream: Stream, block: int, theta: FloatArray) -> bytes:
+def encode_block(layout: BlockLayout, stream: Stream, block: int, codes: FloatArray) -> bytes:
     """The Redis value of ``block`` of ``stream`` (see the module docstring)."""
-    if theta.shape != (layout.rows, layout.num_params):
-        raise ValueError(f"block shape {theta.shape} != {(layout.rows, layout.num_params)}")
-    payload = np.ascontiguousarray(theta, dtype="<f4")
+    if codes.shape != (layout.rows, layout.code_dim):
+        raise ValueError(f"block shape {codes.shape} != {(layout.rows, layout.code_dim)}")
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
-        DTYPE_FLOAT32_LE,
         bytes.fromhex(layout.checkpoint_sha256),
         _stream_tag(stream),
         block,
         layout.rows,
-        layout.num_params,
+        layout.code_dim,
     )
-    digest = hashlib.sha256(header)
-    digest.update(payload.data.cast("B"))
-    return b"".join([header, payload.data.cast("B"), digest.digest()])
+    signed = header + np.ascontiguousarray(codes, dtype="<f4").tobytes()
+    return signed + layout.mac(signed)
 
 
 def decode_block(layout: BlockLayout, stream: Stream, block: int, raw: bytes) -> FloatArray:
-    """The ``(rows, P)`` weights in ``raw``, or :class:`CorruptEntry` saying what is wrong."""
-    if len(raw) < HEADER_BYTES:
-        raise CorruptEntry(f"{len(raw)} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, version, dtype, sha, tag, blk, rows, cols = _HEADER.unpack_from(raw)
-    if magic != MAGIC:
-        raise CorruptEntry(f"bad magic {magic!r}")
-    if version != FORMAT_VERSION:
-        raise CorruptEntry(f"format version {version}, expected {FORMAT_VERSION}")
-    if dtype != DTYPE_FLOAT32_LE:
-        raise CorruptEntry(f"dtype code {dtype}, expected {DTYPE_FLOAT32_LE}")
+    """The ``(rows, r)`` codes in ``raw``, or :class:`CorruptEntry` saying what is wrong."""
+    if len(raw) != layout.entry_bytes:
+        raise CorruptEntry(f"length {len(raw)} bytes, expected {layout.entry_bytes}")
+    end = layout.entry_bytes - MAC_BYTES
+    view = memoryview(raw)
+    if not hmac.compare_digest(layout.mac(view[:end]), raw[end:]):
+        raise CorruptEntry("HMAC mismatch (forged, or written with another key)")
+    magic, version, sha, tag, blk, rows, cols = _HEADER.unpack_from(raw)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise CorruptEntry(
+            f"magic {magic!r} version {version}, expected {MAGIC!r} {FORMAT_VERSION}"
+        )
     if sha.hex() != layout.checkpoint_sha256:
         raise CorruptEntry(f"written for checkpoint {sha.hex()[:12]}…, not this one")
     if tag != _stream_tag(stream) or blk != block:
         raise CorruptEntry(
             f"holds block {blk} of another stream, not block {block} of {stream.name}"
         )
-    if (rows, cols) != (layout.rows, layout.num_params):
-        raise CorruptEntry(f"shape {(rows, cols)}, expected {(layout.rows, layout.num_params)}")
-    if len(raw) != layout.entry_bytes:
-        raise CorruptEntry(f"length {len(raw)} bytes, expected {layout.entry_bytes}")
-    end = HEADER_BYTES + layout.payload_bytes
-    view = memoryview(raw)
-    if hashlib.sha256(view[:end]).digest() != raw[end:]:
-        raise CorruptEntry("checksum mismatch")
-    theta = np.frombuffer(raw, dtype="<f4", count=rows * cols, offset=HEADER_BYTES)
-    theta = theta.reshape(rows, cols).astype(np.float32, copy=False)
-    if not np.isfinite(theta).all():
+    if (rows, cols) != (layout.rows, layout.code_dim):
+        raise CorruptEntry(f"shape {(rows, cols)}, expected {(layout.rows, layout.code_dim)}")
+    codes = np.frombuffer(raw, dtype="<f4", count=rows * cols, offset=HEADER_BYTES)
+    codes = codes.reshape(rows, cols).astype(np.float32, copy=False)
+    if not np.isfinite(codes).all():
         raise CorruptEntry("holds NaN or Inf")
-    return theta
+    return codes
 
 
 class LocalBlockCache:
@@ -145,25 +145,23 @@ class LocalBlockCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: OrderedDict[str, FloatArray] = OrderedDict()
+        self._items: OrderedDict[str, NetworkBlock] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: str) -> FloatArray | None:
-        arr = self._items.get(key)
-        if arr is not None:
+    def get(self, key: str) -> NetworkBlock | None:
+        item = self._items.get(key)
+        if item is not None:
             self._items.move_to_end(key)
-        return arr
+        return item
 
-    def put(self, key: str, arr: FloatArray) -> None:
-        if arr.nbytes > self.max_bytes:
+    def put(self, key: str, item: NetworkBlock) -> None:
+        if item.nbytes > self.max_bytes:
             return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        self._items[key] = arr
-        self.nbytes += arr.nbytes
+        self.discard(key)
+        self._items[key] = item
+        self.nbytes += item.nbytes
         while self.nbytes > self.max_bytes:
             _, evicted = self._items.popitem(last=False)
             self.nbytes -= evicted.nbytes
@@ -201,13 +199,14 @@ class RedisBlockStore:
         health_interval_s: float,
         retry_min_s: float,
         retry_max_s: float,
-        chunk_bytes: int = 16 << 20,
+        password: str | None = None,
     ) -> None:
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
         self.url = url
+        extra: dict[str, Any] = {} if password is None else {"password": password}
         self._client: Redis = Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
@@ -217,12 +216,12 @@ class RedisBlockStore:
             retry=Retry(NoBackoff(), 1),
             retry_on_timeout=False,
             client_name="apd-service",
+            **extra,
         )
         self._metrics = metrics
         self._health_interval_s = health_interval_s
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
-        self._chunk_bytes = chunk_bytes
         self.available = False
         self._seen_up = False
         self._known = False
@@ -291,44 +290,30 @@ class RedisBlockStore:
                 delay = min(delay * 2, self._retry_max_s)
             await self.ping()
 
-    def _chunks(self, keys: Sequence[str], item_bytes: int) -> list[Sequence[str]]:
-        per = max(1, self._chunk_bytes // max(item_bytes, 1))
-        return [keys[i : i + per] for i in range(0, len(keys), per)]
-
-    async def get_many(self, keys: Sequence[str], item_bytes: int) -> list[bytes | None] | None:
-        """Values of ``keys`` (None where absent); None if Redis failed or is unavailable.
-
-        GETs are pipelined in chunks of about ``chunk_bytes`` so that each reply, which
-        must arrive within the socket timeout, stays small.
-        """
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """Values of ``keys`` (None where absent) in one round trip; None if Redis failed or
+        is unavailable."""
         from redis.exceptions import RedisError
 
-        if not self.available:
+        if not self.available or not keys:
             return None
-        out: list[bytes | None] = []
         try:
-            for chunk in self._chunks(keys, item_bytes):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for key in chunk:
-                        pipe.get(key)
-                    out += await pipe.execute()
+            values = await self._client.mget(keys)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "get")
             return None
-        return out
+        return [v if v is None or isinstance(v, bytes) else v.encode() for v in values]
 
     async def set_many(self, items: Mapping[str, bytes], ttl_s: int) -> bool:
         from redis.exceptions import RedisError
 
         if not self.available or not items:
             return False
-        keys = list(items)
         try:
-            for chunk in self._chunks(keys, max(len(v) for v in items.values())):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for key in chunk:
-                        pipe.set(key, items[key], ex=ttl_s)
-                    await pipe.execute()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, ex=ttl_s)
+                await pipe.execute()
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "set")
             return False
@@ -344,257 +329,92 @@ class RedisBlockStore:
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "delete")
 
-    async def exist(self, keys: Sequence[str]) -> list[bool] | None:
-        """Whether each key exists (one pipelined round trip); None if Redis failed."""
-        from redis.exceptions import RedisError
 
-        if not self.available:
-            return None
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.exists(key)
-                return [bool(n) for n in await pipe.execute()]
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._failed(exc, "exists")
-            return None
-
-    async def try_lock(self, name: str, timeout_s: float) -> tuple[bool, Lock | None]:
-        """``(True, lock)`` if taken, ``(False, None)`` if another holds it, and
-        ``(True, None)`` if Redis failed (go ahead without a lock)."""
-        from redis.exceptions import RedisError
-
-        if not self.available:
-            return True, None
-        lock = self._client.lock(name, timeout=timeout_s, blocking=False)
-        try:
-            acquired = await lock.acquire()
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._failed(exc, "lock")
-            return True, None
-        return (True, lock) if acquired else (False, None)
-
-    async def unlock(self, lock: Lock) -> None:
-        from redis.exceptions import LockError, RedisError
-
-        try:
-            await lock.release()
-        except LockError:
-            pass  # expired meanwhile: nothing to release
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._failed(exc, "unlock")
-
-
-Generate = Callable[[Stream, Sequence[int]], list[FloatArray]]
+GenerateBlocks = Callable[[Stream, Sequence[int], Mapping[int, FloatArray]], list[NetworkBlock]]
 RunCompute = Callable[[Callable[[], Any]], Awaitable[Any]]
 
 
 class NetworkCache:
-    """Blocks of networks by (stream, block), through the local LRU, Redis and the generator."""
+    """Blocks of networks by (stream, block), through the local LRU, Redis and the generator.
+
+    ``complete(stream, blocks, known_codes)`` turns blocks into :class:`NetworkBlock`: it
+    draws the codes of the blocks missing from ``known_codes`` and adds tails where kept.
+    """
 
     def __init__(
         self,
         *,
         layout: BlockLayout,
-        generate: Generate,
+        complete: GenerateBlocks,
         run_compute: RunCompute,
         local: LocalBlockCache,
         redis: RedisBlockStore | None,
         metrics: Metrics,
         key_prefix: str,
         ttl_s: int,
-        lock_timeout_s: float,
-        lock_wait_s: float,
     ) -> None:
         self.layout = layout
         self.local = local
         self.redis = redis
-        self._generate = generate
+        self._complete = complete
         self._run_compute = run_compute
         self._metrics = metrics
         self._prefix = key_prefix
         self._ttl_s = ttl_s
-        self._lock_timeout_s = lock_timeout_s
-        self._lock_wait_s = lock_wait_s
-        self._inflight: dict[str, asyncio.Future[FloatArray]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def key(self, stream: Stream, block: int) -> str:
-        return f"{self._prefix}:net:{self.layout.checkpoint_sha256}:{stream.name}:{block}"
+        return f"{self._prefix}:codes:{self.layout.checkpoint_sha256}:{stream.name}:{block}"
 
-    def lock_key(self, stream: Stream, block: int) -> str:
-        return f"{self._prefix}:lock:{self.layout.checkpoint_sha256}:{stream.name}:{block}"
-
-    async def get_blocks(
-        self, stream: Stream, blocks: Sequence[int], *, keep_local: bool = True
-    ) -> list[FloatArray]:
-        """The ``(10, P)`` arrays of ``blocks`` of ``stream``, in order."""
-        found: dict[int, FloatArray] = {}
-        waiting: dict[int, asyncio.Future[FloatArray]] = {}
-        owned: dict[int, asyncio.Future[FloatArray]] = {}
-        loop = asyncio.get_running_loop()
+    async def get_blocks(self, stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
+        """The networks of ``blocks`` of ``stream``, in order."""
+        found: dict[int, NetworkBlock] = {}
         for b in dict.fromkeys(blocks):
-            key = self.key(stream, b)
-            arr = self.local.get(key)
-            if arr is not None:
-                found[b] = arr
-                self._metrics.cache_hits.labels(tier="memory").inc()
-            elif key in self._inflight:
-                waiting[b] = self._inflight[key]
-                self._metrics.cache_hits.labels(tier="coalesced").inc()
-            else:
-                owned[b] = self._inflight[key] = loop.create_future()
-        if owned:
-            # A task of its own, so that a cancelled request does not cancel the work that
-            # other requests are waiting for.
-            task = asyncio.create_task(self._fill_owned(stream, owned, keep_local))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            waiting |= owned
-        for b, fut in waiting.items():
-            found[b] = await asyncio.shield(fut)
-        self._metrics.local_cache_bytes.set(self.local.nbytes)
+            item = self.local.get(self.key(stream, b))
+            if item is not None:
+                found[b] = item
+        self._metrics.cache_hits.labels(tier="memory").inc(len(found))
+        missing = [b for b in dict.fromkeys(blocks) if b not in found]
+        if missing:
+            from_redis = await self._read_redis(stream, missing)
+            drawn = [b for b in missing if b not in from_redis]
+            completed = await self._run_compute(lambda: self._complete(stream, missing, from_redis))
+            for b, item in zip(missing, completed, strict=True):
+                found[b] = item
+                self.local.put(self.key(stream, b), item)
+            self._metrics.local_cache_bytes.set(self.local.nbytes)
+            if drawn:
+                self._metrics.cache_misses.inc(len(drawn))
+                self._metrics.networks_generated.inc(len(drawn) * self.layout.rows)
+                await self._write_redis(stream, {b: found[b].codes for b in drawn})
         return [found[b] for b in blocks]
 
-    async def _fill_owned(
-        self, stream: Stream, owned: dict[int, asyncio.Future[FloatArray]], keep_local: bool
-    ) -> None:
-        try:
-            got = await self._fill(stream, list(owned))
-            for b, fut in owned.items():
-                if keep_local:
-                    self.local.put(self.key(stream, b), got[b])
-                fut.set_result(got[b])
-        except BaseException as exc:
-            log.exception("filling blocks %s of %s failed", list(owned), stream.name)
-            error = exc if isinstance(exc, Exception) else RuntimeError("cancelled")
-            for fut in owned.values():
-                if not fut.done():
-                    fut.set_exception(error)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for b in owned:
-                self._inflight.pop(self.key(stream, b), None)
-
-    async def _fill(self, stream: Stream, owned: list[int]) -> dict[int, FloatArray]:
-        out = await self._read_redis(stream, owned)
-        missing = [b for b in owned if b not in out]
-        if not missing:
-            return out
-        redis = self.redis
-        mine: list[int] = []
-        theirs: list[int] = []
-        locks: list[Lock] = []
-        if redis is not None and redis.available:
-            claims = await asyncio.gather(
-                *(redis.try_lock(self.lock_key(stream, b), self._lock_timeout_s) for b in missing)
-            )
-            for b, (go, lock) in zip(missing, claims, strict=True):
-                (mine if go else theirs).append(b)
-                if lock is not None:
-                    locks.append(lock)
-        else:
-            mine = missing
-        try:
-            if mine and locks:
-                # Double-checked: another worker may have written a block between our read
-                # and our lock.
-                out |= await self._read_redis(stream, mine)
-                mine = [b for b in mine if b not in out]
-            if mine:
-                out |= await self._generate_and_store(stream, mine)
-        finally:
-            if redis is not None and locks:
-                await asyncio.gather(*(redis.unlock(lock) for lock in locks))
-        if theirs:
-            out |= await self._await_others(stream, theirs)
-            left = [b for b in theirs if b not in out]
-            if left:
-                out |= await self._generate_and_store(stream, left)
-        return out
-
     async def _read_redis(self, stream: Stream, blocks: list[int]) -> dict[int, FloatArray]:
-        if self.redis is None or not self.redis.available or not blocks:
+        if self.redis is None or not self.redis.available:
             return {}
-        raws = await self.redis.get_many(
-            [self.key(stream, b) for b in blocks], self.layout.entry_bytes
-        )
+        raws = await self.redis.get_many([self.key(stream, b) for b in blocks])
         if raws is None:
             return {}
-        present = {b: raw for b, raw in zip(blocks, raws, strict=True) if raw is not None}
-        return await self._decode(stream, present)
-
-    async def _decode(self, stream: Stream, raws: dict[int, bytes]) -> dict[int, FloatArray]:
-        if not raws:
-            return {}
-
-        def decode_all() -> dict[int, FloatArray | CorruptEntry]:
-            results: dict[int, FloatArray | CorruptEntry] = {}
-            for b, raw in raws.items():
-                try:
-                    results[b] = decode_block(self.layout, stream, b, raw)
-                except CorruptEntry as exc:
-                    results[b] = exc
-            return results
-
-        decoded = await anyio.to_thread.run_sync(decode_all)
         out: dict[int, FloatArray] = {}
         bad: list[str] = []
-        for b, result in decoded.items():
-            if isinstance(result, CorruptEntry):
+        for b, raw in zip(blocks, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                out[b] = decode_block(self.layout, stream, b, raw)
+            except CorruptEntry as exc:
                 key = self.key(stream, b)
-                log.warning("discarding corrupt cache entry %s: %s", key, result)
+                log.warning("discarding corrupt cache entry %s: %s", key, exc)
                 self._metrics.cache_corrupt.inc()
                 bad.append(key)
-            else:
-                out[b] = result
-                self._metrics.cache_hits.labels(tier="redis").inc()
-        if bad and self.redis is not None:
+        self._metrics.cache_hits.labels(tier="redis").inc(len(out))
+        if bad:
             await self.redis.delete(*bad)
         return out
 
-    async def _generate_and_store(self, stream: Stream, blocks: list[int]) -> dict[int, FloatArray]:
-        arrays: list[FloatArray] = await self._run_compute(lambda: self._generate(stream, blocks))
-        out = dict(zip(blocks, arrays, strict=True))
-        self._metrics.cache_misses.inc(len(blocks))
-        self._metrics.networks_generated.inc(len(blocks) * self.layout.rows)
-        if self.redis is not None and self.redis.available:
-
-            def encode_all() -> dict[str, bytes]:
-                return {
-                    self.key(stream, b): encode_block(self.layout, stream, b, a)
-                    for b, a in out.items()
-                }
-
-            encoded = await anyio.to_thread.run_sync(encode_all)
-            await self.redis.set_many(encoded, self._ttl_s)
-        return out
-
-    async def _await_others(self, stream: Stream, blocks: list[int]) -> dict[int, FloatArray]:
-        """Poll Redis for blocks another worker is generating, for at most ``lock_wait_s``.
-
-        Stops early for a block whose lock is gone without a value (the other worker failed).
-        """
-        redis = self.redis
-        out: dict[int, FloatArray] = {}
-        pending = list(blocks)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._lock_wait_s
-        delay = 0.005
-        while pending and redis is not None and redis.available and loop.time() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            out |= await self._read_redis(stream, pending)
-            pending = [b for b in pending if b not in out]
-            if not pending:
-                break
-            locked = await redis.exist([self.lock_key(stream, b) for b in pending])
-            if locked is None:
-                break
-            still_locked = [b for b, held in zip(pending, locked, strict=True) if held]
-            if len(still_locked) < len(pending):
-                # A lock vanished: its value may have landed just before; look once more.
-                out |= await self._read_redis(stream, pending)
-                pending = [b for b in still_locked if b not in out]
-        return out
+    async def _write_redis(self, stream: Stream, codes: dict[int, FloatArray]) -> None:
+        if self.redis is None or not self.redis.available:
+            return
+        encoded = {
+            self.key(stream, b): encode_block(self.layout, stream, b, c) for b, c in codes.items()
+        }
+        await self.redis.set_many(encoded, self._ttl_s)

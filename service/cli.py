@@ -1,7 +1,7 @@
 """``apd serve``: run the inference service under uvicorn.
 
 Flags mirror :class:`service.config.Settings` (``--checkpoint``, ``--host``, ``--port``,
-``--workers``, ``--redis-url``, ``--backend``, ...; ``apd serve --help`` lists them all) and
+``--workers``, ``--redis-url``, ...; ``apd serve --help`` lists them all) and
 win over the ``APD_*`` environment. Before anything is served, this process validates the
 settings and loads and checks the checkpoint; a problem is one line on stderr and a non-zero
 exit code (2: bad settings, 1: a checkpoint that cannot be served).
@@ -22,7 +22,6 @@ mode is switched on with a fresh directory so that ``/metrics`` aggregates every
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import sys
 import tempfile
@@ -37,7 +36,6 @@ if TYPE_CHECKING:  # the runtime imports wait until the BLAS threads are set (th
 
 PROG = "apd serve"
 APP_FACTORY = "service.main:create_app"
-BACKEND_MODULES = {"onnxruntime": ("onnxruntime", "onnx"), "torch": ("torch",)}
 BLAS_THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -76,13 +74,6 @@ def _log_config(level: str) -> dict[str, Any]:
     return config
 
 
-def _missing_backend_module(backend: str) -> str | None:
-    for module in BACKEND_MODULES[backend]:
-        if importlib.util.find_spec(module) is None:
-            return module
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     limit_blas_threads(args)
@@ -98,10 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         return _fail(describe_validation_error(exc), 2)
 
-    missing = _missing_backend_module(settings.backend.value)
-    if missing is not None:
-        return _fail(f"backend {settings.backend.value} needs the {missing!r} package", 2)
-
     from service.runtime import load_servable
 
     try:
@@ -111,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from service.http_protocol import HeaderTimeoutH11Protocol
-    from service.metrics import MULTIPROC_ENV
+    from service.http_protocol import BoundedH11Protocol
+    from service.telemetry import MULTIPROC_ENV
 
     common: dict[str, Any] = {
         "host": settings.host,
@@ -124,10 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_header": False,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         # h11 bounds header size while headers stream in (httptools buffers any header
-        # whole), and this subclass bounds the time they may take.
-        "http": HeaderTimeoutH11Protocol,
+        # whole); this subclass bounds the time they may take and how much of a refused
+        # body is read (lingering close).
+        "http": BoundedH11Protocol,
     }
-    HeaderTimeoutH11Protocol.header_timeout_s = settings.header_timeout_s
+    BoundedH11Protocol.header_timeout_s = settings.header_timeout_s
     try:
         if settings.workers == 1:
             from service.main import create_app

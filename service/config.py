@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Final, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.posterior_pool import NETWORKS_PER_BLOCK
@@ -22,19 +29,6 @@ from service.schemas import MAX_NUM_SAMPLES
 PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT: Final = PROJECT_ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
 ENV_PREFIX: Final = "APD_"
-
-
-class Backend(enum.StrEnum):
-    """How the generator (noise -> weights) and the K-network forward are computed.
-
-    ``onnxruntime``: the generator as an ONNX graph (:mod:`training.distillation.onnx_graph`) in an
-    onnxruntime session, the forward in NumPy (:func:`apd.networks.forward_probs`); torch is
-    never imported. ``torch``: torch modules built from the checkpoint's tensors, the
-    forward with :func:`training.torch_ops.forward_logits`.
-    """
-
-    ONNXRUNTIME = "onnxruntime"
-    TORCH = "torch"
 
 
 class LogLevel(enum.StrEnum):
@@ -69,13 +63,12 @@ class Settings(BaseSettings):
         pattern=r"^[0-9a-f]{64}$",
         description="Refuse to start unless the checkpoint file has this sha256",
     )
-    backend: Backend = Field(default=Backend.ONNXRUNTIME, description="generator/forward backend")
     num_threads: int = Field(
         default=1,
         ge=0,
         le=256,
-        description="threads per computation (generator, forward; BLAS, onnxruntime, torch) "
-        "per worker; 0: each library's default (all cores)",
+        description="BLAS threads per computation (the factored forward's GEMMs) per worker; "
+        "0: the library's default (all cores)",
     )
     compute_concurrency: int = Field(
         default=2,
@@ -130,30 +123,39 @@ class Settings(BaseSettings):
 
     # Posterior networks and their caches.
     pool_size: int = Field(
-        default=200, ge=NETWORKS_PER_BLOCK, le=100_000, description="networks in the shared pool"
+        default=1000,
+        ge=NETWORKS_PER_BLOCK,
+        le=100_000,
+        description="networks in the shared pool (held as codes: 4.2 KB each for fcNN1)",
     )
     local_cache_mb: float = Field(
-        default=256.0,
+        default=32.0,
         ge=0,
         le=1 << 20,
-        description="in-process LRU of network blocks, MiB per worker",
+        description="in-process LRU of seeded requests' network codes, MiB per worker",
     )
     redis_url: str | None = Field(
         default=None, description="Redis for the shared cache (unset: in-process only)"
     )
+    redis_password: SecretStr | None = Field(
+        default=None, description="Redis password (or put it in redis_url, or use the _file)"
+    )
+    redis_password_file: FilePath | None = Field(
+        default=None, description="file holding the Redis password (a mounted secret)"
+    )
+    cache_hmac_key: SecretStr | None = Field(
+        default=None,
+        description="secret key (16+ bytes) authenticating cached networks in Redis; "
+        "required with redis_url",
+    )
+    cache_hmac_key_file: FilePath | None = Field(
+        default=None, description="file holding cache_hmac_key (a mounted secret)"
+    )
     redis_key_prefix: str = Field(
         default="apd", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="prefix of every Redis key"
     )
-    cache_ttl_s: int = Field(
-        default=7 * 24 * 3600, ge=1, description="TTL of cached network blocks"
-    )
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1, description="TTL of cached network codes")
     redis_socket_timeout_s: Seconds = Field(default=0.25, description="Redis connect/read timeout")
-    redis_lock_timeout_s: Seconds = Field(
-        default=10.0, description="lifetime of the lock a worker holds while it generates a block"
-    )
-    redis_lock_wait_s: Seconds = Field(
-        default=3.0, description="how long to wait for another worker's block before generating it"
-    )
     redis_health_interval_s: Seconds = Field(
         default=1.0, description="Redis ping interval while up"
     )
@@ -162,6 +164,25 @@ class Settings(BaseSettings):
     )
     redis_retry_max_s: Seconds = Field(
         default=5.0, description="longest retry delay while Redis is down"
+    )
+
+    # Memory admission (docs/limits.md).
+    memory_budget_mb: float = Field(
+        default=384.0,
+        gt=0,
+        le=1 << 20,
+        description="bytes of in-flight work (request bodies as they arrive, forward working "
+        "sets) admitted at once per worker, MiB; more waits, then gets 503",
+    )
+    admission_wait_s: Seconds = Field(
+        default=5.0,
+        description="how long work waits for memory budget before 503 with Retry-After",
+    )
+    forward_chunk_mb: float = Field(
+        default=8.0,
+        gt=0,
+        le=1024,
+        description="working set of one chunk of networks in the forward, MiB",
     )
 
     @field_validator("pool_size")
@@ -190,7 +211,36 @@ class Settings(BaseSettings):
             )
         if self.redis_retry_min_s > self.redis_retry_max_s:
             raise ValueError("redis_retry_min_s exceeds redis_retry_max_s")
+        for name in ("redis_password", "cache_hmac_key"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
+                raise ValueError(f"set {name} or {name}_file, not both")
+        key = self.hmac_key
+        if key is not None and len(key) < 16:
+            raise ValueError("cache_hmac_key must be at least 16 bytes")
+        if self.redis_url is not None and key is None:
+            raise ValueError(
+                "redis_url is set but cache_hmac_key is not: cached networks are authenticated "
+                "with it (set APD_CACHE_HMAC_KEY or APD_CACHE_HMAC_KEY_FILE)"
+            )
         return self
+
+    @property
+    def hmac_key(self) -> bytes | None:
+        """The cache HMAC key, from the setting or its file (trailing newline stripped)."""
+        return _secret(self.cache_hmac_key, self.cache_hmac_key_file)
+
+    @property
+    def redis_secret(self) -> str | None:
+        key = _secret(self.redis_password, self.redis_password_file)
+        return None if key is None else key.decode()
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * 1024 * 1024)
+
+    @property
+    def forward_chunk_bytes(self) -> int:
+        return int(self.forward_chunk_mb * 1024 * 1024)
 
     @property
     def local_cache_bytes(self) -> int:
@@ -200,8 +250,18 @@ class Settings(BaseSettings):
         """These settings as ``APD_*`` variables (None: unset), for worker processes."""
         out: dict[str, str | None] = {}
         for name, value in self.model_dump(mode="json").items():
+            if isinstance(getattr(self, name), SecretStr):
+                value = getattr(self, name).get_secret_value()
             out[f"{ENV_PREFIX}{name.upper()}"] = None if value is None else str(value)
         return out
+
+
+def _secret(value: SecretStr | None, path: Path | None) -> bytes | None:
+    if value is not None:
+        return value.get_secret_value().encode()
+    if path is not None:
+        return path.read_bytes().rstrip(b"\r\n")
+    return None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -45,7 +45,3 @@ def mnist_example(decimals: int = 3) -> list[float]:
     """The example digit as 784 floats in [0, 1], rounded to keep the document short."""
     return [round(b / 255, decimals) for b in bytes.fromhex(MNIST_TEST_0)]
 
-
-def blank_example() -> list[list[float]]:
-    """An all-black 28x28 image, in the nested form."""
-    return [[0.0] * 28 for _ in range(28)]

@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)``; uvicorn runs ``create_app`` as a factory.
 
 Startup work happens once, in the lifespan: load and check the checkpoint (unless the caller
-passes one already loaded), build the backend, connect to Redis, and fill the shared pool.
+passes one already loaded), build the factored forward, connect to Redis, and draw the
+shared pool.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from starlette.exceptions import HTTPException
 
 import apd
 from apd.checkpoint import Checkpoint
+from service.admission import BodyAdmissionMiddleware
+from service.api.docs import add_offline_docs
 from service.api.errors import http_error_handler, validation_error_handler
 from service.api.main import api_router
 from service.config import Settings
-from service.metrics import Metrics, mark_worker_exited
 from service.middleware import BodyLimitMiddleware, BodyTimeoutMiddleware, MetricsMiddleware
 from service.runtime import ServiceRuntime, load_servable
+from service.telemetry import Metrics, mark_worker_exited
 
 log = logging.getLogger("apd.service")
 
@@ -89,6 +92,8 @@ def create_app(
         description=DESCRIPTION,
         version=apd.__version__,
         lifespan=lifespan,
+        docs_url=None,  # add_offline_docs: /docs and /redoc without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -100,8 +105,10 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )
+    app.add_middleware(BodyAdmissionMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.include_router(api_router)
+    add_offline_docs(app)
     return app

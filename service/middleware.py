@@ -3,7 +3,9 @@
 The size limit answers 413 from ``Content-Length`` before reading anything, and counts bytes
 while a body without one streams in, stopping at the limit; its message names the limit.
 (FastAPI's own ``max_body_size`` does the same but replaces every such answer with a
-plain-text "Content Too Large", which breaks the API's JSON error contract.)
+plain-text "Content Too Large", which breaks the API's JSON error contract.) These refusals
+say ``Connection: close``: the rest of the body is not read to reach a next request on the
+connection; :mod:`service.http_protocol` closes it the way every client can read the answer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import Metrics
+from service.telemetry import Metrics
 
 KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -102,9 +104,12 @@ class BodyTimeoutMiddleware:
         await self.app(scope, receive_by_deadline, send)
 
 
+CLOSE: Final = {"Connection": "close"}
+
+
 class BodyLimitMiddleware:
     """413 for a request body over ``max_bytes``, without reading more of it than the limit;
-    431 for request headers over ``max_header_bytes`` in all."""
+    431 for request headers over ``max_header_bytes`` in all. Both close the connection."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int) -> None:
         self.app = app
@@ -124,11 +129,13 @@ class BodyLimitMiddleware:
                 f"request headers hold {header_bytes} bytes; the limit is "
                 f"{self.max_header_bytes} (max_header_bytes)"
             )
-            await JSONResponse({"detail": message}, status_code=431)(scope, receive, send)
+            response = JSONResponse({"detail": message}, status_code=431, headers=CLOSE)
+            await response(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+            response = JSONResponse({"detail": self.message}, status_code=413, headers=CLOSE)
+            await response(scope, receive, send)
             return
         received = 0
 
@@ -138,7 +145,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(status_code=413, detail=self.message)
+                    raise HTTPException(status_code=413, detail=self.message, headers=CLOSE)
             return message
 
         await self.app(scope, receive_within_limit, send)

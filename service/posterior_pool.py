@@ -7,8 +7,8 @@ generator applied (10 networks at once, always) to noise drawn with NumPy from::
     z   = rng.standard_normal((10, noise_dim), dtype=np.float32)
     eps = rng.standard_normal((10, P), dtype=np.float32)   # only if the generator has a residual
 
-so a block is a pure function of (checkpoint, stream, block): any worker, replica or backend
-draws the same networks, which is what makes ``seed`` reproducible and lets workers share
+so a block is a pure function of (checkpoint, stream, block): any worker or replica draws the
+same networks, which is what makes ``seed`` reproducible and lets workers share
 blocks through Redis. The block size is part of that contract and must not change.
 
 Streams:
@@ -17,16 +17,14 @@ Streams:
   K of blocks ``0 .. ceil(K/10) - 1``.
 * ``pool``, for requests without a seed, with an entropy of 128 bits that no user seed can
   equal. Its first ``pool_size / 10`` blocks form the shared pool, held in memory as one
-  contiguous ``(pool_size, P)`` array. A request takes ``ceil(K/10)`` distinct pool blocks
-  chosen at random as a window of consecutive blocks (uniform start), or, when K exceeds the
-  pool, every pool block and the stream's next blocks. Pool networks are independent draws
-  from the generator, so any K distinct ones are as good as any other; a window is a view of
-  the pool array, so the K networks run as one batched forward without first copying
-  K x P weights (a 32 MB copy at K = 100 for fcNN1 costs several times the forward itself).
+  :class:`NetworkBlock` (codes, and tails where kept: 4.2 KB per network for fcNN1). A request
+  takes ``ceil(K/10)`` distinct pool blocks chosen at random as a window of consecutive blocks
+  (uniform start), or, when K exceeds the pool, every pool block and the stream's next blocks.
+  Pool networks are independent draws from the generator, so any K distinct ones are as good
+  as any other; a window is a view of the pool, never a copy.
 
-Networks that do not lie in one array (a seeded request's blocks, each its own cache entry)
-are evaluated one contiguous segment at a time: one batched pass per block of 10 networks,
-never a loop over single networks, and no K x P copy.
+A network is held as its code in the generator's affine subspace (:mod:`apd.factored`), not
+as its P weights; checkpoints with residual noise are the exception (:mod:`service.runtime`).
 """
 
 from __future__ import annotations
@@ -106,27 +104,58 @@ def plan_networks(
     return NetworkPlan(POOL_STREAM, tuple(range(n)), num_networks)
 
 
-BlockSource = Callable[[Stream, Sequence[int]], Awaitable[list[FloatArray]]]
+@dataclass(frozen=True)
+class NetworkBlock:
+    """Consecutive networks of one stream: their codes ``(k, r)`` and, where the architecture's
+    are small enough to keep (:data:`service.runtime.MAX_KEPT_TAIL_PARAMS`), their tails
+    ``(k, P_tail)`` (:meth:`apd.factored.AffinePosterior.tails`)."""
+
+    codes: FloatArray
+    tails: FloatArray | None = None
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + (0 if self.tails is None else self.tails.nbytes))
+
+    def __getitem__(self, rows: slice) -> NetworkBlock:
+        return NetworkBlock(self.codes[rows], None if self.tails is None else self.tails[rows])
+
+    @classmethod
+    def concatenate(cls, blocks: Sequence[NetworkBlock]) -> NetworkBlock:
+        codes = np.concatenate([b.codes for b in blocks])
+        tails = [b.tails for b in blocks]
+        if any(t is None for t in tails):
+            return cls(codes)
+        return cls(codes, np.concatenate(tails))  # type: ignore[arg-type]
+
+
+BlockSource = Callable[[Stream, Sequence[int]], Awaitable[list[NetworkBlock]]]
 
 
 class PosteriorPool:
     """The shared pool held in memory, and the networks of any request's plan.
 
-    ``source`` fetches blocks through the caches (:class:`service.cache.NetworkCache`).
-    The pool's own blocks are fetched once, by :meth:`load`, through ``pool_source`` (default:
-    ``source``; the service passes one that keeps them out of the LRU, since the pool holds
-    them), and kept for the process's life as one read-only array.
+    ``source`` fetches a seeded request's blocks through the caches
+    (:class:`service.cache.NetworkCache`). The pool's own blocks are drawn once, by
+    :meth:`load`, with ``draw`` (no cache: drawing them is cheaper than fetching them), and
+    kept for the process's life as one read-only :class:`NetworkBlock`. No request evicts it.
     """
 
     def __init__(
-        self, pool_size: int, source: BlockSource, pool_source: BlockSource | None = None
+        self,
+        pool_size: int,
+        source: BlockSource,
+        draw: Callable[[Stream, Sequence[int]], Awaitable[list[NetworkBlock]]],
     ) -> None:
         if pool_size % NETWORKS_PER_BLOCK:
             raise ValueError(f"pool_size must be a multiple of {NETWORKS_PER_BLOCK}")
         self.pool_blocks = pool_size // NETWORKS_PER_BLOCK
         self._source = source
-        self._pool_source = pool_source or source
-        self._pool: FloatArray | None = None
+        self._draw = draw
+        self._pool: NetworkBlock | None = None
 
     @property
     def loaded(self) -> bool:
@@ -136,21 +165,26 @@ class PosteriorPool:
     def size(self) -> int:
         return 0 if self._pool is None else len(self._pool)
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._pool is None else self._pool.nbytes
+
     async def load(self) -> None:
-        blocks = await self._pool_source(POOL_STREAM, range(self.pool_blocks))
-        pool = np.concatenate(blocks, axis=0)
-        pool.setflags(write=False)
+        pool = NetworkBlock.concatenate(await self._draw(POOL_STREAM, range(self.pool_blocks)))
+        for array in (pool.codes, pool.tails):
+            if array is not None:
+                array.setflags(write=False)
         self._pool = pool
 
     def plan(self, num_networks: int, seed: int | None) -> NetworkPlan:
         return plan_networks(num_networks, seed, self.pool_blocks, np.random.default_rng())
 
-    async def segments(self, plan: NetworkPlan) -> list[FloatArray]:
-        """The plan's first K networks as arrays ``(k_i, P)`` with ``sum k_i = K``.
+    async def segments(self, plan: NetworkPlan) -> list[NetworkBlock]:
+        """The plan's first K networks as blocks of ``k_i`` networks with ``sum k_i = K``.
 
-        Pool blocks come as one view of the pool array; other blocks one array each.
+        Pool blocks come as one view of the pool; other blocks one each.
         """
-        segments: list[FloatArray] = []
+        segments: list[NetworkBlock] = []
         rest: Sequence[int] = plan.blocks
         if plan.stream == POOL_STREAM and self._pool is not None:
             held = [b for b in plan.blocks if b < self.pool_blocks]
@@ -159,15 +193,16 @@ class PosteriorPool:
                 start, stop = held[0], held[-1] + 1
                 if held != list(range(start, stop)):
                     raise ValueError("pool blocks of a plan must be consecutive")
-                segments.append(self._pool[start * NETWORKS_PER_BLOCK : stop * NETWORKS_PER_BLOCK])
+                rows = slice(start * NETWORKS_PER_BLOCK, stop * NETWORKS_PER_BLOCK)
+                segments.append(self._pool[rows])
         if rest:
             segments += await self._source(plan.stream, rest)
         return truncate(segments, plan.num_networks)
 
 
-def truncate(segments: Sequence[FloatArray], num_networks: int) -> list[FloatArray]:
-    """The first ``num_networks`` rows of the concatenated ``segments``, without copying."""
-    out: list[FloatArray] = []
+def truncate(segments: Sequence[NetworkBlock], num_networks: int) -> list[NetworkBlock]:
+    """The first ``num_networks`` networks of the concatenated ``segments``, without copying."""
+    out: list[NetworkBlock] = []
     left = num_networks
     for seg in segments:
         if left <= 0:

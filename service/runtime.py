@@ -1,15 +1,22 @@
-"""What one worker holds while it serves: checkpoint, backend, caches, pool, metrics.
+"""What one worker holds while it serves: checkpoint, factored posterior, caches, pool, budget.
 
 Built once, in the app's lifespan (:meth:`ServiceRuntime.start`), and closed on shutdown.
+
+A request's K networks are codes in the generator's affine subspace, run by the factored
+forward (:class:`apd.factored.AffinePosterior`): the cost of a request is about one network's
+first layer plus a small per-network part, and its memory is bounded by ``forward_chunk_mb``
+whatever K. Checkpoints whose generator adds residual noise are not affine; their networks are
+materialised a block at a time (:func:`summarize_materialised`), slower but equally bounded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.to_thread
@@ -17,16 +24,31 @@ import numpy as np
 from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from apd.uncertainty import PredictiveSummary, ScoreName, summarize
-from service.backends import GeneratorBackend, create_backend
+from apd.factored import AffinePosterior
+from apd.networks import forward_probs
+from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, ScoreName
+from service.admission import MemoryBudget
 from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
 from service.config import Settings
-from service.metrics import Metrics
-from service.posterior_pool import PosteriorPool, Stream, block_noise
+from service.posterior_pool import (
+    NETWORKS_PER_BLOCK,
+    NetworkBlock,
+    NetworkPlan,
+    PosteriorPool,
+    Stream,
+    block_noise,
+)
 from service.schemas import IMAGE_PIXELS, IMAGE_SIDE
+from service.telemetry import Metrics
 
 FloatArray = NDArray[np.float32]
 log = logging.getLogger("apd.service")
+
+# Tails (the layers after the first) are kept beside the codes when a network's tail has at
+# most this many weights: fcNN1's 1,010 (4 KB) are; fcNN2's 164,410 (658 KB) are recomputed
+# from the codes a chunk at a time, as keeping them would hold most of the network.
+MAX_KEPT_TAIL_PARAMS: Final = 16_384
+FORWARD_NAME: Final = "numpy-factored"
 
 
 def check_servable(ckpt: Checkpoint, settings: Settings) -> None:
@@ -57,42 +79,63 @@ def load_servable(settings: Settings) -> Checkpoint:
     return ckpt
 
 
-def summarize_segments(
-    backend: GeneratorBackend, segments: Sequence[FloatArray], x: FloatArray
-) -> PredictiveSummary:
-    """Uncertainty summary of the networks in ``segments`` on ``x``.
-
-    Each segment (a contiguous ``(k_i, P)`` array) is one batched forward pass.
-    """
-    probs = [backend.forward_probs(seg, x) for seg in segments]
-    return summarize(probs[0] if len(probs) == 1 else np.concatenate(probs, axis=0))
+def summarize_materialised(ckpt: Checkpoint, plan: NetworkPlan, x: FloatArray) -> PredictiveSummary:
+    """The reference path, for generators with residual noise: each block's networks are
+    drawn as weights (:meth:`Checkpoint.generate`) and run (:func:`forward_probs`), one block
+    at a time."""
+    g = ckpt.meta.generator
+    acc = PredictiveAccumulator()
+    left = plan.num_networks
+    for b in plan.blocks:
+        z, eps = block_noise(plan.stream, b, g.noise_dim, ckpt.num_params, g.has_residual)
+        theta = ckpt.generate(z, eps)[: min(left, NETWORKS_PER_BLOCK)]
+        acc.add(forward_probs(ckpt.spec, theta, x))
+        left -= len(theta)
+    return acc.summary()
 
 
 @dataclass
 class ServiceRuntime:
     settings: Settings
     checkpoint: Checkpoint
-    backend: GeneratorBackend
+    posterior: AffinePosterior
     metrics: Metrics
     cache: NetworkCache
     pool: PosteriorPool
     redis: RedisBlockStore | None
     limiter: anyio.CapacityLimiter
+    budget: MemoryBudget
     default_num_samples: int
 
     @classmethod
     async def start(cls, settings: Settings, ckpt: Checkpoint, metrics: Metrics) -> ServiceRuntime:
-        backend = create_backend(settings.backend, ckpt, settings.num_threads)
         limiter = anyio.CapacityLimiter(settings.compute_concurrency)
-        g = ckpt.meta.generator
+        offset, directions = ckpt.affine
+        posterior = AffinePosterior(
+            ckpt.spec, offset, directions, chunk_bytes=settings.forward_chunk_bytes
+        )
+        keep_tails = posterior.tail_params <= MAX_KEPT_TAIL_PARAMS
+        noise_dim = ckpt.meta.generator.noise_dim
 
-        def generate(stream: Stream, blocks: Sequence[int]) -> list[FloatArray]:
+        def complete(
+            stream: Stream, blocks: Sequence[int], known: Mapping[int, FloatArray]
+        ) -> list[NetworkBlock]:
+            """Blocks of ``stream`` from their known codes, drawing the others in one pass."""
+            todo = [b for b in blocks if b not in known]
+            drawn: dict[int, FloatArray] = {}
+            if todo:
+                z = [block_noise(stream, b, noise_dim, ckpt.num_params, False)[0] for b in todo]
+                codes = ckpt.codes(np.concatenate(z))
+                for i, b in enumerate(todo):
+                    drawn[b] = codes[i * NETWORKS_PER_BLOCK : (i + 1) * NETWORKS_PER_BLOCK]
             out = []
             for b in blocks:
-                z, eps = block_noise(stream, b, g.noise_dim, ckpt.num_params, g.has_residual)
-                theta = backend.generate(z, eps)
-                theta.setflags(write=False)
-                out.append(theta)
+                codes = np.ascontiguousarray(known[b] if b in known else drawn[b])
+                codes.setflags(write=False)
+                tails = posterior.tails(codes) if keep_tails else None
+                if tails is not None:
+                    tails.setflags(write=False)
+                out.append(NetworkBlock(codes, tails))
             return out
 
         async def run_compute(fn: Callable[[], Any]) -> Any:
@@ -107,57 +150,64 @@ class ServiceRuntime:
                 health_interval_s=settings.redis_health_interval_s,
                 retry_min_s=settings.redis_retry_min_s,
                 retry_max_s=settings.redis_retry_max_s,
+                password=settings.redis_secret,
             )
             await redis.start()
         else:
             metrics.cache_degraded.set(0)
+        # Without Redis nothing leaves the process, and a random key signs nothing shared.
+        hmac_key = settings.hmac_key or os.urandom(32)
         cache = NetworkCache(
-            layout=BlockLayout(ckpt.sha256, ckpt.num_params),
-            generate=generate,
+            layout=BlockLayout(ckpt.sha256, posterior.code_dim, hmac_key),
+            complete=complete,
             run_compute=run_compute,
             local=LocalBlockCache(settings.local_cache_bytes),
             redis=redis,
             metrics=metrics,
             key_prefix=settings.redis_key_prefix,
             ttl_s=settings.cache_ttl_s,
-            lock_timeout_s=settings.redis_lock_timeout_s,
-            lock_wait_s=settings.redis_lock_wait_s,
         )
 
-        async def pool_source(stream: Stream, blocks: Sequence[int]) -> list[FloatArray]:
-            return await cache.get_blocks(stream, blocks, keep_local=False)
+        async def draw(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
+            drawn: list[NetworkBlock] = await run_compute(lambda: complete(stream, blocks, {}))
+            metrics.networks_generated.inc(sum(len(b) for b in drawn))
+            return drawn
 
-        pool = PosteriorPool(settings.pool_size, cache.get_blocks, pool_source)
+        pool = PosteriorPool(settings.pool_size, cache.get_blocks, draw)
         t0 = time.perf_counter()
         try:
-            await pool.load()
+            await pool.load()  # for a residual generator only its plan is used
         except BaseException:
             if redis is not None:
                 await redis.close()
             raise
         log.info(
-            "pool of %d networks ready in %.2f s (checkpoint %s, backend %s, cache %s)",
+            "pool of %d networks (%.1f MB) ready in %.2f s (checkpoint %s, code length %d, "
+            "factored first layer %.1f MB, cache %s)",
             pool.size,
+            pool.nbytes / 1e6,
             time.perf_counter() - t0,
             ckpt.sha256[:12],
-            backend.kind.value,
+            posterior.code_dim,
+            posterior.stacked_bytes / 1e6,
             "redis" if redis else "memory",
         )
         metrics.model_info.labels(
             model_id=ckpt.meta.model_id,
             version=ckpt.meta.version,
             sha256=ckpt.sha256,
-            backend=backend.kind.value,
+            backend=FORWARD_NAME,
         ).set(1)
         return cls(
             settings=settings,
             checkpoint=ckpt,
-            backend=backend,
+            posterior=posterior,
             metrics=metrics,
             cache=cache,
             pool=pool,
             redis=redis,
             limiter=limiter,
+            budget=MemoryBudget(settings.memory_budget_bytes, settings.admission_wait_s, metrics),
             default_num_samples=settings.default_num_samples or ckpt.meta.num_samples_default,
         )
 
@@ -183,18 +233,35 @@ class ServiceRuntime:
     def default_score(self) -> ScoreName:
         return self.checkpoint.meta.anomaly.default_score
 
+    def working_set_bytes(self, num_inputs: int) -> int:
+        """Memory one request's forward may hold at once (docs/limits.md): the inputs, the
+        projection ``U``, one chunk of networks and the running sums."""
+        p = self.posterior
+        d, h1 = p.spec.layer_sizes[0], p.spec.layer_sizes[1]
+        projection = num_inputs * (p.code_dim + 1) * h1 * 4 * 2  # U and its transposed copy
+        sums = num_inputs * p.spec.num_classes * 8 * 4
+        return num_inputs * d * 4 + projection + p.chunk_bytes + sums
+
     async def infer(
         self, pixels: FloatArray, num_samples: int, seed: int | None, endpoint: str
     ) -> PredictiveSummary:
         """Summary of K = ``num_samples`` posterior networks on ``pixels (N, 784)``."""
         plan = self.pool.plan(num_samples, seed)
-        segments = await self.pool.segments(plan)
         scale = self.checkpoint.meta.input.scale
         x = pixels if scale == 1.0 else pixels * np.float32(scale)
-        t0 = time.perf_counter()
-        summary: PredictiveSummary = await anyio.to_thread.run_sync(
-            summarize_segments, self.backend, segments, x, limiter=self.limiter
-        )
+        async with self.budget.reserve(self.working_set_bytes(len(x))):
+            if self.checkpoint.is_affine:
+                segments = await self.pool.segments(plan)
+                parts = [(s.codes, s.tails) for s in segments]
+                t0 = time.perf_counter()
+                summary: PredictiveSummary = await anyio.to_thread.run_sync(
+                    self.posterior.summarize_segments, parts, x, limiter=self.limiter
+                )
+            else:
+                t0 = time.perf_counter()
+                summary = await anyio.to_thread.run_sync(
+                    summarize_materialised, self.checkpoint, plan, x, limiter=self.limiter
+                )
         self.metrics.inference_duration.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.networks_sampled.inc(num_samples)
         return summary

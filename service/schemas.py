@@ -6,13 +6,21 @@ floats or 28 rows of 28), then the types (JSON numbers only), then the values (f
 [0, 1]). JSON ``NaN``/``Infinity`` literals, which Python's JSON parser accepts, are rejected
 as non-finite. Limits that depend on the settings (batch size, ``num_samples`` above the
 configured maximum) are checked by the routes.
+
+Checking 50,000 pixels one Python object at a time costs more than the forward it feeds, so
+the inference routes read their bodies with :func:`parse_json_body`: orjson parses, and a
+well-formed batch is checked whole with NumPy (:class:`CheckedImages`), which the models then
+accept as it is. Anything that check refuses goes through the per-pixel validation above, so
+every error is the one that validation gives: the same message, ``loc`` and type.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Final, Self
 
 import numpy as np
+import orjson
 from numpy.typing import NDArray
 from pydantic import (
     BaseModel,
@@ -26,6 +34,7 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -96,6 +105,71 @@ Seed = Annotated[
 ]
 
 
+class CheckedImages(list[Any]):
+    """A batch of images checked whole by :func:`parse_json_body`: the image lists as sent,
+    and ``pixels``, the same values as float32 ``(N, 784)``. Only that function builds one; the
+    request models accept it without checking each pixel again."""
+
+    def __init__(self, images: list[Any], pixels: NDArray[np.float32]) -> None:
+        super().__init__(images)
+        self.pixels = pixels
+
+
+_BATCH_SHAPES: Final = ((IMAGE_PIXELS,), (IMAGE_SIDE, IMAGE_SIDE))
+# JSON number and array syntax. Deleting these bytes from a body leaves its keys, strings and
+# literals (and exponents' ``e``): a few bytes to search for ``true``/``false``, not 400 kB.
+_NUMERIC_BYTES: Final = b"0123456789.,[]+- \t\r\n"
+
+
+def _may_hold_bool(raw: bytes) -> bool:
+    """Whether a JSON ``true``/``false`` literal may occur in ``raw`` (never a false "no")."""
+    rest = raw.translate(None, _NUMERIC_BYTES)
+    return b"true" in rest or b"false" in rest
+
+
+def _check_batch(raw: bytes, inputs: Any) -> CheckedImages | None:
+    """``inputs`` as :class:`CheckedImages` if it is a non-empty list of images of one form
+    (all flat or all nested) whose pixels are JSON numbers in [0, 1]; else None.
+
+    NumPy reads ``true``/``false`` as 1.0/0.0, so a body holding either literal anywhere is
+    left to the per-pixel path (no valid request holds one). ``None`` or a string among the
+    pixels gives an object or string array, ragged images a ValueError: all refused here.
+    """
+    if not isinstance(inputs, list) or not inputs or _may_hold_bool(raw):
+        return None
+    try:
+        batch = np.array(inputs)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    if batch.dtype.kind not in "iuf" or batch.shape[1:] not in _BATCH_SHAPES:
+        return None
+    pixels = batch.reshape(len(inputs), IMAGE_PIXELS)
+    if not (pixels.min() >= 0 and pixels.max() <= 1):  # False for NaN too
+        return None
+    return CheckedImages(inputs, pixels.astype(np.float32))
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The JSON value of a request body, with its ``inputs`` checked whole when they are valid.
+
+    orjson parses; valid ``inputs`` become :class:`CheckedImages`. Any other body is parsed
+    again by Python's parser, whose answer is the contract (orjson reads integers past 2**64
+    as floats, refuses ``NaN``/``Infinity`` and byte order marks): its error is FastAPI's 422
+    ``json_invalid``, and its value goes to the request model's per-pixel validation, which
+    says which image and pixel is wrong, and how.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+    if isinstance(value, dict):
+        checked = _check_batch(raw, value.get("inputs"))
+        if checked is not None:
+            value["inputs"] = checked
+            return value
+    return json.loads(raw)
+
+
 class _Forbid(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -126,12 +200,15 @@ class _ImageBatch(_Forbid):
     )
     _pixels: NDArray[np.float32] = PrivateAttr()
 
-    @field_validator("inputs", mode="before")
+    @field_validator("inputs", mode="wrap")
     @classmethod
-    def _check_structure(cls, value: Any) -> Any:
-        """Name the image whose shape is wrong, before the per-element type checks."""
+    def _check_structure(cls, value: Any, check_items: ValidatorFunctionWrapHandler) -> Any:
+        """Name the image whose shape is wrong, before the per-element type checks (none for
+        a batch that :func:`parse_json_body` checked whole)."""
+        if isinstance(value, CheckedImages):
+            return value
         if not isinstance(value, list):
-            return value  # pydantic's own error: "Input should be a valid list"
+            return check_items(value)  # pydantic's own error: "Input should be a valid list"
         for i, image in enumerate(value):
             if not isinstance(image, list):
                 raise _error(
@@ -176,11 +253,14 @@ class _ImageBatch(_Forbid):
                 index=i,
                 n=len(image),
             )
-        return value
+        return check_items(value)
 
     @model_validator(mode="after")
     def _check_pixels(self) -> Self:
         """Finite and in [0, 1]; keeps the batch as a float32 array ``(N, 784)``."""
+        if isinstance(self.inputs, CheckedImages):
+            self._pixels = self.inputs.pixels
+            return self
         pixels = np.empty((len(self.inputs), IMAGE_PIXELS), dtype=np.float64)
         for i, image in enumerate(self.inputs):
             pixels[i] = np.asarray(image, dtype=np.float64).reshape(IMAGE_PIXELS)

@@ -51,7 +51,7 @@ def tiny_meta(
     model_id: str = "tiny-fcnn1",
     version: str = "test-1",
     num_samples_default: int = 8,
-    residual: bool = True,
+    residual: bool = False,
 ) -> CheckpointMeta:
     """Metadata of a small fcnn1-shaped generator: z (8) -> [16] -> c (4) -> basis (4, P)."""
     spec = ARCHITECTURES["fcnn1"]
@@ -221,7 +221,11 @@ def apd_command() -> list[str]:
     exe = Path(sys.executable).with_name("apd")
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-m", "apd"]
+    return [sys.executable, "-m", "apd_cli"]
+
+
+# The key that authenticates cached networks in the tests' Redis (a secret in deployments).
+TEST_HMAC_KEY = "apd-tests-hmac-key-0123456789"
 
 
 def serve_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -230,6 +234,8 @@ def serve_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT)
     if extra:
         env.update(extra)
+    if "APD_CACHE_HMAC_KEY_FILE" not in env:
+        env.setdefault("APD_CACHE_HMAC_KEY", TEST_HMAC_KEY)
     return env
 
 

@@ -58,8 +58,12 @@ def make_checkpoint(
     sizes: tuple[int, ...] = TARGET_SIZES,
     hidden: tuple[int, ...] = (16,),
     arch: str = "fcnn-test",
+    residual: bool = False,
 ) -> Path:
-    """Write a random checkpoint of a ``sizes`` (default ``784-32-10``) target network."""
+    """Write a random checkpoint of a ``sizes`` (default ``784-32-10``) target network.
+
+    ``residual`` (subspace design only) adds residual noise, so that the networks are not
+    affine in their codes and the service takes its materialised path."""
     rng = np.random.default_rng(seed)
     spec = MLPSpec(arch, sizes)
     p = spec.num_params
@@ -81,14 +85,15 @@ def make_checkpoint(
         basis = rng.standard_normal((rank, p)) * scale / np.sqrt(rank)
         tensors[BASIS] = basis.astype(np.float32)
         tensors[MEAN] = (rng.standard_normal(p) * scale).astype(np.float32)
-        tensors[RESIDUAL_STD] = (0.2 * scale * rng.random(p)).astype(np.float32)
+        if residual:
+            tensors[RESIDUAL_STD] = (0.2 * scale * rng.random(p)).astype(np.float32)
     generator = GeneratorConfig(
         noise_dim=noise_dim,
         hidden_sizes=list(hidden),
         output_dim=out_dim,
         has_basis=design == "subspace",
         has_mean=design == "subspace",
-        has_residual=design == "subspace",
+        has_residual=design == "subspace" and residual,
         design=design,
     )
     placeholder = {s: 1.0 for s in ScoreName}
@@ -113,7 +118,7 @@ def make_checkpoint(
     ckpt = load_checkpoint(path)
     z = rng.standard_normal((50, noise_dim), dtype=np.float32)
     eps = rng.standard_normal((50, p), dtype=np.float32)
-    theta = ckpt.generate(z, eps if design == "subspace" else None)
+    theta = ckpt.generate(z, eps if ckpt.meta.generator.has_residual else None)
     summary = summarize(forward_probs(spec, theta, random_images(64, seed + 1)))
     thresholds = {s: calibrate_threshold(summary.score(s), 0.5) for s in ScoreName}
     anomaly = meta.anomaly.model_copy(update={"thresholds": thresholds})

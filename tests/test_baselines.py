@@ -1,11 +1,9 @@
-"""training/baselines.py: gradients, minibatches, predictive metrics, SGD / MC-Dropout."""
+"""training/baselines.py: gradients, minibatches, SGD / MC-Dropout."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,18 +15,12 @@ from training.baselines import (
     MinibatchStream,
     PointTrainSettings,
     init_theta,
-    member_probs,
-    score_predictive,
     train_point_estimate,
 )
+from training.metrics import accuracy
+from training.torch_ops import member_probs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n: int, spec: MLPSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,28 +81,6 @@ def test_minibatch_stream_walks_a_permutation_per_network() -> None:
         MinibatchStream(5, 10, 1, torch.Generator())
 
 
-def test_score_predictive_against_a_reference() -> None:
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((200, 4))
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    y = rng.integers(0, 4, 200)
-    m = score_predictive(torch.tensor(probs), y)
-    assert m.accuracy == pytest.approx(np.mean(probs.argmax(1) == y))
-    assert m.nll == pytest.approx(-np.mean(np.log(probs[np.arange(200), y])))
-
-
-def test_member_probs_chunks_and_dropout_passes() -> None:
-    spec = MLPSpec("t", (6, 5, 3))
-    x, _ = _blobs(25, spec)
-    theta = init_theta(spec, 2, torch.Generator().manual_seed(0))
-    full = member_probs(spec, theta, x, chunk=1000)
-    torch.testing.assert_close(member_probs(spec, theta, x, chunk=7), full)
-    torch.testing.assert_close(full.sum(-1), torch.ones(2, 25))
-    mc = member_probs(spec, theta, x, dropout=0.5, passes=4, generator=torch.Generator())
-    assert mc.shape == (8, 25, 3)
-    assert not torch.allclose(mc[0], mc[1])
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_point_estimate_learns_separable_data(dropout: float) -> None:
     spec = MLPSpec("t", (20, 16, 4))
@@ -119,11 +89,11 @@ def test_point_estimate_learns_separable_data(dropout: float) -> None:
     settings = PointTrainSettings(lr=0.1, batch_size=20, epochs=5, dropout=dropout)
     theta = train_point_estimate(spec, x, y, settings, torch.Generator().manual_seed(0), False)
     assert theta.shape == (1, spec.num_params)
-    acc = score_predictive(member_probs(spec, theta, xt).mean(0), yt).accuracy
+    acc = accuracy(member_probs(spec, theta, xt).mean(0).numpy(), yt)
     assert acc > 0.95
     # an untrained network is at chance
     theta0 = init_theta(spec, 1, torch.Generator().manual_seed(0))
-    assert score_predictive(member_probs(spec, theta0, xt).mean(0), yt).accuracy < 0.6
+    assert accuracy(member_probs(spec, theta0, xt).mean(0).numpy(), yt) < 0.6
 
 
 def test_point_settings_validate() -> None:

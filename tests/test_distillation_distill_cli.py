@@ -50,6 +50,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_distill_writes_a_complete_checkpoint(
     store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -122,10 +123,10 @@ def test_missing_sample_store_is_a_user_error(
 def test_default_preset_steps_follow_the_target_network() -> None:
     from training.distillation.offline import PRESETS, preset
 
-    base = PRESETS["default"].steps
+    base = PRESETS["default"].config.steps
     assert preset("default", arch="fcnn1").steps == base == 10_000
     assert preset("default", arch="fcnn2").steps == 20_000
     # An explicit --steps wins, and other presets keep their own.
     assert preset("default", arch="fcnn2", steps=500).steps == 500
-    assert preset("paper", arch="fcnn2").steps == PRESETS["paper"].steps
+    assert preset("paper", arch="fcnn2").steps == PRESETS["paper"].config.steps
     assert preset("default").steps == base

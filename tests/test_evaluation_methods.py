@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from training import torch_ops
 from apd.networks import MLPSpec, forward_probs
 from training.evaluation.methods import (
     FixedNetworks,
@@ -28,25 +27,6 @@ def test_member_probs_match_the_numpy_reference_forward(spec: MLPSpec) -> None:
     x = rng.random((300, spec.input_dim), dtype=np.float32)
     got = MemberNetworks(spec, torch.from_numpy(theta)).probs(x)
     np.testing.assert_allclose(got, forward_probs(spec, theta, x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("spec", [SPEC, SPEC2])
-@pytest.mark.parametrize("passes", [1, 4])
-def test_dropout_members_match_torch_ops_dropout_with_the_same_masks(
-    spec: MLPSpec, passes: int
-) -> None:
-    """The shared-first-layer MC-Dropout forward draws the same masks, in the same order,
-    as :func:`training.torch_ops.forward_logits` on the network repeated ``passes`` times."""
-    rng = np.random.default_rng(1)
-    theta = torch.from_numpy(rng.normal(size=(1, spec.num_params)).astype(np.float32))
-    x = torch.from_numpy(rng.random((20, spec.input_dim), dtype=np.float32))
-    members = MemberNetworks(spec, theta, dropout=0.5, passes=passes)
-    got = members.logits(x, torch.Generator().manual_seed(5))
-    ref = torch_ops.forward_logits(
-        spec, theta.expand(passes, -1), x, dropout=0.5, generator=torch.Generator().manual_seed(5)
-    )
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert members.num_members == passes
 
 
 def test_dropout_passes_differ_and_average_towards_the_deterministic_net() -> None:

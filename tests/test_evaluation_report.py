@@ -3,14 +3,16 @@
 Nothing here needs MNIST: the "test set" and the OOD sets are random images and the methods
 are random networks, so the numbers mean nothing; what is checked is that every row reaches
 the report, that APD-vs-SGLD rows are marked against the target whichever way they fall,
-that single-network scores are reported as undefined, and that ``results.json`` is strict
-JSON.
+that single-network scores are reported as undefined, that ``results.json`` is strict
+JSON, and that a ``results.json`` is checked against its types when it is read back.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 
 from apd.networks import MLPSpec
 from apd.uncertainty import ScoreName, summarize
+from training.errors import UserError
 from training.evaluation import anomaly
 from training.evaluation.active_learning import (
     Acquisition,
@@ -28,10 +31,12 @@ from training.evaluation.active_learning import (
     select,
 )
 from training.evaluation.methods import MemberNetworks
-from training.evaluation.report import SCORE_LABELS, render_markdown, write_report
-from training.evaluation.suite import SuiteResult, classification_and_anomaly
+from training.evaluation.report import SCORE_LABELS, main, render_markdown, write_report
+from training.evaluation.results import EvaluationResults, load_results, spec_record
+from training.evaluation.suite import SuiteConfig, SuiteResult, classification_and_anomaly
 
 SPEC = MLPSpec("tiny", (784, 6, 10))
+REFERENCE_RESULTS = sorted(Path(__file__).parents[1].glob("docs/results/*/results.json"))
 
 
 def _members(seed: int, k: int) -> MemberNetworks:
@@ -39,7 +44,7 @@ def _members(seed: int, k: int) -> MemberNetworks:
     return MemberNetworks(SPEC, torch.randn(k, SPEC.num_params, generator=g) * 0.1)
 
 
-def _results(tmp_path: Path) -> dict[str, Any]:
+def _results(tmp_path: Path) -> EvaluationResults:
     rng = np.random.default_rng(0)
     test_x = rng.random((120, 784), dtype=np.float32) * 0.5
     test_y = rng.integers(0, 10, 120)
@@ -48,41 +53,51 @@ def _results(tmp_path: Path) -> dict[str, Any]:
         "uniform": rng.random((60, 784), dtype=np.float32),
     }
     members = {"sgd": _members(0, 1), "sgld": _members(1, 6), "apd": _members(2, 6)}
-    results = classification_and_anomaly(members, test_x, test_y, ood, (1.0, 5.0), seed=0)
-    results["anomaly"]["ood_sets"] = {k: f"{k} (random stand-in)" for k in ood}
-    results["methods"] = {
-        k: {
-            "label": k.upper(),
-            "num_members": m.num_members,
-            "stored_bytes": 4 * SPEC.num_params * m.num_members,
-            "provenance": {"run": f"runs/{k}", "seed": 0},
-        }
-        for k, m in members.items()
+    described = {k: f"{k} (random stand-in)" for k in ood}
+    config = SuiteConfig(
+        arch="tiny",
+        runs=tmp_path,
+        checkpoint=None,
+        name="unit",
+        num_samples=6,
+        dropout_passes=6,
+        experiments=("classification", "anomaly"),
+    )
+    results: EvaluationResults = {
+        "meta": {
+            "name": "unit",
+            "arch": "tiny",
+            "spec": spec_record(SPEC.to_dict()),
+            "created_at": "2026-01-01T00:00:00+00:00",
+            "code_revision": "f" * 40,
+            "uncommitted_changes": True,
+            "command": "apd evaluate --arch tiny",
+            "machine": "test",
+            "data_sha256": "d" * 64,
+            "test_inputs": len(test_x),
+            "config": config.to_dict(),
+            "seconds": {"total": 1.0},
+        },
+        "methods": {
+            k: {
+                "label": k.upper(),
+                "num_members": m.num_members,
+                "stored_bytes": 4 * SPEC.num_params * m.num_members,
+                "provenance": {"run": f"runs/{k}", "seed": 0},
+            }
+            for k, m in members.items()
+        },
+        "missing_methods": {},
     }
+    results.update(
+        classification_and_anomaly(members, test_x, test_y, ood, described, (1.0, 5.0), seed=0)
+    )
     results["methods"]["apd"]["provenance"] = {
         "checkpoint": "model.safetensors",
         "sha256": "0" * 64,
         "design": "subspace",
         "subspace_rank": 4,
         "code_revision": "abc",
-    }
-    results["meta"] = {
-        "name": "unit",
-        "arch": "tiny",
-        "spec": SPEC.to_dict(),
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "code_revision": "f" * 40,
-        "uncommitted_changes": True,
-        "command": "apd evaluate --arch tiny",
-        "machine": "test",
-        "data_sha256": "d" * 64,
-        "config": {
-            "seed": 0,
-            "num_samples": 6,
-            "dropout_passes": 6,
-            "experiments": ["classification", "anomaly"],
-        },
-        "seconds": {"total": 1.0},
     }
     return results
 
@@ -138,6 +153,66 @@ def test_results_json_is_strict_and_single_network_scores_are_undefined(tmp_path
     for r in sgd_rows:
         undefined = r["score"] in ("mutual_information", "model_variance")
         assert (r["auroc"] is None) == undefined
+
+
+@pytest.mark.parametrize("path", REFERENCE_RESULTS, ids=lambda p: p.parent.name)
+def test_reference_results_read_back_unchanged_and_render_their_report(path: Path) -> None:
+    """Every committed results.json passes the checks, holds nothing the types leave out
+    (written again it is the same bytes) and renders to its committed report.md."""
+    results = load_results(path)
+    assert json.dumps(results, indent=1) + "\n" == path.read_text()
+    assert render_markdown(results) == (path.parent / "report.md").read_text()
+
+
+def test_render_again_from_results_json(tmp_path: Path) -> None:
+    first = write_report(SuiteResult(_results(tmp_path)), tmp_path / "eval")
+    assert main([str(tmp_path / "eval" / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == first.read_text()
+
+
+def _drop_seed(d: Any) -> None:
+    del d["meta"]["config"]["seed"]
+
+
+def _auroc_as_text(d: Any) -> None:
+    d["anomaly"]["rows"][3]["auroc"] = "0.9"
+
+
+def _count_as_float(d: Any) -> None:
+    d["fidelity"]["anomaly_rows"] = 16.0
+
+
+def _misspelt_key(d: Any) -> None:
+    d["methods"]["apd"]["lable"] = d["methods"]["apd"].pop("label")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (_drop_seed, "field meta.config.seed: Field required"),
+        (_auroc_as_text, "field anomaly.rows.3.auroc: Input should be a valid number"),
+        (_count_as_float, "field fidelity.anomaly_rows: Input should be a valid integer"),
+        (_misspelt_key, "field methods.apd.label: Field required"),
+    ],
+)
+def test_a_results_json_with_a_bad_field_gives_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    spoil: Callable[[Any], None],
+    message: str,
+) -> None:
+    write_report(SuiteResult(_results(tmp_path)), tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    spoil(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="^" + re.escape(f"{bad}: {message}")) as err:
+        load_results(bad)
+    assert len(str(err.value).splitlines()) == 1
+    assert main([str(bad), "--out", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr().err
+    assert out.count("\n") == 1 and message in out and "Traceback" not in out
+    assert not (tmp_path / "out" / "report.md").exists()
 
 
 def test_fidelity_rows_mark_drops_against_the_tolerance() -> None:

@@ -1,7 +1,8 @@
 """Cache faults against a live ``apd serve`` and a private ``redis-server``, CI-sized.
 
-* Corrupted cache entries (truncated, bit-flipped in the header, the weights or the checksum,
-  emptied, another checkpoint's entry or another stream's entry under our key) are each
+* Corrupted or forged cache entries (truncated, bit-flipped in the header, the codes or the
+  MAC, emptied, forged with another key, another checkpoint's entry or another stream's entry
+  under our key) are each
   detected (``apd_cache_corrupt_entries_total``), redrawn and rewritten, and never served:
   the answer with the same seed equals the one before the corruption.
 * Redis stopped under load and restarted: no request fails, ``/readyz`` says ``degraded``
@@ -22,7 +23,14 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from harness import ROOT, RedisServer, ServeProcess, apd_serve, make_tiny_checkpoint
+from harness import (
+    ROOT,
+    TEST_HMAC_KEY,
+    RedisServer,
+    ServeProcess,
+    apd_serve,
+    make_tiny_checkpoint,
+)
 
 if not (ROOT / "service" / "cache.py").is_file() or not (ROOT / "service" / "cli.py").is_file():
     pytest.skip("service/cache.py or service/cli.py not written yet", allow_module_level=True)
@@ -30,7 +38,7 @@ if not (ROOT / "service" / "cache.py").is_file() or not (ROOT / "service" / "cli
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from loadgen import build_requests, images, metric_sum, parse_metrics, run_clients
 
-from service.cache import BlockLayout, encode_block
+from service.cache import HEADER_BYTES, MAC_BYTES, BlockLayout, encode_block
 from service.posterior_pool import Stream
 
 K = 20  # two blocks of 10 networks per seed
@@ -76,7 +84,7 @@ def _predict(client: httpx.Client, seed: int, x: list[list[float]]) -> dict[str,
 
 
 def _entries(rc: object, sha: str, seed: int) -> dict[str, bytes]:
-    keys = sorted(rc.scan_iter(match=f"*:net:{sha}:seed-{seed}:*", count=1000))  # type: ignore[attr-defined]
+    keys = sorted(rc.scan_iter(match=f"*:codes:{sha}:seed-{seed}:*", count=1000))  # type: ignore[attr-defined]
     return {k.decode(): rc.get(k) for k in keys}  # type: ignore[attr-defined]
 
 
@@ -86,19 +94,22 @@ def _flip(value: bytes, pos: int, bit: int = 0) -> bytes:
     return bytes(b)
 
 
-def _foreign_entry(key: str, value: bytes, sha: str, *, other_sha: bool) -> bytes:
-    """A well-formed entry (valid checksum) for the same block that is not ours to serve:
-    another checkpoint's (same shape, other sha256) or our checkpoint's for another stream."""
+def _foreign_entry(key: str, value: bytes, sha: str, *, how: str) -> bytes:
+    """A well-formed entry for the same block that is not ours to serve: forged without the
+    key, another checkpoint's (same shape, other sha256), or ours for another stream."""
     stream_name, block = key.rsplit(":", 2)[-2:]
-    num_params = (len(value) - 72 - 32) // (10 * 4)
-    theta = np.random.default_rng(0).standard_normal((10, num_params)).astype(np.float32)
-    if other_sha:
-        layout = BlockLayout(checkpoint_sha256="ab" * 32, num_params=num_params)
-        stream = Stream(stream_name, int(stream_name.split("-", 1)[1]))
+    code_dim = (len(value) - HEADER_BYTES - MAC_BYTES) // (10 * 4)
+    codes = np.random.default_rng(0).standard_normal((10, code_dim)).astype(np.float32)
+    stream = Stream(stream_name, int(stream_name.split("-", 1)[1]))
+    key_bytes = TEST_HMAC_KEY.encode()
+    if how == "forged":
+        layout = BlockLayout(sha, code_dim, b"an attacker's key, not ours")
+    elif how == "other-checkpoint":
+        layout = BlockLayout("ab" * 32, code_dim, key_bytes)
     else:
-        layout = BlockLayout(checkpoint_sha256=sha, num_params=num_params)
+        layout = BlockLayout(sha, code_dim, key_bytes)
         stream = Stream.for_seed(int(stream_name.split("-", 1)[1]) + 1)
-    return encode_block(layout, stream, int(block), theta)
+    return encode_block(layout, stream, int(block), codes)
 
 
 CORRUPTIONS = {
@@ -106,10 +117,11 @@ CORRUPTIONS = {
     "truncated-last-byte": lambda key, v, sha: v[:-1],
     "empty": lambda key, v, sha: b"",
     "flipped-header": lambda key, v, sha: _flip(v, 20, 3),  # inside the checkpoint sha256
-    "flipped-weights": lambda key, v, sha: _flip(v, len(v) // 2, 5),
-    "flipped-checksum": lambda key, v, sha: _flip(v, len(v) - 1, 0),
-    "foreign-checkpoint": lambda key, v, sha: _foreign_entry(key, v, sha, other_sha=True),
-    "other-stream": lambda key, v, sha: _foreign_entry(key, v, sha, other_sha=False),
+    "flipped-codes": lambda key, v, sha: _flip(v, len(v) // 2, 5),
+    "flipped-mac": lambda key, v, sha: _flip(v, len(v) - 1, 0),
+    "forged": lambda key, v, sha: _foreign_entry(key, v, sha, how="forged"),
+    "foreign-checkpoint": lambda key, v, sha: _foreign_entry(key, v, sha, how="other-checkpoint"),
+    "other-stream": lambda key, v, sha: _foreign_entry(key, v, sha, how="other-stream"),
 }
 
 

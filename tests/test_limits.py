@@ -3,6 +3,10 @@
 * A body over ``max_body_bytes`` gets 413 from its ``Content-Length`` alone: the answer
   arrives while almost none of the announced body has been sent. A chunked body (no length)
   is cut off with 413 once it passes the limit, not read to its end.
+* That 413 reaches every common client (urllib, requests, httpx, curl; with a length and
+  chunked), not a connection reset: the server answers with ``Connection: close`` and reads
+  what the client still sends for a bounded time and number of bytes (lingering close). A
+  client that keeps sending is cut off within about a second, and the others are not slowed.
 * More images than ``max_batch`` get 413 naming the batch limit.
 * A client that sends part of a body and stalls gets 408 after ``body_timeout_s``.
 * An idle keep-alive connection is closed after ``timeout_keep_alive_s``.
@@ -18,14 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
+import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from harness import LOOPBACK, ServeProcess, apd_serve, make_tiny_checkpoint, rss_bytes
+
+from service.http_protocol import LINGER_MAX_BYTES, LINGER_S
 
 MAX_BODY = 256 * 1024
 MAX_BATCH = 8
@@ -290,3 +302,192 @@ def test_connection_that_never_finishes_its_headers_is_closed(server: ServeProce
     assert closed and elapsed < bound, (
         f"a connection with unfinished headers was still open after {elapsed:.1f} s"
     )
+
+
+# --- the 413 for an oversized body reaches every client; refused bodies are not read on ----
+
+
+OVERSIZED = b"[" + b"0.5," * (1 << 20) + b"0]"  # 4 MiB: 16 times the limit
+
+
+def _chunks(data: bytes, size: int = 1 << 16) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def _urllib(url: str, chunked: bool) -> tuple[int, dict[str, str], bytes]:
+    data = _chunks(OVERSIZED) if chunked else OVERSIZED  # an iterable is sent chunked
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _requests(url: str, chunked: bool) -> tuple[int, dict[str, str], bytes]:
+    requests = pytest.importorskip("requests")
+    data = _chunks(OVERSIZED) if chunked else OVERSIZED
+    r = requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=10)
+    return r.status_code, dict(r.headers), r.content
+
+
+def _httpx(url: str, chunked: bool) -> tuple[int, dict[str, str], bytes]:
+    content = _chunks(OVERSIZED) if chunked else OVERSIZED
+    r = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=10)
+    return r.status_code, dict(r.headers), r.content
+
+
+def _curl(url: str, chunked: bool) -> tuple[int, dict[str, str], bytes]:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    cmd = [curl, "-sS", "--max-time", "10", "-D", "-", "-H", "Content-Type: application/json"]
+    if chunked:
+        cmd += ["-H", "Transfer-Encoding: chunked"]
+    done = subprocess.run(
+        [*cmd, "--data-binary", "@-", url], input=OVERSIZED, capture_output=True, timeout=20
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    head, _, payload = done.stdout.rpartition(b"\r\n\r\n")
+    lines = head.split(b"\r\n\r\n")[-1].split(b"\r\n")  # the last answer, after 100 Continue
+    status = int(lines[0].split()[1])
+    headers = {
+        k.decode().strip(): v.decode().strip()
+        for k, _, v in (line.partition(b":") for line in lines[1:])
+    }
+    return status, headers, payload
+
+
+CLIENTS: dict[str, Callable[[str, bool], tuple[int, dict[str, str], bytes]]] = {
+    "urllib": _urllib,
+    "requests": _requests,
+    "httpx": _httpx,
+    "curl": _curl,
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_oversized_body_413_reaches_every_client(
+    server: ServeProcess, client: str, chunked: bool
+) -> None:
+    """Each client sends a 4 MiB body in full before it reads an answer (urllib and requests
+    do; httpx and curl read early when they can): every one gets the JSON 413, no reset."""
+    status, headers, payload = CLIENTS[client](server.base_url + "/predict", chunked)
+    assert status == 413, payload[:300]
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert headers.get("connection", "").lower() == "close", headers
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    assert str(MAX_BODY) in json.loads(payload)["detail"], payload[:300]
+    _healthy(server)
+
+
+def _send_until_cut(
+    server: ServeProcess, chunk: bytes, pause_s: float, give_up_s: float = 15.0
+) -> tuple[int, float, bytes]:
+    """Announce 100 GB and keep sending ``chunk`` (every ``pause_s``) until the server cuts
+    the connection; returns (bytes sent, seconds until the cut, what was answered)."""
+    with _connect(server, timeout=5.0) as s:
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000000\r\n\r\n"
+        )
+        sent, t0 = 0, time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - t0 < give_up_s:
+                s.sendall(chunk)
+                sent += len(chunk)
+                if pause_s:
+                    time.sleep(pause_s)
+        elapsed = time.monotonic() - t0
+        s.settimeout(2.0)
+        answer = _read_response(s)  # sent before the cut, still in our receive buffer
+    return sent, elapsed, answer
+
+
+def test_refused_body_is_read_for_about_a_second_at_most(server: ServeProcess) -> None:
+    """A client trickling a refused body (about 3 MB/s, far under the byte bound) is cut
+    off once the linger time is over: not at once (a client still sending its body could
+    not read the 413) and not after the whole body (100 GB announced)."""
+    sent, elapsed, answer = _send_until_cut(server, b"0" * (64 << 10), pause_s=0.02)
+    assert _status(answer) == 413, answer[:300]
+    assert 0.5 * LINGER_S < elapsed < LINGER_S + 1.5, f"cut after {elapsed:.2f} s"
+    assert sent < LINGER_MAX_BYTES
+    _healthy(server)
+
+
+def test_refused_body_is_read_for_a_bounded_number_of_bytes(server: ServeProcess) -> None:
+    """A client sending a refused body as fast as loopback allows is cut off once the
+    server has discarded linger_max_bytes, well inside the second (uvicorn alone read and
+    discarded 36 GB of such a body in 10 s on a keep-alive connection)."""
+    sent, elapsed, answer = _send_until_cut(server, b"0" * (1 << 20), pause_s=0.0)
+    assert _status(answer) == 413, answer[:300]
+    slack = 32 << 20  # socket buffers on both sides
+    assert sent < LINGER_MAX_BYTES + slack, f"{sent >> 20} MiB sent before the cut"
+    assert elapsed < LINGER_S + 1.5, f"cut after {elapsed:.2f} s"
+    _healthy(server)
+
+
+def _predict_latencies(server: ServeProcess, n: int) -> list[float]:
+    out = []
+    with httpx.Client(base_url=server.base_url, timeout=10) as c:
+        for _ in range(n):
+            t0 = time.monotonic()
+            r = c.post("/predict", json=_image_batch(1))
+            out.append(time.monotonic() - t0)
+            assert r.status_code == 200, r.text
+    return out
+
+
+UPLOADER = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"POST /predict HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 100000000000\\r\\n\\r\\n")
+chunk, sent, t0 = b"0" * (1 << 20), 0, time.monotonic()
+try:
+    while time.monotonic() - t0 < 10:
+        s.sendall(chunk)
+        sent += len(chunk)
+except OSError:
+    pass
+print(sent, time.monotonic() - t0)
+"""
+
+
+def test_refused_upload_does_not_slow_other_requests(server: ServeProcess) -> None:
+    """A client uploading a 100 GB body as fast as loopback allows (its own process) while
+    a normal client sends requests: those stay about as fast as on a quiet server, because
+    the refused upload is cut off at once instead of being read on for seconds."""
+    quiet = statistics.median(_predict_latencies(server, 30))
+    uploader = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER, str(server.port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(0.05)
+        busy = _predict_latencies(server, 30)
+        out, _ = uploader.communicate(timeout=20)
+    finally:
+        uploader.kill()
+    sent, seconds = out.split()
+    assert int(sent) < LINGER_MAX_BYTES + (32 << 20) and float(seconds) < LINGER_S + 1.5, out
+    assert statistics.median(busy) < 3 * quiet + 0.01, (quiet, statistics.median(busy))
+
+
+def test_requests_that_are_read_in_full_keep_their_connection(server: ServeProcess) -> None:
+    """Only a response that does not wait for the body closes the connection: a request
+    whose body is read (here in pieces, well under the limit) is answered keep-alive."""
+    payload = json.dumps(_image_batch(MAX_BATCH)).encode()
+    assert len(payload) < MAX_BODY
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with _connect(server, timeout=10.0) as s:
+        for _ in range(2):  # the second request on the same connection
+            s.sendall(head)
+            for piece in _chunks(payload, 4096):
+                s.sendall(piece)
+            response = _read_response(s)
+            assert _status(response) == 200, response[:300]
+            assert b"connection: close" not in response.partition(b"\r\n\r\n")[0].lower()

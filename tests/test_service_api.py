@@ -17,9 +17,11 @@ from numpy.typing import NDArray
 from service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
 
 from apd.checkpoint import Checkpoint, load_checkpoint
-from apd.uncertainty import ScoreName
-from service.config import Backend, Settings
+from apd.networks import forward_probs
+from apd.uncertainty import ScoreName, summarize
+from service.config import Settings
 from service.main import create_app
+from service.posterior_pool import Stream, block_noise
 
 MAX_BATCH = 8
 MAX_BODY = 256 * 1024
@@ -46,7 +48,6 @@ def settings_for(path: Path, **overrides: Any) -> Settings:
         "max_body_bytes": MAX_BODY,
         "max_num_samples": MAX_K,
         "default_num_samples": None,
-        "backend": Backend.ONNXRUNTIME,
         "num_threads": 1,
     }
     return Settings(**(base | overrides))
@@ -208,20 +209,30 @@ def test_same_seed_same_numbers_and_other_seed_other_numbers(client: Any) -> Non
     assert a["predictions"] != c["predictions"]
 
 
-def test_seed_reproducible_across_instances_and_backends(ckpt_path: Path, client: Any) -> None:
-    x = random_images(3, seed=2).tolist()
-    body = {"inputs": x, "num_samples": 35, "seed": 2024}
+def test_seed_reproducible_across_instances_and_equal_to_the_reference(
+    ckpt_path: Path, ckpt: Checkpoint, client: Any
+) -> None:
+    """The factored forward over codes answers what the reference path computes: the seed's
+    noise through :meth:`Checkpoint.generate` (materialised weights) and :func:`forward_probs`."""
+    x = random_images(3, seed=2)
+    body = {"inputs": x.tolist(), "num_samples": 35, "seed": 2024}
     first = predict(client, **body)
     with make_client(create_app(settings_for(ckpt_path))) as other:
         assert predict(other, **body) == first
-    with make_client(create_app(settings_for(ckpt_path, backend=Backend.TORCH))) as torch_app:
-        assert torch_app.get("/v1/model").json()["backend"] == "torch"
-        via_torch = predict(torch_app, **body)
-    for p, q in zip(first["predictions"], via_torch["predictions"], strict=True):
-        assert p["label"] == q["label"]
-        np.testing.assert_allclose(q["probabilities"], p["probabilities"], rtol=1e-5, atol=1e-7)
+    assert client.get("/v1/model").json()["backend"] == "numpy-factored"
+    stream = Stream.for_seed(2024)
+    z = np.concatenate(
+        [block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, False)[0] for b in range(4)]
+    )
+    reference = summarize(forward_probs(ckpt.spec, ckpt.generate(z[:35]), x))
+    for i, p in enumerate(first["predictions"]):
+        assert p["label"] == int(reference.labels[i])
+        np.testing.assert_allclose(
+            p["probabilities"], reference.probabilities[i], rtol=1e-5, atol=1e-7
+        )
         for name, value in p["uncertainty"].items():
-            assert q["uncertainty"][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+            want = float(getattr(reference, name)[i])
+            assert value == pytest.approx(want, rel=1e-5, abs=1e-7), name
 
 
 def test_requests_without_seed_draw_from_the_pool(client: Any) -> None:
@@ -471,7 +482,8 @@ def metric(client: Any, name: str, labels: dict[str, str] | None = None) -> floa
 
 def test_metrics_count_requests_networks_and_flags(ckpt_path: Path) -> None:
     with make_client(create_app(settings_for(ckpt_path))) as c:
-        assert metric(c, "apd_cache_misses_total") == 5  # the pool: 50 networks
+        assert metric(c, "apd_cache_misses_total") == 0  # the pool is drawn, not looked up
+        assert metric(c, "apd_posterior_networks_generated_total") == 50
         x = random_images(4, seed=11).tolist()
         answers = [
             predict(c, inputs=x, num_samples=20),
@@ -487,11 +499,11 @@ def test_metrics_count_requests_networks_and_flags(ckpt_path: Path) -> None:
         assert metric(c, "apd_requests_total", {"endpoint": "unmatched", "status": "404"}) == 1
         assert metric(c, "apd_request_duration_seconds_count", {"endpoint": "/predict"}) == 3
         assert metric(c, "apd_posterior_networks_sampled_total") == 50
-        assert metric(c, "apd_cache_misses_total") == 5 + 3  # the seeded request's 3 blocks
+        assert metric(c, "apd_cache_misses_total") == 3  # the seeded request's 3 blocks
         assert metric(c, "apd_anomaly_flags_total", {"score": "mutual_information"}) == flagged
         assert metric(c, "apd_requests_in_flight") == 1  # this /metrics request
         assert metric(c, "apd_cache_degraded") == 0
-        info = {"model_id": "test-fcnn", "backend": "onnxruntime"}
+        info = {"model_id": "test-fcnn", "backend": "numpy-factored"}
         assert metric(c, "apd_model_info", info) == 1
         predict(c, inputs=x, num_samples=30, seed=5)
         assert metric(c, "apd_cache_hits_total", {"tier": "memory"}) == 3

@@ -1,17 +1,14 @@
-"""Network blocks: the posterior-pool plan, the Redis value format, the in-process LRU,
-single flight, and the cache shared through a real Redis by two app instances."""
+"""Network codes: the posterior-pool plan, the HMAC'd Redis value format, the in-process LRU,
+and the cache shared through a real Redis by two app instances, including forged entries."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
+import anyio
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -30,18 +27,16 @@ from service.cache import (
     BlockLayout,
     CorruptEntry,
     LocalBlockCache,
-    NetworkCache,
-    RedisBlockStore,
     decode_block,
     encode_block,
 )
 from service.config import Settings
 from service.main import create_app
-from service.metrics import Metrics
 from service.posterior_pool import (
     MAX_SEED,
     NETWORKS_PER_BLOCK,
     POOL_STREAM,
+    NetworkBlock,
     PosteriorPool,
     Stream,
     block_noise,
@@ -50,12 +45,19 @@ from service.posterior_pool import (
 )
 
 P = 50
-LAYOUT = BlockLayout(checkpoint_sha256="ab" * 32, num_params=P)
+R = 6
+KEY = b"k" * 32
+LAYOUT = BlockLayout(checkpoint_sha256="ab" * 32, code_dim=R, hmac_key=KEY)
 STREAM = Stream.for_seed(5)
+HMAC_KEY = "test-hmac-key-0123456789abcdef"
 
 
-def block(seed: int = 0) -> NDArray[np.float32]:
-    return np.random.default_rng(seed).standard_normal((NETWORKS_PER_BLOCK, P), dtype=np.float32)
+def codes(seed: int = 0) -> NDArray[np.float32]:
+    return np.random.default_rng(seed).standard_normal((NETWORKS_PER_BLOCK, R), dtype=np.float32)
+
+
+def block(seed: int = 0) -> NetworkBlock:
+    return NetworkBlock(codes(seed), np.full((NETWORKS_PER_BLOCK, 3), seed, np.float32))
 
 
 # --- the plan and the noise --------------------------------------------------------------
@@ -111,26 +113,33 @@ def test_truncate_keeps_the_first_networks_without_copying() -> None:
     a, b = block(1), block(2)
     out = truncate([a, b], 13)
     assert [len(s) for s in out] == [10, 3]
-    assert np.shares_memory(out[1], b)
+    assert np.shares_memory(out[1].codes, b.codes) and np.shares_memory(out[1].tails, b.tails)
     with pytest.raises(ValueError):
         truncate([a], 11)
 
 
-def test_pool_segments_are_views_of_one_array() -> None:
-    async def source(stream: Stream, blocks: Sequence[int]) -> list[NDArray[np.float32]]:
-        return [np.full((10, P), 100 * stream.entropy % 7 + b, np.float32) for b in blocks]
+def test_pool_segments_are_views_of_one_read_only_pool() -> None:
+    async def draw(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
+        return [NetworkBlock(np.full((10, R), b, np.float32)) for b in blocks]
+
+    fetched: list[tuple[str, tuple[int, ...]]] = []
+
+    async def source(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
+        fetched.append((stream.name, tuple(blocks)))
+        return await draw(stream, blocks)
 
     async def run() -> None:
-        pool = PosteriorPool(50, source)
+        pool = PosteriorPool(50, source, draw)
         await pool.load()
-        assert pool.loaded and pool.size == 50
+        assert pool.loaded and pool.size == 50 and fetched == []  # drawn, not fetched
         segments = await pool.segments(pool.plan(30, None))
-        assert len(segments) == 1 and segments[0].shape == (30, P)
-        assert not segments[0].flags.writeable
+        assert len(segments) == 1 and segments[0].codes.shape == (30, R)
+        assert not segments[0].codes.flags.writeable
         big = await pool.segments(pool.plan(65, None))  # pool + 2 further stream blocks
         assert [len(s) for s in big] == [50, 10, 5]
         seeded = await pool.segments(pool.plan(15, 3))
         assert [len(s) for s in seeded] == [10, 5]
+        assert fetched == [("pool", (5, 6)), ("seed-3", (0, 1))]
 
     anyio.run(run)
 
@@ -139,49 +148,73 @@ def test_pool_segments_are_views_of_one_array() -> None:
 
 
 def test_round_trip() -> None:
-    theta = block(3)
-    raw = encode_block(LAYOUT, STREAM, 4, theta)
-    assert raw[:4] == b"APDN" and len(raw) == LAYOUT.entry_bytes
+    c = codes(3)
+    raw = encode_block(LAYOUT, STREAM, 4, c)
+    assert raw[:4] == b"APDC" and len(raw) == LAYOUT.entry_bytes == HEADER_BYTES + 10 * R * 4 + 32
     out = decode_block(LAYOUT, STREAM, 4, raw)
-    assert np.array_equal(out, theta) and out.dtype == np.float32
+    assert np.array_equal(out, c) and out.dtype == np.float32
+
+
+def test_the_mac_is_hmac_sha256_of_header_and_codes_with_the_key() -> None:
+    import hashlib
+    import hmac
+
+    raw = encode_block(LAYOUT, STREAM, 4, codes(3))
+    assert raw[-32:] == hmac.new(KEY, raw[:-32], hashlib.sha256).digest()
 
 
 def _flip(raw: bytes, at: int) -> bytes:
     return raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
 
 
-def _wider_block() -> bytes:
-    wider = BlockLayout(LAYOUT.checkpoint_sha256, P + 1)
-    return encode_block(wider, STREAM, 4, np.zeros((10, P + 1), np.float32))
+def _forged(raw: bytes) -> bytes:
+    """What someone who can write to Redis but lacks the key can do: a well-formed entry for
+    this very block, with codes of their choosing and a MAC made with another key."""
+    other = BlockLayout(LAYOUT.checkpoint_sha256, R, b"x" * 32)
+    return encode_block(other, STREAM, 4, codes(3) * 100)
+
+
+def _forged_checksum(raw: bytes) -> bytes:
+    """...or a plain SHA-256 where the MAC belongs (what the old format's checksum was)."""
+    import hashlib
+
+    body = raw[:-32][:HEADER_BYTES] + (codes(3) * 100).tobytes()
+    return body + hashlib.sha256(body).digest()
 
 
 CORRUPTIONS = {
     "truncated": (lambda raw: raw[:-7], "length"),
-    "truncated header": (lambda raw: raw[:20], "shorter than"),
-    "flipped payload byte": (lambda raw: _flip(raw, HEADER_BYTES + 123), "checksum"),
-    "flipped checksum byte": (lambda raw: _flip(raw, len(raw) - 1), "checksum"),
-    "flipped magic": (lambda raw: _flip(raw, 0), "magic"),
+    "truncated header": (lambda raw: raw[:20], "length"),
+    "flipped code byte": (lambda raw: _flip(raw, HEADER_BYTES + 13), "HMAC"),
+    "flipped MAC byte": (lambda raw: _flip(raw, len(raw) - 1), "HMAC"),
+    "flipped magic": (lambda raw: _flip(raw, 0), "HMAC"),
     "appended byte": (lambda raw: raw + b"\0", "length"),
+    "forged with another key": (_forged, "HMAC"),
+    "forged with a checksum": (_forged_checksum, "HMAC"),
     "foreign checkpoint": (
-        lambda raw: encode_block(BlockLayout("cd" * 32, P), STREAM, 4, block(3)),
+        lambda raw: encode_block(BlockLayout("cd" * 32, R, KEY), STREAM, 4, codes(3)),
         "checkpoint",
     ),
-    "other block": (lambda raw: encode_block(LAYOUT, STREAM, 5, block(3)), "block 5"),
-    "other stream": (lambda raw: encode_block(LAYOUT, POOL_STREAM, 4, block(3)), "stream"),
-    "other shape": (lambda raw: _wider_block(), "shape"),
-    "NaN with a valid checksum": (
-        lambda raw: encode_block(LAYOUT, STREAM, 4, np.full((10, P), np.nan, np.float32)),
+    "other block": (lambda raw: encode_block(LAYOUT, STREAM, 5, codes(3)), "block 5"),
+    "other stream": (lambda raw: encode_block(LAYOUT, POOL_STREAM, 4, codes(3)), "stream"),
+    "NaN with a valid MAC": (
+        lambda raw: encode_block(LAYOUT, STREAM, 4, np.full((10, R), np.nan, np.float32)),
         "NaN",
     ),
-    "not ours at all": (lambda raw: b"\x80\x04pickle?" * 100, "magic"),
+    "not ours at all": (lambda raw: b"\x80\x04pickle?" * 100, "length"),
 }
 
 
 @pytest.mark.parametrize(("corrupt", "reason"), CORRUPTIONS.values(), ids=list(CORRUPTIONS))
-def test_every_corruption_is_detected(corrupt: Any, reason: str) -> None:
-    raw = corrupt(encode_block(LAYOUT, STREAM, 4, block(3)))
+def test_every_corruption_and_forgery_is_detected(corrupt: Any, reason: str) -> None:
+    raw = corrupt(encode_block(LAYOUT, STREAM, 4, codes(3)))
     with pytest.raises(CorruptEntry, match=reason):
         decode_block(LAYOUT, STREAM, 4, raw)
+
+
+def test_a_short_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        BlockLayout("ab" * 32, R, b"short")
 
 
 # --- the in-process LRU ------------------------------------------------------------------
@@ -201,60 +234,6 @@ def test_local_cache_is_an_lru_bounded_in_bytes() -> None:
     assert len(tiny) == 0 and tiny.nbytes == 0
 
 
-# --- single flight -----------------------------------------------------------------------
-
-
-class CountingGenerator:
-    """A stand-in generator that is slow enough for requests to overlap, and counts."""
-
-    def __init__(self, delay_s: float = 0.05) -> None:
-        self.calls: Counter[tuple[str, int]] = Counter()
-        self.delay_s = delay_s
-        self.lock = threading.Lock()
-
-    def __call__(self, stream: Stream, blocks: Sequence[int]) -> list[NDArray[np.float32]]:
-        time.sleep(self.delay_s)
-        with self.lock:
-            self.calls.update((stream.name, b) for b in blocks)
-        return [np.full((10, P), b, np.float32) for b in blocks]
-
-
-async def run_compute(fn: Any) -> Any:
-    return await anyio.to_thread.run_sync(fn)
-
-
-def network_cache(
-    generate: Any, redis: RedisBlockStore | None, prefix: str = "t", lock_wait_s: float = 5
-) -> NetworkCache:
-    return NetworkCache(
-        layout=LAYOUT,
-        generate=generate,
-        run_compute=run_compute,
-        local=LocalBlockCache(1 << 30),
-        redis=redis,
-        metrics=Metrics(),
-        key_prefix=prefix,
-        ttl_s=60,
-        lock_timeout_s=5,
-        lock_wait_s=lock_wait_s,
-    )
-
-
-def test_concurrent_requests_for_a_block_generate_it_once() -> None:
-    gen = CountingGenerator()
-    cache = network_cache(gen, redis=None)
-
-    async def run() -> list[list[NDArray[np.float32]]]:
-        return await asyncio.gather(*(cache.get_blocks(STREAM, [0, 1, 2]) for _ in range(8)))
-
-    results = anyio.run(run)
-    assert gen.calls == Counter({("seed-5", b): 1 for b in range(3)})
-    assert all(r[1] is results[0][1] for r in results)
-    metrics = cache._metrics.registry
-    assert metrics.get_sample_value("apd_cache_misses_total") == 3
-    assert metrics.get_sample_value("apd_cache_hits_total", {"tier": "coalesced"}) == 7 * 3
-
-
 # --- with a real Redis -------------------------------------------------------------------
 
 
@@ -272,78 +251,6 @@ def prefix(redis_url: str) -> Iterator[str]:
         yield p
 
 
-def store(url: str) -> RedisBlockStore:
-    return RedisBlockStore(
-        url,
-        metrics=Metrics(),
-        socket_timeout_s=1.0,
-        health_interval_s=5,
-        retry_min_s=0.1,
-        retry_max_s=1.0,
-    )
-
-
-def test_two_workers_generate_each_block_once_between_them(redis_url: str, prefix: str) -> None:
-    """Two caches with their own Redis connections (as two processes would have): the one
-    that takes a block's lock generates it, the other waits for it in Redis."""
-    gen = CountingGenerator(delay_s=0.2)
-
-    async def run() -> tuple[list[Any], list[Any]]:
-        a, b = store(redis_url), store(redis_url)
-        await a.start()
-        await b.start()
-        try:
-            one, two = network_cache(gen, a, prefix), network_cache(gen, b, prefix)
-            return await asyncio.gather(
-                one.get_blocks(STREAM, [0, 1, 2, 3]), two.get_blocks(STREAM, [3, 2, 1, 0])
-            )
-        finally:
-            await a.close()
-            await b.close()
-
-    first, second = anyio.run(run)
-    assert gen.calls == Counter({("seed-5", b): 1 for b in range(4)})
-    for x, y in zip(first, reversed(second), strict=True):
-        assert np.array_equal(x, y)
-
-
-@pytest.mark.parametrize(
-    ("lock_ttl_ms", "lock_wait_s", "at_least_s", "at_most_s"),
-    [(300, 5.0, 0.25, 2.0), (60_000, 0.4, 0.35, 2.0)],
-    ids=["lock of a crashed worker expires", "lock held too long: wait is bounded"],
-)
-def test_a_lock_whose_holder_never_delivers_does_not_block(
-    redis_url: str,
-    prefix: str,
-    lock_ttl_ms: int,
-    lock_wait_s: float,
-    at_least_s: float,
-    at_most_s: float,
-) -> None:
-    import redis as redis_py
-
-    gen = CountingGenerator(delay_s=0.0)
-    cache = network_cache(gen, None, prefix, lock_wait_s=lock_wait_s)
-    holder = redis_py.Redis.from_url(redis_url)
-    holder.set(cache.lock_key(STREAM, 0), b"someone-else", px=lock_ttl_ms)
-    holder.close()
-
-    async def run() -> float:
-        s = store(redis_url)
-        await s.start()
-        cache.redis = s
-        try:
-            t0 = time.monotonic()
-            await cache.get_blocks(STREAM, [0])
-            return time.monotonic() - t0
-        finally:
-            await s.close()
-
-    elapsed = anyio.run(run)
-    assert at_least_s <= elapsed <= at_most_s, elapsed
-    assert gen.calls == Counter({("seed-5", 0): 1})  # generated here, in the end
-
-
 @pytest.fixture(scope="module")
 def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("cache") / "model.safetensors")
@@ -354,6 +261,7 @@ def redis_settings(path: Path, url: str, prefix: str, **overrides: Any) -> Setti
         "checkpoint": path,
         "redis_url": url,
         "redis_key_prefix": prefix,
+        "cache_hmac_key": HMAC_KEY,
         "pool_size": 30,
         "default_num_samples": None,
         "num_threads": 1,
@@ -366,19 +274,27 @@ def sample(client: Any, name: str, labels: dict[str, str] | None = None) -> floa
     return float(value or 0.0)
 
 
-def test_instances_share_blocks_through_redis(ckpt_path: Path, redis_url: str, prefix: str) -> None:
+def test_redis_needs_an_hmac_key(ckpt_path: Path, redis_url: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cache_hmac_key"):
+        Settings(checkpoint=ckpt_path, redis_url=redis_url)
+
+
+def test_instances_share_codes_through_redis(ckpt_path: Path, redis_url: str, prefix: str) -> None:
     x = random_images(3, seed=6).tolist()
     request = {"inputs": x, "num_samples": 25, "seed": 99}
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as a:
         assert a.get("/readyz").json()["redis"] == "ok"
-        assert sample(a, "apd_cache_misses_total") == 3  # the pool: 30 networks
+        assert sample(a, "apd_cache_misses_total") == 0  # the pool is drawn, never cached
         first = a.post("/predict", json=request).json()
-        assert sample(a, "apd_cache_misses_total") == 3 + 3
+        assert sample(a, "apd_cache_misses_total") == 3
         assert sample(a, "apd_cache_hits_total", {"tier": "redis"}) == 0
+        a.post("/predict", json=request)
+        assert sample(a, "apd_cache_hits_total", {"tier": "memory"}) == 3
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as b:
-        assert sample(b, "apd_cache_hits_total", {"tier": "redis"}) == 3  # B's pool, from A
         second = b.post("/predict", json=request).json()
-        assert sample(b, "apd_cache_hits_total", {"tier": "redis"}) == 3 + 3
+        assert sample(b, "apd_cache_hits_total", {"tier": "redis"}) == 3
         assert sample(b, "apd_cache_misses_total") == 0
         assert sample(b, "apd_posterior_networks_generated_total") == 0
     assert first == second
@@ -387,43 +303,47 @@ def test_instances_share_blocks_through_redis(ckpt_path: Path, redis_url: str, p
 
     client = redis.Redis.from_url(redis_url)
     sha = load_checkpoint(ckpt_path).sha256
-    keys = sorted(k.decode() for k in client.scan_iter(match=f"{prefix}:net:*"))
-    assert f"{prefix}:net:{sha}:seed-99:2" in keys and f"{prefix}:net:{sha}:pool:0" in keys
-    assert 0 < client.ttl(f"{prefix}:net:{sha}:seed-99:0") <= Settings().cache_ttl_s
+    keys = sorted(k.decode() for k in client.scan_iter(match=f"{prefix}:*"))
+    assert keys == [f"{prefix}:codes:{sha}:seed-99:{b}" for b in range(3)]
+    assert 0 < client.ttl(keys[0]) <= Settings().cache_ttl_s
+    assert (
+        client.strlen(keys[0]) == HEADER_BYTES + 10 * load_checkpoint(ckpt_path).code_dim * 4 + 32
+    )
     client.close()
 
 
-def test_corrupt_entries_are_deleted_redrawn_and_never_served(
+def test_corrupt_and_forged_entries_are_deleted_redrawn_and_never_served(
     ckpt_path: Path, redis_url: str, prefix: str
 ) -> None:
     import redis
 
-    sha = load_checkpoint(ckpt_path).sha256
+    ckpt = load_checkpoint(ckpt_path)
     x = random_images(4, seed=7).tolist()
     request = {"inputs": x, "num_samples": 40, "seed": 31}
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as a:
         clean = a.post("/predict", json=request).json()
 
     client = redis.Redis.from_url(redis_url)
-    key = f"{prefix}:net:{sha}:seed-31:{{}}".format
-    layout = BlockLayout(sha, load_checkpoint(ckpt_path).num_params)
+    key = f"{prefix}:codes:{ckpt.sha256}:seed-31:{{}}".format
+    layout = BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode())
     good: dict[int, bytes] = {}
     for b in range(4):
         raw = client.get(key(b))
         assert isinstance(raw, bytes)
         good[b] = raw
     stream = Stream.for_seed(31)
-    foreign = BlockLayout("0" * 64, layout.num_params)
+    poison = decode_block(layout, stream, 1, good[1]) + 5.0
     client.set(key(0), good[0][:-100])  # truncated
-    client.set(key(1), _flip(good[1], HEADER_BYTES + 1000))  # a flipped byte
-    theta2 = decode_block(layout, stream, 2, good[2])
-    client.set(key(2), encode_block(foreign, stream, 2, theta2 + 1))  # another checkpoint's
+    forger = BlockLayout(ckpt.sha256, ckpt.code_dim, b"not-the-service-key!")
+    client.set(key(1), encode_block(forger, stream, 1, poison))  # forged: codes of their own
+    foreign = BlockLayout("0" * 64, ckpt.code_dim, HMAC_KEY.encode())
+    client.set(key(2), encode_block(foreign, stream, 2, poison))  # another checkpoint's
 
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as b:
         again = b.post("/predict", json=request).json()
         assert sample(b, "apd_cache_corrupt_entries_total") == 3
         assert sample(b, "apd_cache_misses_total") == 3  # the three, redrawn
-        assert sample(b, "apd_cache_hits_total", {"tier": "redis"}) == 3 + 1  # pool + block 3
+        assert sample(b, "apd_cache_hits_total", {"tier": "redis"}) == 1  # block 3
     assert again == clean
     # Rewritten: valid again, and equal to what was there before the damage.
     for blk in range(3):
@@ -432,4 +352,30 @@ def test_corrupt_entries_are_deleted_redrawn_and_never_served(
         assert np.array_equal(
             decode_block(layout, stream, blk, raw), decode_block(layout, stream, blk, good[blk])
         )
+    client.close()
+
+
+def test_a_poisoned_pool_in_redis_is_never_served(
+    ckpt_path: Path, redis_url: str, prefix: str
+) -> None:
+    """Entries forged under the pool stream's keys (and with the right key, as a leaked-key
+    attacker could) do not reach answers: the pool is drawn in-process, never read back."""
+    import redis
+
+    ckpt = load_checkpoint(ckpt_path)
+    layout = BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode())
+    client = redis.Redis.from_url(redis_url)
+    for b in range(3):
+        poison = np.full((10, ckpt.code_dim), 50.0, np.float32)
+        client.set(
+            f"{prefix}:codes:{ckpt.sha256}:pool:{b}", encode_block(layout, POOL_STREAM, b, poison)
+        )
+    x = random_images(4, seed=8).tolist()
+    with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as a:
+        with_poison = a.post("/predict", json={"inputs": x, "num_samples": 30}).json()
+        assert sample(a, "apd_cache_hits_total", {"tier": "redis"}) == 0
+    settings = redis_settings(ckpt_path, redis_url, prefix, redis_url=None)
+    with make_client(create_app(settings)) as alone:
+        reference = alone.post("/predict", json={"inputs": x, "num_samples": 30}).json()
+    assert with_poison["predictions"] == reference["predictions"]  # K = pool size: all of it
     client.close()

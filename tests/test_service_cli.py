@@ -15,7 +15,6 @@ import pytest
 from service_support import free_port, make_checkpoint
 
 from service.cli import BLAS_THREAD_VARS, limit_blas_threads, main, parse_settings
-from service.config import Backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +37,10 @@ def test_flags_mirror_settings_and_win_over_the_environment(
     monkeypatch.setenv("APD_PORT", "9100")
     monkeypatch.setenv("APD_MAX_BATCH", "32")
     settings = parse_settings(
-        ["--port", "9200", "--backend", "torch", "--redis-url", "redis://h:1/2"]
+        ["--port", "9200", "--redis-url", "redis://h:1/2", "--cache-hmac-key", "k" * 16]
     )
     assert settings.port == 9200 and settings.max_batch == 32
-    assert settings.backend is Backend.TORCH and settings.redis_url == "redis://h:1/2"
+    assert settings.redis_url == "redis://h:1/2" and settings.hmac_key == b"k" * 16
 
 
 @pytest.mark.parametrize(
@@ -49,7 +48,9 @@ def test_flags_mirror_settings_and_win_over_the_environment(
     [
         (["--port", "0"], "port"),
         (["--workers", "0"], "workers"),
-        (["--backend", "tensorflow"], "backend"),
+        (["--redis-url", "redis://h:1/2"], "cache_hmac_key is not"),
+        (["--cache-hmac-key", "short"], "at least 16 bytes"),
+        (["--memory-budget-mb", "0"], "memory_budget_mb"),
         (["--pool-size", "15"], "pool_size: must be a multiple of 10"),
         (["--max-num-samples", "1001"], "max_num_samples"),
         (["--default-num-samples", "300", "--max-num-samples", "200"], "exceeds max_num_samples"),
@@ -121,7 +122,7 @@ def test_the_serve_command_loads_numpy_only_after_setting_blas_threads() -> None
 def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--host", "--port", "--workers", "--redis-url", "--backend",
+    for flag in ("--checkpoint", "--host", "--port", "--workers", "--redis-url", "--cache-hmac-key",
                  "--max-batch", "--max-num-samples", "--pool-size", "--cache-ttl-s"):  # fmt: skip
         assert flag in out
 
@@ -131,7 +132,7 @@ def test_two_workers_share_settings_and_metrics(ckpt_path: Path, tmp_path: Path)
     log = (tmp_path / "serve.log").open("w+b")
     env = {k: v for k, v in os.environ.items() if not k.startswith("APD_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    cmd = [sys.executable, "-m", "apd", "serve", "--checkpoint", str(ckpt_path), "--port",
+    cmd = [sys.executable, "-m", "apd_cli", "serve", "--checkpoint", str(ckpt_path), "--port",
            str(port), "--workers", "2", "--pool-size", "20", "--max-batch", "3",
            "--num-threads", "1", "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -152,15 +153,15 @@ def test_two_workers_share_settings_and_metrics(ckpt_path: Path, tmp_path: Path)
             assert ready.json()["pool_networks"] == 20  # the flag reached the worker
             limits = client.get("/v1/model").json()["limits"]
             assert limits["max_batch"] == 3
-            # Both workers start (each draws the pool: 2 blocks without Redis) before
-            # metrics can show them both.
+            # Both workers start (each draws the pool: 20 networks) before metrics can show
+            # them both.
             text = ""
             while time.monotonic() < deadline:
                 text = client.get("/metrics").text
-                if "apd_cache_misses_total 4.0" in text:
+                if "apd_posterior_networks_generated_total 40.0" in text:
                     break
                 time.sleep(0.2)
-            assert "apd_cache_misses_total 4.0" in text, text[-3000:]
+            assert "apd_posterior_networks_generated_total 40.0" in text, text[-3000:]
             for _ in range(10):
                 assert client.post("/predict", json={"inputs": [[0.5] * 784]}).status_code == 200
             text = client.get("/metrics").text

@@ -1,5 +1,6 @@
-"""The service loads only the generator: nothing under service/ imports training, and the
-onnxruntime backend serves without importing torch."""
+"""The layering: nothing under service/ imports training; nothing under apd/ (the contract)
+imports a side, torch or onnx at module level; and the service serves without torch, onnx or
+onnxruntime loaded."""
 
 from __future__ import annotations
 
@@ -62,24 +63,50 @@ def test_service_never_imports_training() -> None:
     assert not {f: n for f, n in offenders.items() if n}
 
 
+def module_level_imports(path: Path) -> set[str]:
+    """Modules imported by ``path``'s top-level statements (not inside functions)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_contract_imports_no_side_and_no_framework() -> None:
+    files = sorted((ROOT / "apd").rglob("*.py"))
+    assert len(files) >= 4, "apd/ not found"
+    banned = ("service", "training", "torch", "onnx", "onnxruntime", "apd_cli")
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(
+            n for n in module_level_imports(f) if n.split(".")[0] in banned
+        )
+        for f in files
+    }
+    assert not {f: n for f, n in offenders.items() if n}
+
+
 PROBE = textwrap.dedent(
     """
     import json, sys, warnings
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
-    from service.config import Backend, Settings
+    from service.config import Settings
     from service.main import create_app
 
-    settings = Settings(checkpoint=sys.argv[1], backend=Backend.ONNXRUNTIME, pool_size=10)
+    settings = Settings(checkpoint=sys.argv[1], pool_size=10)
     with TestClient(create_app(settings)) as client:
         response = client.post("/predict", json={"inputs": [[0.5] * 784], "num_samples": 10})
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "training"))
+    roots = ("torch", "training", "onnx", "onnxruntime")
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in roots)
     print(json.dumps({"status": response.status_code, "heavy": heavy}))
     """
 )
 
 
-def test_onnxruntime_backend_serves_without_torch(tmp_path: Path) -> None:
+def test_the_service_serves_without_torch_onnx_or_training(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "model.safetensors")
     env = {k: v for k, v in os.environ.items() if not k.startswith("APD_")}
     result = subprocess.run(

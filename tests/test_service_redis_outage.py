@@ -67,7 +67,7 @@ class PrivateRedis:
     def keys(self) -> list[str]:
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
-            return [k.decode() for k in client.scan_iter(match="*:net:*")]
+            return [k.decode() for k in client.scan_iter(match="*:codes:*")]
         finally:
             client.close()
 
@@ -106,6 +106,7 @@ def test_service_survives_redis_going_away_and_coming_back(
     settings = Settings(
         checkpoint=ckpt_path,
         redis_url=private_redis.url,
+        cache_hmac_key="outage-test-hmac-key-0123",
         redis_key_prefix="outage",
         pool_size=20,
         num_threads=1,
@@ -130,7 +131,7 @@ def test_service_survives_redis_going_away_and_coming_back(
     with make_client(create_app(settings)) as client:
         assert redis_state() == "ok" and degraded_gauge(client) == 0
         before, _ = predict(1)
-        assert f"outage:net:{sha}:seed-1:1" in private_redis.keys()
+        assert f"outage:codes:{sha}:seed-1:1" in private_redis.keys()
 
         # 1. Redis dies: requests keep being answered, quickly, from memory and the generator.
         private_redis.kill()
@@ -153,7 +154,7 @@ def test_service_survives_redis_going_away_and_coming_back(
         assert wait_until(lambda: redis_state() == "ok", 5), "did not go back to Redis"
         assert degraded_gauge(client) == 0
         after, _ = predict(5)
-        assert f"outage:net:{sha}:seed-5:1" in private_redis.keys()
+        assert f"outage:codes:{sha}:seed-5:1" in private_redis.keys()
         assert predict(2)[0] == during[1][0]  # same seed, same numbers, outage or not
 
         # 3. Redis hangs (stopped, not dead): socket timeouts, not waits without end.
@@ -179,6 +180,7 @@ def test_unreachable_redis_at_startup_is_degraded_not_fatal(tmp_path: Path) -> N
     settings = Settings(
         checkpoint=ckpt_path,
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        cache_hmac_key="outage-test-hmac-key-0123",
         pool_size=10,
         num_threads=1,
         redis_socket_timeout_s=0.2,

@@ -4,7 +4,7 @@ What ``docker compose up --scale api=2`` would run, without a Docker engine:
 
 * ``redis-server`` with the ``redis`` service's own command line from docker-compose.yml
   (maxmemory, allkeys-lru, no persistence) on a free port;
-* two ``apd serve`` replicas with the ``api`` service's environment (onnxruntime backend),
+* two ``apd serve`` replicas with the ``api`` service's environment (secrets as files),
   pointed at that Redis: replica A with one worker, as in compose, and replica B with
   ``--workers 2`` (Prometheus multi-process mode);
 * Debian's ``prometheus`` on the repo's deploy/prometheus/prometheus.yml, with its Docker
@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import shlex
 import yaml
 from deploy_support import (
     API_JOB,
@@ -102,14 +103,21 @@ def _wait_until(
 
 
 @contextlib.contextmanager
-def compose_redis(command: list[str], workdir: Path) -> Iterator[str]:
-    """``redis-server`` with the compose file's flags, on a free loopback port."""
+def compose_redis(command: list[str], workdir: Path, password: str) -> Iterator[str]:
+    """``redis-server`` with the compose file's flags, on a free loopback port, requiring
+    ``password`` where compose reads it from the secret."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not installed")
-    assert command[0] == "redis-server"
+    assert command[:2] == ["sh", "-c"], command
+    words = shlex.split(command[2].replace("$$", "$"))
+    assert words[:2] == ["exec", "redis-server"], words
+    flags = words[2:]
+    at = flags.index("--requirepass")
+    assert flags[at + 1] == "$(cat /run/secrets/redis_password)"
+    flags[at + 1] = password
     port = harness.free_port()
-    cmd = [exe, *command[1:], "--bind", harness.LOOPBACK, "--port", str(port)]
+    cmd = [exe, *flags, "--bind", harness.LOOPBACK, "--port", str(port)]
     cmd += ["--dir", str(workdir), "--protected-mode", "yes"]
     log = (workdir / "redis.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -180,10 +188,19 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
         checkpoint = harness.make_tiny_checkpoint(tmp_path / "tiny.safetensors")
     prefix = f"apd-topology-{uuid.uuid4().hex[:10]}"
 
+    # The compose secrets, as files where the containers would find them mounted.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    password = uuid.uuid4().hex
+    (secrets / "redis_password").write_text(password + "\n")
+    (secrets / "cache_hmac_key").write_text(uuid.uuid4().hex + "\n")
+    for name in ("APD_REDIS_PASSWORD_FILE", "APD_CACHE_HMAC_KEY_FILE"):
+        api_env[name] = str(secrets / Path(api_env[name]).name)
+
     with contextlib.ExitStack() as stack:
         (tmp_path / "redis").mkdir()
         redis_url = stack.enter_context(
-            compose_redis(services["redis"]["command"], tmp_path / "redis")
+            compose_redis(services["redis"]["command"], tmp_path / "redis", password)
         )
         env = {
             **api_env,
@@ -232,15 +249,15 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
 
         # Redis holds the networks, keyed by the checkpoint's sha256, with the compose limits.
         sha256 = file_sha256(checkpoint)
-        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        client = redis.Redis.from_url(redis_url, socket_timeout=2, password=password)
         try:
             keys = [k.decode() for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
             maxmemory = int(str(client.config_get("maxmemory")["maxmemory"]))
             policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
         finally:
             client.close()
-        net_keys = [k for k in keys if k.startswith(f"{prefix}:net:{sha256}:")]
-        assert len(net_keys) >= POOL_SIZE // 10, keys[:5]
+        code_keys = [k for k in keys if k.startswith(f"{prefix}:codes:{sha256}:seed-7:")]
+        assert len(code_keys) == 2, keys[:5]  # K = 20: the seed's two blocks of codes
         assert maxmemory > 0 and policy == "allkeys-lru"
 
         # Prometheus scraped apd_* series from both replicas.
@@ -269,7 +286,7 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
         assert seen["requests"][target["a"]] >= 1 and seen["requests"][target["b"]] >= 2
         assert seen["model_info"] == {t: 1.0 for t in expected}
         info = prom.query(f'apd_model_info{{job="{API_JOB}"}}')
-        assert {s["metric"]["backend"] for s in info} == {"onnxruntime"}
+        assert {s["metric"]["backend"] for s in info} == {"numpy-factored"}
         assert len({s["metric"]["sha256"] for s in info}) == 1
         # A drew the networks; B (both of its workers) found every one of them in Redis.
         assert seen["misses"][target["a"]] > 0

@@ -7,7 +7,7 @@ these tests train real fcNN1 networks in seconds and can check that they learn.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,7 @@ SGLD_FAST = ["--steps", "60", "--cycle-steps", "30", "--thinning", "5", "--chain
 POINT_FAST = ["--epochs", "2", "--batch-size", "20"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +60,15 @@ def test_sgld_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     cfg = json.loads((out / "config.json").read_text())
     # every flag resolved: unset ones carry the architecture's tuned default
     assert cfg["steps"] == 60 and cfg["chains"] == 2
-    for key, value in train.DEFAULTS["sgld"]["fcnn1"].items():
+    for key, value in asdict(train.DEFAULTS["sgld"]["fcnn1"]).items():
         if key not in ("steps", "cycle_steps", "thinning", "chains"):
             assert cfg[key] == value, key
+    assert set(cfg) == {
+        *("method", "arch", "out", "data_dir", "seed", "threads", "batch_size", "lr", "force"),
+        *("no_progress", "chains", "steps", "burn_in", "thinning", "schedule", "gamma"),
+        *("decay_steps", "cycle_steps", "explore_fraction", "temperature", "prior_std"),
+        *("preconditioner", "eval_every", "data_sha256", "apd_version"),
+    }
     assert cfg["data_sha256"] == "f" * 64 and cfg["seed"] == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.9  # the synthetic classes are easy: it learned
@@ -105,6 +106,12 @@ def test_point_estimate_run_directory(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.9 and (out / "READY").is_file()
     assert ("200 dropout passes" in metrics["predictive"]) == (method == "dropout")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["lr"] == 0.1 and cfg["weight_decay"] == 1e-4
+    assert set(cfg) == {
+        *("method", "arch", "out", "data_dir", "seed", "threads", "batch_size", "lr", "force"),
+        *("no_progress", "epochs", "momentum", "weight_decay", "data_sha256", "apd_version"),
+    }
 
 
 @pytest.mark.parametrize(

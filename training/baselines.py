@@ -10,7 +10,8 @@ chains, or K = 1 for a baseline) train in one batched pass, each on its own mini
   ``eta_t = eta_0 / 2 (1 + cos(pi t / T))``.
 * MC-Dropout (Gal & Ghahramani, ICML 2016): the same training with inverted dropout of rate
   ``p`` (0.5 here) on every hidden layer; at test time the predictive is the average of the
-  softmax over M stochastic passes, ``p(y|x) ≈ 1/M sum_m softmax(f(x; theta, mask_m))``.
+  softmax over M stochastic passes, ``p(y|x) ≈ 1/M sum_m softmax(f(x; theta, mask_m))``
+  (:func:`training.torch_ops.member_probs` with ``dropout``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from numpy.typing import NDArray
 from tqdm import tqdm
 
-from training import torch_ops
 from apd.networks import MLPSpec
+from training import torch_ops
 
 
 def init_theta(spec: MLPSpec, num_networks: int, generator: torch.Generator) -> torch.Tensor:
@@ -132,54 +131,6 @@ class ClassificationLikelihood:
             if i > 0:
                 delta = torch.bmm(delta, w.transpose(1, 2)).mul_(acts[i] > 0)
         return ll, grad
-
-
-@torch.no_grad()
-def member_probs(
-    spec: MLPSpec,
-    theta: torch.Tensor | NDArray[np.float32],
-    x: torch.Tensor | NDArray[np.float32],
-    chunk: int = 2000,
-    dropout: float = 0.0,
-    passes: int = 1,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Softmax outputs ``(K * passes, N, C)`` of K networks (each ``passes`` times, with
-    dropout masks when ``dropout`` > 0) on N inputs, in chunks of inputs."""
-    th = torch.as_tensor(np.asarray(theta) if not isinstance(theta, torch.Tensor) else theta)
-    xs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    th = th.to(torch.float32)
-    outs = []
-    for start in range(0, xs.shape[0], chunk):
-        xb = xs[start : start + chunk].to(torch.float32)
-        per_pass = [
-            torch.softmax(
-                torch_ops.forward_logits(spec, th, xb, dropout=dropout, generator=generator), -1
-            )
-            for _ in range(passes)
-        ]
-        outs.append(torch.cat(per_pass, dim=0))
-    return torch.cat(outs, dim=1)
-
-
-@dataclass(frozen=True)
-class PredictiveMetrics:
-    """Accuracy and mean negative log-likelihood (nats) of a predictive ``p(y|x)``."""
-
-    accuracy: float
-    nll: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "nll": self.nll}
-
-
-def score_predictive(probs: torch.Tensor, y: torch.Tensor | NDArray[np.int64]) -> PredictiveMetrics:
-    """Metrics of the posterior predictive ``probs (N, C)`` against labels ``y (N,)``."""
-    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long()
-    p = probs.to(torch.float64)
-    acc = (p.argmax(dim=1) == yt).double().mean().item()
-    nll = -torch.log(p.gather(1, yt[:, None]).clamp_min(1e-12)).mean().item()
-    return PredictiveMetrics(accuracy=acc, nll=nll)
 
 
 @dataclass(frozen=True)

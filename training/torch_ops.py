@@ -2,11 +2,16 @@
 
 Imported by training (SGLD chains are K networks trained at once) and by the service's torch
 backend. Same flat layout and maths as the NumPy version; tests check they agree.
+
+:func:`member_probs` is the one per-network softmax of the training side: the ``(K, N, C)``
+member probabilities that every predictive, metric and uncertainty score is computed from.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from apd.networks import MLPSpec
 
@@ -69,3 +74,76 @@ def forward_logits(
             h = h * keep / (1.0 - dropout)
         h = torch.baddbmm(b.unsqueeze(1), h, w)
     return h
+
+
+def mc_dropout_logits(
+    spec: MLPSpec,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    rate: float,
+    passes: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MC-Dropout logits ``(passes, N, C)`` of one network ``theta (1, P)`` on ``x (N, D)``.
+
+    The masks, drawn in the same order, and (up to rounding) the logits of
+    :func:`forward_logits` on the network repeated ``passes`` times with ``dropout = rate``;
+    the first layer sees no dropout, so it is computed once and shared by the passes.
+    Differentiable in ``x`` (the attacks use this).
+    """
+    if theta.ndim != 2 or theta.shape[0] != 1:
+        raise ValueError(f"MC-Dropout takes one network (1, P), got {tuple(theta.shape)}")
+    layers = unflatten(spec, theta)
+    w0, b0 = layers[0]
+    h = (x @ w0[0] + b0[0]).unsqueeze(0).expand(passes, -1, -1)
+    for w, b in layers[1:]:
+        h = torch.relu(h)
+        keep = torch.rand(h.shape, generator=generator, device=h.device) >= rate
+        h = h * keep / (1.0 - rate)
+        h = h @ w[0] + b[0]
+    return h
+
+
+def _float32_tensor(a: torch.Tensor | NDArray[np.floating]) -> torch.Tensor:
+    """A float32 tensor of ``a`` (a NumPy array, possibly read-only or a memmap, is copied)."""
+    if isinstance(a, torch.Tensor):
+        return a.to(torch.float32)
+    return torch.from_numpy(np.array(a, dtype=np.float32))
+
+
+@torch.no_grad()
+def member_probs(
+    spec: MLPSpec,
+    theta: torch.Tensor | NDArray[np.floating],
+    x: torch.Tensor | NDArray[np.floating],
+    *,
+    dropout: float = 0.0,
+    passes: int = 1,
+    generator: torch.Generator | None = None,
+    chunk: int = 2000,
+) -> torch.Tensor:
+    """Member softmax outputs ``p_k(y | x) = softmax(f(x; theta_k))``, ``(M, N, C)`` float32
+    on the CPU, for ``x (N, D)``, computed on theta's device ``chunk`` inputs at a time.
+
+    Without dropout the M = K members are the networks ``theta (K, P)``
+    (:func:`forward_logits`). With ``dropout > 0`` (MC-Dropout) there is one network
+    ``theta (1, P)`` and the M = ``passes`` members are its stochastic passes
+    (:func:`mc_dropout_logits`), with masks drawn from ``generator`` chunk by chunk.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout rate must lie in [0, 1), got {dropout}")
+    if chunk < 1 or passes < 1 or (passes > 1 and dropout == 0):
+        raise ValueError(
+            f"need chunk >= 1 and passes >= 1 (> 1 only with dropout), got {chunk}, {passes}"
+        )
+    th = _float32_tensor(theta)
+    members = passes if dropout > 0 else th.shape[0]
+    outs = [torch.empty(members, 0, spec.num_classes)]
+    for start in range(0, x.shape[0], chunk):
+        xb = _float32_tensor(x[start : start + chunk]).to(th.device)
+        if dropout > 0:
+            logits = mc_dropout_logits(spec, th, xb, dropout, passes, generator)
+        else:
+            logits = forward_logits(spec, th, xb)
+        outs.append(torch.softmax(logits, -1).cpu())
+    return torch.cat(outs, dim=1)

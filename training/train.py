@@ -29,7 +29,8 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,14 +45,13 @@ from training.baselines import (
     ClassificationLikelihood,
     MinibatchStream,
     PointTrainSettings,
-    PredictiveMetrics,
     init_theta,
-    member_probs,
-    score_predictive,
     train_point_estimate,
 )
 from training.errors import UserError
+from training.metrics import ClassificationMetrics, accuracy, classification_metrics
 from training.sample_store import SampleStore
+from training.torch_ops import member_probs
 
 METHODS: Final = ("sgd", "dropout", "sgld")
 CONFIG_FILE: Final = "config.json"
@@ -60,75 +60,80 @@ WEIGHTS_FILE: Final = "weights.safetensors"
 SAMPLES_DIR: Final = "samples"
 READY_FILE: Final = "READY"
 
-# Tuned per architecture; every entry is a flag's default when the flag is not given.
+
+@dataclass(frozen=True)
+class PointDefaults:
+    """Tuned defaults of ``apd train sgd`` and ``apd train dropout`` (one per flag)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class SGLDDefaults:
+    """Tuned defaults of ``apd train sgld`` (one per flag)."""
+
+    chains: int
+    steps: int
+    batch_size: int
+    lr: float
+    schedule: sgld.ScheduleKind
+    cycle_steps: int
+    explore_fraction: float
+    gamma: float
+    decay_steps: int
+    burn_in: int
+    thinning: int
+    temperature: float
+    prior_std: float
+    preconditioner: sgld.Preconditioner
+
+
+_POINT_DEFAULTS: Final = PointDefaults(
+    epochs=50, batch_size=100, lr=0.1, momentum=0.9, weight_decay=1e-4
+)
+# Tuned per architecture; every field is a flag's default when the flag is not given.
 # SGLD: cyclical step size (Zhang et al. 2020) over C parallel chains, see docs/training.md.
-DEFAULTS: Final[dict[str, dict[str, dict[str, Any]]]] = {
+DEFAULTS: Final[Mapping[str, Mapping[str, PointDefaults | SGLDDefaults]]] = {
     "sgld": {
-        "fcnn1": {
-            "chains": 8,
-            "steps": 30_000,
-            "batch_size": 100,
-            "lr": 0.5,
-            "schedule": "cyclical",
-            "cycle_steps": 10_000,
-            "explore_fraction": 0.5,
-            "gamma": 0.55,
-            "decay_steps": 10_000,
-            "burn_in": 0,
-            "thinning": 100,
-            "temperature": 1.0,
-            "prior_std": 1.0,
-            "preconditioner": "identity",
-        },
-        "fcnn2": {
-            "chains": 4,
-            "steps": 40_000,
-            "batch_size": 100,
-            "lr": 0.5,
-            "schedule": "cyclical",
-            "cycle_steps": 8_000,
-            "explore_fraction": 0.8,
-            "gamma": 0.55,
-            "decay_steps": 10_000,
-            "burn_in": 0,
-            "thinning": 32,
-            "temperature": 1.0,
-            "prior_std": 1.0,
-            "preconditioner": "identity",
-        },
+        "fcnn1": SGLDDefaults(
+            chains=8,
+            steps=30_000,
+            batch_size=100,
+            lr=0.5,
+            schedule=sgld.ScheduleKind.CYCLICAL,
+            cycle_steps=10_000,
+            explore_fraction=0.5,
+            gamma=0.55,
+            decay_steps=10_000,
+            burn_in=0,
+            thinning=100,
+            temperature=1.0,
+            prior_std=1.0,
+            preconditioner=sgld.Preconditioner.IDENTITY,
+        ),
+        "fcnn2": SGLDDefaults(
+            chains=4,
+            steps=40_000,
+            batch_size=100,
+            lr=0.5,
+            schedule=sgld.ScheduleKind.CYCLICAL,
+            cycle_steps=8_000,
+            explore_fraction=0.8,
+            gamma=0.55,
+            decay_steps=10_000,
+            burn_in=0,
+            thinning=32,
+            temperature=1.0,
+            prior_std=1.0,
+            preconditioner=sgld.Preconditioner.IDENTITY,
+        ),
     },
-    "sgd": {
-        "fcnn1": {
-            "epochs": 50,
-            "batch_size": 100,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-        },
-        "fcnn2": {
-            "epochs": 50,
-            "batch_size": 100,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-        },
-    },
-    "dropout": {
-        "fcnn1": {
-            "epochs": 50,
-            "batch_size": 100,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-        },
-        "fcnn2": {
-            "epochs": 50,
-            "batch_size": 100,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-        },
-    },
+    "sgd": {"fcnn1": _POINT_DEFAULTS, "fcnn2": _POINT_DEFAULTS},
+    "dropout": {"fcnn1": _POINT_DEFAULTS, "fcnn2": _POINT_DEFAULTS},
 }
 SGLD_EVAL_SAMPLES: Final = 100
 DROPOUT_PASSES: Final = 200
@@ -193,57 +198,102 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunConfig:
+    """Every flag of ``apd train``, resolved: what ``config.json`` records (with the data
+    fingerprint and the code version)."""
+
+    method: str
+    arch: str
+    out: str
+    data_dir: str | None
+    seed: int
+    threads: int
+    batch_size: int
+    lr: float
+    force: bool
+    no_progress: bool
+
+
+@dataclass(frozen=True)
+class PointRunConfig(RunConfig):
+    """``apd train sgd`` and ``apd train dropout``."""
+
+    epochs: int
+    momentum: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class SGLDRunConfig(RunConfig):
+    """``apd train sgld``."""
+
+    chains: int
+    steps: int
+    burn_in: int
+    thinning: int
+    schedule: str
+    gamma: float
+    decay_steps: int
+    cycle_steps: int
+    explore_fraction: float
+    temperature: float
+    prior_std: float
+    preconditioner: str
+    eval_every: int
+
+
+def resolve_config(args: argparse.Namespace) -> PointRunConfig | SGLDRunConfig:
     """Every flag with the architecture's default filled in; validates names and ranges."""
     method = str(args.method)
     try:
         spec = get_spec(str(args.arch))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    cfg: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    for key, value in DEFAULTS[method][spec.name].items():
-        if cfg.get(key) is None:
-            cfg[key] = value
-    cfg["out"] = str(args.out)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    for key, value in asdict(DEFAULTS[method][spec.name]).items():
+        if flags.get(key) is None:
+            flags[key] = value
+    flags["out"] = str(args.out)
+    cfg = SGLDRunConfig(**flags) if method == "sgld" else PointRunConfig(**flags)
     _validate(cfg)
     return cfg
 
 
-def _validate(cfg: dict[str, Any]) -> None:
-    def positive(name: str, flag: str) -> None:
-        v = cfg[name]
+def _validate(cfg: PointRunConfig | SGLDRunConfig) -> None:
+    def positive(v: float, flag: str) -> None:
         if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
             raise UserError(f"--{flag} must be positive, got {v}")
 
-    positive("lr", "lr (the step size)")
-    positive("batch_size", "batch-size")
-    positive("threads", "threads")
-    if cfg["method"] == "sgld":
+    positive(cfg.lr, "lr (the step size)")
+    positive(cfg.batch_size, "batch-size")
+    positive(cfg.threads, "threads")
+    if isinstance(cfg, SGLDRunConfig):
         for name in ("chains", "steps", "thinning", "cycle_steps", "decay_steps", "prior_std"):
-            positive(name, name.replace("_", "-"))
-        if cfg["burn_in"] < 0 or cfg["burn_in"] >= cfg["steps"]:
-            raise UserError(f"--burn-in must lie in [0, --steps), got {cfg['burn_in']}")
-        if not (cfg["temperature"] >= 0 and math.isfinite(cfg["temperature"])):
-            raise UserError(f"--temperature must be >= 0, got {cfg['temperature']}")
-        for name, enum_type in (
-            ("schedule", sgld.ScheduleKind),
-            ("preconditioner", sgld.Preconditioner),
+            positive(getattr(cfg, name), name.replace("_", "-"))
+        if cfg.burn_in < 0 or cfg.burn_in >= cfg.steps:
+            raise UserError(f"--burn-in must lie in [0, --steps), got {cfg.burn_in}")
+        if not (cfg.temperature >= 0 and math.isfinite(cfg.temperature)):
+            raise UserError(f"--temperature must be >= 0, got {cfg.temperature}")
+        for name, value, enum_type in (
+            ("schedule", cfg.schedule, sgld.ScheduleKind),
+            ("preconditioner", cfg.preconditioner, sgld.Preconditioner),
         ):
             valid = [e.value for e in enum_type]
-            if cfg[name] not in valid:
-                raise UserError(f"--{name} must be one of {', '.join(valid)}, got {cfg[name]!r}")
-        if not 0.0 <= cfg["explore_fraction"] < 1.0:
-            raise UserError(f"--explore-fraction must lie in [0, 1), got {cfg['explore_fraction']}")
-        if cfg["eval_every"] < 0:
-            raise UserError(f"--eval-every must be >= 0, got {cfg['eval_every']}")
-        if not 0.0 <= cfg["gamma"] <= 1.0:
-            raise UserError(f"--gamma must lie in [0, 1], got {cfg['gamma']}")
+            if value not in valid:
+                raise UserError(f"--{name} must be one of {', '.join(valid)}, got {value!r}")
+        if not 0.0 <= cfg.explore_fraction < 1.0:
+            raise UserError(f"--explore-fraction must lie in [0, 1), got {cfg.explore_fraction}")
+        if cfg.eval_every < 0:
+            raise UserError(f"--eval-every must be >= 0, got {cfg.eval_every}")
+        if not 0.0 <= cfg.gamma <= 1.0:
+            raise UserError(f"--gamma must lie in [0, 1], got {cfg.gamma}")
     else:
-        positive("epochs", "epochs")
-        if not 0.0 <= cfg["momentum"] < 1.0:
-            raise UserError(f"--momentum must lie in [0, 1), got {cfg['momentum']}")
-        if cfg["weight_decay"] < 0:
-            raise UserError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
+        positive(cfg.epochs, "epochs")
+        if not 0.0 <= cfg.momentum < 1.0:
+            raise UserError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
+        if cfg.weight_decay < 0:
+            raise UserError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -315,21 +365,21 @@ def load_dataset(data_dir: str | None) -> Dataset:
     )
 
 
-def sgld_settings(cfg: dict[str, Any], num_data: int) -> sgld.SGLDSettings:
+def sgld_settings(cfg: SGLDRunConfig, num_data: int) -> sgld.SGLDSettings:
     schedule = sgld.StepSchedule(
-        kind=sgld.ScheduleKind(cfg["schedule"]),
-        lr=float(cfg["lr"]),
-        gamma=float(cfg["gamma"]),
-        decay_steps=int(cfg["decay_steps"]),
-        cycle_steps=int(cfg["cycle_steps"]),
-        explore_fraction=float(cfg["explore_fraction"]),
+        kind=sgld.ScheduleKind(cfg.schedule),
+        lr=cfg.lr,
+        gamma=cfg.gamma,
+        decay_steps=cfg.decay_steps,
+        cycle_steps=cfg.cycle_steps,
+        explore_fraction=cfg.explore_fraction,
     )
     return sgld.SGLDSettings(
         num_data=num_data,
         schedule=schedule,
-        prior_std=float(cfg["prior_std"]),
-        temperature=float(cfg["temperature"]),
-        preconditioner=sgld.Preconditioner(cfg["preconditioner"]),
+        prior_std=cfg.prior_std,
+        temperature=cfg.temperature,
+        preconditioner=sgld.Preconditioner(cfg.preconditioner),
     )
 
 
@@ -340,27 +390,27 @@ def count_retained(num_steps: int, burn_in: int, thinning: int, schedule: sgld.S
 def run_sgld(
     spec: MLPSpec,
     data: Dataset,
-    cfg: dict[str, Any],
+    cfg: SGLDRunConfig,
     samples_dir: Path,
     progress: bool = True,
     trace: list[dict[str, float]] | None = None,
 ) -> SampleStore:
-    """Run ``cfg['chains']`` SGLD chains in one batched process; samples go to a store.
+    """Run ``cfg.chains`` SGLD chains in one batched process; samples go to a store.
 
-    With ``cfg['eval_every']`` > 0 the validation accuracy of the current chain states is
+    With ``cfg.eval_every`` > 0 the validation accuracy of the current chain states is
     printed every that many steps and appended to ``trace``."""
     trace = [] if trace is None else trace
     settings = sgld_settings(cfg, data.train_x.shape[0])
-    chains = int(cfg["chains"])
-    steps, burn_in, thinning = int(cfg["steps"]), int(cfg["burn_in"]), int(cfg["thinning"])
+    chains = cfg.chains
+    steps, burn_in, thinning = cfg.steps, cfg.burn_in, cfg.thinning
     kept = count_retained(steps, burn_in, thinning, settings.schedule)
     if kept == 0:
         raise UserError("no sample would be kept: check --steps, --burn-in and --thinning")
-    gen = torch.Generator().manual_seed(int(cfg["seed"]))
+    gen = torch.Generator().manual_seed(cfg.seed)
     likelihood = ClassificationLikelihood(spec, data.train_x, data.train_y)
     transform = sgld.build(likelihood, settings, likelihood.value_and_grad)
     state = transform.init(init_theta(spec, chains, gen))
-    batches = MinibatchStream(data.train_x.shape[0], int(cfg["batch_size"]), chains, gen)
+    batches = MinibatchStream(data.train_x.shape[0], cfg.batch_size, chains, gen)
     meta: dict[str, Any] = {"sampler": {"method": "sgld", **settings.to_dict(), **_chain_meta(cfg)}}
     meta["data_sha256"] = data.sha256
     store = SampleStore.create(samples_dir, spec, kept * chains, meta)
@@ -371,8 +421,8 @@ def run_sgld(
 
     def monitor(s: sgld.SGLDState) -> str:
         probs = member_probs(spec, s.params, data.val_x)
-        each = [score_predictive(p, data.val_y).accuracy for p in probs]
-        together = score_predictive(probs.mean(0), data.val_y)
+        each = [accuracy(p.numpy(), data.val_y) for p in probs]
+        together = classification_metrics(probs.mean(0).numpy(), data.val_y)
         trace.append(
             {"step": s.step, "val_accuracy_chains": together.accuracy, "val_nll": together.nll}
         )
@@ -394,23 +444,29 @@ def run_sgld(
         gen,
         progress,
         monitor=monitor,
-        monitor_every=int(cfg.get("eval_every") or 0),
+        monitor_every=cfg.eval_every,
     )
     store.close()
     return store
 
 
-def _chain_meta(cfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("chains", "steps", "burn_in", "thinning", "batch_size", "seed")
-    return {k: cfg[k] for k in keys}
+def _chain_meta(cfg: SGLDRunConfig) -> dict[str, int]:
+    return {
+        "chains": cfg.chains,
+        "steps": cfg.steps,
+        "burn_in": cfg.burn_in,
+        "thinning": cfg.thinning,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+    }
 
 
 def evaluate_samples(
     spec: MLPSpec, theta: np.ndarray | torch.Tensor, data: Dataset
-) -> dict[str, PredictiveMetrics]:
+) -> dict[str, ClassificationMetrics]:
     """Posterior-predictive metrics of networks ``theta (K, P)`` on validation and test."""
     return {
-        split: score_predictive(member_probs(spec, theta, x).mean(0), y)
+        split: classification_metrics(member_probs(spec, theta, x).mean(0).numpy(), y)
         for split, (x, y) in {
             "val": (data.val_x, data.val_y),
             "test": (data.test_x, data.test_y),
@@ -420,7 +476,7 @@ def evaluate_samples(
 
 def evaluate_dropout(
     spec: MLPSpec, theta: torch.Tensor, data: Dataset, p: float, passes: int, seed: int
-) -> dict[str, PredictiveMetrics]:
+) -> dict[str, ClassificationMetrics]:
     """MC-Dropout predictive: mean softmax over ``passes`` masks (seeded)."""
     out = {}
     for split, (x, y) in {
@@ -429,11 +485,11 @@ def evaluate_dropout(
     }.items():
         gen = torch.Generator().manual_seed(seed)
         probs = member_probs(spec, theta, x, dropout=p, passes=passes, generator=gen)
-        out[split] = score_predictive(probs.mean(0), y)
+        out[split] = classification_metrics(probs.mean(0).numpy(), y)
     return out
 
 
-def _metrics(evals: dict[str, PredictiveMetrics], **extra: Any) -> dict[str, Any]:
+def _metrics(evals: dict[str, ClassificationMetrics], **extra: Any) -> dict[str, Any]:
     m: dict[str, Any] = {}
     for split, e in evals.items():
         m[f"{split}_accuracy"] = e.accuracy
@@ -445,17 +501,17 @@ def _metrics(evals: dict[str, PredictiveMetrics], **extra: Any) -> dict[str, Any
 def run(args: argparse.Namespace) -> int:
     """Train the requested method and write the run directory (see the module docstring)."""
     cfg = resolve_config(args)
-    spec = get_spec(cfg["arch"])
-    out = Path(cfg["out"])
-    torch.set_num_threads(int(cfg["threads"]))
-    data = load_dataset(cfg["data_dir"])
-    _prepare_out(out, bool(cfg["force"]))
-    progress = not cfg["no_progress"]
-    full_cfg = {**cfg, "data_sha256": data.sha256, "apd_version": __version__}
+    spec = get_spec(cfg.arch)
+    out = Path(cfg.out)
+    torch.set_num_threads(cfg.threads)
+    data = load_dataset(cfg.data_dir)
+    _prepare_out(out, cfg.force)
+    progress = not cfg.no_progress
+    full_cfg = {**asdict(cfg), "data_sha256": data.sha256, "apd_version": __version__}
     _write_json(out / CONFIG_FILE, full_cfg)
-    device = device_description(int(cfg["threads"]))
+    device = device_description(cfg.threads)
     start = time.perf_counter()
-    if cfg["method"] == "sgld":
+    if isinstance(cfg, SGLDRunConfig):
         trace: list[dict[str, float]] = []
         store = run_sgld(spec, data, cfg, out / SAMPLES_DIR, progress, trace)
         train_s = time.perf_counter() - start
@@ -463,22 +519,22 @@ def run(args: argparse.Namespace) -> int:
         evals = evaluate_samples(spec, np.asarray(store.theta[idx]), data)
         metrics = _metrics(
             evals,
-            predictive=f"mean softmax of {len(idx)} samples spread across {cfg['chains']} chains",
+            predictive=f"mean softmax of {len(idx)} samples spread across {cfg.chains} chains",
             num_samples_stored=len(store),
             num_samples_evaluated=len(idx),
             val_trace=trace,
         )
     else:
-        p = DROPOUT_RATE if cfg["method"] == "dropout" else 0.0
+        p = DROPOUT_RATE if cfg.method == "dropout" else 0.0
         settings = PointTrainSettings(
-            lr=float(cfg["lr"]),
-            momentum=float(cfg["momentum"]),
-            weight_decay=float(cfg["weight_decay"]),
-            batch_size=int(cfg["batch_size"]),
-            epochs=int(cfg["epochs"]),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
             dropout=p,
         )
-        gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        gen = torch.Generator().manual_seed(cfg.seed)
         try:
             theta = train_point_estimate(spec, data.train_x, data.train_y, settings, gen, progress)
         except FloatingPointError as exc:
@@ -490,24 +546,24 @@ def run(args: argparse.Namespace) -> int:
             metadata={"arch": spec.name, "dropout": str(p)},
         )
         if p > 0:
-            evals = evaluate_dropout(spec, theta, data, p, DROPOUT_PASSES, int(cfg["seed"]))
+            evals = evaluate_dropout(spec, theta, data, p, DROPOUT_PASSES, cfg.seed)
             predictive = f"mean softmax of {DROPOUT_PASSES} dropout passes (p={p})"
         else:
             evals = evaluate_samples(spec, theta, data)
             predictive = "single network"
         metrics = _metrics(evals, predictive=predictive)
     metrics.update(
-        method=cfg["method"],
+        method=cfg.method,
         arch=spec.name,
         train_wall_s=train_s,
         total_wall_s=time.perf_counter() - start,
         device=device,
-        threads=int(cfg["threads"]),
+        threads=cfg.threads,
     )
     _write_json(out / METRICS_FILE, metrics)
     (out / READY_FILE).touch()
     print(
-        f"{cfg['method']} {spec.name}: test accuracy {metrics['test_accuracy']:.4f}, "
+        f"{cfg.method} {spec.name}: test accuracy {metrics['test_accuracy']:.4f}, "
         f"NLL {metrics['test_nll']:.4f}, val accuracy {metrics['val_accuracy']:.4f}, "
         f"train {train_s:.0f} s -> {out}"
     )

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from service.config import Settings
-from service.metrics import Metrics
 from service.runtime import ServiceRuntime
+from service.telemetry import Metrics
 
 
 def get_settings(request: Request) -> Settings:

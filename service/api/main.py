@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import health, inference, metrics, model
+from service.api.routes import health, inference, metrics, model, v2
 
 api_router = APIRouter()
 api_router.include_router(inference.router)
 api_router.include_router(health.router)
 api_router.include_router(model.router)
 api_router.include_router(metrics.router)
+api_router.include_router(v2.router)

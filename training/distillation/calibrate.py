@@ -22,8 +22,7 @@ from numpy.typing import NDArray
 from apd.checkpoint import AnomalyCalibration
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary, ScoreName, calibrate_threshold, summarize
-
-from .fidelity import member_probs
+from training.torch_ops import member_probs
 
 DEFAULT_SCORE = ScoreName.MUTUAL_INFORMATION
 DEFAULT_TARGET_FPR = 0.05
@@ -43,7 +42,7 @@ def calibrate(
     calibration_set: str = "mnist-validation",
 ) -> tuple[AnomalyCalibration, PredictiveSummary]:
     """Thresholds for networks ``theta (K, P)`` on held-out inputs ``x``, and their summary."""
-    summary = summarize(member_probs(spec, theta, x))
+    summary = summarize(member_probs(spec, theta, x).numpy())
     anomaly = AnomalyCalibration(
         default_score=default_score,
         target_fpr=target_fpr,

@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apd.checkpoint import load_checkpoint
+from apd.checkpoint import Design, load_checkpoint
 from apd.networks import ARCHITECTURES, MLPSpec, get_spec
 from apd.uncertainty import ScoreName
 from training.errors import UserError
+from training.metrics import accuracy
 from training.sample_store import SampleStore
 
 from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
 from .fidelity import ValidationMonitor
 from .gan import Generator
 from .offline import (
-    ARCH_STEPS,
     PRESETS,
     DistillConfig,
     DistillResult,
@@ -67,7 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     alg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     alg.add_argument("--seed", type=int, default=None)
     gan = parser.add_argument_group("GAN (defaults from the preset)")
-    per_arch = ", ".join(f"{n:,} for {a}" for a, n in ARCH_STEPS["default"].items())
+    per_arch = ", ".join(f"{n:,} for {a}" for a, n in PRESETS["default"].arch_steps.items())
     gan.add_argument(
         "--steps", type=int, default=None, help=f"generator steps (default preset: {per_arch})"
     )
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics: dict[str, Any] = {
         "validation": {
-            "accuracy": float((val_summary.labels == mnist.val_y).mean()),
+            "accuracy": accuracy(val_summary.probabilities, mnist.val_y),
             "selected": final or best,
             "flag_rate": {
                 s.value: flag_rate(val_summary, s, anomaly.thresholds[s]) for s in ScoreName
@@ -283,7 +283,6 @@ def run(args: argparse.Namespace) -> int:
     }
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
     model_id = args.model_id or f"mnist-{spec.name}"
-    design = config.design.value
     distillation = {
         "algorithm": args.algorithm,
         "preset": args.preset,
@@ -297,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
         out,
         generator,
         spec,
-        design=design,
-        basis_dtype=config.basis_dtype if design == "subspace" else "float32",
+        design=config.design,
+        basis_dtype=config.basis_dtype if config.design is Design.SUBSPACE else "float32",
         anomaly=anomaly,
         model_id=model_id,
         version=args.version or default_version(),

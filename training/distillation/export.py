@@ -1,11 +1,12 @@
 """``apd export CHECKPOINT --out model.onnx``: the generator as an ONNX sampler.
 
-The graph (:func:`training.distillation.onnx_graph.build_generator_onnx`) takes noise ``z (K, noise_dim)``
-and, when the generator adds residual noise, ``eps (K, P)``, and returns ``theta (K, P)``,
-so onnxruntime can serve without torch. After writing, the export is checked: onnxruntime and
-the torch generator rebuilt from the checkpoint run on the same noise, and the relative error
-``max|theta_onnx - theta_torch| / max|theta_torch|`` must be at most ``--tolerance``
-(default 1e-5); it is printed either way.
+The graph (:func:`training.distillation.onnx_graph.build_generator_onnx`) takes noise
+``z (K, noise_dim)`` and, when the generator adds residual noise, ``eps (K, P)``, and returns
+``theta (K, P)``, so onnxruntime can serve without torch. After writing, the export is
+checked: onnxruntime and the contract's reference generator
+(:meth:`apd.checkpoint.Checkpoint.generate`) run on the same noise, and the relative error
+``max|theta_onnx - theta_ref| / max|theta_ref|`` must be at most ``--tolerance`` (default
+1e-5); it is printed either way.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from training.errors import UserError
 
-from .package import generator_from_checkpoint
+from .package import generator_noise
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -36,27 +35,15 @@ class Parity:
         return self.relative_error <= tolerance
 
 
-def noise(ckpt: Checkpoint, k: int, seed: int) -> dict[str, NDArray[np.float32]]:
-    """Standard normal inputs for the ONNX graph: ``z`` and (if used) ``eps``."""
-    rng = np.random.default_rng(seed)
-    feeds = {"z": rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)}
-    if ckpt.meta.generator.has_residual:
-        feeds["eps"] = rng.standard_normal((k, ckpt.num_params), dtype=np.float32)
-    return feeds
-
-
 def check_parity(ckpt: Checkpoint, model: bytes, k: int = 100, seed: int = 0) -> Parity:
-    """onnxruntime vs the torch generator on the same ``k`` noise draws."""
+    """onnxruntime vs :meth:`Checkpoint.generate` on the same ``k`` noise draws."""
     import onnxruntime as ort
 
-    feeds = noise(ckpt, k, seed)
+    feeds = generator_noise(ckpt, k, seed)
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     (onnx_theta,) = sess.run(["theta"], {k_: v for k_, v in feeds.items() if k_ in names})
-    gen = generator_from_checkpoint(ckpt)
-    with torch.no_grad():
-        eps = torch.from_numpy(feeds["eps"]) if "eps" in feeds else None
-        ref = gen.weights(torch.from_numpy(feeds["z"]), eps).numpy()
+    ref = ckpt.generate(**feeds)
     err = float(np.abs(np.asarray(onnx_theta) - ref).max())
     return Parity(k, err, err / max(float(np.abs(ref).max()), 1e-30))
 
@@ -87,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
     verdict = "ok" if parity.ok(args.tolerance) else "FAILED"
     print(
         f"wrote {out} ({len(model) / 1e6:.2f} MB) from {ckpt.path} (sha256 {ckpt.sha256[:12]})\n"
-        f"  parity onnxruntime vs torch on {parity.num_networks} networks: max abs error "
-        f"{parity.max_abs_error:.3g}, relative {parity.relative_error:.3g} "
+        f"  parity onnxruntime vs Checkpoint.generate on {parity.num_networks} networks: "
+        f"max abs error {parity.max_abs_error:.3g}, relative {parity.relative_error:.3g} "
         f"(tolerance {args.tolerance:g}): {verdict}"
     )
     if not parity.ok(args.tolerance):
         raise UserError(
-            f"ONNX export of {ckpt.path} differs from torch by {parity.relative_error:.3g} "
-            f"relative (> {args.tolerance:g})"
+            f"ONNX export of {ckpt.path} differs from Checkpoint.generate by "
+            f"{parity.relative_error:.3g} relative (> {args.tolerance:g})"
         )
     return 0

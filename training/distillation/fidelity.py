@@ -25,11 +25,11 @@ from typing import Any, Final
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from sklearn.metrics import roc_auc_score
 
-from training import torch_ops
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary, ScoreName, summarize
+from training.metrics import accuracy, auroc, kl_divergence, negative_log_likelihood
+from training.torch_ops import member_probs
 
 from .gan import Generator
 
@@ -47,44 +47,6 @@ TARGETS: Final = {
     "auroc_drop_max": AUROC_TOLERANCE,
 }
 _EPS: Final = 1e-12
-
-
-@torch.no_grad()
-def member_probs(
-    spec: MLPSpec, theta: torch.Tensor, x: NDArray[np.float32] | torch.Tensor, chunk: int = 2000
-) -> NDArray[np.float32]:
-    """Softmax outputs ``(K, N, C)`` of ``theta (K, P)`` on ``x (N, D)``, on theta's device."""
-    outs = []
-    for start in range(0, x.shape[0], chunk):
-        block = x[start : start + chunk]
-        xb = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block))
-        xb = xb.to(device=theta.device, dtype=torch.float32)
-        outs.append(torch.softmax(torch_ops.forward_logits(spec, theta, xb), -1).cpu())
-    return torch.cat(outs, dim=1).numpy()
-
-
-def nll(probs: NDArray[np.floating], y: NDArray[np.integer]) -> float:
-    """``-1/N sum_n log p(y_n | x_n)`` of a predictive ``probs (N, C)``."""
-    p = np.asarray(probs, dtype=np.float64)[np.arange(len(y)), np.asarray(y)]
-    return float(-np.log(np.clip(p, _EPS, None)).mean())
-
-
-def accuracy(probs: NDArray[np.floating], y: NDArray[np.integer]) -> float:
-    return float((np.asarray(probs).argmax(axis=1) == np.asarray(y)).mean())
-
-
-def kl_divergence(p: NDArray[np.floating], q: NDArray[np.floating]) -> NDArray[np.float64]:
-    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` per row, in nats (``0 log 0 = 0``)."""
-    p64 = np.asarray(p, dtype=np.float64)
-    q64 = np.asarray(q, dtype=np.float64)
-    terms = p64 * (np.log(np.clip(p64, _EPS, None)) - np.log(np.clip(q64, _EPS, None)))
-    return np.where(p64 > 0, terms, 0.0).sum(axis=-1)
-
-
-def auroc(in_scores: NDArray[np.floating], ood_scores: NDArray[np.floating]) -> float:
-    """AUROC of flagging OOD inputs (positives) by a score where larger means stranger."""
-    labels = np.r_[np.zeros(len(in_scores)), np.ones(len(ood_scores))]
-    return float(roc_auc_score(labels, np.r_[in_scores, ood_scores]))
 
 
 def ood_aurocs(
@@ -110,8 +72,8 @@ def predict(
     ood: Mapping[str, NDArray[np.float32]],
 ) -> Predictions:
     return Predictions(
-        test=summarize(member_probs(spec, theta, test_x)),
-        ood={name: summarize(member_probs(spec, theta, x)) for name, x in ood.items()},
+        test=summarize(member_probs(spec, theta, test_x).numpy()),
+        ood={name: summarize(member_probs(spec, theta, x).numpy()) for name, x in ood.items()},
     )
 
 
@@ -123,7 +85,10 @@ def compare(
         accuracy(teacher.test.probabilities, test_y),
         accuracy(student.test.probabilities, test_y),
     )
-    t_nll, s_nll = nll(teacher.test.probabilities, test_y), nll(student.test.probabilities, test_y)
+    t_nll, s_nll = (
+        negative_log_likelihood(teacher.test.probabilities, test_y),
+        negative_log_likelihood(student.test.probabilities, test_y),
+    )
     kl = kl_divergence(teacher.test.probabilities, student.test.probabilities)
     out: dict[str, Any] = {
         "teacher": {"accuracy": t_acc, "nll": t_nll},
@@ -175,11 +140,11 @@ class ValidationMonitor:
         self.y = np.asarray(y)
         self.num_networks = int(num_networks)
         self.seed = int(seed)
-        teacher = summarize(member_probs(spec, teacher_theta, self.x))
+        teacher = summarize(member_probs(spec, teacher_theta, self.x).numpy())
         self.teacher = teacher
         self.teacher_metrics = {
             "accuracy": accuracy(teacher.probabilities, self.y),
-            "nll": nll(teacher.probabilities, self.y),
+            "nll": negative_log_likelihood(teacher.probabilities, self.y),
             "mutual_information": float(teacher.mutual_information.mean()),
             "model_variance": float(teacher.model_variance.mean()),
         }
@@ -193,13 +158,13 @@ class ValidationMonitor:
         """Validation accuracy, NLL, KL to the teacher, and mean MI / model variance ratios."""
         was_training = generator.training
         generator.eval()
-        s = summarize(member_probs(self.spec, self.draw(generator), self.x))
+        s = summarize(member_probs(self.spec, self.draw(generator), self.x).numpy())
         generator.train(was_training)
         kl = kl_divergence(self.teacher.probabilities, s.probabilities)
         t = self.teacher_metrics
         return {
             "val_accuracy": accuracy(s.probabilities, self.y),
-            "val_nll": nll(s.probabilities, self.y),
+            "val_nll": negative_log_likelihood(s.probabilities, self.y),
             "val_kl": float(kl.mean()),
             "val_mi_ratio": float(s.mutual_information.mean()) / max(t["mutual_information"], _EPS),
             "val_variance_ratio": float(s.model_variance.mean()) / max(t["model_variance"], _EPS),

@@ -59,8 +59,8 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from apd.checkpoint import BASIS, LAYER_PREFIX, MEAN, RESIDUAL_STD, Design, GeneratorConfig
 from training import torch_ops
-from apd.checkpoint import BASIS, LAYER_PREFIX, MEAN, RESIDUAL_STD, GeneratorConfig
 
 RealBatch = tuple[torch.Tensor, torch.Tensor | None]
 RealSampler = Callable[[int], RealBatch]
@@ -304,7 +304,7 @@ class Generator(nn.Module):
         width = self.components - 1 + 2 * self.continuous_dim
         return [width, width, *self.hidden_sizes]
 
-    def checkpoint_config(self, design: str, basis_dtype: str = "float32") -> GeneratorConfig:
+    def checkpoint_config(self, design: Design, basis_dtype: str = "float32") -> GeneratorConfig:
         return GeneratorConfig(
             noise_dim=self.noise_dim,
             hidden_sizes=self.checkpoint_hidden_sizes(),

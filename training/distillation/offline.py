@@ -4,7 +4,7 @@ Given SGLD samples ``theta_1..theta_S`` (here: a spread of them across chains an
 repeat ``T`` times: ``n_critic`` critic steps, each on a minibatch of samples and a minibatch
 of generated networks, then one generator step (:class:`~training.distillation.gan.WGANGP`).
 
-Two designs (:class:`Design`):
+Two designs (:class:`apd.checkpoint.Design`):
 
 * ``paper``: the generator's MLP outputs all P weights; the critic reads P weights. This is
   the reference recipe (``--preset paper``: 100,000 steps, 10,000 samples).
@@ -27,31 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from apd.checkpoint import Design
+
 from .fidelity import ValidationMonitor
 from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler, WGANGPConfig
 from .subspace import BasisDtype, Subspace, fit_subspace, load_rows
 
 log = logging.getLogger(__name__)
-
-
-class Design(enum.StrEnum):
-    """What the GAN generates: subspace coefficients (default) or all P weights (paper)."""
-
-    SUBSPACE = "subspace"
-    PAPER = "paper"
 
 
 @dataclass(frozen=True)
@@ -90,51 +84,67 @@ class DistillConfig:
         return d
 
 
-PRESETS: dict[str, DistillConfig] = {
+@dataclass(frozen=True)
+class Preset:
+    """A named distillation recipe: its configuration, and the generator steps for the target
+    networks that need more than ``config.steps``."""
+
+    config: DistillConfig
+    arch_steps: Mapping[str, int] = field(default_factory=dict)  # arch -> generator steps
+
+    def for_arch(self, arch: str | None) -> DistillConfig:
+        """The configuration, with the steps of ``arch`` where it has its own."""
+        if arch is None or arch not in self.arch_steps:
+            return self.config
+        return replace(self.config, steps=self.arch_steps[arch])
+
+
+PRESETS: Final[Mapping[str, Preset]] = {
     # Measured on fcNN1 (docs/distillation.md): a 46-dim subspace (the largest whose float16
     # basis keeps the fcNN1 checkpoint under 8 MB), a generator conditional on the SGLD
     # chains' modes, 10,000 generator steps at 1e-3 decayed to 1e-4 with a weight average,
     # and no residual noise (every level above 0 raised the validation KL).
-    "default": DistillConfig(
-        design=Design.SUBSPACE,
-        gan=WGANGPConfig(lr=1e-3, lr_end_fraction=0.1, ema_decay=0.995),
-        steps=10_000,
-        rank=46,
-        basis_dtype="float16",
-        condition_on_chains=True,
-        residual_scales=(0.0,),
-        max_train_samples=2000,
-        eval_every=1000,
+    # fcNN2 needs more steps: its default design on three SGLD runs (docs/distillation.md):
+    # with 10,000 steps one run was still improving at the last step and another stopped at a
+    # validation KL of 0.0032 and missed 8 of 40 anomaly rows; with 20,000 that run reached
+    # 0.00023 and a third 0.00020 (best steps 14,000 and 18,000), in 683-766 s, inside the
+    # 20-minute budget.
+    "default": Preset(
+        DistillConfig(
+            design=Design.SUBSPACE,
+            gan=WGANGPConfig(lr=1e-3, lr_end_fraction=0.1, ema_decay=0.995),
+            steps=10_000,
+            rank=46,
+            basis_dtype="float16",
+            condition_on_chains=True,
+            residual_scales=(0.0,),
+            max_train_samples=2000,
+            eval_every=1000,
+        ),
+        arch_steps={"fcnn2": 20_000},
     ),
     # Wang et al. (2018): WGAN-GP, lambda 10, 5 critic steps, z 32, 3x100 ReLU for generator
     # and critic, Adam 1e-4 (0.5, 0.9), batch 100, 100,000 generator steps, 10,000 samples.
-    "paper": DistillConfig(
-        design=Design.PAPER,
-        gan=WGANGPConfig(),
-        steps=100_000,
-        basis_dtype="float32",
-        max_train_samples=10_000,
-        eval_every=1000,
+    "paper": Preset(
+        DistillConfig(
+            design=Design.PAPER,
+            gan=WGANGPConfig(),
+            steps=100_000,
+            basis_dtype="float32",
+            max_train_samples=10_000,
+            eval_every=1000,
+        )
     ),
 }
 
 
-# Generator steps where a target network needs more than its preset's ``steps``. fcNN2's
-# default design on three SGLD runs (docs/distillation.md): with 10,000 steps one run was
-# still improving at the last step and another stopped at a validation KL of 0.0032 and missed
-# 8 of 40 anomaly rows; with 20,000 that run reached 0.00023 and a third 0.00020 (best steps
-# 14,000 and 18,000), in 683-766 s, inside the 20-minute budget.
-ARCH_STEPS: dict[str, dict[str, int]] = {"default": {"fcnn2": 20_000}}
-
-
 def preset(name: str, arch: str | None = None, **overrides: Any) -> DistillConfig:
     """A preset with some fields replaced (``None`` values are ignored). With ``arch``, the
-    preset's steps for that target network (:data:`ARCH_STEPS`) unless ``steps`` is given."""
+    preset's steps for that target network (:attr:`Preset.arch_steps`) unless ``steps`` is
+    given."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = PRESETS[name]
-    if arch is not None and arch in ARCH_STEPS.get(name, {}):
-        cfg = replace(cfg, steps=ARCH_STEPS[name][arch])
+    cfg = PRESETS[name].for_arch(arch)
     gan_fields = {k: v for k, v in overrides.items() if k in WGANGPConfig.__dataclass_fields__}
     gan_fields = {k: v for k, v in gan_fields.items() if v is not None}
     rest = {

@@ -31,6 +31,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from apd.checkpoint import Design
 from apd.networks import MLPSpec
 from training import sgld
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
@@ -39,7 +40,6 @@ from .fidelity import ValidationMonitor
 from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler
 from .offline import (
     PRESETS,
-    Design,
     DistillConfig,
     build_subspace_generator,
     choose_residual_scale,
@@ -95,7 +95,7 @@ class OnlineConfig:
 def default_online_config(**overrides: Any) -> OnlineConfig:
     """The default design, run online: 4 chains, a 1,000-sample buffer, one GAN step per
     SGLD step once 200 samples are in (fields of :class:`OnlineConfig` can be overridden)."""
-    distill = replace(PRESETS["default"], max_train_samples=None)
+    distill = replace(PRESETS["default"].config, max_train_samples=None)
     return replace(OnlineConfig(distill=distill), **overrides)
 
 

@@ -1,4 +1,5 @@
-"""A trained generator as one :mod:`apd.checkpoint` file, with its provenance."""
+"""A trained generator as one :mod:`apd.checkpoint` file, with its provenance, and the
+networks drawn from such a file."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from apd.checkpoint import (
-    BASIS,
-    LAYER_PREFIX,
-    MEAN,
-    RESIDUAL_STD,
     AnomalyCalibration,
     Checkpoint,
     CheckpointMeta,
+    Design,
     InputConvention,
     Provenance,
     TargetNetwork,
@@ -66,7 +67,7 @@ def write_checkpoint(
     generator: Generator,
     spec: MLPSpec,
     *,
-    design: str,
+    design: Design,
     basis_dtype: str,
     anomaly: AnomalyCalibration,
     model_id: str,
@@ -103,24 +104,21 @@ def write_checkpoint(
     return sha, meta
 
 
-def generator_from_checkpoint(ckpt: Checkpoint) -> Generator:
-    """The torch :class:`Generator` of a loaded checkpoint (standardisation already folded
-    into its last layer, so ``scale = 1`` and ``shift = 0``)."""
-    import torch
+def generator_noise(ckpt: Checkpoint, k: int, seed: int) -> dict[str, NDArray[np.float32]]:
+    """Standard normal noise for ``k`` networks from NumPy seed ``seed``: ``z (k, noise_dim)``
+    and, when the generator adds residual noise, ``eps (k, P)``; named as the arguments of
+    :meth:`Checkpoint.generate` and the inputs of the ONNX graph."""
+    rng = np.random.default_rng(seed)
+    noise = {"z": rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)}
+    if ckpt.meta.generator.has_residual:
+        noise["eps"] = rng.standard_normal((k, ckpt.num_params), dtype=np.float32)
+    return noise
 
-    g = ckpt.meta.generator
-    t = {k: torch.from_numpy(v.copy()) for k, v in ckpt.tensors.items()}
-    gen = Generator(
-        g.noise_dim,
-        g.hidden_sizes,
-        g.output_dim,
-        basis=t.get(BASIS),
-        mean=t.get(MEAN),
-        residual_std=t.get(RESIDUAL_STD),
-    )
-    linears = [m for m in gen.net if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for i, lin in enumerate(linears):
-            lin.weight.copy_(t[f"{LAYER_PREFIX}{i}.weight"].T)
-            lin.bias.copy_(t[f"{LAYER_PREFIX}{i}.bias"])
-    return gen.eval()
+
+def sample_networks(ckpt: Checkpoint, k: int, seed: int) -> NDArray[np.float32]:
+    """``k`` networks ``theta (k, P)`` from a saved checkpoint, by the contract's reference
+    generator (:meth:`Checkpoint.generate`) on :func:`generator_noise`. Every evaluation of
+    a checkpoint file draws its networks here; the trainable :class:`Generator` is only the
+    model being trained. No evaluation needs gradients through the generator: the attacks
+    differentiate the drawn networks' forward with respect to the inputs."""
+    return ckpt.generate(**generator_noise(ckpt, k, seed))

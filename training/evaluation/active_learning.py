@@ -33,8 +33,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,9 +42,14 @@ from tqdm import tqdm
 
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary, ScoreName
-from training import sgld
-from training.evaluation import metrics
+from training import metrics, sgld
 from training.evaluation.methods import MemberNetworks, spread_indices
+from training.evaluation.results import (
+    ActiveLearningSection,
+    ActiveLearningSettingsRecord,
+    CurveRecord,
+    CurveSummary,
+)
 
 
 class Acquisition(enum.StrEnum):
@@ -100,12 +104,30 @@ class ActiveLearningSettings:
         warm = -(-self.warmup_samples // self.chains) * self.thinning
         return self.burn_in + warm + self.gan_steps
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["learners"] = [v.value for v in self.learners]
-        d["acquisitions"] = [v.value for v in self.acquisitions]
-        d["sgld_steps_per_round"] = self.sgld_steps
-        return d
+    def to_dict(self) -> ActiveLearningSettingsRecord:
+        return {
+            "seeds": list(self.seeds),
+            "rounds": self.rounds,
+            "acquire": self.acquire,
+            "initial_per_class": self.initial_per_class,
+            "pool_size": self.pool_size,
+            "test_size": self.test_size,
+            "num_samples": self.num_samples,
+            "learners": [v.value for v in self.learners],
+            "acquisitions": [v.value for v in self.acquisitions],
+            "chains": self.chains,
+            "sgld_lr": self.sgld_lr,
+            "temperature": self.temperature,
+            "prior_std": self.prior_std,
+            "burn_in": self.burn_in,
+            "thinning": self.thinning,
+            "buffer_size": self.buffer_size,
+            "warmup_samples": self.warmup_samples,
+            "gan_steps": self.gan_steps,
+            "apd_rank": self.apd_rank,
+            "selection_inputs": self.selection_inputs,
+            "sgld_steps_per_round": self.sgld_steps,
+        }
 
 
 @dataclass(frozen=True)
@@ -117,8 +139,15 @@ class Curve:
     accuracy: list[float]
     seconds: float
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+    def to_dict(self) -> CurveRecord:
+        return {
+            "learner": self.learner,
+            "acquisition": self.acquisition,
+            "seed": self.seed,
+            "labels": list(self.labels),
+            "accuracy": list(self.accuracy),
+            "seconds": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -127,7 +156,7 @@ class ActiveLearningResult:
     curves: list[Curve] = field(default_factory=list)
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> ActiveLearningSection:
         return {
             "settings": self.settings.to_dict(),
             "curves": [c.to_dict() for c in self.curves],
@@ -136,12 +165,12 @@ class ActiveLearningResult:
         }
 
 
-def summarize_curves(curves: list[Curve]) -> list[dict[str, object]]:
+def summarize_curves(curves: list[Curve]) -> list[CurveSummary]:
     """Mean and min/max over seeds of accuracy at each label count, per learner x acquisition."""
     groups: dict[tuple[str, str], list[Curve]] = {}
     for c in curves:
         groups.setdefault((c.learner, c.acquisition), []).append(c)
-    out = []
+    out: list[CurveSummary] = []
     for (learner, acq), cs in groups.items():
         acc = np.array([c.accuracy for c in cs])
         out.append(

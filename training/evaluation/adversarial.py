@@ -27,10 +27,11 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from apd.uncertainty import PredictiveSummary
-from training.evaluation import metrics
+from training import metrics
 from training.evaluation.anomaly import ANOMALY_SCORES, is_constant_score, score_defined
 from training.evaluation.attacks import fgsm, pgd
 from training.evaluation.methods import MemberNetworks
+from training.evaluation.results import AdversarialRecord, AttackSettingsRecord
 
 WHITE_BOX: Final = "white-box"
 DEFAULT_EPS: Final = (0.05, 0.1, 0.2, 0.3)
@@ -58,7 +59,7 @@ class AttackSettings:
         if self.pgd_steps < 1 or self.num_inputs < 1:
             raise ValueError("pgd_steps and num_inputs must be positive")
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> AttackSettingsRecord:
         return {
             "kinds": [k.value for k in self.kinds],
             "eps": list(self.eps),
@@ -109,7 +110,7 @@ class AdversarialRow:
     clean_accuracy: float
     auroc: dict[str, float | None] = field(default_factory=dict)  # score -> clean vs attacked
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> AdversarialRecord:
         return {
             "method": self.method,
             "attack": self.attack,
@@ -137,7 +138,7 @@ def _row(
         aurocs[score.value] = (
             None
             if not score_defined(score, num_members) or is_constant_score(s_clean, s_adv)
-            else metrics.detection_metrics(s_clean, s_adv).auroc
+            else metrics.auroc(s_clean, s_adv)
         )
     return AdversarialRow(
         method=method,

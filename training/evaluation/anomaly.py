@@ -4,7 +4,7 @@ Anomaly detection follows Wang et al. (2018) and their reference code: the in-di
 inputs are the MNIST test images, the out-of-distribution (OOD) inputs one of the OOD sets of
 :mod:`training.data`, and each uncertainty score of the posterior predictive
 (:class:`apd.uncertainty.ScoreName`, larger = more anomalous) ranks them; we report AUROC,
-AUPR-in and AUPR-out (:func:`training.evaluation.metrics.detection_metrics`).
+AUPR-in and AUPR-out (:func:`training.metrics.detection_metrics`).
 
 Input scale: at scale ``s`` the OOD images are multiplied by ``s`` and the MNIST images are
 left as they are. Scale 1 is the honest setting (every input is a valid image in [0, 1]);
@@ -19,21 +19,27 @@ checks it on *every* anomaly row (all scales and all four scores, max-probabilit
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from apd.uncertainty import PredictiveSummary, ScoreName
+from training import metrics
 from training.distillation.fidelity import (
     ACCURACY_TOLERANCE,
     AUROC_TOLERANCE,
     FIDELITY_SCORES,
     NLL_TOLERANCE,
 )
-from training.evaluation import metrics
-from training.evaluation.metrics import ClassificationMetrics, ReliabilityDiagram
+from training.evaluation.results import (
+    AnomalyRecord,
+    ClassificationFidelityRecord,
+    ClassificationRecord,
+    FidelityRecord,
+)
+from training.metrics import ClassificationMetrics, ReliabilityDiagram
 
 ANOMALY_SCORES: Final = (
     ScoreName.MAX_PROBABILITY,
@@ -51,13 +57,27 @@ class ClassificationResult:
     metrics: ClassificationMetrics
     reliability: ReliabilityDiagram
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> ClassificationRecord:
+        m, rel = self.metrics, self.reliability
         return {
             "method": self.method,
             "num_members": self.num_members,
-            **self.metrics.to_dict(),
-            "reliability": self.reliability.to_dict(),
+            "accuracy": m.accuracy,
+            "nll": m.nll,
+            "brier": m.brier,
+            "ece": m.ece,
+            "reliability": {
+                "edges": rel.edges.tolist(),
+                "count": rel.count.tolist(),
+                "confidence": _nan_to_none(rel.confidence.tolist()),
+                "accuracy": _nan_to_none(rel.accuracy.tolist()),
+                "ece": rel.expected_calibration_error,
+            },
         }
+
+
+def _nan_to_none(values: list[float]) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values]
 
 
 def classify(
@@ -93,11 +113,16 @@ class AnomalyRow:
     def defined(self) -> bool:
         return not math.isnan(self.auroc)
 
-    def to_dict(self) -> dict[str, object]:
-        d: dict[str, object] = asdict(self)
-        for k in ("auroc", "aupr_in", "aupr_out"):
-            d[k] = None if math.isnan(getattr(self, k)) else getattr(self, k)
-        return d
+    def to_dict(self) -> AnomalyRecord:
+        return {
+            "method": self.method,
+            "ood_set": self.ood_set,
+            "scale": self.scale,
+            "score": self.score,
+            "auroc": None if math.isnan(self.auroc) else self.auroc,
+            "aupr_in": None if math.isnan(self.aupr_in) else self.aupr_in,
+            "aupr_out": None if math.isnan(self.aupr_out) else self.aupr_out,
+        }
 
 
 def is_constant_score(a: NDArray[np.floating], b: NDArray[np.floating]) -> bool:
@@ -159,8 +184,18 @@ class FidelityRow:
     def within(self) -> bool:
         return self.drop <= self.tolerance
 
-    def to_dict(self) -> dict[str, object]:
-        return {**asdict(self), "drop": self.drop, "within_target": self.within}
+    def to_dict(self) -> FidelityRecord:
+        return {
+            "ood_set": self.ood_set,
+            "scale": self.scale,
+            "score": self.score,
+            "teacher_auroc": self.teacher_auroc,
+            "student_auroc": self.student_auroc,
+            "tolerance": self.tolerance,
+            "issue_target": self.issue_target,
+            "drop": self.drop,
+            "within_target": self.within,
+        }
 
 
 def fidelity_rows(
@@ -203,9 +238,13 @@ class ClassificationFidelity:
     def nll_within(self) -> bool:
         return self.student_nll - self.teacher_nll <= NLL_TOLERANCE
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> ClassificationFidelityRecord:
         return {
-            **asdict(self),
+            "teacher_accuracy": self.teacher_accuracy,
+            "student_accuracy": self.student_accuracy,
+            "teacher_nll": self.teacher_nll,
+            "student_nll": self.student_nll,
+            "mean_kl": self.mean_kl,
             "accuracy_within_target": self.accuracy_within,
             "nll_within_target": self.nll_within,
             "targets": {
@@ -227,5 +266,5 @@ def classification_fidelity(
         student_accuracy=metrics.accuracy(ps, labels),
         teacher_nll=metrics.negative_log_likelihood(pt, labels),
         student_nll=metrics.negative_log_likelihood(ps, labels),
-        mean_kl=metrics.mean_kl_divergence(pt, ps),
+        mean_kl=float(metrics.kl_divergence(pt, ps).mean()),
     )

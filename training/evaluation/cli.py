@@ -23,7 +23,7 @@ from training.errors import UserError
 from training.evaluation.active_learning import ActiveLearningSettings
 from training.evaluation.adversarial import AttackKind, AttackSettings
 from training.evaluation.suite import EXPERIMENTS, SuiteConfig
-from training.evaluation.toy import ToySettings
+from training.evaluation.toy2d import ToySettings
 
 REFERENCE_DIR: Final = Path("docs/results")
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from training.evaluation.methods import PosteriorMethod
+from training.evaluation.results import CostRecord
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,15 @@ class CostRow:
     draw_seconds: float
     predict_seconds: float
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+    def to_dict(self) -> CostRecord:
+        return {
+            "method": self.method,
+            "stored_bytes": self.stored_bytes,
+            "num_members": self.num_members,
+            "batch_size": self.batch_size,
+            "draw_seconds": self.draw_seconds,
+            "predict_seconds": self.predict_seconds,
+        }
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:

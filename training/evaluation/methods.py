@@ -31,11 +31,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from training import torch_ops
 from apd.checkpoint import Checkpoint
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary, summarize
+from training import torch_ops
+from training.distillation.package import sample_networks
 from training.errors import UserError
+from training.evaluation.results import Provenance
 
 F32 = NDArray[np.float32]
 
@@ -78,32 +80,23 @@ class MemberNetworks:
         """``x (N, D) -> (K, N, C)``, differentiable in ``x`` (the attacks use this)."""
         if self.dropout == 0:
             return torch_ops.forward_logits(self.spec, self.theta, x)
-        layers = torch_ops.unflatten(self.spec, self.theta)
-        w0, b0 = layers[0]
-        # The first layer sees no dropout: compute it once and share it across the passes.
-        h = (x @ w0[0] + b0[0]).unsqueeze(0).expand(self.passes, -1, -1)
-        for w, b in layers[1:]:
-            h = torch.relu(h)
-            keep = torch.rand(h.shape, generator=generator, device=h.device) >= self.dropout
-            h = h * keep / (1.0 - self.dropout)
-            h = h @ w[0] + b[0]
-        return h
+        return torch_ops.mc_dropout_logits(
+            self.spec, self.theta, x, self.dropout, self.passes, generator
+        )
 
     def probs(self, x: NDArray[np.floating] | torch.Tensor, seed: int = 0) -> F32:
         """Softmax outputs ``(K, N, C)`` float32, in chunks of inputs; masks seeded by ``seed``."""
-        if torch.is_tensor(x):
-            xt = x
-        else:  # a writable copy only when needed (torch refuses read-only arrays)
-            xt = torch.from_numpy(np.require(np.asarray(x), np.float32, ["C", "W"]))
-        gen = torch.Generator().manual_seed(seed)
         widest = max(self.spec.layer_sizes[1:])
-        chunk = max(1, _ACTIVATION_BUDGET // (self.num_members * widest))
-        out = np.empty((self.num_members, xt.shape[0], self.spec.num_classes), np.float32)
-        with torch.no_grad():
-            for start in range(0, xt.shape[0], chunk):
-                xb = xt[start : start + chunk].to(torch.float32)
-                out[:, start : start + len(xb)] = torch.softmax(self.logits(xb, gen), -1).numpy()
-        return out
+        probs = torch_ops.member_probs(
+            self.spec,
+            self.theta,
+            x,
+            dropout=self.dropout,
+            passes=self.passes if self.dropout > 0 else 1,
+            generator=torch.Generator().manual_seed(seed),
+            chunk=max(1, _ACTIVATION_BUDGET // (self.num_members * widest)),
+        )
+        return probs.numpy()
 
     def summary(self, x: NDArray[np.floating] | torch.Tensor, seed: int = 0) -> PredictiveSummary:
         """The posterior predictive and its uncertainty scores on ``x``."""
@@ -134,7 +127,7 @@ class PosteriorMethod(Protocol):
         """Bytes that must be stored to serve this method's predictive."""
         ...
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         """Where the method came from: run directory, seed, config, file digests."""
         ...
 
@@ -158,7 +151,7 @@ class FixedNetworks:
     label: str
     spec: MLPSpec
     theta: F32  # (M, P)
-    source: dict[str, Any] = field(default_factory=dict)
+    source: Provenance = field(default_factory=Provenance)
 
     def draw(self, num_samples: int, seed: int) -> MemberNetworks:
         """All M networks when ``num_samples >= M``, else ``num_samples`` evenly spaced ones."""
@@ -169,7 +162,7 @@ class FixedNetworks:
     def stored_bytes(self) -> int:
         return int(self.theta.shape[0] * self.spec.num_params * 4)
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         return {"networks": int(self.theta.shape[0]), **self.source}
 
 
@@ -180,7 +173,7 @@ class MCDropout:
     spec: MLPSpec
     theta: F32  # (1, P)
     rate: float
-    source: dict[str, Any] = field(default_factory=dict)
+    source: Provenance = field(default_factory=Provenance)
     key: str = "dropout"
     label: str = "MC-Dropout"
 
@@ -191,7 +184,7 @@ class MCDropout:
     def stored_bytes(self) -> int:
         return int(self.spec.num_params * 4)
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         return {"dropout": self.rate, **self.source}
 
 
@@ -224,7 +217,7 @@ class SGLDSamples:
     """
 
     store: SampleSource
-    source: dict[str, Any] = field(default_factory=dict)
+    source: Provenance = field(default_factory=Provenance)
     key: str = "sgld"
     label: str = "SGLD"
 
@@ -245,7 +238,7 @@ class SGLDSamples:
     def store_bytes(self) -> int:
         return int(len(self.store) * self.spec.num_params * 4)
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         meta = self.store.meta
         return {
             "samples_stored": len(self.store),
@@ -267,7 +260,7 @@ class GaussianPosterior:
     mean: F32  # (P,)
     factor: F32  # (R, P)
     diag_std: F32  # (P,)
-    source: dict[str, Any] = field(default_factory=dict)
+    source: Provenance = field(default_factory=Provenance)
     key: str = "gaussian"
     label: str = "Gaussian (SWAG-style)"
 
@@ -287,7 +280,7 @@ class GaussianPosterior:
     def stored_bytes(self) -> int:
         return int((self.rank + 2) * self.spec.num_params * 4)
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         return {"rank": self.rank, **self.source}
 
 
@@ -372,22 +365,14 @@ class GeneratorPosterior:
     def spec(self) -> MLPSpec:
         return self.checkpoint.spec
 
-    def sample_theta(self, num_samples: int, seed: int) -> F32:
-        rng = np.random.default_rng(seed)
-        ck = self.checkpoint
-        z = rng.standard_normal((num_samples, ck.noise_dim), dtype=np.float32)
-        eps = None
-        if ck.meta.generator.has_residual:
-            eps = rng.standard_normal((num_samples, ck.num_params), dtype=np.float32)
-        return ck.generate(z, eps)
-
     def draw(self, num_samples: int, seed: int) -> MemberNetworks:
-        return MemberNetworks(self.spec, _as_tensor(self.sample_theta(num_samples, seed)))
+        theta = sample_networks(self.checkpoint, num_samples, seed)
+        return MemberNetworks(self.spec, _as_tensor(theta))
 
     def stored_bytes(self) -> int:
         return int(self.file_bytes or self.checkpoint.size_bytes)
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         meta = self.checkpoint.meta
         return {
             "checkpoint": str(self.checkpoint.path),
@@ -417,11 +402,21 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _run_source(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"run": str(run_dir)}
-    for key in ("seed", "method", "arch", "settings", "code_revision", "created_at"):
-        if key in config:
-            out[key] = config[key]
+def _run_source(run_dir: Path, config: dict[str, Any]) -> Provenance:
+    """The run directory and what its ``config.json`` says about the run."""
+    out: Provenance = {"run": str(run_dir)}
+    if "seed" in config:
+        out["seed"] = config["seed"]
+    if "method" in config:
+        out["method"] = config["method"]
+    if "arch" in config:
+        out["arch"] = config["arch"]
+    if "settings" in config:
+        out["settings"] = config["settings"]
+    if "code_revision" in config:
+        out["code_revision"] = config["code_revision"]
+    if "created_at" in config:
+        out["created_at"] = config["created_at"]
     return out
 
 

@@ -7,18 +7,28 @@ printed under the plot, so a PNG on its own still says where it came from.
 Nothing is filtered: every anomaly row, every attack setting and every active-learning curve
 in ``results.json`` appears in the report, and each APD-vs-SGLD anomaly row is marked
 against the fidelity target whether it meets it or not.
+
+The report is rendered from ``results.json`` as read back (:func:`load_results` checks it
+against :class:`~training.evaluation.results.EvaluationResults`), so after a change to the
+wording here a report can be rendered again without re-running the evaluation:
+
+    python -m training.evaluation.report docs/results/fcnn1/results.json [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 
+from training.errors import UserError
+from training.evaluation.results import EvaluationResults, load_results
 from training.evaluation.suite import EXPERIMENTS, SuiteResult
 
 RESULTS_FILE: Final = "results.json"
@@ -29,6 +39,11 @@ SCORE_LABELS: Final = {
     "mutual_information": "mutual information",
     "model_variance": "model variance",
 }
+_DETECTION_METRICS: Final[tuple[tuple[Literal["auroc", "aupr_in", "aupr_out"], str], ...]] = (
+    ("auroc", "AUROC"),
+    ("aupr_in", "AUPR-in"),
+    ("aupr_out", "AUPR-out"),
+)
 METHOD_COLORS: Final = {
     "sgd": "#7f7f7f",
     "dropout": "#ff7f0e",
@@ -42,13 +57,13 @@ METHOD_COLORS: Final = {
 # --------------------------------------------------------------------------- formatting
 
 
-def _f(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _f(v: float | None, digits: int = 4) -> str:
+    if v is None or math.isnan(v):
         return "n/a"
     return f"{float(v):.{digits}f}"
 
 
-def _pct(v: Any) -> str:
+def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * float(v):.2f}%"
 
 
@@ -58,10 +73,9 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _bytes(n: Any) -> str:
+def _bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
-    n = float(n)
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
@@ -70,7 +84,7 @@ def _scale(s: float) -> str:
 
 
 def provenance_line(
-    results: dict[str, Any], keys: Iterable[str] | None = None, source: str | None = None
+    results: EvaluationResults, keys: Iterable[str] | None = None, source: str | None = None
 ) -> str:
     """``Source: ...`` naming the runs and seeds of ``keys`` (default: every method), or
     ``source`` for experiments that train their own models."""
@@ -104,7 +118,7 @@ def provenance_line(
     )
 
 
-def _al_source(results: dict[str, Any]) -> str:
+def _al_source(results: EvaluationResults) -> str:
     st = results["active_learning"]["settings"]
     seeds = ", ".join(str(s) for s in st["seeds"])
     return (
@@ -113,7 +127,7 @@ def _al_source(results: dict[str, Any]) -> str:
     )
 
 
-def toy_source(results: dict[str, Any]) -> str:
+def toy_source(results: EvaluationResults) -> str:
     seed = results["toy"]["settings"]["seed"]
     return (
         f"2-D toy data and networks trained inside this evaluation (toy seed {seed}, "
@@ -139,7 +153,7 @@ def _finish(fig: Any, path: Path, caption: str) -> None:
     _plt().close(fig)
 
 
-def plot_reliability(results: dict[str, Any], path: Path) -> None:
+def plot_reliability(results: EvaluationResults, path: Path) -> None:
     plt = _plt()
     rows = results["classification"]["rows"]
     fig, axes = plt.subplots(
@@ -166,7 +180,7 @@ def plot_reliability(results: dict[str, Any], path: Path) -> None:
     _finish(fig, path, provenance_line(results))
 
 
-def plot_anomaly(results: dict[str, Any], path: Path) -> None:
+def plot_anomaly(results: EvaluationResults, path: Path) -> None:
     plt = _plt()
     an = results["anomaly"]
     scales = an["scales"]
@@ -202,7 +216,7 @@ def plot_anomaly(results: dict[str, Any], path: Path) -> None:
     _finish(fig, path, provenance_line(results))
 
 
-def plot_adversarial(results: dict[str, Any], path: Path, score: str) -> None:
+def plot_adversarial(results: EvaluationResults, path: Path, score: str) -> None:
     plt = _plt()
     adv = results["adversarial"]
     rows = adv["rows"]
@@ -236,9 +250,8 @@ def plot_adversarial(results: dict[str, Any], path: Path, score: str) -> None:
                 if what == "accuracy":
                     ys = [sel[0]["clean_accuracy"]] + [x["accuracy"] for x in sel]
                 else:
-                    ys = [0.5] + [
-                        np.nan if x["auroc"][what] is None else x["auroc"][what] for x in sel
-                    ]
+                    aurocs = [x["auroc"][what] for x in sel]
+                    ys = [0.5] + [np.nan if a is None else a for a in aurocs]
                 ax.plot(eps, ys, "o-", ms=3, color=METHOD_COLORS.get(m), label=m)
             where = "white-box" if crafted == "white-box" else f"transfer from {crafted}"
             ax.set_title(f"{kind.upper()}, {where}", fontsize=9)
@@ -254,7 +267,7 @@ def plot_adversarial(results: dict[str, Any], path: Path, score: str) -> None:
     _finish(fig, path, provenance_line(results))
 
 
-def plot_active_learning(results: dict[str, Any], path: Path) -> None:
+def plot_active_learning(results: EvaluationResults, path: Path) -> None:
     plt = _plt()
     al = results["active_learning"]
     summary = al["summary"]
@@ -297,7 +310,7 @@ def plot_active_learning(results: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- sections
 
 
-def _header(results: dict[str, Any]) -> list[str]:
+def _header(results: EvaluationResults) -> list[str]:
     meta = results["meta"]
     cfg = meta["config"]
     secs = meta["seconds"]
@@ -369,7 +382,7 @@ def _header(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _classification(results: dict[str, Any]) -> list[str]:
+def _classification(results: EvaluationResults) -> list[str]:
     cl = results["classification"]
     rows = [
         [
@@ -396,7 +409,7 @@ def _classification(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _fidelity(results: dict[str, Any]) -> list[str]:
+def _fidelity(results: EvaluationResults) -> list[str]:
     fid = results.get("fidelity")
     if fid is None:
         return ["### APD against SGLD", "", "Not available: needs both `sgld` and `apd`."]
@@ -446,7 +459,7 @@ def _fidelity(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _gan_vs_gaussian(results: dict[str, Any]) -> list[str]:
+def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
     fid, fg = results.get("fidelity"), results.get("fidelity_gaussian")
     if fg is None:
         return []
@@ -527,7 +540,7 @@ def _gan_vs_gaussian(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _anomaly(results: dict[str, Any]) -> list[str]:
+def _anomaly(results: EvaluationResults) -> list[str]:
     an = results["anomaly"]
     methods = list(results["methods"])
     labels = [results["methods"][m]["label"] for m in methods]
@@ -553,7 +566,7 @@ def _anomaly(results: dict[str, Any]) -> list[str]:
     out += _fidelity(results)
     out += [""]
     out += _gan_vs_gaussian(results)
-    for metric, title in (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out")):
+    for metric, title in _DETECTION_METRICS:
         for scale in an["scales"]:
             out += ["", f"### {title}, input scale {_scale(scale)}", ""]
             rows = []
@@ -569,7 +582,7 @@ def _anomaly(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _adversarial(results: dict[str, Any]) -> list[str]:
+def _adversarial(results: EvaluationResults) -> list[str]:
     adv = results["adversarial"]
     st = adv["settings"]
     methods = list(results["methods"])
@@ -633,7 +646,7 @@ def _adversarial(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _active_learning(results: dict[str, Any]) -> list[str]:
+def _active_learning(results: EvaluationResults) -> list[str]:
     al = results["active_learning"]
     st = al["settings"]
     out = [
@@ -674,7 +687,7 @@ def _active_learning(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _toy(results: dict[str, Any]) -> list[str]:
+def _toy(results: EvaluationResults) -> list[str]:
     toy = results["toy"]
     st = toy["settings"]
     rows = []
@@ -722,7 +735,7 @@ def _toy(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _cost(results: dict[str, Any]) -> list[str]:
+def _cost(results: EvaluationResults) -> list[str]:
     cost = results["cost"]
     rows = [
         [
@@ -757,7 +770,7 @@ def _cost(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def render_markdown(results: EvaluationResults) -> str:
     parts = _header(results)
     if "classification" in results:
         parts += ["", *_classification(results)]
@@ -809,7 +822,7 @@ def _clean_nan(o: Any) -> Any:
 
 def write_report(result: SuiteResult, out_dir: Path) -> Path:
     """Write ``report.md``, the PNGs and ``results.json`` into ``out_dir``; returns the report."""
-    from training.evaluation.toy import plot_toy
+    from training.evaluation.toy2d import plot_toy
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = result.results
@@ -826,9 +839,40 @@ def write_report(result: SuiteResult, out_dir: Path) -> Path:
         plot_toy(
             result.toy, out_dir / "toy.png", provenance_line(results, source=toy_source(results))
         )
-    (out_dir / RESULTS_FILE).write_text(
+    results_file = out_dir / RESULTS_FILE
+    results_file.write_text(
         json.dumps(_clean_nan(results), indent=1, default=_json_default, allow_nan=False) + "\n"
     )
+    # read back and checked, so that the report is what results.json renders to
+    report = out_dir / REPORT_FILE
+    report.write_text(render_markdown(load_results(results_file)))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Render ``report.md`` again from a ``results.json`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluation.report",
+        description="Render report.md from the results.json of an evaluation (the plots are "
+        "not redrawn).",
+    )
+    parser.add_argument("results", type=Path, help="results.json written by apd evaluate")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for report.md (default: that of results)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        results = load_results(args.results)
+    except UserError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    out_dir: Path = args.out or args.results.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / REPORT_FILE
     report.write_text(render_markdown(results))
-    return report
+    print(f"wrote {report}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,23 +14,34 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import torch
 
 from apd.networks import MLPSpec, get_spec
+from training import metrics
 from training.distillation.offline import torch_threads
 from training.errors import UserError
-from training.evaluation import anomaly, methods, metrics
+from training.evaluation import anomaly, methods
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
 from training.evaluation.adversarial import AttackSettings, run_adversarial
 from training.evaluation.cost import measure_cost
-from training.evaluation.toy import ToyResult, ToySettings
+from training.evaluation.results import (
+    AccuracyNLL,
+    ClassificationAndAnomaly,
+    CodeState,
+    EvaluationResults,
+    GaussianDiagnostics,
+    Meta,
+    SuiteConfigRecord,
+    spec_record,
+)
+from training.evaluation.toy2d import ToyResult, ToySettings
 
 EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
 # The experiments that evaluate the trained runs and the checkpoint; active learning and the
@@ -89,7 +100,7 @@ class SuiteConfig:
         extra = sorted(self.runs.glob(f"sgd-{self.arch}-seed*"))
         return [self.run_dir("sgd"), *extra]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> SuiteConfigRecord:
         return {
             "arch": self.arch,
             "runs": str(self.runs),
@@ -110,7 +121,7 @@ class SuiteConfig:
         }
 
 
-def code_state(repo: Path | None = None) -> dict[str, Any]:
+def code_state(repo: Path | None = None) -> CodeState:
     """The git revision of this code and whether the working tree had local changes."""
     from training.distillation.package import code_revision
 
@@ -210,7 +221,7 @@ def _num_members(method: methods.PosteriorMethod, cfg: SuiteConfig) -> int:
 class SuiteResult:
     """The results dict (what ``results.json`` holds) and objects the plots need."""
 
-    results: dict[str, Any]
+    results: EvaluationResults
     toy: ToyResult | None = None
 
 
@@ -229,20 +240,18 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
         test_x, test_y = test_x[np.sort(pick)], test_y[np.sort(pick)]
     seconds: dict[str, float] = {}
     toy: ToyResult | None = None
-    results: dict[str, Any] = {
-        "meta": {
-            "name": cfg.name,
-            "arch": cfg.arch,
-            "spec": spec.to_dict(),
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **code_state(),
-            "command": " ".join(["apd", *sys.argv[1:]]) if sys.argv else "",
-            "machine": machine_description(cfg.threads),
-            "data_sha256": dataset_fingerprint(mnist),
-            "test_inputs": len(test_x),
-            "config": cfg.to_dict(),
-            "seconds": seconds,
-        }
+    meta: Meta = {
+        "name": cfg.name,
+        "arch": cfg.arch,
+        "spec": spec_record(spec.to_dict()),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **code_state(),
+        "command": " ".join(["apd", *sys.argv[1:]]) if sys.argv else "",
+        "machine": machine_description(cfg.threads),
+        "data_sha256": dataset_fingerprint(mnist),
+        "test_inputs": len(test_x),
+        "config": cfg.to_dict(),
+        "seconds": seconds,
     }
 
     wants = set(cfg.experiments)
@@ -255,16 +264,19 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
         if not found:
             raise UserError(f"no method could be loaded from {cfg.runs}: {missing}")
     members = {k: m.draw(_num_members(m, cfg), cfg.seed) for k, m in found.items()}
-    results["methods"] = {
-        k: {
-            "label": m.label,
-            "num_members": members[k].num_members,
-            "stored_bytes": m.stored_bytes(),
-            "provenance": m.provenance(),
-        }
-        for k, m in found.items()
+    results: EvaluationResults = {
+        "meta": meta,
+        "methods": {
+            k: {
+                "label": m.label,
+                "num_members": members[k].num_members,
+                "stored_bytes": m.stored_bytes(),
+                "provenance": m.provenance(),
+            }
+            for k, m in found.items()
+        },
+        "missing_methods": missing,
     }
-    results["missing_methods"] = missing
 
     if wants & {"classification", "anomaly"}:
         t0 = time.perf_counter()
@@ -273,12 +285,12 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
             for name in OOD_SETS
         }
         say("loaded OOD sets: " + ", ".join(f"{k} {len(v)}" for k, v in ood.items()))
+        described = {name: describe_ood(name) for name in OOD_SETS}
         results.update(
             classification_and_anomaly(
-                members, test_x, test_y, ood, cfg.scales, cfg.seed, cfg.progress
+                members, test_x, test_y, ood, described, cfg.scales, cfg.seed, cfg.progress
             )
         )
-        results["anomaly"]["ood_sets"] = {name: describe_ood(name) for name in OOD_SETS}
         gauss, sgld_m = found.get("gaussian"), found.get("sgld")
         if isinstance(gauss, methods.GaussianPosterior) and isinstance(sgld_m, methods.SGLDSamples):
             results["gaussian_diagnostics"] = gaussian_diagnostics(
@@ -312,7 +324,7 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
         }
         seconds["cost"] = round(time.perf_counter() - t0, 1)
     if "toy" in wants:
-        from training.evaluation.toy import run_toy
+        from training.evaluation.toy2d import run_toy
 
         t0 = time.perf_counter()
         say("toy: SGLD, APD (two designs) and MC-Dropout on the 2-D problem")
@@ -350,13 +362,13 @@ def gaussian_diagnostics(
     test_y: np.ndarray,
     num_samples: int,
     seed: int,
-) -> dict[str, Any]:
+) -> GaussianDiagnostics:
     """Why the Gaussian predicts as it does: its mean network alone, its draws without the
     diagonal part, and the same kind of Gaussian fitted to one chain's samples only (one
     mode). Accuracy and NLL on the test set for each."""
     spec = gaussian.spec
 
-    def score(theta: np.ndarray) -> dict[str, float]:
+    def score(theta: np.ndarray) -> AccuracyNLL:
         mem = methods.MemberNetworks(spec, torch.from_numpy(np.ascontiguousarray(theta)))
         p = mem.summary(test_x, seed).probabilities
         return {
@@ -388,11 +400,14 @@ def classification_and_anomaly(
     test_x: np.ndarray,
     test_y: np.ndarray,
     ood: dict[str, np.ndarray],
+    ood_sets: Mapping[str, str],
     scales: tuple[float, ...],
     seed: int = 0,
     progress: bool = False,
-) -> dict[str, Any]:
-    """Experiments 1 and 2 for every method, and the APD / Gaussian fidelity against SGLD."""
+) -> ClassificationAndAnomaly:
+    """Experiments 1 and 2 for every method, and the APD / Gaussian fidelity against SGLD.
+
+    ``ood`` holds each OOD set's images, ``ood_sets`` its description for the report."""
     from tqdm import tqdm
 
     classification = []
@@ -415,7 +430,7 @@ def classification_and_anomaly(
                 rows += anomaly.anomaly_rows(key, s_in, s_out, name, scale, mem.num_members)
                 bar.update()
     bar.close()
-    out: dict[str, Any] = {
+    out: ClassificationAndAnomaly = {
         "classification": {
             "inputs": f"{len(test_x)} MNIST test images",
             "rows": [c.to_dict() for c in classification],
@@ -425,6 +440,7 @@ def classification_and_anomaly(
             "ood_size": {k: len(v) for k, v in ood.items()},
             "scales": list(scales),
             "rows": [r.to_dict() for r in rows],
+            "ood_sets": {name: ood_sets[name] for name in ood},
         },
     }
     if "sgld" in members and "apd" in members:
@@ -442,8 +458,11 @@ def classification_and_anomaly(
         }
     if "sgld" in members and "gaussian" in members:
         fid_g = anomaly.fidelity_rows(rows, student="gaussian")
-        out.setdefault("fidelity_gaussian", {})["anomaly"] = [f.to_dict() for f in fid_g]
-        out["fidelity_gaussian"]["classification"] = anomaly.classification_fidelity(
+        cls_g = anomaly.classification_fidelity(
             in_summaries["sgld"], in_summaries["gaussian"], test_y
-        ).to_dict()
+        )
+        out["fidelity_gaussian"] = {
+            "anomaly": [f.to_dict() for f in fid_g],
+            "classification": cls_g.to_dict(),
+        }
     return out

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException
 from apd.uncertainty import PredictiveSummary, ScoreName
 from service.api.deps import RuntimeDep
 from service.api.errors import ERROR_RESPONSES, validation_error
+from service.api.json_body import ImageBatchRoute
 from service.runtime import ServiceRuntime
 from service.schemas import (
     AnomalyFlag,
@@ -20,7 +21,7 @@ from service.schemas import (
     Uncertainty,
 )
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=ImageBatchRoute)
 
 
 def _model_ref(runtime: ServiceRuntime) -> ModelRef:

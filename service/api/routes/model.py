@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from service.api.deps import RuntimeDep
 from service.api.errors import ERROR_RESPONSES
 from service.posterior_pool import NETWORKS_PER_BLOCK
+from service.runtime import FORWARD_NAME
 from service.schemas import AnomalyInfo, Limits, ModelInfo
 
 router = APIRouter(tags=["model"])
@@ -44,7 +45,7 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
         ),
         provenance=meta.provenance.model_dump(mode="json"),
         metrics=dict(meta.metrics),
-        backend=runtime.backend.kind.value,
+        backend=FORWARD_NAME,
         pool_size=runtime.pool.size,
         limits=Limits(
             max_batch=settings.max_batch,

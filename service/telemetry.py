@@ -28,7 +28,8 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 DURATION_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-CACHE_TIERS: Final = ("memory", "coalesced", "redis")
+CACHE_TIERS: Final = ("memory", "redis")
+ADMISSION_STAGES: Final = ("body", "forward")
 REDIS_ERROR_KINDS: Final = ("connection", "timeout", "response")
 
 disable_created_metrics()  # no *_created series: they double the output and nobody reads them
@@ -81,8 +82,7 @@ class Metrics:
         )
         self.cache_hits = Counter(
             "apd_cache_hits_total",
-            "Network blocks found in a cache tier: memory (in-process LRU), coalesced "
-            "(another request of this worker was already fetching it) or redis",
+            "Network blocks found in a cache tier: memory (in-process LRU) or redis",
             ["tier"],
             registry=r,
         )
@@ -114,6 +114,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.admission_bytes = Gauge(
+            "apd_admission_bytes",
+            "Bytes of in-flight work admitted under the memory budget (bodies, forwards)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.admission_rejected = Counter(
+            "apd_admission_rejected_total",
+            "Requests answered 503 because the memory budget stayed full for admission_wait_s",
+            ["stage"],
+            registry=r,
+        )
         self.anomaly_flags = Counter(
             "apd_anomaly_flags_total",
             "Inputs flagged as anomalous, by score",
@@ -131,6 +143,8 @@ class Metrics:
             self.cache_hits.labels(tier=tier)
         for kind in REDIS_ERROR_KINDS:
             self.cache_errors.labels(kind=kind)
+        for stage in ADMISSION_STAGES:
+            self.admission_rejected.labels(stage=stage)
 
     def render(self) -> bytes:
         """The exposition text: this app's registry, or every worker's in multi-process mode."""

@@ -1,6 +1,6 @@
-"""The evaluation metrics against independent computations on random inputs.
+"""The metrics against independent computations on random inputs.
 
-Each metric in :mod:`training.evaluation.metrics` is recomputed here another way: a plain
+Each metric in :mod:`training.metrics` is recomputed here another way: a plain
 loop, a different library path (scikit-learn's binary Brier score and calibration curve,
 SciPy's Mann-Whitney U and entropy), or the textbook definition of average precision.
 """
@@ -14,7 +14,7 @@ from scipy.stats import mannwhitneyu
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, log_loss
 
-from training.evaluation import metrics as m
+from training import metrics as m
 
 
 def _random_predictions(
@@ -119,13 +119,25 @@ def test_detection_metrics_perfect_and_reversed() -> None:
     assert m.detection_metrics(s_out, s_in).auroc == 0.0
 
 
-def test_mean_kl_matches_scipy_entropy() -> None:
+def test_auroc_is_the_mann_whitney_probability_with_ties() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, 200), rng.normal(0.7, 1, 150)
+    a[:10] = b[:10]  # ties count one half
+    pairs = (b[None, :] > a[:, None]).mean() + 0.5 * (b[None, :] == a[:, None]).mean()
+    assert m.auroc(a, b) == pytest.approx(pairs, abs=1e-12)
+    assert m.detection_metrics(a, b).auroc == m.auroc(a, b)
+
+
+def test_kl_matches_scipy_entropy_per_input() -> None:
     rng = np.random.default_rng(4)
     p, _ = _random_predictions(rng, 50, 6)
     q, _ = _random_predictions(rng, 50, 6)
-    expected = np.mean([scipy_entropy(p[i], q[i]) for i in range(50)])
-    assert m.mean_kl_divergence(p, q) == pytest.approx(expected, rel=1e-9)
-    assert m.mean_kl_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    p[0] = np.eye(6)[3]  # zero entries: 0 log 0 = 0
+    expected = np.array([scipy_entropy(p[i], q[i]) for i in range(50)])
+    np.testing.assert_allclose(m.kl_divergence(p, q), expected, rtol=1e-9)
+    np.testing.assert_allclose(m.kl_divergence(p, p), 0.0, atol=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        m.kl_divergence(p, q[:10])
 
 
 @pytest.mark.parametrize(

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from apd.checkpoint import Design
 from training import sgld
 
 from .gan import Generator, WGANGPConfig
-from .offline import Design, DistillConfig, distill_offline
+from .offline import DistillConfig, distill_offline
 
 NUM_PARAMS: Final = 5
 NUM_MODES: Final = 4

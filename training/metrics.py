@@ -1,5 +1,10 @@
 """Metrics of a predictive distribution, as pure functions of NumPy arrays.
 
+The one home of these formulas on the training side: evaluation, distillation fidelity,
+training runs and the benchmarks all call them. The predictive they score is the mean of
+the K networks' softmax outputs, :func:`training.torch_ops.member_probs` (``(K, N, C)``),
+summarised by :func:`apd.uncertainty.summarize`.
+
 Classification, for a predictive ``p (N, C)`` (rows sum to 1) and labels ``y (N,)``:
 
 * accuracy          ``1/N sum_i 1[argmax_c p_ic = y_i]``
@@ -11,6 +16,11 @@ Classification, for a predictive ``p (N, C)`` (rows sum to 1) and labels ``y (N,
   (Guo et al., ICML 2017), where ``conf_i = max_c p_ic``; bin b holds the confidences in
   ``(b/B, (b+1)/B]`` (the first bin also holds 0), the same edges as scikit-learn's
   ``calibration_curve(strategy="uniform")``.
+
+Between two predictives ``p`` (the reference, e.g. the SGLD teacher) and ``q``:
+
+* KL                ``KL(p || q) = sum_c p_c (log p_c - log q_c)`` per input (nats; ``0 log 0
+  = 0``, both clipped at 1e-12).
 
 Anomaly detection, from scores where larger means "more likely out of distribution" (the
 convention of :class:`apd.uncertainty.ScoreName`):
@@ -167,14 +177,16 @@ def classification_metrics(
     )
 
 
-def mean_kl_divergence(p_ref: ArrayLike, q: ArrayLike) -> float:
-    """Mean over inputs of ``KL(p_ref || q) = sum_c p_c log(p_c / q_c)`` in nats."""
+def kl_divergence(p_ref: ArrayLike, q: ArrayLike) -> F64:
+    """``KL(p_ref || q) = sum_c p_c (log p_c - log q_c)`` per row of two ``(N, C)``
+    predictives, in nats (``0 log 0 = 0``); its mean over inputs is the usual summary."""
     p = np.asarray(p_ref, dtype=np.float64)
     r = np.asarray(q, dtype=np.float64)
     if p.shape != r.shape or p.ndim != 2:
         raise ValueError(f"expected two (N, C) arrays of the same shape, got {p.shape}, {r.shape}")
     terms = p * (np.log(np.clip(p, _EPS, None)) - np.log(np.clip(r, _EPS, None)))
-    return float(terms.sum(axis=1).mean())
+    out: F64 = np.where(p > 0, terms, 0.0).sum(axis=1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -198,14 +210,26 @@ def _check_scores(scores: ArrayLike, what: str) -> F64:
     return s
 
 
-def detection_metrics(in_scores: ArrayLike, out_scores: ArrayLike) -> DetectionMetrics:
-    """AUROC, AUPR-in and AUPR-out for scores where larger means "out of distribution"."""
+def _detection_labels(in_scores: ArrayLike, out_scores: ArrayLike) -> tuple[NDArray[np.int64], F64]:
+    """Labels (1 = out of distribution) and scores of the pooled inputs."""
     s_in = _check_scores(in_scores, "in-distribution")
     s_out = _check_scores(out_scores, "out-of-distribution")
-    scores = np.concatenate([s_in, s_out])
     is_out = np.concatenate([np.zeros(s_in.size, np.int64), np.ones(s_out.size, np.int64)])
+    return is_out, np.concatenate([s_in, s_out])
+
+
+def auroc(in_scores: ArrayLike, out_scores: ArrayLike) -> float:
+    """AUROC of flagging out-of-distribution inputs (positives) by a score where larger means
+    stranger: the probability that an OOD input outscores an in-distribution one (ties 1/2)."""
+    is_out, scores = _detection_labels(in_scores, out_scores)
+    return float(roc_auc_score(is_out, scores))
+
+
+def detection_metrics(in_scores: ArrayLike, out_scores: ArrayLike) -> DetectionMetrics:
+    """AUROC, AUPR-in and AUPR-out for scores where larger means "out of distribution"."""
+    is_out, scores = _detection_labels(in_scores, out_scores)
     return DetectionMetrics(
-        auroc=float(roc_auc_score(is_out, scores)),
+        auroc=auroc(in_scores, out_scores),
         aupr_in=float(average_precision_score(1 - is_out, -scores)),
         aupr_out=float(average_precision_score(is_out, scores)),
     )

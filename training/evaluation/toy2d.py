@@ -22,7 +22,7 @@ KL divergence from SGLD's predictive to APD's over the grid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,12 +31,16 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from training import torch_ops
 from apd.networks import MLPSpec
 from apd.uncertainty import PredictiveSummary
-from training import sgld
-from training.evaluation import metrics
+from training import metrics, sgld, torch_ops
 from training.evaluation.methods import MemberNetworks
+from training.evaluation.results import (
+    ToyMethodNumbers,
+    ToyNumbers,
+    ToySection,
+    ToySettingsRecord,
+)
 
 TOY_SPEC: Final = MLPSpec("toy2d", (2, 50, 2))
 APD_PAPER: Final = "APD (paper design)"
@@ -62,8 +66,24 @@ class ToySettings:
     grid_size: int = 121
     seed: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+    def to_dict(self) -> ToySettingsRecord:
+        return {
+            "points_per_class": self.points_per_class,
+            "sgld_chains": self.sgld_chains,
+            "sgld_steps": self.sgld_steps,
+            "sgld_burn_in": self.sgld_burn_in,
+            "sgld_thinning": self.sgld_thinning,
+            "sgld_lr": self.sgld_lr,
+            "prior_std": self.prior_std,
+            "apd_steps": self.apd_steps,
+            "apd_rank": self.apd_rank,
+            "dropout": self.dropout,
+            "dropout_epochs": self.dropout_epochs,
+            "num_samples": self.num_samples,
+            "dropout_passes": self.dropout_passes,
+            "grid_size": self.grid_size,
+            "seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -183,9 +203,9 @@ class ToyResult:
     data: ToyData
     axis: NDArray[np.float32]
     summaries: dict[str, PredictiveSummary]  # method label -> summary over the grid
-    numbers: dict[str, Any] = field(default_factory=dict)
+    numbers: ToyNumbers
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ToySection:
         return {"settings": self.settings.to_dict(), **self.numbers}
 
 
@@ -212,24 +232,30 @@ def run_toy(s: ToySettings) -> ToyResult:
         )
     )
     near, far = dist <= 1.5, dist >= 4.0
-    numbers: dict[str, Any] = {"sgld_samples": len(samples), "per_method": {}}
+    per_method: dict[str, ToyMethodNumbers] = {}
     for name, summ in summaries.items():
         train_probs = members[name].summary(data.x, s.seed).probabilities
-        numbers["per_method"][name] = {
+        per_method[name] = {
             "train_accuracy": metrics.accuracy(train_probs, data.y),
             "entropy_near_data": float(summ.predictive_entropy[near].mean()),
             "entropy_far": float(summ.predictive_entropy[far].mean()),
             "mi_near_data": float(summ.mutual_information[near].mean()),
             "mi_far": float(summ.mutual_information[far].mean()),
         }
-    numbers["kl_from_sgld_grid"] = {
-        name: metrics.mean_kl_divergence(
-            summaries["SGLD"].probabilities, summaries[name].probabilities
-        )
-        for name in summaries
-        if name != "SGLD"
+    numbers: ToyNumbers = {
+        "sgld_samples": len(samples),
+        "per_method": per_method,
+        "kl_from_sgld_grid": {
+            name: float(
+                metrics.kl_divergence(
+                    summaries["SGLD"].probabilities, summaries[name].probabilities
+                ).mean()
+            )
+            for name in summaries
+            if name != "SGLD"
+        },
+        "regions": "near: within 1.5 of a class centre; far: at least 4 from both",
     }
-    numbers["regions"] = "near: within 1.5 of a class centre; far: at least 4 from both"
     return ToyResult(s, data, axis, summaries, numbers)
 
 

@@ -1,0 +1,173 @@
+"""apd/factored.py: the factored forward over codes agrees with the materialised reference.
+
+The reference is the contract's generator (:meth:`Checkpoint.generate`, networks as P weights)
+followed by :func:`apd.networks.forward_probs` and :func:`apd.uncertainty.summarize`, over
+fcNN1- and fcNN2-shaped targets, the default (subspace) and the paper's design, both first-layer
+paths, one input and many, and chunkings down to one network at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from service_support import make_checkpoint, random_images
+
+from apd.checkpoint import Checkpoint, load_checkpoint
+from apd.factored import AffinePosterior, FirstLayer, ForwardPlan
+from apd.networks import forward_probs
+from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, summarize
+
+FIELDS = ("probabilities", "predictive_entropy", "expected_entropy", "mutual_information")
+
+SHAPES = {
+    "fcnn1": ((784, 100, 10), (24,)),
+    "fcnn2": ((784, 400, 400, 10), (24, 32)),
+}
+
+
+@pytest.fixture(scope="module", params=[(a, d) for a in SHAPES for d in ("subspace", "paper")])
+def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    arch, design = request.param
+    sizes, hidden = SHAPES[arch]
+    path = tmp_path_factory.mktemp(f"{arch}-{design}") / "model.safetensors"
+    return load_checkpoint(
+        make_checkpoint(path, design=design, sizes=sizes, hidden=hidden, rank=12, arch=arch)
+    )
+
+
+def reference(
+    ckpt: Checkpoint, z: NDArray[np.float32], x: NDArray[np.float32]
+) -> PredictiveSummary:
+    return summarize(forward_probs(ckpt.spec, ckpt.generate(z), x))
+
+
+def assert_agree(got: PredictiveSummary, want: PredictiveSummary) -> None:
+    """1e-5 relative; entropies (nats) of float32 softmax outputs carry ~1e-7 absolute rounding,
+    which is all that a mutual information near 0 (K = 1, or agreeing networks) holds."""
+    np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-5, atol=1e-7)
+    for name in FIELDS[1:]:
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6, err_msg=name
+        )
+    np.testing.assert_allclose(got.model_variance, want.model_variance, rtol=1e-4, atol=1e-9)
+    assert np.array_equal(got.labels, want.labels)
+
+
+def test_codes_and_the_affine_map_are_the_generator(ckpt: Checkpoint) -> None:
+    z = np.random.default_rng(0).standard_normal((7, ckpt.noise_dim), dtype=np.float32)
+    offset, directions = ckpt.affine
+    theta = ckpt.codes(z) @ directions + offset
+    assert ckpt.codes(z).shape == (7, ckpt.code_dim)
+    np.testing.assert_allclose(theta, ckpt.generate(z), rtol=1e-6, atol=1e-6)
+    # Written out from the tensors, independently of codes(): the MLP and its affine tail.
+    h = z
+    layers = ckpt.generator_layers()
+    for i, (w, b) in enumerate(layers):
+        h = h @ w + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    if ckpt.meta.generator.has_basis:
+        h = h @ ckpt.tensors["generator.basis"] + ckpt.tensors["generator.mean"]
+    np.testing.assert_allclose(ckpt.generate(z), h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64])
+@pytest.mark.parametrize("k", [1, 10, 57])
+def test_factored_forward_agrees_with_the_materialised_reference(
+    ckpt: Checkpoint, k: int, n: int
+) -> None:
+    rng = np.random.default_rng(k * 100 + n)
+    z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
+    x = random_images(n, seed=n)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    codes = ckpt.codes(z)
+    want = reference(ckpt, z, x)
+    assert_agree(posterior.summarize(codes, x), want)
+    assert_agree(posterior.summarize(codes, x, tails=posterior.tails(codes)), want)
+
+
+@pytest.mark.parametrize("path", list(FirstLayer))
+def test_both_first_layer_paths_and_any_chunking_agree(ckpt: Checkpoint, path: FirstLayer) -> None:
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((23, ckpt.noise_dim), dtype=np.float32)
+    x = random_images(6, seed=3)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    codes = ckpt.codes(z)
+    u = posterior.project(x)
+    want = reference(ckpt, z, x)
+    for chunk in (1, 4, 23):
+        plan = ForwardPlan(path, chunk, 23, 6)
+        acc = PredictiveAccumulator()
+        for start in range(0, 23, chunk):
+            probs = posterior.member_probs(codes[start : start + chunk], x, plan, u)
+            acc.add(probs.transpose(0, 2, 1))
+        assert_agree(acc.summary(), want)
+
+
+def test_segments_are_one_posterior(ckpt: Checkpoint) -> None:
+    z = np.random.default_rng(2).standard_normal((30, ckpt.noise_dim), dtype=np.float32)
+    x = random_images(4, seed=4)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    codes = ckpt.codes(z)
+    parts = [(codes[:10], posterior.tails(codes[:10])), (codes[10:], None)]
+    assert_agree(posterior.summarize_segments(parts, x), reference(ckpt, z, x))
+
+
+def test_plan_picks_the_cheaper_first_layer_and_bounds_the_chunk() -> None:
+    from apd.networks import ARCHITECTURES
+
+    spec = ARCHITECTURES["fcnn1"]
+    r = 46
+    posterior = AffinePosterior(
+        spec, np.zeros(spec.num_params, np.float32), np.zeros((r, spec.num_params), np.float32)
+    )
+    # One input: projecting onto r+1 directions beats forming even two first layers.
+    assert posterior.plan(2, 1).first_layer is FirstLayer.FACTORED
+    # A batch and few networks: forming them is cheaper; K ~ (r+1) N / (r+N) is the crossover.
+    assert posterior.plan(10, 64).first_layer is FirstLayer.MATERIALISED
+    assert posterior.plan(100, 64).first_layer is FirstLayer.FACTORED
+    crossover = next(k for k in range(1, 200) if posterior.plan(k, 64).first_layer == "factored")
+    assert abs(crossover - (r + 1) * 64 / (r + 64)) <= 2
+    plan = posterior.plan(1000, 256)
+    per_network = 256 * (100 + 10) + 1010
+    assert plan.chunk * per_network * 4 <= posterior.chunk_bytes
+
+
+def test_accumulated_chunks_equal_one_summary() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((40, 7, 5)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    acc = PredictiveAccumulator()
+    for start in range(0, 40, 9):
+        acc.add(p[start : start + 9])
+    got, want = acc.summary(), summarize(p)
+    for name in (*FIELDS, "model_variance"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-15)
+    # And the variance is the textbook one, computed independently.
+    np.testing.assert_allclose(want.model_variance, p.var(axis=0).mean(axis=1), rtol=1e-12)
+
+
+def test_the_shipped_checkpoint_is_served_as_it_generates() -> None:
+    path = Path(__file__).resolve().parents[1] / "models" / "mnist-fcnn1" / "model.safetensors"
+    ckpt = load_checkpoint(path)
+    z = np.random.default_rng(6).standard_normal((100, ckpt.noise_dim), dtype=np.float32)
+    x = random_images(8, seed=6)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    assert ckpt.is_affine and ckpt.code_dim == 46
+    assert_agree(posterior.summarize(ckpt.codes(z), x), reference(ckpt, z, x))
+
+
+def test_bad_shapes_are_refused(ckpt: Checkpoint) -> None:
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    x = random_images(2)
+    with pytest.raises(ValueError, match="codes"):
+        posterior.summarize(np.zeros((3, ckpt.code_dim + 1), np.float32), x)
+    with pytest.raises(ValueError, match="inputs"):
+        posterior.summarize(np.zeros((3, ckpt.code_dim), np.float32), x[:, :10])
+    with pytest.raises(ValueError, match="tails"):
+        posterior.summarize(
+            np.zeros((3, ckpt.code_dim), np.float32), x, tails=np.zeros((3, 2), np.float32)
+        )
