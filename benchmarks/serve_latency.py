@@ -1,50 +1,46 @@
-"""Latency and throughput of ``POST /predict`` over HTTP, set against two references.
+"""Serving cost of the posterior: ``/predict`` and V2 over HTTP against in-process references.
 
-Runs, in one go and on loopback only:
+Runs, in one go and on loopback only, for one architecture (``--arch fcnn1``: the shipped
+checkpoint; ``--arch fcnn2``: a random checkpoint of the fcNN2 distillation's shape, noise 32,
+generator hidden 85-85-100-100-100, rank 46, fp16 basis; speed does not depend on the weights):
 
-* ``apd serve`` (1 worker, in-process cache, warm) on the checkpoint: ``/predict`` at batch 1
-  and 64 with K = 100, from the shared pool (no seed: one batched forward over a view of the
-  pool) and with a seed (blocks from the in-process LRU: one batched forward per block);
-* (a) the naive alternative, in this process: the forward of 100 stored SGLD networks
-  (``runs/sgld-fcnn1/samples/theta.npy``, the sample store's format, read with
-  ``np.load(mmap_mode="r")``; random networks of the same shape if it is absent) and the
-  uncertainty summary, no HTTP;
-* (b) the HTTP floor: a no-op FastAPI endpoint under the same uvicorn that reads the body and
-  answers ``{}``, and a validate-only endpoint that also parses and validates the request
-  with the service's own pydantic model;
-* latency of ``/predict`` (batch 1 and 64) as K grows from 10 to 1000;
-* throughput with several concurrent clients;
-* the two backends' generator and forward times, in this process.
+1. **HTTP vs stored networks**: ``POST /predict`` (JSON, batch 64, K = 100, pool, warm) and V2
+   infer with binary tensors, against the in-process forward of 100 stored networks on the
+   same batch (``torch.einsum`` per layer + softmax, ``--threads`` torch threads), timed
+   round-robin so that they share the machine's load;
+2. **K sweep**: ``/predict`` at K = 10, 100, 1000 at batch 1 and 64, and the in-process
+   factored forward alone;
+3. **Redis hit vs regeneration** of the same networks (in process, a real Redis): a seeded
+   request's 100 blocks of codes read (``MGET`` + HMAC check + decode) against drawn again
+   (noise + generator MLP), and the full ``get_blocks`` either way (both add the tails);
+4. **memory under load**: 16 concurrent requests of 256 images x K 1000 with fresh seeds
+   against one worker with the compose settings; peak RSS and every status.
 
-Every request count is bounded. Results go to ``benchmarks/results/serve_latency.json`` and
-``.md``. Run: ``python benchmarks/serve_latency.py`` (``--help`` for options). Thread counts:
-the server and the in-process references get the same ``--threads`` (default 1, which is
-what a 2-core box shared with others serves best); BLAS threads follow it through
-``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``.
+Every figure is a ratio to a baseline measured in the same run. Results go to
+``benchmarks/results/serve_latency[-fcnn2].json`` and ``.md`` with the command, revision and
+load. Run: ``python benchmarks/serve_latency.py [--arch fcnn2]`` (``--help`` for options).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _threads_flag(argv: Sequence[str]) -> str:
@@ -53,113 +49,63 @@ def _threads_flag(argv: Sequence[str]) -> str:
             return argv[i + 1]
         if arg.startswith("--threads="):
             return arg.split("=", 1)[1]
-    return "1"
+    return "2"
 
 
 # Before NumPy is imported: BLAS reads its thread count once, at load.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, _threads_flag(sys.argv))
 
-from service.schemas import PredictRequest  # noqa: E402
+import numpy as np  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_CHECKPOINT = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
-DEFAULT_SAMPLES = ROOT / "runs" / "sgld-fcnn1" / "samples" / "theta.npy"
+SHIPPED = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
 LOOPBACK = "127.0.0.1"
+HMAC_KEY = "benchmark-hmac-key-0123456789"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES)
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--requests", type=int, default=300, help="timed requests at batch 1")
-    p.add_argument("--requests-64", type=int, default=60, help="timed requests at batch 64")
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients, throughput")
+    p.add_argument("--arch", choices=["fcnn1", "fcnn2"], default="fcnn1")
+    p.add_argument("--threads", type=int, default=2, help="BLAS/torch threads, both sides")
+    p.add_argument("--requests", type=int, default=60, help="timed rounds per comparison")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--skip-memory", action="store_true", help="skip the 16 x 256 x 1000 run")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.requests < 1:
+        p.error("--threads and --requests must be positive")
+    return args
 
 
-# --- the floor app (run in a subprocess by this script) ----------------------------------
-
-
-def serve_floor(port: int) -> None:
-    import uvicorn
-    from fastapi import FastAPI
-
-    app = FastAPI()
-
-    @app.post("/noop")
-    async def noop(request: Request) -> dict[str, Any]:
-        await request.body()
-        return {}
-
-    @app.post("/validate")
-    async def validate(body: PredictRequest) -> dict[str, Any]:
-        return {"n": len(body.pixels)}
-
-    uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning", server_header=False)
-
-
-# --- processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+# --- processes and timing ----------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], ready_url: str, env: dict[str, str]) -> Iterator[None]:
-    import httpx
+def serve(checkpoint: Path, args: list[str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    from harness import apd_serve
 
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read().decode()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(ready_url, timeout=2).status_code in (200, 405):
-                    break
-            time.sleep(0.2)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with apd_serve(checkpoint, args=args, timeout=120) as srv:
+        yield srv.base_url, srv.proc
 
 
-# --- measuring ---------------------------------------------------------------------------
+def interleaved(
+    variants: dict[str, Callable[[], object]], n: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds of each variant over ``n`` round-robin rounds (shared load)."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(n):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def summarize_latencies(seconds: Sequence[float], images: int) -> dict[str, float]:
-    import numpy as np
-
-    ms = np.asarray(seconds) * 1e3
-    return {
-        "n": len(ms),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "mean_ms": round(float(ms.mean()), 3),
-        "sequential_rps": round(1e3 / float(ms.mean()), 1),
-        "sequential_images_per_s": round(images * 1e3 / float(ms.mean()), 1),
-    }
-
-
-def poster(client: Any, url: str, body: bytes) -> Callable[[], None]:
-    headers = {"content-type": "application/json"}
-
+def poster(client: Any, url: str, body: bytes, headers: dict[str, str]) -> Callable[[], None]:
     def post() -> None:
         r = client.post(url, content=body, headers=headers)
         if r.status_code != 200:
@@ -168,359 +114,421 @@ def poster(client: Any, url: str, body: bytes) -> Callable[[], None]:
     return post
 
 
-def interleaved(
-    variants: dict[str, Callable[[], object]], n: int, warmup: int = 3
-) -> dict[str, list[float]]:
-    """Time each variant ``n`` times, round-robin, so that they share the machine's load
-    (this machine is shared: a slow minute would otherwise fall on one variant only)."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(n):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name].append(time.perf_counter() - t0)
-    return out
+def mnist_images(n: int) -> tuple[np.ndarray, str]:
+    import gzip
+
+    for base in (Path(os.environ.get("APD_DATA_DIR", ROOT / "data")), ROOT.parent / "shared/data"):
+        path = base / "mnist" / "t10k-images-idx3-ubyte.gz"
+        if path.is_file():
+            with gzip.open(path) as f:
+                x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
+            return x[:n].astype(np.float32) / 255.0, f"MNIST test digits ({path.name})"
+    rng = np.random.default_rng(0)
+    return (rng.random((n, 784)) < 0.15).astype(np.float32), "random binary images"
 
 
-def throughput(url: str, body: bytes, clients: int, per_client: int, images: int) -> dict[str, Any]:
-    import httpx
+def json_body(x: np.ndarray, **fields: Any) -> bytes:
+    return json.dumps({"inputs": np.round(x, 6).tolist(), **fields}).encode()
 
-    errors = 0
-    lock = threading.Lock()
 
-    def worker() -> None:
-        nonlocal errors
-        with httpx.Client(timeout=60) as client:
-            for _ in range(per_client):
-                r = client.post(url, content=body, headers={"content-type": "application/json"})
-                if r.status_code != 200:
-                    with lock:
-                        errors += 1
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    total = clients * per_client
-    return {
-        "clients": clients,
-        "requests": total,
-        "errors": errors,
-        "rps": round(total / wall, 1),
-        "images_per_s": round(total * images / wall, 1),
+def v2_binary_body(x: np.ndarray, k: int) -> tuple[bytes, dict[str, str]]:
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ],
+        "outputs": [
+            {"name": n, "parameters": {"binary_data": True}}
+            for n in ("probabilities", "mutual_information", "is_anomaly")
+        ],
+        "parameters": {"num_samples": k},
+    }
+    head = json.dumps(header).encode()
+    return head + np.ascontiguousarray(x, np.float32).tobytes(), {
+        "Inference-Header-Content-Length": str(len(head)),
+        "content-type": "application/octet-stream",
     }
 
 
-def time_call(fn: Callable[[], object], n: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+# --- the checkpoint and the in-process references ----------------------------------------
+
+
+def checkpoint_for(arch: str, workdir: Path) -> tuple[Path, str]:
+    if arch == "fcnn1":
+        return SHIPPED, f"the shipped checkpoint ({SHIPPED.relative_to(ROOT)})"
+    from service_support import make_checkpoint
+
+    path = make_checkpoint(
+        workdir / "random-fcnn2.safetensors",
+        sizes=(784, 400, 400, 10),
+        arch="fcnn2",
+        noise_dim=32,
+        hidden=(85, 85, 100, 100, 100),
+        rank=46,
+        model_id="random-fcnn2",
+    )
+    return path, "a random checkpoint of the fcNN2 distillation's shape (rank 46)"
+
+
+def torch_stored_forward(spec: Any, theta: np.ndarray, x: np.ndarray, threads: int) -> Any:
+    """The baseline: 100 stored networks' forward, torch.einsum per layer, then softmax."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from apd.networks import unflatten
+
+    layers = [
+        (torch.from_numpy(w.copy()), torch.from_numpy(b.copy())) for w, b in unflatten(spec, theta)
+    ]
+    xt = torch.from_numpy(x)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            w, b = layers[0]
+            h = torch.einsum("nd,kdh->knh", xt, w) + b[:, None, :]
+            for w, b in layers[1:]:
+                h = torch.einsum("knd,kdh->knh", torch.relu(h), w) + b[:, None, :]
+            return torch.softmax(h, dim=-1)
+
+    return run
+
+
+# --- the parts ---------------------------------------------------------------------------
+
+
+def http_vs_stored(base: str, ckpt: Any, x64: np.ndarray, threads: int, n: int) -> dict[str, Any]:
+    import httpx
+
+    from apd.networks import forward_probs
+
+    z = np.random.default_rng(0).standard_normal((100, ckpt.noise_dim), dtype=np.float32)
+    theta = np.ascontiguousarray(ckpt.generate(z))
+    stored = torch_stored_forward(ckpt.spec, theta, x64, threads)
+    body = json_body(x64, num_samples=100)
+    v2_body, v2_headers = v2_binary_body(x64, 100)
+    v2_url = f"/v2/models/{ckpt.meta.model_id}/infer"
+    with httpx.Client(base_url=base, timeout=60) as c:
+        med = interleaved(
+            {
+                "stored_torch_einsum": stored,
+                "stored_numpy": lambda: forward_probs(ckpt.spec, theta, x64),
+                "http_predict_json": poster(
+                    c, "/predict", body, {"content-type": "application/json"}
+                ),
+                "http_v2_binary": poster(c, v2_url, v2_body, v2_headers),
+            },
+            n,
+        )
+    base_s = med["stored_torch_einsum"]
+    return {
+        "p50_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "ratio_to_stored_torch": {k: round(v / base_s, 3) for k, v in med.items()},
+        "json_body_bytes": len(body),
+    }
+
+
+def k_sweep(base: str, ckpt: Any, x1: np.ndarray, x64: np.ndarray, n: int) -> dict[str, Any]:
+    import httpx
+
+    from apd.factored import AffinePosterior
+
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=base, timeout=120) as c:
+        for name, x in (("batch1", x1), ("batch64", x64)):
+            variants: dict[str, Callable[[], object]] = {}
+            for k in (10, 100, 1000):
+                body = json_body(x, num_samples=k)
+                variants[f"http_K{k}"] = poster(
+                    c, "/predict", body, {"content-type": "application/json"}
+                )
+                codes = ckpt.codes(
+                    np.random.default_rng(k).standard_normal((k, ckpt.noise_dim), dtype=np.float32)
+                )
+                variants[f"inproc_K{k}"] = lambda cc=codes, xx=x: posterior.summarize(cc, xx)
+            rounds = max(5, n // (4 if name == "batch64" else 1))
+            med = interleaved(variants, rounds)
+            plans = {k: posterior.plan(k, len(x)).first_layer.value for k in (10, 100, 1000)}
+            out[name] = {
+                "p50_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+                "first_layer": plans,
+                "http_K1000_over_K10": round(med["http_K1000"] / med["http_K10"], 2),
+                "inproc_K1000_over_K10": round(med["inproc_K1000"] / med["inproc_K10"], 2),
+            }
     return out
+
+
+def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
+    import anyio
+
+    from apd.factored import AffinePosterior
+    from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
+    from service.posterior_pool import NETWORKS_PER_BLOCK, NetworkBlock, Stream, block_noise
+    from service.runtime import MAX_KEPT_TAIL_PARAMS
+    from service.telemetry import Metrics
+
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    keep_tails = posterior.tail_params <= MAX_KEPT_TAIL_PARAMS
+    blocks = list(range(100))  # K = 1000
+    stream = Stream.for_seed(424242)
+
+    def draw_codes(bs: Sequence[int]) -> np.ndarray:
+        z = [block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, False)[0] for b in bs]
+        return ckpt.codes(np.concatenate(z))
+
+    def complete(s: Stream, bs: Sequence[int], known: dict[int, np.ndarray]) -> list[NetworkBlock]:
+        todo = [b for b in bs if b not in known]
+        drawn = draw_codes(todo) if todo else np.empty((0, ckpt.code_dim), np.float32)
+        got = dict(known)
+        for i, b in enumerate(todo):
+            got[b] = drawn[i * NETWORKS_PER_BLOCK : (i + 1) * NETWORKS_PER_BLOCK]
+        return [NetworkBlock(got[b], posterior.tails(got[b]) if keep_tails else None) for b in bs]
+
+    async def measure() -> dict[str, float]:
+        metrics = Metrics()
+        store = RedisBlockStore(
+            url,
+            metrics=metrics,
+            socket_timeout_s=2,
+            health_interval_s=60,
+            retry_min_s=1,
+            retry_max_s=1,
+        )
+        await store.start()
+        if not store.available:
+            raise RuntimeError(f"no Redis at {url}")
+        prefix = f"apd-bench-{os.getpid()}"
+
+        async def inline(fn: Callable[[], Any]) -> Any:
+            return fn()
+
+        cache = NetworkCache(
+            layout=BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode()),
+            complete=complete,  # type: ignore[arg-type]
+            run_compute=inline,
+            local=LocalBlockCache(0),  # every read goes to Redis
+            redis=store,
+            metrics=metrics,
+            key_prefix=prefix,
+            ttl_s=600,
+        )
+        await cache.get_blocks(stream, blocks)  # writes them
+        times: dict[str, list[float]] = {
+            "read_codes": [],
+            "draw_codes": [],
+            "get_blocks_hit": [],
+            "get_blocks_regenerate": [],
+        }
+        for _ in range(n):
+            t0 = time.perf_counter()
+            assert len(await cache._read_redis(stream, blocks)) == len(blocks)
+            times["read_codes"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            draw_codes(blocks)
+            times["draw_codes"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await cache.get_blocks(stream, blocks)
+            times["get_blocks_hit"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            complete(stream, blocks, {})
+            times["get_blocks_regenerate"].append(time.perf_counter() - t0)
+        hits = metrics.registry.get_sample_value("apd_cache_hits_total", {"tier": "redis"})
+        await store.delete(*(cache.key(stream, b) for b in blocks))
+        await store.close()
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        med["redis_hits"] = float(hits or 0)
+        return med
+
+    med = anyio.run(measure)
+    return {
+        "networks": len(blocks) * NETWORKS_PER_BLOCK,
+        "entry_bytes": BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode()).entry_bytes,
+        "tails_kept": keep_tails,
+        "p50_ms": {k: round(v * 1e3, 3) for k, v in med.items() if k != "redis_hits"},
+        "codes_hit_over_regeneration": round(med["read_codes"] / med["draw_codes"], 3),
+        "get_blocks_hit_over_regeneration": round(
+            med["get_blocks_hit"] / med["get_blocks_regenerate"], 3
+        ),
+    }
+
+
+def memory_under_load(checkpoint: Path) -> dict[str, Any]:
+    import httpx
+    from harness import apd_serve, rss_bytes
+
+    rng = np.random.default_rng(7)
+    bodies = [
+        json_body(rng.random((256, 784)).astype(np.float32), num_samples=1000, seed=10_000 + i)
+        for i in range(16)
+    ]
+    compose_env = ["--workers", "1", "--memory-budget-mb", "384", "--log-level", "warning"]
+    with apd_serve(checkpoint, args=compose_env, timeout=120) as srv:
+        pid = srv.worker_pids()[0]
+        idle = rss_bytes(pid)
+        peak = [idle]
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_bytes(pid))
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        async def send() -> list[Any]:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=300) as c:
+                hdr = {"content-type": "application/json"}
+                return await asyncio.gather(
+                    *(c.post("/predict", content=b, headers=hdr) for b in bodies),
+                    return_exceptions=True,
+                )
+
+        t0 = time.perf_counter()
+        try:
+            responses = asyncio.run(send())
+        finally:
+            stop.set()
+            watcher.join()
+        wall = time.perf_counter() - t0
+    statuses = [r.status_code if hasattr(r, "status_code") else f"error: {r!r}" for r in responses]
+    retry_after = all(
+        "retry-after" in r.headers for r in responses if getattr(r, "status_code", 0) == 503
+    )
+    return {
+        "requests": len(bodies),
+        "body_bytes": len(bodies[0]),
+        "statuses": statuses,
+        "dropped": sum(1 for s in statuses if not isinstance(s, int)),
+        "every_503_has_retry_after": retry_after,
+        "idle_rss_mb": round(idle / 2**20, 1),
+        "peak_rss_mb": round(peak[0] / 2**20, 1),
+        "wall_s": round(wall, 2),
+    }
 
 
 # --- the run -----------------------------------------------------------------------------
 
 
-def mnist_images(n: int) -> tuple[Any, str]:
-    """``n`` MNIST test digits as floats in [0, 1], or random strokes if none is at hand."""
-    import gzip
-
-    import numpy as np
-
-    for base in (
-        Path(os.environ.get("APD_DATA_DIR", ROOT / "data")),
-        ROOT.parent / "shared" / "data",
-    ):
-        path = base / "mnist" / "t10k-images-idx3-ubyte.gz"
-        if path.is_file():
-            with gzip.open(path) as f:
-                x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-            return x[:n].astype(np.float32) / 255.0, f"MNIST test digits ({path})"
-    rng = np.random.default_rng(0)
-    return (rng.random((n, 784)) < 0.15).astype(np.float32), "random binary images"
-
-
-def build_checkpoint(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
-    if args.checkpoint.is_file():
-        return args.checkpoint, str(args.checkpoint)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from service_support import make_checkpoint
-
-    path = make_checkpoint(
-        workdir / "random-fcnn1.safetensors",
-        sizes=(784, 100, 10),
-        arch="fcnn1",
-        noise_dim=64,
-        hidden=(256,),
-        rank=64,
-        model_id="random-fcnn1",
-    )
-    return (
-        path,
-        f"{args.checkpoint} absent: a random fcnn1 checkpoint (noise 64, hidden 256, rank 64)",
-    )
-
-
-def sgld_networks(path: Path, num_params: int, k: int) -> tuple[Any, str]:
-    import numpy as np
-
-    if path.is_file():
-        theta = np.load(path, mmap_mode="r", allow_pickle=False)
-        if theta.ndim == 2 and theta.shape[1] == num_params and len(theta) >= k:
-            return np.ascontiguousarray(theta[-k:], dtype=np.float32), f"{path} (last {k})"
-        note = f"{path} has shape {theta.shape}, not (>= {k}, {num_params})"
-    else:
-        note = f"{path} absent"
-    rng = np.random.default_rng(0)
-    theta = (rng.standard_normal((k, num_params)) * 0.05).astype(np.float32)
-    return theta, f"{note}: {k} random networks of the same shape instead"
-
-
-def backend_microbench(ckpt_path: Path, threads: int, x1: Any, x64: Any) -> dict[str, Any]:
-    import numpy as np
-
-    from apd.checkpoint import load_checkpoint
-    from service.backends import GeneratorBackend, OnnxRuntimeBackend, TorchBackend
-    from service.posterior_pool import POOL_STREAM, block_noise
-
-    ckpt = load_checkpoint(ckpt_path)
-    g = ckpt.meta.generator
-    noise = [
-        block_noise(POOL_STREAM, b, g.noise_dim, ckpt.num_params, g.has_residual) for b in range(10)
-    ]
-    draw = time_call(
-        lambda: block_noise(POOL_STREAM, 0, g.noise_dim, ckpt.num_params, g.has_residual), 10
-    )
-    out: dict[str, Any] = {"noise_per_block_ms": round(min(draw) * 1e3, 3)}
-    backends: list[GeneratorBackend] = [
-        OnnxRuntimeBackend(ckpt, threads),
-        TorchBackend(ckpt, threads),
-    ]
-    for backend in backends:
-        z, eps = noise[0]
-        theta = np.concatenate([backend.generate(z_, e_) for z_, e_ in noise])
-        gen = time_call(partial(backend.generate, z, eps), 30)
-        f1 = time_call(partial(backend.forward_probs, theta, x1), 50)
-        f64 = time_call(partial(backend.forward_probs, theta, x64), 20)
-        out[backend.kind.value] = {
-            "generate_block_of_10_ms_min": round(min(gen) * 1e3, 3),
-            "forward_k100_batch1_ms_p50": round(float(np.median(f1)) * 1e3, 3),
-            "forward_k100_batch64_ms_p50": round(float(np.median(f64)) * 1e3, 3),
-        }
-    return out
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-
     from apd.checkpoint import load_checkpoint
-    from apd.networks import forward_probs
-    from apd.uncertainty import summarize
 
+    load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="apd-bench-"))
-    ckpt_path, ckpt_note = build_checkpoint(args, workdir)
-    ckpt = load_checkpoint(ckpt_path)
-    images, images_note = mnist_images(64)
-    x1, x64 = images[:1], images[:64]
-    bodies = {
-        (b, k, seed): json.dumps(
-            {"inputs": images[:b].round(4).tolist(), "num_samples": k}
-            | ({"seed": seed} if seed is not None else {})
-        ).encode()
-        for b in (1, 64)
-        for k in (10, 100, 1000)
-        for seed in (None, 7)
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APD_")}
-    env |= {"OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
-    env |= {"PYTHONPATH": str(ROOT)}
-    port, floor_port = free_port(), free_port()
-    serve_cmd = [sys.executable, "-m", "apd_cli", "serve", "--checkpoint", str(ckpt_path),
-                 "--host", LOOPBACK, "--port", str(port), "--workers", "1",
-                 "--backend", args.backend, "--num-threads", str(args.threads),
-                 "--local-cache-mb", "1024", "--log-level", "warning"]  # fmt: skip
-    floor_cmd = [sys.executable, __file__, "--serve-floor", str(floor_port)]
-    base, floor = f"http://{LOOPBACK}:{port}", f"http://{LOOPBACK}:{floor_port}"
-    result: dict[str, Any] = {
-        "checkpoint": ckpt_note,
-        "checkpoint_sha256": ckpt.sha256,
-        "target": ckpt.meta.target.model_dump(mode="json"),
-        "generator": ckpt.meta.generator.model_dump(mode="json"),
-        "inputs": images_note,
-        "backend": args.backend,
+    path, origin = checkpoint_for(args.arch, workdir)
+    ckpt = load_checkpoint(path)
+    x, images = mnist_images(64)
+    record: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "revision": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "dirty": bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "apd", "service"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        ),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "threads": args.threads,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_avg_before": os.getloadavg(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "server": "apd serve --workers 1 (in-process cache), uvicorn, loopback, keep-alive",
+        "arch": args.arch,
+        "checkpoint": origin,
+        "code_dim": ckpt.code_dim,
+        "images": images,
+        "load_before": [round(v, 2) for v in load_before],
     }
-    n1, n64 = args.requests, args.requests_64
-    # (a) the naive alternative: 100 stored SGLD networks, forward + summary in process.
-    theta, theta_note = sgld_networks(args.samples, ckpt.num_params, 100)
-    spec = ckpt.spec
-
-    def naive(x: Any) -> Callable[[], object]:
-        return lambda: summarize(forward_probs(spec, theta, x))
-
-    with (
-        process(serve_cmd, f"{base}/readyz", env),
-        process(floor_cmd, f"{floor}/noop", env),
-        httpx.Client(base_url=base, timeout=60) as api,
-        httpx.Client(base_url=floor, timeout=60) as floor_api,
-    ):
-        # Warm: the pool is drawn at startup; seeded and extra blocks on a first request.
-        for body in bodies.values():
-            poster(api, "/predict", body)()
-        http: dict[str, Any] = {}
-        for b, x, n in ((1, x1, n1), (64, x64, n64)):
-            times = interleaved(
-                {
-                    "predict_k100_pool": poster(api, "/predict", bodies[(b, 100, None)]),
-                    "predict_k100_seeded": poster(api, "/predict", bodies[(b, 100, 7)]),
-                    "noop_floor": poster(floor_api, "/noop", bodies[(b, 100, None)]),
-                    "validate_only": poster(floor_api, "/validate", bodies[(b, 100, None)]),
-                    "sgld_in_process": naive(x),
-                },
-                n,
-            )
-            http[f"batch{b}"] = {name: summarize_latencies(t, b) for name, t in times.items()}
-        growth: dict[str, Any] = {}
-        for b, n in ((1, max(10, n1 // 3)), (64, max(10, n64 // 3))):
-            times = interleaved(
-                {f"k{k}": poster(api, "/predict", bodies[(b, k, None)]) for k in (10, 100, 1000)},
-                n,
-            )
-            growth[f"batch{b}"] = {name: summarize_latencies(t, b) for name, t in times.items()}
-        load = {}
-        for b, n in ((1, n1), (64, n64)):
-            per_client = max(3, n // (2 * args.clients))
-            body = bodies[(b, 100, None)]
-            load[f"batch{b}_k100"] = throughput(
-                f"{base}/predict", body, args.clients, per_client, b
-            )
-    result["naive_networks"] = theta_note
-    result["http"] = http
-    result["k_growth"] = growth
-    result["throughput"] = load
-    result["backends_in_process"] = backend_microbench(ckpt_path, args.threads, x1, x64)
-    ratios = {}
-    for b in (1, 64):
-        h = {name: v["p50_ms"] for name, v in http[f"batch{b}"].items()}
-        g = growth[f"batch{b}"]
-        ratios[f"batch{b}"] = {
-            "predict_over_noop_floor": round(h["predict_k100_pool"] / h["noop_floor"], 2),
-            "predict_over_validate_only": round(h["predict_k100_pool"] / h["validate_only"], 2),
-            "predict_over_sgld_in_process": round(h["predict_k100_pool"] / h["sgld_in_process"], 2),
-            "k1000_over_k10": round(g["k1000"]["p50_ms"] / g["k10"]["p50_ms"], 2),
-        }
-    result["ratios_p50"] = ratios
-    result["machine"]["load_avg_after"] = os.getloadavg()
-    return result
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
+    server_args = ["--workers", "1", "--num-threads", str(args.threads), "--log-level", "warning"]
+    with serve(path, server_args) as (base, _):
+        print("HTTP vs stored networks ...", flush=True)
+        record["http_vs_stored"] = http_vs_stored(base, ckpt, x, args.threads, args.requests)
+        print("K sweep ...", flush=True)
+        record["k_sweep"] = k_sweep(base, ckpt, x[:1], x, args.requests)
+    print("Redis hit vs regeneration ...", flush=True)
+    record["redis"] = redis_hit_vs_regeneration(ckpt, args.redis_url, args.requests)
+    if not args.skip_memory:
+        print("16 x 256 images x K 1000, fresh seeds ...", flush=True)
+        record["memory"] = memory_under_load(path)
+    record["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    return record
 
 
 def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
+    h = r["http_vs_stored"]
     lines = [
-        "# /predict latency (benchmarks/serve_latency.py)",
+        f"# Serving cost, {r['arch']}",
         "",
-        f"- checkpoint: {r['checkpoint']} (sha256 {r['checkpoint_sha256'][:12]}…), target "
-        f"{r['target']['layer_sizes']} ({r['target']['num_params']} weights)",
-        f"- inputs: {r['inputs']}; backend {r['backend']}, {r['threads']} thread(s)",
-        f"- server: {r['server']}",
-        f"- machine: {m['cpus']} CPUs, load average {m['load_avg_before']} before and "
-        f"{m['load_avg_after']} after (a shared machine: figures are noisy)",
-        f"- naive alternative (sgld_in_process: forward + summary, no HTTP): {r['naive_networks']}",
+        f"`{r['command']}` at revision {r['revision']}"
+        f"{' (uncommitted changes)' if r['dirty'] else ''};",
+        f"{r['machine']}, {r['threads']} BLAS/torch threads on both sides; "
+        f"checkpoint: {r['checkpoint']}",
+        f"(code length r = {r['code_dim']}); inputs: {r['images']}. Load average (1/5/15 min)",
+        f"before {r['load_before']}, after {r['load_after']}. Every ratio is to a baseline timed",
+        "round-robin with it in the same run.",
         "",
-        "## K = 100, one client, warm cache, variants interleaved (ms)",
+        "## HTTP against 100 stored networks (batch 64, K = 100)",
         "",
+        "| path | p50 ms | / stored torch einsum |",
+        "| --- | ---: | ---: |",
     ]
-    rows = []
-    for b in (1, 64):
-        for name, s in r["http"][f"batch{b}"].items():
-            rows.append(
-                [
-                    name,
-                    b,
-                    s["p50_ms"],
-                    s["p99_ms"],
-                    s["sequential_rps"],
-                    s["sequential_images_per_s"],
-                ]
-            )
-    lines += table(["what", "batch", "p50", "p99", "req/s", "images/s"], rows)
-    ratio_names = list(r["ratios_p50"]["batch1"])
-    lines += ["", "## Ratios of p50 latencies", ""]
-    lines += table(
-        ["batch", *ratio_names],
-        [[b, *r["ratios_p50"][f"batch{b}"].values()] for b in (1, 64)],
-    )
-    lines += ["", "## Growth with K (/predict from the pool; p50 / p99 ms)", ""]
-    growth_rows = []
-    for b in (1, 64):
-        g = r["k_growth"][f"batch{b}"]
-        growth_rows.append(
-            [b, *(f"{g[k]['p50_ms']} / {g[k]['p99_ms']}" for k in ("k10", "k100", "k1000"))]
+    for k, v in h["p50_ms"].items():
+        lines.append(f"| {k} | {v} | {h['ratio_to_stored_torch'][k]} |")
+    lines += ["", f"JSON body: {h['json_body_bytes']} bytes.", "", "## Latency as K grows", ""]
+    for name, s in r["k_sweep"].items():
+        lines.append(f"**{name}** (first layer: {s['first_layer']}):")
+        lines.append("")
+        lines.append("| K | HTTP p50 ms | in-process factored p50 ms |")
+        lines.append("| ---: | ---: | ---: |")
+        for k in (10, 100, 1000):
+            lines.append(f"| {k} | {s['p50_ms'][f'http_K{k}']} | {s['p50_ms'][f'inproc_K{k}']} |")
+        lines.append("")
+        lines.append(
+            f"K 1000 / K 10: HTTP {s['http_K1000_over_K10']}, "
+            f"in process {s['inproc_K1000_over_K10']}."
         )
-    lines += table(["batch", "K=10", "K=100", "K=1000"], growth_rows)
-    lines += ["", "## Throughput with concurrent clients, K = 100", ""]
-    lines += table(
-        ["load", "clients", "requests", "errors", "req/s", "images/s"],
-        [
-            [name, t["clients"], t["requests"], t["errors"], t["rps"], t["images_per_s"]]
-            for name, t in r["throughput"].items()
-        ],
-    )
-    be = r["backends_in_process"]
+        lines.append("")
+    d = r["redis"]
     lines += [
+        f"## Redis hit against regeneration ({d['networks']} networks, "
+        f"{d['entry_bytes']} bytes a block of 10)",
         "",
-        f"## Backends in process (noise for a block of 10: {be['noise_per_block_ms']} ms)",
+        "| step | p50 ms |",
+        "| --- | ---: |",
+        *[f"| {k} | {v} |" for k, v in d["p50_ms"].items()],
+        "",
+        f"Codes read from Redis / drawn again: **{d['codes_hit_over_regeneration']}**; the whole "
+        f"`get_blocks` (tails kept: {d['tails_kept']}) hit / regenerate: "
+        f"{d['get_blocks_hit_over_regeneration']}.",
         "",
     ]
-    lines += table(
-        ["backend", "generate 10 networks (min ms)", "forward K=100 batch 1 (p50 ms)", "batch 64"],
-        [
-            [
-                name,
-                be[name]["generate_block_of_10_ms_min"],
-                be[name]["forward_k100_batch1_ms_p50"],
-                be[name]["forward_k100_batch64_ms_p50"],
-            ]
-            for name in ("onnxruntime", "torch")
-        ],
-    )
-    lines += ["", "Reproduce: `python benchmarks/serve_latency.py` (see its docstring).", ""]
+    if "memory" in r:
+        m = r["memory"]
+        lines += [
+            "## 16 concurrent requests of 256 images x K 1000, fresh seeds, one worker",
+            "",
+            f"Statuses: {sorted(m['statuses'], key=str)}; dropped connections: "
+            f"{m['dropped']}; every 503 carries Retry-After: "
+            f"{m['every_503_has_retry_after']}. Worker RSS idle "
+            f"{m['idle_rss_mb']} MB, peak {m['peak_rss_mb']} MB (memory budget 384 MiB, compose "
+            f"limit 1 GiB); {m['wall_s']} s for all. Body: {m['body_bytes']} bytes each.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.serve_floor is not None:
-        serve_floor(args.serve_floor)
-        return 0
-    result = run(args)
+    record = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "serve_latency.md").write_text(markdown(result))
-    print(markdown(result))
+    stem = "serve_latency" if args.arch == "fcnn1" else f"serve_latency-{args.arch}"
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(record) + "\n")
+    print(markdown(record))
     return 0
 
 

@@ -1,19 +1,19 @@
 """Memory admission: a per-worker budget of in-flight work, so that load queues or gets 503
 instead of growing the worker's memory (docs/limits.md).
 
-Two things hold memory while a request is served, and both reserve bytes of one
-:class:`MemoryBudget` before they take them:
-
-* its **body**, as it arrives (:class:`BodyAdmissionMiddleware`): each chunk reserves its size
-  times :data:`BODY_EXPANSION`, what JSON numbers cost once parsed into Python objects and then
-  a float array, and the reservation is held until the response is sent. A client that stalls
-  mid-body keeps only what it has sent reserved, and only until ``body_timeout_s``;
-* its **forward** (:meth:`service.runtime.ServiceRuntime.infer`): the inputs, the projection
-  and one chunk of networks, bounded whatever K.
+A request that sends a body reserves, before the first byte of it is read, everything it
+may hold while it is served (:meth:`service.runtime.ServiceRuntime.request_bytes`): its body
+times :data:`BODY_EXPANSION` (what JSON numbers cost once parsed into Python objects and
+then a float array) and the forward's working set for as many inputs as such a body can
+hold (the inputs, the projection and one chunk of networks, bounded whatever K). The whole
+reservation is taken at once, so requests never hold part of what they need while waiting
+for the rest (no deadlock), and it is held until the response is sent: a client that stalls
+mid-body keeps its reservation only until ``body_timeout_s`` (408).
 
 A reservation that does not fit waits, first come first served, for at most
-``admission_wait_s``, then the request is answered 503 with ``Retry-After``. One larger than
-the whole budget can never fit and is refused at once.
+``admission_wait_s`` (the client's upload waits too: nothing of its body is read), then the
+request is answered 503 with ``Retry-After``. One larger than the whole budget can never fit
+and is refused at once.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Final
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -115,41 +114,33 @@ class MemoryBudget:
             self._take(nbytes)
             fut.set_result(None)
 
-    @asynccontextmanager
-    async def reserve(self, nbytes: int, stage: str = "forward") -> AsyncIterator[None]:
-        await self.acquire(nbytes, stage)
-        try:
-            yield
-        finally:
-            self.release(nbytes)
 
-
-class BodyAdmissionMiddleware:
-    """Reserves each request body chunk's expanded size in the runtime's budget as it arrives,
-    and releases it all when the request is done. Before startup completes (no runtime) it
-    passes requests through."""
+class AdmissionMiddleware:
+    """Reserves a request's memory in the runtime's budget when the app first reads its body,
+    and releases it when the request is done. Before startup completes (no runtime) it passes
+    requests through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = getattr(scope.get("app"), "state", None)
-        runtime = getattr(runtime, "runtime", None) if runtime is not None else None
+        state = getattr(scope.get("app"), "state", None)
+        runtime = getattr(state, "runtime", None)
         if scope["type"] != "http" or runtime is None:
             await self.app(scope, receive, send)
             return
         budget: MemoryBudget = runtime.budget
         held = 0
+        declared = Headers(scope=scope).get("content-length")
 
         async def receive_admitted() -> Message:
             nonlocal held
-            message = await receive()
-            if message["type"] == "http.request":
-                need = len(message.get("body", b"")) * BODY_EXPANSION
-                if need:
-                    await budget.acquire(need, "body")
-                    held += need
-            return message
+            if not held:
+                length = int(declared) if declared is not None and declared.isdigit() else None
+                need = runtime.request_bytes(length)
+                await budget.acquire(need, "request")
+                held = need
+            return await receive()
 
         try:
             await self.app(scope, receive_admitted, send)

@@ -44,4 +44,3 @@ MNIST_TEST_0: Final = (
 def mnist_example(decimals: int = 3) -> list[float]:
     """The example digit as 784 floats in [0, 1], rounded to keep the document short."""
     return [round(b / 255, decimals) for b in bytes.fromhex(MNIST_TEST_0)]
-

@@ -129,6 +129,8 @@ class BoundedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
         self._linger_deadline: asyncio.TimerHandle | None = None
+        # the socket's transport, set in connection_made (declared as uvicorn declares its own)
+        self._socket_transport: asyncio.Transport = None  # type: ignore[assignment]
         self._lingered_bytes = 0
         self.lingering = False
         self.app = self._close_if_body_unread(self.app)
@@ -136,6 +138,7 @@ class BoundedH11Protocol(H11Protocol):
     # --- connection events -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._socket_transport = transport
         super().connection_made(_LingeringTransport(transport, self))
         self._arm_header_deadline()
 
@@ -177,13 +180,6 @@ class BoundedH11Protocol(H11Protocol):
             self._start_lingering()
         else:
             socket_transport.close()
-
-    @property
-    def _socket_transport(self) -> asyncio.Transport:
-        transport = self.transport
-        return (
-            transport.socket_transport if isinstance(transport, _LingeringTransport) else transport
-        )
 
     def _start_lingering(self) -> None:
         self.lingering = True

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 import apd
 from apd.checkpoint import Checkpoint
-from service.admission import BodyAdmissionMiddleware
+from service.admission import AdmissionMiddleware
 from service.api.docs import add_offline_docs
 from service.api.errors import http_error_handler, validation_error_handler
 from service.api.main import api_router
@@ -105,7 +105,7 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )
-    app.add_middleware(BodyAdmissionMiddleware)
+    app.add_middleware(AdmissionMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)

@@ -27,7 +27,7 @@ from apd.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from apd.factored import AffinePosterior
 from apd.networks import forward_probs
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, ScoreName
-from service.admission import MemoryBudget
+from service.admission import BODY_EXPANSION, MemoryBudget
 from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
 from service.config import Settings
 from service.posterior_pool import (
@@ -233,14 +233,20 @@ class ServiceRuntime:
     def default_score(self) -> ScoreName:
         return self.checkpoint.meta.anomaly.default_score
 
-    def working_set_bytes(self, num_inputs: int) -> int:
-        """Memory one request's forward may hold at once (docs/limits.md): the inputs, the
-        projection ``U``, one chunk of networks and the running sums."""
+    def request_bytes(self, body_bytes: int | None) -> int:
+        """Memory one request may hold while it is served (docs/limits.md): its body
+        parsed (``BODY_EXPANSION`` times its size; the body limit when it declares none) and
+        the forward's working set for as many inputs as such a body can hold (the inputs,
+        the projection ``U`` and its transposed copy, one chunk of networks, running sums)."""
+        settings = self.settings
+        size = settings.max_body_bytes if body_bytes is None else body_bytes
         p = self.posterior
         d, h1 = p.spec.layer_sizes[0], p.spec.layer_sizes[1]
-        projection = num_inputs * (p.code_dim + 1) * h1 * 4 * 2  # U and its transposed copy
-        sums = num_inputs * p.spec.num_classes * 8 * 4
-        return num_inputs * d * 4 + projection + p.chunk_bytes + sums
+        # The smallest input a body can carry is D one-digit numbers with separators.
+        inputs = min(settings.max_batch, size // (2 * d) + 1)
+        projection = inputs * (p.code_dim + 1) * h1 * 4 * 2
+        sums = inputs * p.spec.num_classes * 8 * 4
+        return size * BODY_EXPANSION + inputs * d * 4 + projection + p.chunk_bytes + sums
 
     async def infer(
         self, pixels: FloatArray, num_samples: int, seed: int | None, endpoint: str
@@ -249,19 +255,18 @@ class ServiceRuntime:
         plan = self.pool.plan(num_samples, seed)
         scale = self.checkpoint.meta.input.scale
         x = pixels if scale == 1.0 else pixels * np.float32(scale)
-        async with self.budget.reserve(self.working_set_bytes(len(x))):
-            if self.checkpoint.is_affine:
-                segments = await self.pool.segments(plan)
-                parts = [(s.codes, s.tails) for s in segments]
-                t0 = time.perf_counter()
-                summary: PredictiveSummary = await anyio.to_thread.run_sync(
-                    self.posterior.summarize_segments, parts, x, limiter=self.limiter
-                )
-            else:
-                t0 = time.perf_counter()
-                summary = await anyio.to_thread.run_sync(
-                    summarize_materialised, self.checkpoint, plan, x, limiter=self.limiter
-                )
+        if self.checkpoint.is_affine:
+            segments = await self.pool.segments(plan)
+            parts = [(s.codes, s.tails) for s in segments]
+            t0 = time.perf_counter()
+            summary: PredictiveSummary = await anyio.to_thread.run_sync(
+                self.posterior.summarize_segments, parts, x, limiter=self.limiter
+            )
+        else:
+            t0 = time.perf_counter()
+            summary = await anyio.to_thread.run_sync(
+                summarize_materialised, self.checkpoint, plan, x, limiter=self.limiter
+            )
         self.metrics.inference_duration.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.networks_sampled.inc(num_samples)
         return summary

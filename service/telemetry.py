@@ -29,7 +29,7 @@ DURATION_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 CACHE_TIERS: Final = ("memory", "redis")
-ADMISSION_STAGES: Final = ("body", "forward")
+ADMISSION_STAGES: Final = ("request",)
 REDIS_ERROR_KINDS: Final = ("connection", "timeout", "response")
 
 disable_created_metrics()  # no *_created series: they double the output and nobody reads them
@@ -116,7 +116,7 @@ class Metrics:
         )
         self.admission_bytes = Gauge(
             "apd_admission_bytes",
-            "Bytes of in-flight work admitted under the memory budget (bodies, forwards)",
+            "Bytes of in-flight work admitted under the memory budget (bodies and forwards)",
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -49,7 +49,8 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _meta_dict() -> dict[str, Any]:
-    return json.loads(tiny_meta().model_dump_json())
+    """A tiny checkpoint with every kind of tensor, residual noise included."""
+    return json.loads(tiny_meta(residual=True).model_dump_json())
 
 
 def _write_raw(
@@ -181,7 +182,7 @@ def test_bit_flip_in_metadata_is_caught(good: Path, tmp_path: Path) -> None:
 
 
 def _tensors() -> Tensors:
-    return tiny_tensors(tiny_meta())
+    return tiny_tensors(tiny_meta(residual=True))
 
 
 def test_num_params_inconsistent_with_layer_sizes(tmp_path: Path) -> None:

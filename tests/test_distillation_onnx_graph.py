@@ -1,4 +1,4 @@
-"""The ONNX generator graph and the service's two backends against Checkpoint.generate."""
+"""The ONNX generator graph (``apd export``) against Checkpoint.generate."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from service_support import Design, make_checkpoint, random_images
+from service_support import Design, make_checkpoint
 
 from apd.checkpoint import Checkpoint, load_checkpoint
-from apd.networks import forward_probs
 from training.distillation.onnx_graph import OPSET, build_generator_onnx
-from service.backends import OnnxRuntimeBackend, TorchBackend
-from service.config import Backend
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -22,11 +19,13 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.fixture(scope="module", params=["subspace", "paper"])
+@pytest.fixture(scope="module", params=[("subspace", False), ("subspace", True), ("paper", False)])
 def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    design: Design = request.param
-    path = make_checkpoint(tmp_path_factory.mktemp(design) / "model.safetensors", design=design)
-    return load_checkpoint(path)
+    design: Design = request.param[0]
+    folder = tmp_path_factory.mktemp(design)
+    return load_checkpoint(
+        make_checkpoint(folder / "model.safetensors", design=design, residual=request.param[1])
+    )
 
 
 def noise(ckpt: Checkpoint, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
@@ -75,26 +74,6 @@ def test_graph_depends_on_every_part_of_the_generator(ckpt: Checkpoint) -> None:
     if eps is not None:
         (moved,) = session.run(["theta"], {**feeds, "eps": eps + 1.0})
         assert relative_error(moved, base) > 1e-3
-
-
-@pytest.mark.parametrize("backend_cls", [OnnxRuntimeBackend, TorchBackend], ids=lambda c: c.kind)
-def test_backends_agree_with_reference(ckpt: Checkpoint, backend_cls: type) -> None:
-    backend = backend_cls(ckpt, num_threads=1)
-    z, eps = noise(ckpt, 10, seed=3)
-    theta = backend.generate(z, eps)
-    reference = ckpt.generate(z, eps)
-    assert relative_error(theta, reference) < 1e-5
-    x = random_images(5)
-    probs = backend.forward_probs(theta, x)
-    ref_probs = forward_probs(ckpt.spec, reference, x)
-    assert probs.shape == (10, 5, ckpt.spec.num_classes)
-    assert relative_error(probs, ref_probs) < 1e-5
-    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-
-
-def test_backend_kinds() -> None:
-    assert OnnxRuntimeBackend.kind is Backend.ONNXRUNTIME
-    assert TorchBackend.kind is Backend.TORCH
 
 
 def test_export_bytes_load_from_disk(ckpt: Checkpoint, tmp_path: Path) -> None:

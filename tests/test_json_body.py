@@ -186,15 +186,17 @@ def test_the_checked_batch_is_not_checked_again() -> None:
     only parse_json_body builds one."""
     raw = dumps({"inputs": [FLAT, FLAT]})
     value = parse_json_body(raw)
+    checked = value["inputs"]
+    assert isinstance(checked, CheckedImages)
     request = PredictRequest.model_validate(value)
-    assert request.inputs is value["inputs"]
-    assert request.pixels is value["inputs"].pixels
+    assert request.inputs is checked
+    assert request.pixels is checked.pixels
     assert len(request.inputs) == 2
 
 
 # --- random bodies: a valid batch, then a few mistakes -------------------------------------
 
-ODD_PIXELS = [
+ODD_PIXELS: list[Any] = [
     True,
     False,
     None,

@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training import torch_ops
 from apd.networks import (
     ARCHITECTURES,
     MLPSpec,
@@ -20,6 +19,7 @@ from apd.networks import (
     get_spec,
     unflatten,
 )
+from training import torch_ops
 
 SPECS = [MLPSpec("a", (5, 3)), MLPSpec("b", (7, 6, 4)), MLPSpec("c", (9, 8, 5, 3))]
 

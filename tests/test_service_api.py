@@ -546,3 +546,25 @@ def test_openapi_is_the_contract(client: Any) -> None:
         "mutual_information",
         "model_variance",
     }
+
+
+def test_a_residual_generator_is_served_by_the_materialised_path(tmp_path: Path) -> None:
+    """With residual noise the networks leave the affine subspace: the service draws their
+    weights (and the residual eps of each block) and answers what the reference computes."""
+    path = make_checkpoint(tmp_path / "residual.safetensors", residual=True)
+    ckpt = load_checkpoint(path)
+    assert not ckpt.is_affine
+    x = random_images(3, seed=11)
+    with make_client(create_app(settings_for(path))) as c:
+        got = predict(c, inputs=x.tolist(), num_samples=15, seed=9)
+    stream = Stream.for_seed(9)
+    zs, epss = zip(
+        *(block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, True) for b in range(2)),
+        strict=True,
+    )
+    theta = ckpt.generate(np.concatenate(zs), np.concatenate(epss))[:15]
+    reference = summarize(forward_probs(ckpt.spec, theta, x))
+    for i, p in enumerate(got["predictions"]):
+        np.testing.assert_allclose(
+            p["probabilities"], reference.probabilities[i], rtol=1e-5, atol=1e-7
+        )

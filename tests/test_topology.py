@@ -21,6 +21,7 @@ Every process is started on 127.0.0.1 and stopped in a ``finally``; every wait i
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import subprocess
 import time
@@ -35,7 +36,6 @@ import httpx
 import numpy as np
 import pytest
 import redis
-import shlex
 import yaml
 from deploy_support import (
     API_JOB,
