@@ -94,49 +94,83 @@ def _stream_tag(stream: Stream) -> bytes:
     return hashlib.sha256(stream.name.encode()).digest()[:16]
 
 
-def encode_block(layout: BlockLayout, stream: Stream, block: int, codes: FloatArray) -> bytes:
-    """The Redis value of ``block`` of ``stream`` (see the module docstring)."""
-    if codes.shape != (layout.rows, layout.code_dim):
-        raise ValueError(f"block shape {codes.shape} != {(layout.rows, layout.code_dim)}")
-    header = _HEADER.pack(
+def _header(layout: BlockLayout, tag: bytes, block: int) -> bytes:
+    return _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
         bytes.fromhex(layout.checkpoint_sha256),
-        _stream_tag(stream),
+        tag,
         block,
         layout.rows,
         layout.code_dim,
     )
-    signed = header + np.ascontiguousarray(codes, dtype="<f4").tobytes()
+
+
+def encode_block(layout: BlockLayout, stream: Stream, block: int, codes: FloatArray) -> bytes:
+    """The Redis value of ``block`` of ``stream`` (see the module docstring)."""
+    if codes.shape != (layout.rows, layout.code_dim):
+        raise ValueError(f"block shape {codes.shape} != {(layout.rows, layout.code_dim)}")
+    signed = _header(layout, _stream_tag(stream), block)
+    signed += np.ascontiguousarray(codes, dtype="<f4").tobytes()
     return signed + layout.mac(signed)
+
+
+def _header_fault(layout: BlockLayout, stream: Stream, block: int, header: bytes) -> str:
+    """Which header field is not what ``block`` of ``stream`` must hold."""
+    magic, version, sha, tag, blk, rows, cols = _HEADER.unpack(header)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        return f"magic {magic!r} version {version}: not an entry of this format"
+    if sha.hex() != layout.checkpoint_sha256:
+        return f"written for checkpoint {sha.hex()[:12]}…, not this one"
+    if tag != _stream_tag(stream) or blk != block:
+        return f"holds block {blk} of another stream, not block {block} of {stream.name}"
+    return f"shape {(rows, cols)}, expected {(layout.rows, layout.code_dim)}"
+
+
+def decode_blocks(
+    layout: BlockLayout, stream: Stream, raws: Mapping[int, bytes]
+) -> tuple[dict[int, FloatArray], dict[int, CorruptEntry]]:
+    """The codes of each ``block -> raw`` entry that passes every check, and a
+    :class:`CorruptEntry` saying what is wrong with each other one.
+
+    Checks, in order: the length; the MAC (before anything else is trusted); the header, as
+    one comparison with the header this block must carry; then all codes at once, finite.
+    """
+    tag = _stream_tag(stream)
+    good: dict[int, bytes] = {}
+    bad: dict[int, CorruptEntry] = {}
+    end = layout.entry_bytes - MAC_BYTES
+    for block, raw in raws.items():
+        if len(raw) != layout.entry_bytes:
+            bad[block] = CorruptEntry(f"length {len(raw)} bytes, expected {layout.entry_bytes}")
+            continue
+        view = memoryview(raw)
+        if not hmac.compare_digest(layout.mac(view[:end]), view[end:]):
+            bad[block] = CorruptEntry("HMAC mismatch (forged, or written with another key)")
+        elif view[:HEADER_BYTES] != _header(layout, tag, block):
+            bad[block] = CorruptEntry(_header_fault(layout, stream, block, raw[:HEADER_BYTES]))
+        else:
+            good[block] = raw
+    if not good:
+        return {}, bad
+    payload = b"".join(memoryview(raw)[HEADER_BYTES:end] for raw in good.values())
+    codes = np.frombuffer(payload, dtype="<f4").reshape(len(good), layout.rows, layout.code_dim)
+    finite = np.isfinite(codes).all(axis=(1, 2))
+    out: dict[int, FloatArray] = {}
+    for i, block in enumerate(good):
+        if finite[i]:
+            out[block] = codes[i].astype(np.float32, copy=False)
+        else:
+            bad[block] = CorruptEntry("holds NaN or Inf")
+    return out, bad
 
 
 def decode_block(layout: BlockLayout, stream: Stream, block: int, raw: bytes) -> FloatArray:
     """The ``(rows, r)`` codes in ``raw``, or :class:`CorruptEntry` saying what is wrong."""
-    if len(raw) != layout.entry_bytes:
-        raise CorruptEntry(f"length {len(raw)} bytes, expected {layout.entry_bytes}")
-    end = layout.entry_bytes - MAC_BYTES
-    view = memoryview(raw)
-    if not hmac.compare_digest(layout.mac(view[:end]), raw[end:]):
-        raise CorruptEntry("HMAC mismatch (forged, or written with another key)")
-    magic, version, sha, tag, blk, rows, cols = _HEADER.unpack_from(raw)
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise CorruptEntry(
-            f"magic {magic!r} version {version}, expected {MAGIC!r} {FORMAT_VERSION}"
-        )
-    if sha.hex() != layout.checkpoint_sha256:
-        raise CorruptEntry(f"written for checkpoint {sha.hex()[:12]}…, not this one")
-    if tag != _stream_tag(stream) or blk != block:
-        raise CorruptEntry(
-            f"holds block {blk} of another stream, not block {block} of {stream.name}"
-        )
-    if (rows, cols) != (layout.rows, layout.code_dim):
-        raise CorruptEntry(f"shape {(rows, cols)}, expected {(layout.rows, layout.code_dim)}")
-    codes = np.frombuffer(raw, dtype="<f4", count=rows * cols, offset=HEADER_BYTES)
-    codes = codes.reshape(rows, cols).astype(np.float32, copy=False)
-    if not np.isfinite(codes).all():
-        raise CorruptEntry("holds NaN or Inf")
-    return codes
+    out, bad = decode_blocks(layout, stream, {block: raw})
+    if block in bad:
+        raise bad[block]
+    return out[block]
 
 
 class LocalBlockCache:
@@ -394,21 +428,17 @@ class NetworkCache:
         raws = await self.redis.get_many([self.key(stream, b) for b in blocks])
         if raws is None:
             return {}
-        out: dict[int, FloatArray] = {}
-        bad: list[str] = []
-        for b, raw in zip(blocks, raws, strict=True):
-            if raw is None:
-                continue
-            try:
-                out[b] = decode_block(self.layout, stream, b, raw)
-            except CorruptEntry as exc:
-                key = self.key(stream, b)
-                log.warning("discarding corrupt cache entry %s: %s", key, exc)
-                self._metrics.cache_corrupt.inc()
-                bad.append(key)
+        out, corrupt = decode_blocks(
+            self.layout,
+            stream,
+            {b: raw for b, raw in zip(blocks, raws, strict=True) if raw is not None},
+        )
+        for b, exc in corrupt.items():
+            log.warning("discarding corrupt cache entry %s: %s", self.key(stream, b), exc)
+        self._metrics.cache_corrupt.inc(len(corrupt))
         self._metrics.cache_hits.labels(tier="redis").inc(len(out))
-        if bad:
-            await self.redis.delete(*bad)
+        if corrupt:
+            await self.redis.delete(*(self.key(stream, b) for b in corrupt))
         return out
 
     async def _write_redis(self, stream: Stream, codes: dict[int, FloatArray]) -> None:

@@ -91,25 +91,31 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     scores = summary.score(name)
     flags = scores > threshold
     runtime.metrics.anomaly_flags.labels(score=name.value).inc(int(flags.sum()))
-    labels = summary.labels
+    # Built without re-validation (model_construct): every value comes from the summary's
+    # arrays, already of the declared types; 3 x N validations were ~5% of a batch-64 request.
+    labels = summary.labels.tolist()
+    probabilities = summary.probabilities.tolist()
+    columns = zip(
+        summary.predictive_entropy.tolist(),
+        summary.expected_entropy.tolist(),
+        summary.mutual_information.tolist(),
+        summary.model_variance.tolist(),
+        np.asarray(scores, dtype=np.float64).tolist(),
+        flags.tolist(),
+        strict=True,
+    )
     predictions = [
-        Prediction(
-            label=int(labels[i]),
-            probabilities=summary.probabilities[i].tolist(),
-            uncertainty=Uncertainty(
-                predictive_entropy=float(summary.predictive_entropy[i]),
-                expected_entropy=float(summary.expected_entropy[i]),
-                mutual_information=float(summary.mutual_information[i]),
-                model_variance=float(summary.model_variance[i]),
+        Prediction.model_construct(
+            label=labels[i],
+            probabilities=probabilities[i],
+            uncertainty=Uncertainty.model_construct(
+                predictive_entropy=h, expected_entropy=e, mutual_information=mi, model_variance=v
             ),
-            anomaly=AnomalyFlag(
-                score=float(scores[i]),
-                is_anomaly=bool(flags[i]),
-                threshold=threshold,
-                score_name=name,
+            anomaly=AnomalyFlag.model_construct(
+                score=score, is_anomaly=flag, threshold=threshold, score_name=name
             ),
         )
-        for i in range(len(labels))
+        for i, (h, e, mi, v, score, flag) in enumerate(columns)
     ]
     return PredictResponse(
         model=_model_ref(runtime), num_samples=k, seed=body.seed, predictions=predictions
