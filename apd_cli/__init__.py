@@ -1,8 +1,10 @@
 """The ``apd`` command: dispatches to the serving or the training side without importing the other.
 
 It lives outside the :mod:`apd` contract package, so that no import runs from the contract up
-to a side. ``apd serve`` imports only :mod:`service`; every other subcommand imports
-:mod:`training`, whose own table (:data:`training.cli.COMMANDS`) says what each one does.
+to a side. Each side registers its own subcommands: ``apd serve`` is :mod:`service.cli`; every
+other subcommand is a row of :data:`training.cli.COMMANDS` (module and help line), so this
+dispatcher lists exactly the commands that run. ``training.cli`` imports no torch: listing the
+commands stays quick, and works in a serve-only install.
 """
 
 from __future__ import annotations
@@ -10,32 +12,37 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-TRAINING_COMMANDS = ("train", "distill", "export", "evaluate")
-USAGE = """usage: apd <command> [options]
+SERVE_HELP = "run the inference service on a checkpoint (see: apd serve --help)"
 
-commands:
-  serve      run the inference service on a checkpoint (see: apd serve --help)
-  train      train SGD, MC-Dropout or SGLD on MNIST
-  distill    distil SGLD samples into a generator checkpoint (APD)
-  export     export a checkpoint's generator to ONNX
-  evaluate   run the evaluation suite and write a report
 
-Run 'apd <command> --help' for a command's options."""
+def _usage() -> str:
+    from training.cli import COMMANDS
+
+    rows = [("serve", SERVE_HELP), *((name, help) for name, (_, help) in COMMANDS.items())]
+    lines = "\n".join(f"  {name:<10} {text}" for name, text in rows)
+    return (
+        f"usage: apd <command> [options]\n\ncommands:\n{lines}\n\n"
+        "Run 'apd <command> --help' for a command's options."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "serve":
         from service.cli import main as serve_main
 
         return serve_main(rest)
-    if command in TRAINING_COMMANDS:
+    from training.cli import COMMANDS
+
+    if command in COMMANDS:
         try:
             from training.cli import main as training_main
+
+            return training_main(args)
         except ModuleNotFoundError as exc:
             print(
                 f"apd {command}: the training stack is not installed ({exc.name} missing); "
@@ -43,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        return training_main(args)
-    print(f"apd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"apd: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
 

@@ -40,6 +40,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -86,8 +87,12 @@ class BlockLayout:
     def entry_bytes(self) -> int:
         return HEADER_BYTES + self.payload_bytes + MAC_BYTES
 
+    @cached_property
+    def checkpoint_digest(self) -> bytes:
+        return bytes.fromhex(self.checkpoint_sha256)
+
     def mac(self, signed: bytes | memoryview) -> bytes:
-        return hmac.new(self.hmac_key, signed, hashlib.sha256).digest()
+        return hmac.digest(self.hmac_key, signed, "sha256")
 
 
 def _stream_tag(stream: Stream) -> bytes:
@@ -98,7 +103,7 @@ def _header(layout: BlockLayout, tag: bytes, block: int) -> bytes:
     return _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
-        bytes.fromhex(layout.checkpoint_sha256),
+        layout.checkpoint_digest,
         tag,
         block,
         layout.rows,

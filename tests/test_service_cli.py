@@ -181,3 +181,22 @@ def test_two_workers_share_settings_and_metrics(ckpt_path: Path, tmp_path: Path)
 
 def log_text(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:]
+
+
+def test_apd_help_lists_exactly_the_commands_that_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each listed command answers its own --help (exit 0); an unlisted one is refused."""
+    import apd_cli
+
+    assert apd_cli.main(["--help"]) == 0
+    listed = [
+        line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")
+    ]
+    assert listed[0] == "serve" and len(listed) >= 5
+    for command in listed:
+        try:
+            code: object = apd_cli.main([command, "--help"])
+        except SystemExit as exc:  # argparse's --help
+            code = exc.code
+        assert code in (0, None), command
+    assert apd_cli.main(["calibrate"]) == 2
+    assert "unknown command 'calibrate'" in capsys.readouterr().err
