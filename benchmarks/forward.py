@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from training import torch_ops
 from apd.networks import MLPSpec, forward_probs, get_spec
+from training import torch_ops
 from training.train import device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -208,9 +208,13 @@ def test_redis_is_a_bounded_lru_cache_without_persistence_behind_a_password(
     for secret in compose["secrets"].values():
         path = ROOT / secret["file"]
         assert secret["file"].startswith("./secrets/")
-        assert not path.exists() or subprocess.run(
-            ["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True
-        ).returncode != 0, f"{path} is committed"
+        assert (
+            not path.exists()
+            or subprocess.run(
+                ["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True
+            ).returncode
+            != 0
+        ), f"{path} is committed"
 
 
 def test_bind_mounts_exist(services: dict[str, dict[str, Any]]) -> None:
