@@ -8,7 +8,7 @@ exit code (2: bad settings, 1: a checkpoint that cannot be served).
 
 NumPy's BLAS reads its thread count once, when NumPy loads, so this module sets
 ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` from ``--num-threads``
-(``APD_NUM_THREADS``; default 1, parallelism coming from concurrent requests and workers)
+(``APD_NUM_THREADS``; default 2: one request's GEMMs use both cores of a 2-core box)
 before anything imports NumPy, unless they are set already; worker processes inherit them.
 Without this, every worker's forward would start one BLAS thread per core, and a few
 concurrent requests would oversubscribe the machine many times over.
@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # the runtime imports wait until the BLAS threads are set (th
 PROG = "apd serve"
 APP_FACTORY = "service.main:create_app"
 BLAS_THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Settings.num_threads's default, read before the settings (and NumPy) are imported.
+DEFAULT_NUM_THREADS: Final = 2
 
 
 def _fail(message: str, code: int) -> int:
@@ -48,7 +50,7 @@ def limit_blas_threads(argv: Sequence[str]) -> None:
     """Set the BLAS thread variables from ``--num-threads`` / ``APD_NUM_THREADS`` (default 1;
     0 leaves the library default), unless already set. Invalid values are left for the
     settings to report."""
-    value = os.environ.get("APD_NUM_THREADS", "1")
+    value = os.environ.get("APD_NUM_THREADS", str(DEFAULT_NUM_THREADS))
     for i, arg in enumerate(argv):
         if arg == "--num-threads" and i + 1 < len(argv):
             value = argv[i + 1]

@@ -64,17 +64,18 @@ class Settings(BaseSettings):
         description="Refuse to start unless the checkpoint file has this sha256",
     )
     num_threads: int = Field(
-        default=1,
+        default=2,
         ge=0,
         le=256,
-        description="BLAS threads per computation (the factored forward's GEMMs) per worker; "
-        "0: the library's default (all cores)",
+        description="BLAS threads of one computation (the factored forward's GEMMs) per "
+        "worker: both cores of a 2-core box for one request; 0: the library's default (all "
+        "cores). With several workers, cores / workers",
     )
     compute_concurrency: int = Field(
-        default=2,
+        default=1,
         ge=1,
         le=64,
-        description="generator/forward computations running at once per worker",
+        description="forward computations running at once per worker (each with num_threads)",
     )
 
     # HTTP server.

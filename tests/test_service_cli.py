@@ -86,7 +86,7 @@ def test_bad_checkpoint_exits_1_before_serving(
 @pytest.mark.parametrize(
     ("argv", "env", "preset", "expected"),
     [
-        ([], None, None, "1"),
+        ([], None, None, "2"),
         (["--num-threads", "3"], None, None, "3"),
         (["--num-threads=4"], "2", None, "4"),
         ([], "2", None, "2"),
@@ -94,6 +94,13 @@ def test_bad_checkpoint_exits_1_before_serving(
         (["--num-threads", "0"], None, None, None),  # 0: the library's default
     ],
 )
+def test_the_default_thread_count_is_the_settings_default() -> None:
+    from service.cli import DEFAULT_NUM_THREADS
+    from service.config import Settings
+
+    assert Settings.model_fields["num_threads"].default == DEFAULT_NUM_THREADS
+
+
 def test_blas_threads_follow_num_threads(
     monkeypatch: pytest.MonkeyPatch,
     argv: list[str],
