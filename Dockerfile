@@ -5,8 +5,10 @@
 #   docker build -t apd:0.1.0 .                       # runtime (default): serves, no torch
 #   docker build --target train -t apd-train:0.1.0 .  # training stack: torch 2.13.0 CPU
 #
-# The runtime image holds the core package, the [serve] extras and the shipped checkpoint,
-# and serves with the factored NumPy forward, so it carries no torch and no onnxruntime.
+# The runtime image holds the core package, the [serve] extras and the shipped checkpoint
+# (inside the wheel), and serves with the factored NumPy forward, so it carries no torch and
+# no onnxruntime. The serving dependencies come from requirements/serve.lock: exact versions
+# (the ones the tests ran with), every file checked against its sha256.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -19,17 +21,26 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The locked dependencies first, in their own layer: it is rebuilt only when the lock changes.
+COPY requirements/serve.lock requirements/serve.lock
+RUN python -m venv --without-pip /opt/venv \
+ && python -m pip --python /opt/venv/bin/python install --compile --require-hashes \
+        -r requirements/serve.lock
+
+COPY pyproject.toml README.md LICENSE ./
 COPY apd/ apd/
 COPY apd_cli/ apd_cli/
 COPY service/ service/
+COPY models/mnist-fcnn1/ models/mnist-fcnn1/
 
-# The serving wheel is built from apd/, apd_cli/ and service/ only: training/ is not in this stage,
-# so the runtime image cannot import (or carry) the training code.
+# The serving wheel is built from apd/, apd_cli/, service/ and the shipped model only: training/
+# is not in this stage, so the runtime image cannot import (or carry) the training code. The
+# wheel installs the model at /opt/venv/share/apd/models/mnist-fcnn1/. --no-deps: everything
+# it needs is already there from the lock, and pip check proves it.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv --without-pip /opt/venv \
  && set -- /wheels/apd-*.whl \
- && python -m pip --python /opt/venv/bin/python install --compile "$1[serve]" \
+ && python -m pip --python /opt/venv/bin/python install --compile --no-deps "$1" \
+ && python -m pip --python /opt/venv/bin/python check \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------
@@ -50,10 +61,12 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY apd/ apd/
+COPY apd_cli/ apd_cli/
 COPY service/ service/
 COPY training/ training/
+COPY models/mnist-fcnn1/ models/mnist-fcnn1/
 RUN /opt/venv/bin/pip install ".[train]" \
  && /opt/venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert not torch.version.cuda"
 
@@ -80,12 +93,11 @@ RUN groupadd --system --gid 10001 apd \
         --shell /usr/sbin/nologin apd
 
 COPY --from=builder /opt/venv /opt/venv
-COPY models/mnist-fcnn1/ /app/models/mnist-fcnn1/
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    APD_CHECKPOINT=/app/models/mnist-fcnn1/model.safetensors \
+    APD_CHECKPOINT=/opt/venv/share/apd/models/mnist-fcnn1/model.safetensors \
     APD_HOST=0.0.0.0 \
     APD_PORT=8000 \
     APD_WORKERS=1

@@ -1,16 +1,24 @@
 # One command sets up and serves, one sets up and tests (see README).
 PYTHON ?= python3
+# The full stack (training, tests, tools): .venv. Serving alone: .venv-serve, no torch.
 VENV   := .venv
 BIN    := $(VENV)/bin
+SERVE_VENV := .venv-serve
+SERVE_BIN  := $(SERVE_VENV)/bin
+# The serving dependencies, exact and hash-checked: the versions the tests run with.
+LOCK   := requirements/serve.lock
 # Datasets: ../shared/data on the team's machines, ./data elsewhere (MNIST downloads there).
 APD_DATA_DIR ?= $(if $(wildcard ../shared/data/mnist),$(abspath ../shared/data),$(CURDIR)/data)
 export APD_DATA_DIR
 
-.PHONY: setup serve test lint typecheck unit format clean deploy-check image image-train
+.PHONY: setup setup-serve serve test lint typecheck unit format clean deploy-check image \
+	image-train lock
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# The serving closure at its locked versions (tests/test_packaging.py holds the two equal).
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
 	# The CPU build of torch first, pinned, so no dependency pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[serve,train,dev]'
@@ -18,8 +26,25 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-serve: setup
-	$(BIN)/apd serve
+# Serving only (README "Quick start"): the locked [serve] closure and apd, no torch.
+$(SERVE_BIN)/.installed: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(SERVE_BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup-serve: $(SERVE_BIN)/.installed
+
+serve: setup-serve
+	$(SERVE_BIN)/apd serve
+
+# Rewrite the lock from the versions installed in .venv (after upgrading a dependency there
+# and running the tests), then `make setup` installs from it.
+lock:
+	$(BIN)/pip list -q --format=freeze --exclude-editable > $(VENV)/tested-versions.txt
+	$(BIN)/uv pip compile -q pyproject.toml --extra serve --generate-hashes \
+		--python $(BIN)/python --constraint $(VENV)/tested-versions.txt \
+		--custom-compile-command 'make lock' --output-file $(LOCK)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -51,4 +76,4 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache .ruff_cache

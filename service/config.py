@@ -9,6 +9,7 @@ validated when the service starts, and an invalid value is reported in one line
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 from pathlib import Path
 from typing import Annotated, Final, Self
 from urllib.parse import urlsplit
@@ -27,7 +28,37 @@ from service.posterior_pool import NETWORKS_PER_BLOCK
 from service.schemas import MAX_NUM_SAMPLES
 
 PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT: Final = PROJECT_ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
+SHIPPED_CHECKPOINT: Final = Path("models", "mnist-fcnn1", "model.safetensors")
+"""The shipped model, relative to the source tree; a regular install puts the same file under
+``<prefix>/share/apd/`` (pyproject.toml's ``[tool.setuptools.data-files]``)."""
+
+
+def installed_copy(dist: importlib.metadata.Distribution) -> Path | None:
+    """Where ``dist`` (the installed ``apd``) put the shipped model, read from its RECORD, so
+    every install scheme (a venv, ``--user``, ``--prefix``) is found; None if it holds none."""
+    wanted = ("share", "apd", *SHIPPED_CHECKPOINT.parts)
+    for file in dist.files or ():
+        if file.parts[-len(wanted) :] == wanted:
+            located = Path(str(dist.locate_file(file))).resolve()
+            if located.is_file():
+                return located
+    return None
+
+
+def shipped_checkpoint() -> Path:
+    """The default checkpoint: the source tree's copy (a checkout or an editable install), else
+    the installed one; with neither, the source path, which loading then reports missing."""
+    source = PROJECT_ROOT / SHIPPED_CHECKPOINT
+    if source.is_file():
+        return source
+    try:
+        installed = installed_copy(importlib.metadata.distribution("apd"))
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    return installed or source
+
+
+DEFAULT_CHECKPOINT: Final = shipped_checkpoint()
 ENV_PREFIX: Final = "APD_"
 
 
@@ -128,6 +159,14 @@ class Settings(BaseSettings):
         ge=NETWORKS_PER_BLOCK,
         le=100_000,
         description="networks in the shared pool (held as codes: 4.2 KB each for fcNN1)",
+    )
+    tail_cache_mb: float = Field(
+        default=128.0,
+        ge=0,
+        le=1 << 20,
+        description="the pool's networks' layers after the first, kept ready, MiB per worker "
+        "(fcNN1: the whole pool in 4 MB; fcNN2: 190 networks): requests whose K fits are "
+        "answered from them without recomputing those layers",
     )
     local_cache_mb: float = Field(
         default=32.0,
@@ -242,6 +281,10 @@ class Settings(BaseSettings):
     @property
     def forward_chunk_bytes(self) -> int:
         return int(self.forward_chunk_mb * 1024 * 1024)
+
+    @property
+    def tail_cache_bytes(self) -> int:
+        return int(self.tail_cache_mb * 1024 * 1024)
 
     @property
     def local_cache_bytes(self) -> int:

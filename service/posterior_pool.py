@@ -90,14 +90,22 @@ class NetworkPlan:
 
 
 def plan_networks(
-    num_networks: int, seed: int | None, pool_blocks: int, rng: np.random.Generator
+    num_networks: int,
+    seed: int | None,
+    pool_blocks: int,
+    rng: np.random.Generator,
+    tailed_blocks: int | None = None,
 ) -> NetworkPlan:
-    """Blocks for a request of K = ``num_networks`` (see the module docstring)."""
+    """Blocks for a request of K = ``num_networks`` (see the module docstring). A window that
+    fits in the pool's first ``tailed_blocks`` blocks (those kept with their tails) is drawn
+    from them."""
     if num_networks < 1:
         raise ValueError(f"num_networks must be >= 1, got {num_networks}")
     n = num_blocks(num_networks)
     if seed is not None:
         return NetworkPlan(Stream.for_seed(seed), tuple(range(n)), num_networks)
+    if tailed_blocks is not None and n <= tailed_blocks:
+        pool_blocks = tailed_blocks
     if n <= pool_blocks:
         start = int(rng.integers(0, pool_blocks - n + 1))
         return NetworkPlan(POOL_STREAM, tuple(range(start, start + n)), num_networks)
@@ -106,9 +114,9 @@ def plan_networks(
 
 @dataclass(frozen=True)
 class NetworkBlock:
-    """Consecutive networks of one stream: their codes ``(k, r)`` and, where the architecture's
-    are small enough to keep (:data:`service.runtime.MAX_KEPT_TAIL_PARAMS`), their tails
-    ``(k, P_tail)`` (:meth:`apd.factored.AffinePosterior.tails`)."""
+    """Consecutive networks of one stream: their codes ``(k, r)`` and, where kept, their tails
+    ``(k, P_tail)`` (:meth:`apd.factored.AffinePosterior.tails`; see
+    :mod:`service.runtime`)."""
 
     codes: FloatArray
     tails: FloatArray | None = None
@@ -133,6 +141,7 @@ class NetworkBlock:
 
 
 BlockSource = Callable[[Stream, Sequence[int]], Awaitable[list[NetworkBlock]]]
+PoolDraw = Callable[[Stream, Sequence[int], bool], Awaitable[list[NetworkBlock]]]
 
 
 class PosteriorPool:
@@ -140,61 +149,82 @@ class PosteriorPool:
 
     ``source`` fetches a seeded request's blocks through the caches
     (:class:`service.cache.NetworkCache`). The pool's own blocks are drawn once, by
-    :meth:`load`, with ``draw`` (no cache: drawing them is cheaper than fetching them), and
-    kept for the process's life as one read-only :class:`NetworkBlock`. No request evicts it.
+    :meth:`load`, with ``draw(stream, blocks, tails)`` (no cache: drawing them is cheaper
+    than fetching them), and kept for the process's life, read-only; no request evicts them.
+    The first ``tailed_size`` networks are kept with their tails (all of them for fcNN1; for an
+    architecture whose tails are large, as many as the tail budget holds), and a request
+    whose K fits among them is answered from them, with no tail to compute.
     """
 
     def __init__(
-        self,
-        pool_size: int,
-        source: BlockSource,
-        draw: Callable[[Stream, Sequence[int]], Awaitable[list[NetworkBlock]]],
+        self, pool_size: int, source: BlockSource, draw: PoolDraw, tailed_size: int | None = None
     ) -> None:
-        if pool_size % NETWORKS_PER_BLOCK:
-            raise ValueError(f"pool_size must be a multiple of {NETWORKS_PER_BLOCK}")
+        tailed_size = pool_size if tailed_size is None else tailed_size
+        for size in (pool_size, tailed_size):
+            if size % NETWORKS_PER_BLOCK:
+                raise ValueError(f"pool sizes must be multiples of {NETWORKS_PER_BLOCK}")
+        if not 0 <= tailed_size <= pool_size:
+            raise ValueError(f"tailed_size must lie in 0..{pool_size}, got {tailed_size}")
         self.pool_blocks = pool_size // NETWORKS_PER_BLOCK
+        self.tailed_blocks = tailed_size // NETWORKS_PER_BLOCK
         self._source = source
         self._draw = draw
-        self._pool: NetworkBlock | None = None
+        self._tailed: NetworkBlock | None = None
+        self._bare: NetworkBlock | None = None
 
     @property
     def loaded(self) -> bool:
-        return self._pool is not None
+        return self._tailed is not None
 
     @property
     def size(self) -> int:
-        return 0 if self._pool is None else len(self._pool)
+        return self.pool_blocks * NETWORKS_PER_BLOCK if self.loaded else 0
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._pool is None else self._pool.nbytes
+        return sum(p.nbytes for p in (self._tailed, self._bare) if p is not None)
 
     async def load(self) -> None:
-        pool = NetworkBlock.concatenate(await self._draw(POOL_STREAM, range(self.pool_blocks)))
-        for array in (pool.codes, pool.tails):
-            if array is not None:
-                array.setflags(write=False)
-        self._pool = pool
+        t = self.tailed_blocks
+        parts = []
+        for blocks, tails in ((range(t), True), (range(t, self.pool_blocks), False)):
+            drawn = await self._draw(POOL_STREAM, blocks, tails) if len(blocks) else []
+            part = (
+                NetworkBlock.concatenate(drawn)
+                if drawn
+                else NetworkBlock(np.empty((0, 0), np.float32))
+            )
+            for array in (part.codes, part.tails):
+                if array is not None:
+                    array.setflags(write=False)
+            parts.append(part)
+        self._tailed, self._bare = parts
 
     def plan(self, num_networks: int, seed: int | None) -> NetworkPlan:
-        return plan_networks(num_networks, seed, self.pool_blocks, np.random.default_rng())
+        return plan_networks(
+            num_networks, seed, self.pool_blocks, np.random.default_rng(), self.tailed_blocks
+        )
 
     async def segments(self, plan: NetworkPlan) -> list[NetworkBlock]:
         """The plan's first K networks as blocks of ``k_i`` networks with ``sum k_i = K``.
 
-        Pool blocks come as one view of the pool; other blocks one each.
+        Pool blocks come as views of the pool (at most two: with tails, then without); other
+        blocks one each.
         """
         segments: list[NetworkBlock] = []
         rest: Sequence[int] = plan.blocks
-        if plan.stream == POOL_STREAM and self._pool is not None:
+        if plan.stream == POOL_STREAM and self._tailed is not None and self._bare is not None:
             held = [b for b in plan.blocks if b < self.pool_blocks]
             rest = [b for b in plan.blocks if b >= self.pool_blocks]
             if held:
                 start, stop = held[0], held[-1] + 1
                 if held != list(range(start, stop)):
                     raise ValueError("pool blocks of a plan must be consecutive")
-                rows = slice(start * NETWORKS_PER_BLOCK, stop * NETWORKS_PER_BLOCK)
-                segments.append(self._pool[rows])
+                t, per = self.tailed_blocks, NETWORKS_PER_BLOCK
+                if start < t:
+                    segments.append(self._tailed[start * per : min(stop, t) * per])
+                if stop > t:
+                    segments.append(self._bare[(max(start, t) - t) * per : (stop - t) * per])
         if rest:
             segments += await self._source(plan.stream, rest)
         return truncate(segments, plan.num_networks)

@@ -44,9 +44,10 @@ from service.telemetry import Metrics
 FloatArray = NDArray[np.float32]
 log = logging.getLogger("apd.service")
 
-# Tails (the layers after the first) are kept beside the codes when a network's tail has at
-# most this many weights: fcNN1's 1,010 (4 KB) are; fcNN2's 164,410 (658 KB) are recomputed
-# from the codes a chunk at a time, as keeping them would hold most of the network.
+# Tails (the layers after the first) are kept beside the codes of seeded requests' networks
+# (the in-process LRU) when a network's tail has at most this many weights: fcNN1's 1,010
+# (4 KB) are; fcNN2's 164,410 (658 KB) are recomputed from the codes a chunk at a time. The
+# pool keeps tails for as many of its networks as ``tail_cache_mb`` holds.
 MAX_KEPT_TAIL_PARAMS: Final = 16_384
 FORWARD_NAME: Final = "numpy-factored"
 
@@ -118,7 +119,10 @@ class ServiceRuntime:
         noise_dim = ckpt.meta.generator.noise_dim
 
         def complete(
-            stream: Stream, blocks: Sequence[int], known: Mapping[int, FloatArray]
+            stream: Stream,
+            blocks: Sequence[int],
+            known: Mapping[int, FloatArray],
+            with_tails: bool = keep_tails,
         ) -> list[NetworkBlock]:
             """Blocks of ``stream`` from their known codes, drawing the others in one pass."""
             todo = [b for b in blocks if b not in known]
@@ -132,7 +136,7 @@ class ServiceRuntime:
             for b in blocks:
                 codes = np.ascontiguousarray(known[b] if b in known else drawn[b])
                 codes.setflags(write=False)
-                tails = posterior.tails(codes) if keep_tails else None
+                tails = posterior.tails(codes) if with_tails else None
                 if tails is not None:
                     tails.setflags(write=False)
                 out.append(NetworkBlock(codes, tails))
@@ -168,12 +172,18 @@ class ServiceRuntime:
             ttl_s=settings.cache_ttl_s,
         )
 
-        async def draw(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
-            drawn: list[NetworkBlock] = await run_compute(lambda: complete(stream, blocks, {}))
+        async def draw(stream: Stream, blocks: Sequence[int], tails: bool) -> list[NetworkBlock]:
+            drawn: list[NetworkBlock] = await run_compute(
+                lambda: complete(stream, blocks, {}, tails)
+            )
             metrics.networks_generated.inc(sum(len(b) for b in drawn))
             return drawn
 
-        pool = PosteriorPool(settings.pool_size, cache.get_blocks, draw)
+        per_block = NETWORKS_PER_BLOCK * posterior.tail_params * 4
+        tailed = min(
+            settings.pool_size, settings.tail_cache_bytes // per_block * NETWORKS_PER_BLOCK
+        )
+        pool = PosteriorPool(settings.pool_size, cache.get_blocks, draw, tailed)
         t0 = time.perf_counter()
         try:
             await pool.load()  # for a residual generator only its plan is used

@@ -345,10 +345,17 @@ class AnomalyScoreRequest(_ImageBatch):
     )
 
 
+# The examples are the shipped model's real answers (models/mnist-fcnn1) to the request
+# examples (the first MNIST test image, num_samples 100, seed 7), numbers to 4 significant
+# digits; tests/test_api_doc.py answers the request with that checkpoint and compares.
+_SHIPPED_SHA256: Final = "4b578f2ea54126d05d92be65567d8d296817677c103b9536795aae8ba900ba35"
+_SHIPPED_THRESHOLD: Final = 0.23540170376774533  # mutual_information, 5% FPR
+
+
 class ModelRef(BaseModel):
     id: str = Field(examples=["mnist-fcnn1"])
-    version: str = Field(examples=["2024-06-01"])
-    checkpoint_sha256: str = Field(examples=["9f2c" + "0" * 60])
+    version: str = Field(examples=["2026.11.23-fcnn1"])
+    checkpoint_sha256: str = Field(examples=[_SHIPPED_SHA256])
 
 
 class Uncertainty(BaseModel):
@@ -378,22 +385,33 @@ class Prediction(BaseModel):
 
 _EXAMPLE_MODEL: dict[str, JsonValue] = {
     "id": "mnist-fcnn1",
-    "version": "2024-06-01",
-    "checkpoint_sha256": "9f2c" + "0" * 60,
+    "version": "2026.11.23-fcnn1",
+    "checkpoint_sha256": _SHIPPED_SHA256,
 }
 _EXAMPLE_PREDICTION: dict[str, JsonValue] = {
-    "label": 7,
-    "probabilities": [0.0001, 0.0002, 0.0009, 0.0011, 0.0001, 0.0001, 0.0, 0.9962, 0.0002, 0.0011],
+    "label": MNIST_TEST_0_LABEL,
+    "probabilities": [
+        1.808e-07,
+        7.256e-08,
+        1.365e-05,
+        0.0001174,
+        2.315e-10,
+        5.497e-07,
+        4.592e-10,
+        0.9999,
+        3.882e-07,
+        5.933e-06,
+    ],
     "uncertainty": {
-        "predictive_entropy": 0.0312,
-        "expected_entropy": 0.0254,
-        "mutual_information": 0.0058,
-        "model_variance": 0.00004,
+        "predictive_entropy": 0.001442,
+        "expected_entropy": 0.001014,
+        "mutual_information": 0.000428,
+        "model_variance": 1.443e-07,
     },
     "anomaly": {
-        "score": 0.0058,
+        "score": 0.000428,
         "is_anomaly": False,
-        "threshold": 0.0731,
+        "threshold": _SHIPPED_THRESHOLD,
         "score_name": "mutual_information",
     },
 }
@@ -425,10 +443,10 @@ class AnomalyScoreResponse(BaseModel):
             "examples": [
                 {
                     "score_name": "mutual_information",
-                    "threshold": 0.0731,
+                    "threshold": _SHIPPED_THRESHOLD,
                     "target_fpr": 0.05,
-                    "scores": [0.0058, 0.4120],
-                    "is_anomaly": [False, True],
+                    "scores": [0.000428],
+                    "is_anomaly": [False],
                     "num_samples": 100,
                     "seed": 7,
                     "model": _EXAMPLE_MODEL,

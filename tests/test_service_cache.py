@@ -119,14 +119,19 @@ def test_truncate_keeps_the_first_networks_without_copying() -> None:
 
 
 def test_pool_segments_are_views_of_one_read_only_pool() -> None:
-    async def draw(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
-        return [NetworkBlock(np.full((10, R), b, np.float32)) for b in blocks]
+    async def draw(stream: Stream, blocks: Sequence[int], tails: bool) -> list[NetworkBlock]:
+        return [
+            NetworkBlock(
+                np.full((10, R), b, np.float32), np.full((10, 3), b, np.float32) if tails else None
+            )
+            for b in blocks
+        ]
 
     fetched: list[tuple[str, tuple[int, ...]]] = []
 
     async def source(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
         fetched.append((stream.name, tuple(blocks)))
-        return await draw(stream, blocks)
+        return await draw(stream, blocks, False)
 
     async def run() -> None:
         pool = PosteriorPool(50, source, draw)
@@ -134,12 +139,39 @@ def test_pool_segments_are_views_of_one_read_only_pool() -> None:
         assert pool.loaded and pool.size == 50 and fetched == []  # drawn, not fetched
         segments = await pool.segments(pool.plan(30, None))
         assert len(segments) == 1 and segments[0].codes.shape == (30, R)
-        assert not segments[0].codes.flags.writeable
+        assert not segments[0].codes.flags.writeable and segments[0].tails is not None
         big = await pool.segments(pool.plan(65, None))  # pool + 2 further stream blocks
         assert [len(s) for s in big] == [50, 10, 5]
         seeded = await pool.segments(pool.plan(15, 3))
         assert [len(s) for s in seeded] == [10, 5]
         assert fetched == [("pool", (5, 6)), ("seed-3", (0, 1))]
+
+    anyio.run(run)
+
+
+def test_small_requests_use_the_pool_networks_kept_with_their_tails() -> None:
+    async def draw(stream: Stream, blocks: Sequence[int], tails: bool) -> list[NetworkBlock]:
+        return [
+            NetworkBlock(
+                np.full((10, R), b, np.float32), np.full((10, 3), b, np.float32) if tails else None
+            )
+            for b in blocks
+        ]
+
+    async def run() -> None:
+        pool = PosteriorPool(100, draw, draw, tailed_size=30)  # type: ignore[arg-type]
+        await pool.load()
+        for _ in range(50):  # K within the 30 tailed networks: always answered from them
+            (segment,) = await pool.segments(pool.plan(25, None))
+            assert segment.tails is not None and segment.codes.max() <= 2
+        windows = set()
+        for _ in range(200):  # K above them: any window; one across the edge comes in two parts
+            segments = await pool.segments(pool.plan(45, None))
+            assert sum(len(s) for s in segments) == 45
+            windows.add(tuple(s.tails is not None for s in segments))
+        assert {(True, False), (False,)} <= windows <= {(True, False), (False,), (True,)}
+        codes = np.concatenate([s.codes for s in await pool.segments(pool.plan(100, None))])
+        assert np.array_equal(codes[:, 0], np.repeat(np.arange(10), 10))  # the whole pool, in order
 
     anyio.run(run)
 
