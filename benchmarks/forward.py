@@ -205,8 +205,8 @@ def _markdown(result: dict[str, Any]) -> str:
         "time; *nn.Module loop* copies each sample's weights into a `torch.nn.Sequential` and "
         "calls it, the usual way sampled weights are evaluated. At N = 1 the pass reads every "
         "weight once for one input, so it is bound by memory traffic, not by the GEMM rate; "
-        "the weight read rate is in forward.json (`*_weight_gbps`). The service's default "
-        "backend (onnxruntime) runs the numpy forward; the torch backend the torch one.",
+        "the weight read rate is in forward.json (`*_weight_gbps`). numpy batched is the reference "
+        "forward of apd.networks; torch batched is training's torch forward.",
         "",
         "Reproduce: `python benchmarks/forward.py`",
         "",

@@ -15,8 +15,9 @@ What it does, with every process on 127.0.0.1 and stopped in a ``finally``:
    degraded period; Redis's own ``INFO`` counters (keys, keyspace hits) show it is used again.
 4. Cache corruption, on a fresh server with no in-process block cache (so every block is read
    from Redis): answers for a set of seeds from a server without Redis are the clean
-   reference; then each cached entry is truncated, bit-flipped, or replaced by a foreign
-   checkpoint's entry for the same stream, and each seed is asked again. Every answer must
+   reference; then each cached entry is truncated, bit-flipped, forged without the HMAC key,
+   or replaced by a foreign checkpoint's entry for the same stream, and each seed is asked
+   again. Every answer must
    equal the clean one, the corruption metric must count each, and the entry must be redrawn.
 
 Writes ``benchmarks/results/load.json`` and ``load.md`` (every figure and the command line).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import os
 import platform
@@ -53,6 +55,7 @@ from loadgen import (  # noqa: E402
     summarize,
 )
 
+from service.cache import HEADER_BYTES, MAC_BYTES  # noqa: E402
 from tests.harness import (  # noqa: E402
     RedisServer,
     ServeProcess,
@@ -362,16 +365,20 @@ def corrupt_value(kind: str, value: bytes, twin: bytes | None, rng: np.random.Ge
     if kind == "truncate-1":
         return value[:-1]
     if kind == "flip-payload":
-        pos = 100 + int(rng.integers(0, len(b) - 200))  # somewhere in the weights
+        pos = HEADER_BYTES + int(rng.integers(0, len(b) - HEADER_BYTES - MAC_BYTES))  # codes
         b[pos] ^= 1 << int(rng.integers(0, 8))
         return bytes(b)
     if kind == "flip-header":
-        pos = int(rng.integers(4, 72))  # past the magic, inside the 72-byte header
+        pos = int(rng.integers(4, HEADER_BYTES))  # past the magic, inside the header
         b[pos] ^= 1 << int(rng.integers(0, 8))
         return bytes(b)
-    if kind == "flip-checksum":
+    if kind == "flip-mac":
         b[-1] ^= 0x01
         return bytes(b)
+    if kind == "forged":  # same header, codes of the forger's choosing, MAC with their key
+        forged = bytes(b[: len(b) - MAC_BYTES])
+        forged = forged[:HEADER_BYTES] + bytes(len(forged) - HEADER_BYTES)
+        return forged + hmac.digest(b"not the service's key", forged, "sha256")
     if kind in ("foreign", "other-stream"):
         if twin is None:
             raise RuntimeError(f"no entry to plant for {kind}")
@@ -386,17 +393,18 @@ CORRUPTIONS = (
     "truncate-1",
     "flip-payload",
     "flip-header",
-    "flip-checksum",
+    "flip-mac",
+    "forged",
     "foreign",
     "other-stream",
     "empty",
 )
 
 
-def net_keys(rc: Any, sha: str) -> dict[str, bytes]:
-    """Every cached block of checkpoint ``sha``: ``{prefix}:net:{sha}:{stream}:{block}``."""
+def code_keys(rc: Any, sha: str) -> dict[str, bytes]:
+    """Every cached block of checkpoint ``sha``: ``{prefix}:codes:{sha}:{stream}:{block}``."""
     out: dict[str, bytes] = {}
-    for key in rc.scan_iter(match=f"*:net:{sha}:*", count=1000):
+    for key in rc.scan_iter(match=f"*:codes:{sha}:*", count=1000):
         value = rc.get(key)
         if value is not None:
             out[key.decode()] = value
@@ -435,7 +443,7 @@ def run_corruption(args: argparse.Namespace, tmp: Path, record: dict[str, Any]) 
             theirs_sha = c.get("/v1/model").json()["sha256"]
             for seed in seeds:
                 _predict(c, seed, x, k)
-        foreign = net_keys(rc, theirs_sha)
+        foreign = code_keys(rc, theirs_sha)
 
         args_ours = [*common, "--workers", str(args.workers)]
         with (
@@ -445,7 +453,7 @@ def run_corruption(args: argparse.Namespace, tmp: Path, record: dict[str, Any]) 
             ours_sha = c.get("/v1/model").json()["sha256"]
             first = {seed: _predict(c, seed, x, k) for seed in seeds}
             out["redis_answers_equal_clean"] = all(first[s] == reference[s] for s in seeds)
-            good = net_keys(rc, ours_sha)
+            good = code_keys(rc, ours_sha)
             out["our_keys"] = len(good)
             out["foreign_keys"] = len(foreign)
             before = scrape(srv.base_url)

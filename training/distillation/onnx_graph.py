@@ -11,7 +11,7 @@ are the checkpoint's tensors (float32; an fp16 basis is stored upcast, as the ch
 loader serves it). Only ``MatMul``, ``Add``, ``Mul`` and ``Relu`` are used, at opset 17, so
 any onnxruntime since 1.14 runs it. Building needs the ``onnx`` package, not torch.
 
-Used by the service's onnxruntime backend and by ``apd export``.
+Used by ``apd export``; tests check it against :meth:`Checkpoint.generate`.
 """
 
 from __future__ import annotations
