@@ -196,3 +196,67 @@ def test_select_spread_all_and_too_many(tmp_path: Path) -> None:
         store.select_spread(8)
     with pytest.raises(ValueError):
         store.select_spread(0)
+
+
+def _write_run(path: Path, seed: int, chains: int = 2, **sampler: object) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    meta = {
+        "sampler": {"method": "sgld", "lr": 0.1, "seed": seed, **sampler},
+        "data_sha256": "ab" * 32,
+    }
+    store = SampleStore.create(path, SPEC, chains * 3, meta)
+    written = []
+    for s in range(3):
+        theta = rng.standard_normal((chains, SPEC.num_params)).astype(np.float32)
+        store.append(theta, np.arange(chains), step=10 * (s + 1))
+        written.append(theta)
+    store.close()
+    return np.concatenate(written)
+
+
+def test_runs_made_independently_merge_into_one_posterior(tmp_path: Path) -> None:
+    a = _write_run(tmp_path / "a", seed=0, chains=2)
+    b = _write_run(tmp_path / "b", seed=1, chains=3)
+    merged = SampleStore.merge([SampleStore.open(tmp_path / "a"), SampleStore.open(tmp_path / "b")])
+    assert len(merged) == len(a) + len(b) == 15
+    np.testing.assert_array_equal(merged.theta, np.concatenate([a, b]))
+    np.testing.assert_array_equal(np.unique(merged.chain), np.arange(5))  # 2 + 3 chains
+    np.testing.assert_array_equal(merged.chain[len(a) :], np.tile(np.arange(3), 3) + 2)
+    assert merged.meta["num_chains"] == 5 and merged.meta["sampler"]["seed"] == [0, 1]
+    assert merged.meta["runs"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    rows = merged.select_spread(10)  # every chain contributes: 2 each
+    assert sorted(np.bincount(merged.chain[rows]).tolist()) == [2, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("other", "reason"),
+    [
+        ({"seed": 0}, "share a seed"),
+        ({"seed": 1, "lr": 0.2}, r"sampler settings \['lr'\]"),
+    ],
+)
+def test_runs_of_different_posteriors_are_not_merged(
+    tmp_path: Path, other: dict[str, object], reason: str
+) -> None:
+    _write_run(tmp_path / "a", seed=0)
+    seed = int(other.pop("seed"))  # type: ignore[call-overload]
+    _write_run(tmp_path / "b", seed=seed, **other)
+    with pytest.raises(SampleStoreError, match=reason):
+        SampleStore.merge([SampleStore.open(tmp_path / "a"), SampleStore.open(tmp_path / "b")])
+
+
+def test_runs_on_other_data_or_architecture_are_not_merged(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", seed=0)
+    meta = {"sampler": {"method": "sgld", "lr": 0.1, "seed": 1}, "data_sha256": "cd" * 32}
+    store = SampleStore.create(tmp_path / "b", SPEC, 2, meta)
+    store.append(np.zeros((2, SPEC.num_params), np.float32), np.arange(2), step=1)
+    store.close()
+    with pytest.raises(SampleStoreError, match="different data"):
+        SampleStore.merge([SampleStore.open(tmp_path / "a"), SampleStore.open(tmp_path / "b")])
+    wide = MLPSpec("wide", (3, 5, 2))
+    meta["data_sha256"] = "ab" * 32
+    store = SampleStore.create(tmp_path / "c", wide, 2, meta)
+    store.append(np.zeros((2, wide.num_params), np.float32), np.arange(2), step=1)
+    store.close()
+    with pytest.raises(SampleStoreError, match="different architectures"):
+        SampleStore.merge([SampleStore.open(tmp_path / "a"), SampleStore.open(tmp_path / "c")])

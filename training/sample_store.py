@@ -19,7 +19,7 @@ A run's ``samples/`` folder holds
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -257,6 +257,69 @@ class SampleStore:
             np.asarray(arrays[STEP]),
             meta,
             num_samples,
+            writable=False,
+        )
+
+    @classmethod
+    def merge(cls, stores: Sequence[SampleStore]) -> SampleStore:
+        """One read-only store of the samples of runs made independently (on several
+        machines, or an Indexed Job's pods), as if one run had sampled all their chains.
+
+        The runs must share the architecture, the data fingerprint and every sampler setting
+        but the seed (the posterior they sample); chain ids are renumbered so that chains stay
+        distinct (run i's chain c becomes ``c + chains of runs 0..i-1``). The merged arrays
+        are held in memory (S x P float32); ``meta["runs"]`` lists the source folders.
+        """
+        if not stores:
+            raise SampleStoreError("nothing to merge")
+        first = stores[0]
+        if len(stores) == 1:
+            return first
+        seeds = []
+        for other in stores:
+            where = f"{other.path} and {first.path}"
+            if other.spec != first.spec:
+                raise SampleStoreError(
+                    f"{where} hold different architectures ({other.spec} vs {first.spec}); "
+                    "runs to merge must share one"
+                )
+            if other.meta.get("data_sha256") != first.meta.get("data_sha256"):
+                raise SampleStoreError(f"{where} were sampled on different data (data_sha256)")
+            a = {k: v for k, v in dict(other.meta["sampler"]).items() if k != "seed"}
+            b = {k: v for k, v in dict(first.meta["sampler"]).items() if k != "seed"}
+            if a != b:
+                diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+                raise SampleStoreError(
+                    f"{where} differ in sampler settings {diff}: they sample different "
+                    "posteriors and cannot be merged"
+                )
+            seeds.append(dict(other.meta["sampler"]).get("seed"))
+        if len(set(map(str, seeds))) != len(seeds):
+            raise SampleStoreError(
+                f"runs to merge share a seed ({seeds}): their chains would be the same chains"
+            )
+        chains, offset = [], 0
+        for store in stores:
+            ids, chain = np.unique(store.chain, return_inverse=True)
+            chains.append((chain + offset).astype(np.int32))
+            offset += len(ids)
+        theta = np.concatenate([np.asarray(s.theta) for s in stores])
+        theta.setflags(write=False)
+        meta = dict(first.meta)
+        meta |= {
+            "num_samples": len(theta),
+            "num_chains": offset,
+            "runs": [str(s.path) for s in stores],
+            "sampler": dict(first.meta["sampler"]) | {"seed": seeds},
+        }
+        return cls(
+            first.path,
+            first.spec,
+            theta,
+            np.concatenate(chains),
+            np.concatenate([np.asarray(s.step) for s in stores]),
+            meta,
+            len(theta),
             writable=False,
         )
 

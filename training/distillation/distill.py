@@ -1,6 +1,7 @@
 """``apd distill``: SGLD samples (or, online, SGLD run alongside) -> one generator checkpoint.
 
     apd distill --samples runs/sgld-fcnn1 --out models/mnist-fcnn1/model.safetensors
+    apd distill --samples runs/sgld-0 runs/sgld-1 runs/sgld-2 --out merged.safetensors
     apd distill --samples runs/sgld-fcnn1 --preset paper --device cuda --out paper.safetensors
     apd distill --algorithm online --arch fcnn1 --out online.safetensors
 
@@ -55,7 +56,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 2)[1] if __doc__ else None
     io = parser.add_argument_group("input and output")
-    io.add_argument("--samples", metavar="RUN_DIR", help="SGLD run folder (or its samples/)")
+    io.add_argument(
+        "--samples",
+        metavar="RUN_DIR",
+        nargs="+",
+        help="SGLD run folder (or its samples/); several runs made independently (same "
+        "architecture, data and sampler settings, other seeds) are merged",
+    )
     io.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
     io.add_argument("--data-dir", default=None, help="datasets folder (default: $APD_DATA_DIR)")
     io.add_argument("--model-id", default=None, help="model id (default: mnist-<arch>)")
@@ -197,7 +204,7 @@ def _offline(
     )
     sampler = dict(store.meta.get("sampler", {}))
     sampler |= {
-        "run": str(store.path),
+        "run": ", ".join(store.meta.get("runs", [str(store.path)])),
         "num_samples": len(store),
         "num_chains": store.meta.get("num_chains"),
         "created_at": store.meta.get("created_at"),
@@ -245,7 +252,11 @@ def run(args: argparse.Namespace) -> int:
     from training.data import dataset_fingerprint, load_mnist
 
     _check_args(args)
-    store = SampleStore.open(_samples_dir(args.samples)) if args.algorithm == "offline" else None
+    store = (
+        SampleStore.merge([SampleStore.open(_samples_dir(run)) for run in args.samples])
+        if args.algorithm == "offline"
+        else None
+    )
     config = _config(args, store.spec.name if store is not None else args.arch)
     t0 = time.perf_counter()
     mnist = load_mnist(args.data_dir)
