@@ -38,13 +38,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from apd.networks import Activation, MLPSpec
+from apd.networks import Activation, NetworkSpec, spec_from_dict
 from apd.uncertainty import ScoreName
 
 FORMAT_NAME: Final = "apd-generator"
@@ -66,32 +75,192 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Conv2dRecord(_Strict):
+    type: Literal["conv2d"]
+    out_channels: int = Field(gt=0)
+    kernel_size: int = Field(gt=0)
+    padding: int = Field(default=0, ge=0)
+    output_shape: list[int]
+
+
+class MaxPool2dRecord(_Strict):
+    type: Literal["maxpool2d"]
+    size: int = Field(gt=0)
+    output_shape: list[int]
+
+
+class DenseRecord(_Strict):
+    type: Literal["dense"]
+    units: int = Field(gt=0)
+    output_shape: list[int]
+
+
+LayerRecord = Annotated[Conv2dRecord | MaxPool2dRecord | DenseRecord, Field(discriminator="type")]
+_CNN_FIELDS: Final = ("input_shape", "layers")
+
+
 class TargetNetwork(_Strict):
+    """The network every generated ``theta`` parametrises (:mod:`apd.networks` for the flat
+    layout): an MLP by its ``layer_sizes``, or a CNN by its ``input_shape`` ``(C, H, W)`` and
+    ``layers``, each with its output shape. Fields of the other family are absent (and left
+    out of the JSON, so an MLP's record reads as it always has)."""
+
     arch: str
-    layer_sizes: list[int] = Field(min_length=2)
+    layer_sizes: list[int] | None = Field(default=None, min_length=2)
+    input_shape: list[int] | None = Field(default=None, min_length=3, max_length=3)
+    layers: list[LayerRecord] | None = Field(default=None, min_length=1)
     activation: Activation = Activation.RELU
     num_params: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _params_match_sizes(self) -> TargetNetwork:
-        if any(s <= 0 for s in self.layer_sizes):
+        cnn = [getattr(self, f) is not None for f in _CNN_FIELDS]
+        if (self.layer_sizes is not None) == any(cnn) or any(cnn) != all(cnn):
+            raise ValueError(
+                "a target network has either layer_sizes (an MLP) or input_shape and layers (a CNN)"
+            )
+        if self.layer_sizes is not None and any(s <= 0 for s in self.layer_sizes):
             raise ValueError("layer_sizes must be positive")
-        expected = self.spec().num_params
-        if self.num_params != expected:
-            raise ValueError(f"num_params {self.num_params} != {expected} implied by layer_sizes")
+        self.spec()  # num_params and every stated output shape must follow from the layers
         return self
 
-    def spec(self) -> MLPSpec:
-        return MLPSpec(self.arch, tuple(self.layer_sizes), self.activation)
+    @model_serializer(mode="wrap")
+    def _omit_other_family(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in ("layer_sizes", *_CNN_FIELDS):
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
+
+    @classmethod
+    def of(cls, spec: NetworkSpec) -> TargetNetwork:
+        """The record of ``spec`` (:meth:`apd.networks.MLPSpec.to_dict` /
+        :meth:`apd.networks.CNNSpec.to_dict`)."""
+        record = spec.to_dict()
+        return cls.model_validate({"arch": record.pop("name"), **record})
+
+    def spec(self) -> NetworkSpec:
+        return self._spec
+
+    @cached_property
+    def _spec(self) -> NetworkSpec:
+        return spec_from_dict(self.model_dump(mode="json"))
 
 
 class InputConvention(_Strict):
-    """How a request's pixels become the network's input: ``x = scale * pixels``."""
+    """What a request's inputs are and how they become the network's input.
 
-    shape: list[int] = Field(default=[28, 28])
+    An input is one example of ``shape`` (``[D]`` features, ``[H, W]`` or ``[C, H, W]``
+    images) in the raw units of the training data (``dtype``, values seen in training within
+    ``value_range``). The network sees ``x = raw * scale + shift`` (:meth:`preprocess`),
+    ``scale`` and ``shift`` each one number or one per value of the flattened example
+    (row-major). ``class_names`` name the outputs; ``data_sha256`` fingerprints the training
+    data. Checkpoints written before these fields existed (MNIST, pixels in [0, 1]) read with
+    their defaults.
+    """
+
+    shape: list[int] = Field(default=[28, 28], min_length=1)
+    dtype: Literal["uint8", "float32"] = "float32"
     value_range: tuple[float, float] = (0.0, 1.0)
-    scale: float = Field(default=1.0, gt=0)
+    scale: float | list[float] = 1.0
+    shift: float | list[float] = 0.0
+    class_names: list[str] | None = None
+    data_sha256: str | None = None
     description: str = "28x28 grayscale, float pixels in [0, 1] (pixel / 255), white on black"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputConvention:
+        if any(s <= 0 for s in self.shape):
+            raise ValueError(f"shape must be positive, got {self.shape}")
+        lo, hi = self.value_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"value_range must be finite with low <= high, got {(lo, hi)}")
+        dim = math.prod(self.shape)
+        for name in ("scale", "shift"):
+            v = getattr(self, name)
+            values = v if isinstance(v, list) else [v]
+            if isinstance(v, list) and len(v) != dim:
+                raise ValueError(f"{name} has {len(v)} values for {dim} input values")
+            if not all(math.isfinite(x) for x in values):
+                raise ValueError(f"{name} must be finite")
+            if name == "scale" and not all(x > 0 for x in values):
+                raise ValueError("scale must be positive")
+        names = self.class_names
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ValueError("class_names must be at least 2 distinct names")
+        return self
+
+    @property
+    def input_dim(self) -> int:
+        """Values in one example."""
+        return math.prod(self.shape)
+
+    @property
+    def image_mode(self) -> Literal["L", "RGB"] | None:
+        """``"L"`` or ``"RGB"`` when examples are 8-bit images (``[H, W]``, ``[1, H, W]`` or
+        ``[3, H, W]`` of dtype uint8, or of float pixels in [0, 1] meaning ``pixel / 255``),
+        so that an image file can stand for one (:meth:`image_to_raw`); else ``None``."""
+        pixels = self.dtype == "uint8" or tuple(self.value_range) == (0.0, 1.0)
+        if not pixels or len(self.shape) not in (2, 3):
+            return None
+        channels = 1 if len(self.shape) == 2 else self.shape[0]
+        return {1: "L", 3: "RGB"}.get(channels)  # type: ignore[return-value]
+
+    @cached_property
+    def _affine(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        return np.asarray(self.scale, np.float32), np.asarray(self.shift, np.float32)
+
+    def preprocess(self, raw: NDArray[Any]) -> NDArray[np.float32]:
+        """Raw examples ``(N, *shape)`` or ``(N, D)`` -> network inputs ``(N, D)`` float32,
+        ``raw * scale + shift`` (in float32). The one implementation, used by training and
+        serving alike."""
+        n = raw.shape[0]
+        if raw.shape[1:] != tuple(self.shape) and raw.shape[1:] != (self.input_dim,):
+            raise ValueError(
+                f"expected inputs of shape (N, {', '.join(map(str, self.shape))}) or "
+                f"(N, {self.input_dim}), got {raw.shape}"
+            )
+        x = np.array(raw, dtype=np.float32).reshape(n, self.input_dim)
+        scale, shift = self._affine
+        if scale.ndim or float(scale) != 1.0:
+            x *= scale
+        if shift.ndim or float(shift) != 0.0:
+            x += shift
+        return x
+
+    def image_to_raw(self, data: bytes) -> NDArray[Any]:
+        """An image file's bytes (any format Pillow reads) -> one raw example: converted to
+        :attr:`image_mode`, resized to ``shape`` (bilinear) if it differs, laid out as
+        ``shape`` (channels first), as uint8 or, for float pixel conventions, ``pixel / 255``.
+        Needs Pillow. Raises ``ValueError`` for what is not an image of a usable kind."""
+        mode = self.image_mode
+        if mode is None:
+            raise ValueError("this model's inputs are not images")
+        h, w = self.shape[-2:]
+        pixels = decode_image(data, mode, (h, w))
+        out = pixels.reshape(self.shape)
+        return out if self.dtype == "uint8" else out.astype(np.float32) / np.float32(255)
+
+
+def decode_image(
+    data: bytes, mode: Literal["L", "RGB"], size: tuple[int, int]
+) -> NDArray[np.uint8]:
+    """Image file bytes -> uint8 pixels ``(H, W)`` (mode ``L``) or ``(3, H, W)`` (``RGB``),
+    resized to ``size = (H, W)`` with a bilinear filter when it differs. Needs Pillow; raises
+    ``ValueError`` when the bytes are not a readable image."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            im = opened.convert(mode)
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"not a readable image ({exc})") from None
+    return np.ascontiguousarray(a.transpose(2, 0, 1)) if a.ndim == 3 else a
 
 
 class Design(enum.StrEnum):
@@ -151,6 +320,21 @@ class CheckpointMeta(_Strict):
     anomaly: AnomalyCalibration
     provenance: Provenance
     metrics: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _input_fits_target(self) -> CheckpointMeta:
+        spec = self.target.spec()
+        if self.input.input_dim != spec.input_dim:
+            raise ValueError(
+                f"input shape {self.input.shape} holds {self.input.input_dim} values, "
+                f"the target network reads {spec.input_dim}"
+            )
+        names = self.input.class_names
+        if names is not None and len(names) != spec.num_classes:
+            raise ValueError(
+                f"{len(names)} class_names for the target network's {spec.num_classes} outputs"
+            )
+        return self
 
     @field_validator("format_version")
     @classmethod
@@ -251,7 +435,7 @@ class Checkpoint:
     tensors: dict[str, NDArray[np.float32]]  # float32, basis upcast
 
     @property
-    def spec(self) -> MLPSpec:
+    def spec(self) -> NetworkSpec:
         return self.meta.target.spec()
 
     @property

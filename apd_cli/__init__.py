@@ -15,10 +15,19 @@ from collections.abc import Sequence
 SERVE_HELP = "run the inference service on a checkpoint (see: apd serve --help)"
 
 
-def _usage() -> str:
-    from training.cli import COMMANDS
+def _training_commands() -> dict[str, tuple[str, str]]:
+    """The training side's table, or none where the training code is not installed (the
+    runtime image, whose wheel is built without ``training/``)."""
+    try:
+        from training.cli import COMMANDS
+    except ModuleNotFoundError:
+        return {}
+    return COMMANDS
 
-    rows = [("serve", SERVE_HELP), *((name, help) for name, (_, help) in COMMANDS.items())]
+
+def _usage() -> str:
+    commands = _training_commands()
+    rows = [("serve", SERVE_HELP), *((name, help) for name, (_, help) in commands.items())]
     lines = "\n".join(f"  {name:<10} {text}" for name, text in rows)
     return (
         f"usage: apd <command> [options]\n\ncommands:\n{lines}\n\n"
@@ -36,9 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.cli import main as serve_main
 
         return serve_main(rest)
-    from training.cli import COMMANDS
-
-    if command in COMMANDS:
+    if command in _training_commands():
         try:
             from training.cli import main as training_main
 

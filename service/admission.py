@@ -58,6 +58,7 @@ class MemoryBudget:
         self.wait_s = wait_s
         self.used = 0
         self._metrics = metrics
+        metrics.admission_budget.set(capacity_bytes)
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def _take(self, nbytes: int) -> None:

@@ -16,12 +16,15 @@ concurrent requests would oversubscribe the machine many times over.
 With ``--workers N > 1`` uvicorn starts N worker processes, each building the app from
 ``APD_*`` variables that this process sets from its validated settings (pinning the
 checkpoint's sha256, so a file replaced meanwhile is refused), and Prometheus multi-process
-mode is switched on with a fresh directory so that ``/metrics`` aggregates every worker.
+mode is switched on with a fresh directory so that ``/metrics`` aggregates every worker (and
+reports each worker's and this process's memory and CPU, :mod:`service.telemetry`).
+
+Logging (:mod:`service.logging_config`): every line, the service's and uvicorn's, is one JSON
+object (``--log-format text`` for plain lines), in this process and in every worker.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import tempfile
@@ -68,14 +71,6 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     return CliApp.run(Settings, cli_args=list(argv))
 
 
-def _log_config(level: str) -> dict[str, Any]:
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["apd"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return config
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     limit_blas_threads(args)
@@ -101,13 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from service.http_protocol import BoundedH11Protocol
-    from service.telemetry import MULTIPROC_ENV
+    from service.logging_config import log_config
+    from service.telemetry import MULTIPROC_ENV, register_process
 
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.value,
-        "log_config": _log_config(settings.log_level.value),
+        "log_config": log_config(settings.log_level.value, settings.log_format.value),
         "limit_concurrency": settings.limit_concurrency,
         "timeout_keep_alive": settings.timeout_keep_alive_s,
         "server_header": False,
@@ -126,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         with tempfile.TemporaryDirectory(prefix="apd-metrics-") as metrics_dir:
             os.environ[MULTIPROC_ENV] = metrics_dir
+            register_process("supervisor")  # its memory counts against the same limit
             pinned = settings.model_copy(
                 update={
                     "expected_sha256": checkpoint.sha256,

@@ -70,6 +70,11 @@ class LogLevel(enum.StrEnum):
     DEBUG = "debug"
 
 
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
@@ -114,6 +119,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535, description="port to bind")
     workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes")
     log_level: LogLevel = Field(default=LogLevel.INFO, description="uvicorn log level")
+    log_format: LogFormat = Field(
+        default=LogFormat.JSON,
+        description="log lines (the service's, uvicorn's and its access log): one JSON object "
+        "each, with timestamp, level, logger, message and request id; or text",
+    )
     limit_concurrency: int | None = Field(
         default=None, ge=1, description="uvicorn: connections/tasks at once per worker before 503"
     )

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 import apd
 from apd.checkpoint import Checkpoint
@@ -24,7 +25,12 @@ from service.api.docs import add_offline_docs
 from service.api.errors import http_error_handler, validation_error_handler
 from service.api.main import api_router
 from service.config import Settings
-from service.middleware import BodyLimitMiddleware, BodyTimeoutMiddleware, MetricsMiddleware
+from service.middleware import (
+    BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
 from service.runtime import ServiceRuntime, load_servable
 from service.telemetry import Metrics, mark_worker_exited
 
@@ -48,6 +54,10 @@ class APDService(FastAPI):
             _state_limits(super().openapi(), self.state.settings)
         assert self.openapi_schema is not None
         return self.openapi_schema
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside Starlette's ServerErrorMiddleware, so that its 500s carry X-Request-ID.
+        return RequestIdMiddleware(super().build_middleware_stack())
 
 
 def _state_limits(schema: dict[str, Any], settings: Settings) -> None:

@@ -1,4 +1,10 @@
-"""Pure ASGI middleware: request metrics, the request-body size limit and a body deadline.
+"""Pure ASGI middleware: request ids, request metrics, the request-body size limit and a body
+deadline.
+
+Every response carries ``X-Request-ID``: the client's own, when it sends a usable one (1 to
+128 visible ASCII characters: ``!`` to ``~``, no spaces), else a fresh uuid4 in hex. While
+the request is served the id is in the logging context (:mod:`service.logging_config`), so
+the service's log lines and uvicorn's access line for it carry it.
 
 The size limit answers 413 from ``Content-Length`` before reading anything, and counts bytes
 while a body without one streams in, stopping at the limit; its message names the limit.
@@ -11,29 +17,77 @@ connection; :mod:`service.http_protocol` closes it the way every client can read
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from typing import Final
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.logging_config import bind_request, unbind_request
 from service.telemetry import Metrics
 
 KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REQUEST_ID_HEADER: Final = b"x-request-id"
+_USABLE_REQUEST_ID: Final = re.compile(rb"[!-~]{1,128}")
 
 
-def _endpoint(scope: Scope) -> str:
-    """The route template; for a request answered before routing (an early 413), its path
-    if that is a route's path. Never a raw unknown path: label values stay bounded."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    app = scope.get("app")
-    known = {getattr(r, "path", None) for r in getattr(app, "routes", ())}
-    return scope["path"] if scope.get("path") in known else "unmatched"
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's ``X-Request-ID`` (the first one) if usable, else a new uuid4 in hex."""
+    for name, value in headers:
+        if name.lower() == REQUEST_ID_HEADER:
+            if _USABLE_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Gives each HTTP request its id (:func:`request_id_of`), binds it to the logging
+    context while the request is served, and sends it back in ``X-Request-ID``.
+
+    It wraps the whole application, outside Starlette's error middleware (see
+    ``service.main.APDService``), so a 500 for an unhandled exception carries the header too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope.get("headers", ()))
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    h for h in message.get("headers", ()) if h[0].lower() != REQUEST_ID_HEADER
+                ]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        token = bind_request(request_id)
+        # Unbound only when the app returns: after an exception, the server logs it from
+        # this request's task, and that line keeps the id (each request has its own task,
+        # so the binding goes no further).
+        await self.app(scope, receive, send_with_id)
+        unbind_request(token)
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Routes with a path template, through included routers (FastAPI >= 0.16x wraps them)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        elif isinstance(getattr(route, "path", None), str) and hasattr(route, "path_regex"):
+            yield route
 
 
 class MetricsMiddleware:
@@ -42,6 +96,20 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._routes: list[Any] | None = None
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template; for a request answered before routing (an early 413), the
+        template its path matches. Never a raw unknown path: label values stay bounded."""
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        if self._routes is None:
+            self._routes = list(_leaf_routes(getattr(scope.get("app"), "routes", ())))
+        for route in self._routes:
+            if route.path_regex.match(scope.get("path", "")):
+                return str(route.path)
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,7 +130,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             m.requests_in_flight.dec()
-            endpoint = _endpoint(scope)
+            endpoint = self._endpoint(scope)
             method = scope.get("method", "")
             method = method if method in KNOWN_METHODS else "OTHER"
             m.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()

@@ -1,6 +1,6 @@
-"""Request and response bodies of the HTTP API (``/work/shared/API.md``): the OpenAPI contract.
+"""Request and response bodies of the HTTP API (``docs/api.md``): the OpenAPI contract.
 
-Field names named in API.md are fixed. Inputs are validated here, once, with errors whose
+Field names named there are fixed. Inputs are validated here, once, with errors whose
 ``loc`` and message name the image and pixel at fault: the structure first (each image is 784
 floats or 28 rows of 28), then the types (JSON numbers only), then the values (finite, in
 [0, 1]). JSON ``NaN``/``Infinity`` literals, which Python's JSON parser accepts, are rejected

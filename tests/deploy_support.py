@@ -8,18 +8,22 @@ import what they use.
 from __future__ import annotations
 
 import copy
+import importlib.metadata as md
 import json
 import os
 import re
 import shlex
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
+from packaging.requirements import Requirement
 
 ROOT: Final = Path(__file__).resolve().parents[1]
+PYPROJECT: Final = ROOT / "pyproject.toml"
 DOCKERFILE: Final = ROOT / "Dockerfile"
 DOCKERIGNORE: Final = ROOT / ".dockerignore"
 COMPOSE: Final = ROOT / "docker-compose.yml"
@@ -216,13 +220,15 @@ def loopback_prometheus_config(
 # --------------------------------------------------------------------------------------
 # Metric names in PromQL and in the exposition format
 
-_METRIC = re.compile(r"(?<![\w:\"'])(apd_[A-Za-z0-9_:]*)")
+# The service's own metrics and prometheus-client's process metrics.
+_METRIC = re.compile(r"(?<![\w:\"'])((?:apd|process)_[A-Za-z0-9_:]*)")
 _STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'")
 _HISTOGRAM_SUFFIXES: Final = ("_bucket", "_sum", "_count")
 
 
 def promql_metric_names(expr: str) -> set[str]:
-    """The ``apd_*`` metric names an expression selects (label values are skipped)."""
+    """The ``apd_*`` and ``process_*`` metric names an expression selects (label values are
+    skipped)."""
     return set(_METRIC.findall(_STRING.sub('""', expr)))
 
 
@@ -310,3 +316,50 @@ def find_tool(name: str, hint: str) -> str:
     if os.environ.get("REQUIRE_DEPLOY_TOOLS"):
         pytest.fail(message + "; REQUIRE_DEPLOY_TOOLS is set", pytrace=False)
     pytest.skip(message)
+
+
+# --------------------------------------------------------------------------------------
+# Python packages: apd's requirements (pyproject.toml) and what they bring in (installed metadata)
+
+
+def normalise(name: str) -> str:
+    """A distribution name as PEP 503 compares it."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def project_requirements(extras: Iterable[str]) -> list[Requirement]:
+    """apd's core requirements and those of ``extras``, read from pyproject.toml: the installed
+    metadata of an editable install goes stale when pyproject.toml changes."""
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    raw = list(project["dependencies"])
+    for extra in extras:
+        raw += project["optional-dependencies"][extra]
+    return [Requirement(r) for r in raw]
+
+
+def installed_closure(requirements: Iterable[Requirement]) -> tuple[dict[str, str], set[str]]:
+    """Every distribution that installing ``requirements`` brings in, walked through the
+    installed metadata (extras and environment markers honoured), as normalised name ->
+    installed version; and the names that are required but not installed."""
+    found: dict[str, str] = {}
+    missing: set[str] = set()
+    visited: set[tuple[str, frozenset[str]]] = set()
+    todo = [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
+    while todo:
+        req = todo.pop()
+        key = (normalise(req.name), frozenset(req.extras))
+        if key in visited:
+            continue
+        visited.add(key)
+        try:
+            dist = md.distribution(req.name)
+        except md.PackageNotFoundError:
+            missing.add(key[0])
+            continue
+        found[key[0]] = dist.version
+        envs = [{"extra": e} for e in req.extras] or [{"extra": ""}]
+        for raw in dist.requires or []:
+            sub = Requirement(raw)
+            if sub.marker is None or any(sub.marker.evaluate(e) for e in envs):
+                todo.append(sub)
+    return found, missing

@@ -24,6 +24,7 @@ from apd.checkpoint import (
     META_KEY,
     CheckpointError,
     Design,
+    InputConvention,
     content_digest,
     load_checkpoint,
 )
@@ -62,6 +63,7 @@ def _write(path: Path, gen: Generator, design: Design, basis_dtype: str) -> Path
         path,
         gen,
         SPEC,
+        input_convention=InputConvention(shape=[6], description="6 features"),
         design=design,
         basis_dtype=basis_dtype,
         anomaly=anomaly,

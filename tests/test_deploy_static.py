@@ -54,18 +54,21 @@ from deploy_support import (
     dockerignore_patterns,
     exported_metric_names,
     find_tool,
+    installed_closure,
     is_ignored,
     load_json,
     load_yaml,
+    normalise,
     parse_dockerfile,
+    project_requirements,
     promql_metric_names,
     rule_exprs,
 )
-from packaging.requirements import Requirement
 
 COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
 API_PORT = 8000
 SHIPPED_MODEL_DIR = "models/mnist-fcnn1"
+SERVE_LOCK = "requirements/serve.lock"
 
 
 @pytest.fixture(scope="module")
@@ -272,18 +275,23 @@ def test_runtime_stage_is_non_root_healthchecked_and_torch_free(stages: list[Sta
     env = runtime.env()
     assert env["APD_HOST"] == "0.0.0.0"  # inside the container, so Docker can reach it
     assert int(env["APD_PORT"]) == API_PORT
-    assert env["APD_CHECKPOINT"].startswith(f"/app/{SHIPPED_MODEL_DIR}/")
     for stage in (builder, runtime):
         for ins in stage.instructions:
             assert "torch" not in ins.args.replace("import torch", ""), (
                 f"line {ins.line}: the serving stages must not mention torch: {ins.args}"
             )
             assert "[train]" not in ins.args and ",train" not in ins.args
-    installs = [i.args for i in builder.find("RUN") if "install" in i.args]
-    assert any("[serve]" in a for a in installs), "builder does not install the [serve] extras"
-    copied = [s for i in runtime.find("COPY") for s in copy_sources(i)]
-    assert f"{SHIPPED_MODEL_DIR}/" in copied, "runtime does not copy the shipped model"
-    assert any("--from=builder" in i.args for i in runtime.find("COPY"))
+    # The [serve] closure from the lock, hash-checked, then the wheel alone (it carries the
+    # shipped model: the builder copies it in, the runtime gets it with the venv).
+    installs = [i.args for i in builder.find("RUN") if " install " in i.args]
+    lock_at = [n for n, a in enumerate(installs) if f"--require-hashes -r {SERVE_LOCK}" in a]
+    wheel_at = [n for n, a in enumerate(installs) if "--no-deps" in a and "apd-*.whl" in a]
+    assert lock_at and wheel_at and lock_at[0] <= wheel_at[0], installs
+    assert not any("[serve]" in a for a in installs), "builder resolves [serve] past the lock"
+    assert SERVE_LOCK in [s for i in builder.find("COPY") for s in copy_sources(i)]
+    assert f"{SHIPPED_MODEL_DIR}/" in [s for i in builder.find("COPY") for s in copy_sources(i)]
+    assert env["APD_CHECKPOINT"] == f"/opt/venv/share/apd/{SHIPPED_MODEL_DIR}/model.safetensors"
+    assert [i.args for i in runtime.find("COPY")] == ["--from=builder /opt/venv /opt/venv"]
     assert "training/" not in [s for i in builder.find("COPY") for s in copy_sources(i)]
     entry = runtime.find("ENTRYPOINT")[-1].args + " " + runtime.find("CMD")[-1].args
     assert json.loads(runtime.find("ENTRYPOINT")[-1].args) == ["apd"], entry
@@ -311,8 +319,8 @@ def test_copy_sources_are_in_the_build_context(stages: list[Stage]) -> None:
                 kept = [p for p in files if not is_ignored(str(p.relative_to(ROOT)), patterns)]
                 assert kept, f"line {ins.line}: .dockerignore leaves out all of {src}"
     # The shipped model, when it exists, reaches the image; bulky or private things don't.
-    model = f"{SHIPPED_MODEL_DIR}/model.safetensors"
-    assert not is_ignored(model, patterns)
+    for kept_in in (f"{SHIPPED_MODEL_DIR}/model.safetensors", SERVE_LOCK, "LICENSE"):
+        assert not is_ignored(kept_in, patterns), f"{kept_in} is not in the build context"
     for leftout in (".venv/bin/python", ".git/HEAD", "tests/test_x.py", "data/mnist/x", "runs/a"):
         assert is_ignored(leftout, patterns), f"{leftout} would be sent to the Docker daemon"
     assert is_ignored("apd/__pycache__/x.pyc", patterns)
@@ -348,46 +356,23 @@ def test_env_variables_are_real_settings(
 # The serving image's packages: the closure of apd + [serve], read from installed metadata
 
 
-def _closure(root: str, extras: set[str]) -> set[str]:
-    """Distribution names (normalised) that ``pip install root[extras]`` brings in."""
-
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    names: set[str] = set()
-    visited: set[tuple[str, frozenset[str]]] = set()
-    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset(extras))]
-    while todo:
-        name, wanted = todo.pop()
-        if (norm(name), wanted) in visited:
-            continue
-        visited.add((norm(name), wanted))
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue  # not installed here: nothing to walk
-        names.add(norm(name))
-        for raw in dist.requires or []:
-            req = Requirement(raw)
-            envs = [{"extra": e} for e in wanted] or [{"extra": ""}]
-            if req.marker is not None and not any(req.marker.evaluate(e) for e in envs):
-                continue
-            todo.append((req.name, frozenset(req.extras)))
-    return names
+def _closure(extras: set[str]) -> set[str]:
+    """Distribution names (normalised) that ``pip install apd[extras]`` brings in."""
+    return set(installed_closure(project_requirements(extras))[0])
 
 
 def test_serving_packages_hold_no_torch() -> None:
-    serve = _closure("apd", {"serve"})
+    serve = _closure({"serve"})
     assert {"numpy", "safetensors", "pydantic", "fastapi"} <= serve, serve
     for heavy in ("torch", "onnxruntime", "onnx"):
         assert heavy not in serve, f"the [serve] extras pull {heavy} into the runtime image"
-    assert "torch" in _closure("apd", {"train"}), "control: [train] does bring torch"
+    assert "torch" in _closure({"train"}), "control: [train] does bring torch"
 
 
 def _top_level_modules(dists: set[str]) -> set[str]:
     mods: set[str] = set()
     for mod, names in md.packages_distributions().items():
-        if any(re.sub(r"[-_.]+", "-", n).lower() in dists for n in names):
+        if any(normalise(n) in dists for n in names):
             mods.add(mod)
     return mods
 
@@ -433,7 +418,7 @@ def test_serving_packages_can_serve(tmp_path: Path) -> None:
     import harness
 
     ckpt = harness.make_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    serve = _closure("apd", {"serve"})
+    serve = _closure({"serve"})
     # httpx is what TestClient talks through; it is a test tool, not part of the image.
     allowed = _top_level_modules(serve | {"httpx", "httpcore", "certifi", "sniffio"})
     allowed |= {"apd", "apd_cli", "service"}

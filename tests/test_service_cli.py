@@ -83,6 +83,13 @@ def test_bad_checkpoint_exits_1_before_serving(
     assert err.count("\n") == 0 and err.startswith("apd serve: error: checkpoint")
 
 
+def test_the_default_thread_count_is_the_settings_default() -> None:
+    from service.cli import DEFAULT_NUM_THREADS
+    from service.config import Settings
+
+    assert Settings.model_fields["num_threads"].default == DEFAULT_NUM_THREADS
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "preset", "expected"),
     [
@@ -94,13 +101,6 @@ def test_bad_checkpoint_exits_1_before_serving(
         (["--num-threads", "0"], None, None, None),  # 0: the library's default
     ],
 )
-def test_the_default_thread_count_is_the_settings_default() -> None:
-    from service.cli import DEFAULT_NUM_THREADS
-    from service.config import Settings
-
-    assert Settings.model_fields["num_threads"].default == DEFAULT_NUM_THREADS
-
-
 def test_blas_threads_follow_num_threads(
     monkeypatch: pytest.MonkeyPatch,
     argv: list[str],
@@ -207,3 +207,21 @@ def test_apd_help_lists_exactly_the_commands_that_run(capsys: pytest.CaptureFixt
         assert code in (0, None), command
     assert apd_cli.main(["calibrate"]) == 2
     assert "unknown command 'calibrate'" in capsys.readouterr().err
+
+
+def test_apd_help_works_without_the_training_code() -> None:
+    """The runtime image's wheel has no training/: `apd --help` lists what runs there."""
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] == 'training':\n"
+        "        raise ModuleNotFoundError(name, name='training')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import apd_cli\n"
+        "sys.exit(apd_cli.main(['--help']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "serve" in out.stdout and "train " not in out.stdout

@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from apd.networks import MLPSpec
-from training import torch_ops
+from apd.networks import MLPSpec, NetworkSpec
+from training import sgld, torch_ops
 
 
-def init_theta(spec: MLPSpec, num_networks: int, generator: torch.Generator) -> torch.Tensor:
-    """``(K, P)`` float32: PyTorch's default ``nn.Linear`` init for every layer,
-    ``W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, independently for each network."""
+def init_theta(spec: NetworkSpec, num_networks: int, generator: torch.Generator) -> torch.Tensor:
+    """``(K, P)`` float32: PyTorch's default ``nn.Linear`` / ``nn.Conv2d`` init for every
+    layer, ``W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``fan_in = C k k`` for a conv),
+    independently for each network."""
     theta = torch.empty(num_networks, spec.num_params)
-    for ((fan_in, _), _), (ws, bs) in zip(spec.layer_shapes, spec.offsets(), strict=True):
+    for fan_in, (ws, bs) in zip(spec.fan_ins(), spec.offsets(), strict=True):
         bound = 1.0 / math.sqrt(fan_in)
         for sl in (ws, bs):
             theta[:, sl] = torch.rand(num_networks, sl.stop - sl.start, generator=generator)
@@ -71,13 +72,13 @@ class MinibatchStream:
 
 @dataclass(frozen=True)
 class ClassificationLikelihood:
-    """``log p(y | x, theta)`` of a softmax MLP; called with index minibatches ``(K, B)``.
+    """``log p(y | x, theta)`` of a softmax network; called with index minibatches ``(K, B)``.
 
     ``__call__(theta (K, P), idx (K, B)) -> (K,)``: each network's mean log-likelihood of
     its own minibatch, ``1/B sum_i log softmax(f(x_i; theta_k))_{y_i}``.
     """
 
-    spec: MLPSpec
+    spec: NetworkSpec
     x: torch.Tensor  # (N, D) float32
     y: torch.Tensor  # (N,) int64
     dropout: float = 0.0
@@ -89,6 +90,14 @@ class ClassificationLikelihood:
         )
         logp = F.log_softmax(logits, dim=-1)
         return logp.gather(-1, self.y[idx].unsqueeze(-1)).squeeze(-1).mean(dim=1)
+
+    @property
+    def fast_gradient(self) -> sgld.ValueAndGrad | None:
+        """:meth:`value_and_grad` where it applies (an MLP without dropout), else ``None``:
+        the sampler then differentiates :meth:`__call__` with autograd (CNNs)."""
+        if isinstance(self.spec, MLPSpec) and self.dropout == 0:
+            return self.value_and_grad
+        return None
 
     @torch.no_grad()
     def value_and_grad(
@@ -102,10 +111,10 @@ class ClassificationLikelihood:
         ``a_l = h_{l-1} W_l + b_l``, ``h_l = relu(a_l)`` and ``s = softmax(a_L)``:
         ``delta_L = (onehot(y) - s) / B``, ``grad W_l = h_{l-1}^T delta_l``,
         ``grad b_l = sum_i delta_l``, ``delta_{l-1} = (delta_l W_l^T) ⊙ [h_{l-1} > 0]``.
-        Dropout is not supported here (MC-Dropout training uses autograd).
+        MLPs only, and no dropout (MC-Dropout training and CNNs use autograd).
         """
-        if self.dropout > 0:
-            raise ValueError("value_and_grad does not support dropout; use autograd")
+        if self.dropout > 0 or not isinstance(self.spec, MLPSpec):
+            raise ValueError("value_and_grad is for MLPs without dropout; use autograd")
         layers = torch_ops.unflatten(self.spec, theta)
         grad = torch.empty_like(theta)
         glayers = torch_ops.unflatten(self.spec, grad)
@@ -158,7 +167,7 @@ class PointTrainSettings:
 
 
 def train_point_estimate(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     x: torch.Tensor,
     y: torch.Tensor,
     settings: PointTrainSettings,

@@ -10,7 +10,10 @@ A run's ``samples/`` folder holds
 * ``step.npy``   int64 ``(S,)``: the sampler step after which it was taken;
 * ``meta.json``: ``{format: "apd-samples", version: 1, arch, layer_sizes, num_params,
   num_samples, num_chains, sampler: {...settings}, data_sha256, created_at}``, written last
-  by :meth:`SampleStore.close`, so a folder without it is an unfinished run.
+  by :meth:`SampleStore.close`, so a folder without it is an unfinished run. A CNN's store
+  has ``input_shape`` and ``layers`` (:meth:`apd.networks.CNNSpec.to_dict`) instead of
+  ``layer_sizes``. Runs of ``apd train`` also record ``data`` (the
+  :class:`training.datasets.DataSpec` the samples were drawn on).
 
 :meth:`SampleStore.open` checks all of it and raises :class:`SampleStoreError` (a
 :class:`~training.errors.UserError`) with a one-line reason.
@@ -27,7 +30,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec, spec_from_dict
 from training.errors import UserError
 
 FORMAT_NAME: Final = "apd-samples"
@@ -42,6 +45,8 @@ _RESERVED_META: Final = (
     "version",
     "arch",
     "layer_sizes",
+    "input_shape",
+    "layers",
     "num_params",
     "num_samples",
     "num_chains",
@@ -68,7 +73,7 @@ class SampleStore:
     def __init__(
         self,
         path: Path,
-        spec: MLPSpec,
+        spec: NetworkSpec,
         theta: NDArray[np.float32],
         chain: NDArray[np.int32],
         step: NDArray[np.int64],
@@ -89,7 +94,7 @@ class SampleStore:
 
     @classmethod
     def create(
-        cls, path: str | Path, spec: MLPSpec, capacity: int, meta: Mapping[str, Any]
+        cls, path: str | Path, spec: NetworkSpec, capacity: int, meta: Mapping[str, Any]
     ) -> SampleStore:
         """A new, empty store for up to ``capacity`` samples in ``path`` (created).
 
@@ -171,12 +176,13 @@ class SampleStore:
             tmp.replace(theta_path)
         np.save(self._path / CHAIN, self._chain[:n], allow_pickle=False)
         np.save(self._path / STEP, self._step[:n], allow_pickle=False)
+        network = self._spec.to_dict()
+        del network["name"], network["activation"]
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "arch": self._spec.name,
-            "layer_sizes": list(self._spec.layer_sizes),
-            "num_params": self._spec.num_params,
+            **network,
             "num_samples": n,
             "num_chains": len(np.unique(self._chain[:n])),
             **self._meta,
@@ -209,20 +215,17 @@ class SampleStore:
                 f"(this build reads {FORMAT_VERSION})"
             )
         try:
-            spec = MLPSpec(str(meta["arch"]), tuple(int(s) for s in meta["layer_sizes"]))
             num_samples = int(meta["num_samples"])
             num_params = int(meta["num_params"])
             num_chains = int(meta["num_chains"])
-        except (KeyError, TypeError, ValueError) as exc:
+            spec = spec_from_dict(meta)
+        except (KeyError, TypeError) as exc:
             raise SampleStoreError(f"{path / META} is missing or has a bad field: {exc}") from None
+        except ValueError as exc:
+            raise SampleStoreError(f"{path}: {exc}") from None
         missing = [k for k in _REQUIRED_META if k not in meta]
         if missing:
             raise SampleStoreError(f"{path / META} is missing {missing}")
-        if num_params != spec.num_params:
-            raise SampleStoreError(
-                f"{path}: num_params {num_params} does not match layer_sizes "
-                f"{list(spec.layer_sizes)} ({spec.num_params})"
-            )
         arrays: dict[str, np.ndarray] = {}
         expected = {
             THETA: (np.dtype(np.float32), (num_samples, num_params)),
@@ -343,7 +346,7 @@ class SampleStore:
         return self._step[: self._size]
 
     @property
-    def spec(self) -> MLPSpec:
+    def spec(self) -> NetworkSpec:
         return self._spec
 
     @property

@@ -1,7 +1,8 @@
 """The batched forward of :mod:`apd.networks` in PyTorch (differentiable, CPU or GPU).
 
-Imported by training (SGLD chains are K networks trained at once) and by the service's torch
-backend. Same flat layout and maths as the NumPy version; tests check they agree.
+Imported by training (SGLD chains are K networks trained at once) and evaluation. Same flat
+layout and maths as the NumPy version (tests check they agree to 1e-5); K CNNs run as one
+grouped convolution (``groups = K``), K MLPs as batched GEMMs.
 
 :func:`member_probs` is the one per-network softmax of the training side: the ``(K, N, C)``
 member probabilities that every predictive, metric and uncertainty score is computed from.
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from apd.networks import MLPSpec
+from apd.networks import CNNSpec, Conv2d, MaxPool2d, MLPSpec, NetworkSpec
 
 
 def compose_weights(
@@ -36,21 +38,29 @@ def compose_weights(
     return h
 
 
-def unflatten(spec: MLPSpec, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Views of ``theta (K, P)`` as ``[(W (K, in, out), b (K, out)), ...]``."""
+def unflatten(spec: NetworkSpec, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Views of ``theta (K, P)`` as ``[(W, b), ...]``, shaped as
+    :func:`apd.networks.unflatten` shapes them (``(K, in, out)`` dense, ``(K, O, C, k, k)``
+    conv)."""
     if theta.ndim != 2 or theta.shape[1] != spec.num_params:
         raise ValueError(
             f"expected theta of shape (K, {spec.num_params}), got {tuple(theta.shape)}"
         )
     k = theta.shape[0]
     return [
-        (theta[:, ws].reshape(k, fan_in, fan_out), theta[:, bs])
-        for ((fan_in, fan_out), _), (ws, bs) in zip(spec.layer_shapes, spec.offsets(), strict=True)
+        (theta[:, ws].reshape(k, *w_shape), theta[:, bs])
+        for (w_shape, _), (ws, bs) in zip(spec.layer_shapes, spec.offsets(), strict=True)
     ]
 
 
+def _dropout(h: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout: each value kept with probability ``1 - rate``, scaled by its inverse."""
+    keep = torch.rand(h.shape, device=h.device, generator=generator) >= rate
+    return h * keep / (1.0 - rate)
+
+
 def forward_logits(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     theta: torch.Tensor,
     x: torch.Tensor,
     dropout: float = 0.0,
@@ -59,8 +69,11 @@ def forward_logits(
     """Logits of K networks: ``theta (K, P)`` and ``x (N, D)`` shared, or ``x (K, N, D)``
     with a batch per network. Returns ``(K, N, C)``.
 
-    ``dropout`` > 0 applies inverted dropout to every hidden layer's output (MC-Dropout).
+    ``dropout`` > 0 applies inverted dropout to the input of every dense layer but the
+    network's first (MC-Dropout): for an MLP, to every hidden layer's output.
     """
+    if isinstance(spec, CNNSpec):
+        return _cnn_logits(spec, theta, x, dropout, generator)
     layers = unflatten(spec, theta)
     w0, b0 = layers[0]
     # A shared batch is broadcast to the K networks as a stride-0 view (no copy); the bias is
@@ -70,14 +83,66 @@ def forward_logits(
     for w, b in layers[1:]:
         h = torch.relu(h)
         if dropout > 0:
-            keep = torch.rand(h.shape, device=h.device, generator=generator) >= dropout
-            h = h * keep / (1.0 - dropout)
+            h = _dropout(h, dropout, generator)
+        h = torch.baddbmm(b.unsqueeze(1), h, w)
+    return h
+
+
+def _cnn_features(spec: CNNSpec, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The convolutional part of K CNNs: ``(K, N, F)``, each network's last feature map
+    flattened in ``(C, H, W)`` order (the input of its first dense layer).
+
+    The K networks run as one grouped convolution: maps are ``(N, K C, H, W)``, network k's
+    channels at ``k C .. (k+1) C - 1``. A shared batch ``x (N, D)`` goes through the first
+    layer as one ordinary convolution with the K networks' ``K O`` filters."""
+    k = theta.shape[0]
+    c, hgt, wid = spec.input_shape
+    layers = iter(unflatten(spec, theta))
+    shared = x.ndim == 2
+    if shared:
+        h = x.reshape(x.shape[0], c, hgt, wid)
+    else:
+        h = (
+            x.reshape(k, x.shape[1], c, hgt, wid)
+            .transpose(0, 1)
+            .reshape(x.shape[1], k * c, hgt, wid)
+        )
+    for layer in spec.layers:
+        if isinstance(layer, MaxPool2d):
+            h = F.max_pool2d(h, layer.size)
+        elif isinstance(layer, Conv2d):
+            w, b = next(layers)
+            groups = 1 if shared else k
+            h = F.conv2d(
+                h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=layer.padding, groups=groups
+            )
+            h = torch.relu(h)
+            shared = False
+        else:
+            break
+    return h.reshape(h.shape[0], k, -1).transpose(0, 1)
+
+
+def _cnn_logits(
+    spec: CNNSpec,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    dropout: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    h = _cnn_features(spec, theta, x)
+    dense = unflatten(spec, theta)[sum(isinstance(lay, Conv2d) for lay in spec.layers) :]
+    for i, (w, b) in enumerate(dense):
+        if i > 0:
+            h = torch.relu(h)
+        if dropout > 0:
+            h = _dropout(h, dropout, generator)
         h = torch.baddbmm(b.unsqueeze(1), h, w)
     return h
 
 
 def mc_dropout_logits(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     theta: torch.Tensor,
     x: torch.Tensor,
     rate: float,
@@ -88,20 +153,30 @@ def mc_dropout_logits(
 
     The masks, drawn in the same order, and (up to rounding) the logits of
     :func:`forward_logits` on the network repeated ``passes`` times with ``dropout = rate``;
-    the first layer sees no dropout, so it is computed once and shared by the passes.
-    Differentiable in ``x`` (the attacks use this).
+    what comes before the first dropout (an MLP's first layer, a CNN's convolutions) is
+    computed once and shared by the passes. Differentiable in ``x`` (the attacks use this).
     """
     if theta.ndim != 2 or theta.shape[0] != 1:
         raise ValueError(f"MC-Dropout takes one network (1, P), got {tuple(theta.shape)}")
     layers = unflatten(spec, theta)
-    w0, b0 = layers[0]
-    h = (x @ w0[0] + b0[0]).unsqueeze(0).expand(passes, -1, -1)
-    for w, b in layers[1:]:
-        h = torch.relu(h)
-        keep = torch.rand(h.shape, generator=generator, device=h.device) >= rate
-        h = h * keep / (1.0 - rate)
+    if isinstance(spec, CNNSpec):
+        first_dense = sum(isinstance(lay, Conv2d) for lay in spec.layers)
+        h = _cnn_features(spec, theta, x).expand(passes, -1, -1)
+        dense = layers[first_dense:]
+    else:
+        w0, b0 = layers[0]
+        h = (x @ w0[0] + b0[0]).unsqueeze(0).expand(passes, -1, -1)
+        dense = layers[1:]
+    for i, (w, b) in enumerate(dense):
+        if i > 0 or isinstance(spec, MLPSpec):
+            h = torch.relu(h)
+        h = _dropout(h, rate, generator)
         h = h @ w[0] + b[0]
     return h
+
+
+# The working set that :func:`member_probs` keeps a CNN chunk's activations within.
+CNN_CHUNK_BYTES = 512 << 20
 
 
 def _float32_tensor(a: torch.Tensor | NDArray[np.floating]) -> torch.Tensor:
@@ -113,17 +188,19 @@ def _float32_tensor(a: torch.Tensor | NDArray[np.floating]) -> torch.Tensor:
 
 @torch.no_grad()
 def member_probs(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     theta: torch.Tensor | NDArray[np.floating],
     x: torch.Tensor | NDArray[np.floating],
     *,
     dropout: float = 0.0,
     passes: int = 1,
     generator: torch.Generator | None = None,
-    chunk: int = 2000,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Member softmax outputs ``p_k(y | x) = softmax(f(x; theta_k))``, ``(M, N, C)`` float32
-    on the CPU, for ``x (N, D)``, computed on theta's device ``chunk`` inputs at a time.
+    on the CPU, for ``x (N, D)``, computed on theta's device ``chunk`` inputs at a time
+    (default: 2,000 for an MLP; for a CNN as many as keep its largest layer's activations
+    for the M members within :data:`CNN_CHUNK_BYTES`).
 
     Without dropout the M = K members are the networks ``theta (K, P)``
     (:func:`forward_logits`). With ``dropout > 0`` (MC-Dropout) there is one network
@@ -132,12 +209,15 @@ def member_probs(
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout rate must lie in [0, 1), got {dropout}")
+    th = _float32_tensor(theta)
+    members = passes if dropout > 0 else th.shape[0]
+    if chunk is None:
+        per_input = 4 * members * spec.max_activations
+        chunk = 2000 if isinstance(spec, MLPSpec) else max(1, CNN_CHUNK_BYTES // per_input)
     if chunk < 1 or passes < 1 or (passes > 1 and dropout == 0):
         raise ValueError(
             f"need chunk >= 1 and passes >= 1 (> 1 only with dropout), got {chunk}, {passes}"
         )
-    th = _float32_tensor(theta)
-    members = passes if dropout > 0 else th.shape[0]
     outs = [torch.empty(members, 0, spec.num_classes)]
     for start in range(0, x.shape[0], chunk):
         xb = _float32_tensor(x[start : start + chunk]).to(th.device)

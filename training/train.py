@@ -1,11 +1,18 @@
-"""``apd train {sgd,dropout,sgld} --arch {fcnn1,fcnn2} --out DIR``: train and write a run directory.
+"""``apd train {sgd,dropout,sgld} --arch ARCH [--dataset DATA] --out DIR``: train and write
+a run directory.
+
+``--arch`` is any network of :func:`apd.networks.build_spec` (``fcnn1``, ``fcnn2``,
+``mlp:W1[,W2...]``, ``al-cnn``, ``lenet5``, ``cnn:...``), fitted to the data's example shape
+and number of classes; ``--dataset`` is MNIST (the default) or the user's data
+(:mod:`training.datasets`).
 
 A run directory holds
 
 * ``config.json``: every flag, resolved (architecture defaults filled in), plus the data
-  fingerprint and the code version;
-* ``metrics.json``: validation and test accuracy / NLL of the method's predictive, wall time
-  and device;
+  (``data``: the :class:`~training.datasets.DataSpec` that reads it again, ``data_sha256``,
+  ``input``: the input convention), the network (``network``) and the code version;
+* ``metrics.json``: validation and (when the data has a test split) test accuracy / NLL of the
+  method's predictive, wall time and device;
 * ``samples/`` (SGLD): a :class:`~training.sample_store.SampleStore`; or
   ``weights.safetensors`` (SGD, MC-Dropout): tensor ``theta`` of shape ``(1, P)`` with
   metadata ``arch`` and ``dropout`` (the rate p, ``"0.0"`` for SGD);
@@ -16,9 +23,12 @@ passes (Gal & Ghahramani 2016); SGLD averages the softmax of 100 samples spread 
 across the chains and across time within each chain
 (:meth:`~training.sample_store.SampleStore.select_spread`).
 
-Every flag left unset takes the tuned default for the architecture (:data:`DEFAULTS`); the
-SGLD defaults are the ones chosen by validation accuracy, see ``docs/training.md``. Runs are
-seeded: the same flags, seed and thread count give the same numbers.
+Every flag left unset takes the tuned default for the architecture (:data:`DEFAULTS`: fcnn1
+and fcnn2 on MNIST, chosen by validation accuracy, see ``docs/training.md``); any other
+network takes :data:`GENERIC_DEFAULTS` for its family, with the cyclical schedule's cycle
+length and the thinning derived from ``--steps`` (:func:`sgld_defaults`), and a minibatch
+no larger than the training split. Runs are seeded: the same flags, seed and thread count
+give the same numbers.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,7 +49,7 @@ import torch
 from safetensors.numpy import save_file
 
 from apd import __version__
-from apd.networks import MLPSpec, get_spec
+from apd.networks import Conv2d, NetworkSpec, build_spec, parse_arch
 from training import sgld
 from training.baselines import (
     ClassificationLikelihood,
@@ -47,6 +57,12 @@ from training.baselines import (
     PointTrainSettings,
     init_theta,
     train_point_estimate,
+)
+from training.datasets import (
+    Dataset,
+    add_data_arguments,
+    data_spec_from_args,
+    load_dataset,
 )
 from training.errors import UserError
 from training.metrics import ClassificationMetrics, accuracy, classification_metrics
@@ -135,6 +151,31 @@ DEFAULTS: Final[Mapping[str, Mapping[str, PointDefaults | SGLDDefaults]]] = {
     "sgd": {"fcnn1": _POINT_DEFAULTS, "fcnn2": _POINT_DEFAULTS},
     "dropout": {"fcnn1": _POINT_DEFAULTS, "fcnn2": _POINT_DEFAULTS},
 }
+
+# Any other network: one set per family. The cycle length and the thinning follow --steps.
+SGLD_CYCLES: Final = 4
+SGLD_SAMPLES_PER_CHAIN: Final = 100
+_GENERIC_MLP: Final = SGLDDefaults(
+    chains=4,
+    steps=10_000,
+    batch_size=100,
+    lr=0.5,
+    schedule=sgld.ScheduleKind.CYCLICAL,
+    cycle_steps=0,  # derived
+    explore_fraction=0.5,
+    gamma=0.55,
+    decay_steps=10_000,
+    burn_in=0,
+    thinning=0,  # derived
+    temperature=1.0,
+    prior_std=1.0,
+    preconditioner=sgld.Preconditioner.IDENTITY,
+)
+# CNNs: a smaller step (lr 0.5 diverged on al-cnn / MNIST in the first steps).
+GENERIC_DEFAULTS: Final[Mapping[str, SGLDDefaults]] = {
+    "mlp": _GENERIC_MLP,
+    "cnn": replace(_GENERIC_MLP, lr=0.1),
+}
 SGLD_EVAL_SAMPLES: Final = 100
 DROPOUT_PASSES: Final = 200
 DROPOUT_RATE: Final = 0.5
@@ -144,9 +185,15 @@ DROPOUT_RATE: Final = 0.5
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, help="target network: fcnn1 (784-100-10) or fcnn2")
+    p.add_argument(
+        "--arch",
+        required=True,
+        help="target network: fcnn1 (mlp:100), fcnn2 (mlp:400,400), mlp:W1[,W2...], al-cnn, "
+        "lenet5, or cnn:LAYER[,LAYER...] with LAYER convOxK[pP], poolS or fcW",
+    )
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
-    p.add_argument("--data-dir", default=None, help="data folder (default: $APD_DATA_DIR)")
+    add_data_arguments(p)
+    p.add_argument("--data-dir", default=None, help="MNIST's folder (default: $APD_DATA_DIR)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, minibatches and noise")
     p.add_argument(
         "--threads",
@@ -206,6 +253,13 @@ class RunConfig:
     method: str
     arch: str
     out: str
+    dataset: str
+    label_column: str | None
+    image_size: str | None
+    channels: int | None
+    val_fraction: float
+    split_seed: int
+    preprocess: str
     data_dir: str | None
     seed: int
     threads: int
@@ -243,20 +297,58 @@ class SGLDRunConfig(RunConfig):
     eval_every: int
 
 
-def resolve_config(args: argparse.Namespace) -> PointRunConfig | SGLDRunConfig:
-    """Every flag with the architecture's default filled in; validates names and ranges."""
-    method = str(args.method)
+def sgld_defaults(arch: str, family: str, steps: int | None) -> SGLDDefaults:
+    """The SGLD defaults of ``arch``: its tuned set, or its family's generic one with
+    ``cycle_steps = steps / SGLD_CYCLES`` and a thinning that keeps about
+    ``SGLD_SAMPLES_PER_CHAIN`` samples per chain over the run's sampling stages."""
+    tuned = DEFAULTS["sgld"].get(arch)
+    if isinstance(tuned, SGLDDefaults):
+        return tuned
+    d = GENERIC_DEFAULTS[family]
+    n = d.steps if steps is None or steps <= 0 else steps
+    sampling = n * (1.0 - d.explore_fraction)
+    return replace(
+        d,
+        cycle_steps=max(1, math.ceil(n / SGLD_CYCLES)),
+        thinning=max(1, int(sampling // SGLD_SAMPLES_PER_CHAIN)),
+    )
+
+
+def check_arch(arch: str) -> str:
+    """``"mlp"`` or ``"cnn"``: the family of ``arch``, or a :class:`UserError` naming the
+    valid spellings (before any data is read)."""
     try:
-        spec = get_spec(str(args.arch))
+        hidden = parse_arch(arch)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    return "cnn" if isinstance(hidden[0], Conv2d) else "mlp"
+
+
+def resolve_config(
+    args: argparse.Namespace, num_train: int | None = None
+) -> PointRunConfig | SGLDRunConfig:
+    """Every flag with the architecture's default filled in; validates names and ranges.
+    With ``num_train``, the default minibatch is capped at the training split's size."""
+    method = str(args.method)
+    arch = str(args.arch)
+    family = check_arch(arch)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    for key, value in asdict(DEFAULTS[method][spec.name]).items():
+    defaults: PointDefaults | SGLDDefaults
+    if method == "sgld":
+        defaults = sgld_defaults(arch, family, flags.get("steps"))
+    else:
+        tuned = DEFAULTS[method].get(arch)
+        defaults = tuned if isinstance(tuned, PointDefaults) else _POINT_DEFAULTS
+    for key, value in asdict(defaults).items():
         if flags.get(key) is None:
             flags[key] = value
+            if key == "batch_size" and num_train is not None:
+                flags[key] = min(value, num_train)
     flags["out"] = str(args.out)
     cfg = SGLDRunConfig(**flags) if method == "sgld" else PointRunConfig(**flags)
     _validate(cfg)
+    if num_train is not None and cfg.batch_size > num_train:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {num_train} training examples")
     return cfg
 
 
@@ -333,36 +425,39 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """Train / validation / test arrays as torch tensors, and the data fingerprint."""
+class Tensors:
+    """A :class:`~training.datasets.Dataset`'s splits as torch tensors (no copies)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    sha256: str
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
 
+    @classmethod
+    def of(cls, data: Dataset) -> Tensors:
+        def t(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.require(a, requirements="W"))
 
-def load_dataset(data_dir: str | None) -> Dataset:
-    """MNIST with the paper's split, via :func:`training.data.load_mnist` (copied, writable)."""
-    from training.data import dataset_fingerprint, load_mnist
+        def req(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.require(a, requirements="W"))
 
-    m = load_mnist(data_dir)
+        return cls(
+            req(data.train_x),
+            req(data.train_y),
+            req(data.val_x),
+            req(data.val_y),
+            t(data.test_x),
+            t(data.test_y),
+        )
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a))
-
-    return Dataset(
-        t(m.train_x),
-        t(m.train_y).long(),
-        t(m.val_x),
-        t(m.val_y).long(),
-        t(m.test_x),
-        t(m.test_y).long(),
-        dataset_fingerprint(m),
-    )
+    def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``val`` and, where there is one, ``test``: ``(inputs, labels)``."""
+        out = {"val": (self.val_x, self.val_y)}
+        if self.test_x is not None and self.test_y is not None:
+            out["test"] = (self.test_x, self.test_y)
+        return out
 
 
 def sgld_settings(cfg: SGLDRunConfig, num_data: int) -> sgld.SGLDSettings:
@@ -388,7 +483,7 @@ def count_retained(num_steps: int, burn_in: int, thinning: int, schedule: sgld.S
 
 
 def run_sgld(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     data: Dataset,
     cfg: SGLDRunConfig,
     samples_dir: Path,
@@ -400,6 +495,7 @@ def run_sgld(
     With ``cfg.eval_every`` > 0 the validation accuracy of the current chain states is
     printed every that many steps and appended to ``trace``."""
     trace = [] if trace is None else trace
+    tensors = Tensors.of(data)
     settings = sgld_settings(cfg, data.train_x.shape[0])
     chains = cfg.chains
     steps, burn_in, thinning = cfg.steps, cfg.burn_in, cfg.thinning
@@ -407,12 +503,13 @@ def run_sgld(
     if kept == 0:
         raise UserError("no sample would be kept: check --steps, --burn-in and --thinning")
     gen = torch.Generator().manual_seed(cfg.seed)
-    likelihood = ClassificationLikelihood(spec, data.train_x, data.train_y)
-    transform = sgld.build(likelihood, settings, likelihood.value_and_grad)
+    likelihood = ClassificationLikelihood(spec, tensors.train_x, tensors.train_y)
+    transform = sgld.build(likelihood, settings, likelihood.fast_gradient)
     state = transform.init(init_theta(spec, chains, gen))
     batches = MinibatchStream(data.train_x.shape[0], cfg.batch_size, chains, gen)
     meta: dict[str, Any] = {"sampler": {"method": "sgld", **settings.to_dict(), **_chain_meta(cfg)}}
-    meta["data_sha256"] = data.sha256
+    meta["data_sha256"] = data.fingerprint
+    meta["data"] = data.spec.to_dict()
     store = SampleStore.create(samples_dir, spec, kept * chains, meta)
     chain_ids = np.arange(chains, dtype=np.int32)
 
@@ -420,7 +517,7 @@ def run_sgld(
         store.append(s.params.numpy(), chain_ids, s.step)
 
     def monitor(s: sgld.SGLDState) -> str:
-        probs = member_probs(spec, s.params, data.val_x)
+        probs = member_probs(spec, s.params, tensors.val_x)
         each = [accuracy(p.numpy(), data.val_y) for p in probs]
         together = classification_metrics(probs.mean(0).numpy(), data.val_y)
         trace.append(
@@ -462,30 +559,24 @@ def _chain_meta(cfg: SGLDRunConfig) -> dict[str, int]:
 
 
 def evaluate_samples(
-    spec: MLPSpec, theta: np.ndarray | torch.Tensor, data: Dataset
+    spec: NetworkSpec, theta: np.ndarray | torch.Tensor, data: Dataset
 ) -> dict[str, ClassificationMetrics]:
     """Posterior-predictive metrics of networks ``theta (K, P)`` on validation and test."""
     return {
-        split: classification_metrics(member_probs(spec, theta, x).mean(0).numpy(), y)
-        for split, (x, y) in {
-            "val": (data.val_x, data.val_y),
-            "test": (data.test_x, data.test_y),
-        }.items()
+        split: classification_metrics(member_probs(spec, theta, x).mean(0).numpy(), y.numpy())
+        for split, (x, y) in Tensors.of(data).splits().items()
     }
 
 
 def evaluate_dropout(
-    spec: MLPSpec, theta: torch.Tensor, data: Dataset, p: float, passes: int, seed: int
+    spec: NetworkSpec, theta: torch.Tensor, data: Dataset, p: float, passes: int, seed: int
 ) -> dict[str, ClassificationMetrics]:
     """MC-Dropout predictive: mean softmax over ``passes`` masks (seeded)."""
     out = {}
-    for split, (x, y) in {
-        "val": (data.val_x, data.val_y),
-        "test": (data.test_x, data.test_y),
-    }.items():
+    for split, (x, y) in Tensors.of(data).splits().items():
         gen = torch.Generator().manual_seed(seed)
         probs = member_probs(spec, theta, x, dropout=p, passes=passes, generator=gen)
-        out[split] = classification_metrics(probs.mean(0).numpy(), y)
+        out[split] = classification_metrics(probs.mean(0).numpy(), y.numpy())
     return out
 
 
@@ -500,14 +591,27 @@ def _metrics(evals: dict[str, ClassificationMetrics], **extra: Any) -> dict[str,
 
 def run(args: argparse.Namespace) -> int:
     """Train the requested method and write the run directory (see the module docstring)."""
-    cfg = resolve_config(args)
-    spec = get_spec(cfg.arch)
+    check_arch(str(args.arch))
+    resolve_config(args)  # every flag checked before the data is read
+    data = load_dataset(data_spec_from_args(args), args.data_dir)
+    try:
+        spec = build_spec(str(args.arch), data.input_shape, data.num_classes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    cfg = resolve_config(args, num_train=len(data.train_y))
     out = Path(cfg.out)
     torch.set_num_threads(cfg.threads)
-    data = load_dataset(cfg.data_dir)
     _prepare_out(out, cfg.force)
     progress = not cfg.no_progress
-    full_cfg = {**asdict(cfg), "data_sha256": data.sha256, "apd_version": __version__}
+    full_cfg = {
+        **asdict(cfg),
+        "data": data.spec.to_dict(),
+        "data_sha256": data.fingerprint,
+        "data_split": data.split,
+        "input": data.convention.model_dump(mode="json"),
+        "network": spec.to_dict(),
+        "apd_version": __version__,
+    }
     _write_json(out / CONFIG_FILE, full_cfg)
     device = device_description(cfg.threads)
     start = time.perf_counter()
@@ -535,15 +639,18 @@ def run(args: argparse.Namespace) -> int:
             dropout=p,
         )
         gen = torch.Generator().manual_seed(cfg.seed)
+        tensors = Tensors.of(data)
         try:
-            theta = train_point_estimate(spec, data.train_x, data.train_y, settings, gen, progress)
+            theta = train_point_estimate(
+                spec, tensors.train_x, tensors.train_y, settings, gen, progress
+            )
         except FloatingPointError as exc:
             raise UserError(str(exc)) from None
         train_s = time.perf_counter() - start
         save_file(
             {"theta": theta.numpy().astype(np.float32)},
             str(out / WEIGHTS_FILE),
-            metadata={"arch": spec.name, "dropout": str(p)},
+            metadata={"arch": spec.name, "dropout": str(p), "network": json.dumps(spec.to_dict())},
         )
         if p > 0:
             evals = evaluate_dropout(spec, theta, data, p, DROPOUT_PASSES, cfg.seed)
@@ -562,9 +669,15 @@ def run(args: argparse.Namespace) -> int:
     )
     _write_json(out / METRICS_FILE, metrics)
     (out / READY_FILE).touch()
+    split = "test" if "test_accuracy" in metrics else "val"
+    held_out = (
+        f"val accuracy {metrics['val_accuracy']:.4f}"
+        if split == "test"
+        else "no test split in the data"
+    )
     print(
-        f"{cfg.method} {spec.name}: test accuracy {metrics['test_accuracy']:.4f}, "
-        f"NLL {metrics['test_nll']:.4f}, val accuracy {metrics['val_accuracy']:.4f}, "
+        f"{cfg.method} {spec.name} on {data.name}: {split} accuracy "
+        f"{metrics[f'{split}_accuracy']:.4f}, NLL {metrics[f'{split}_nll']:.4f}, {held_out}, "
         f"train {train_s:.0f} s -> {out}"
     )
     return 0

@@ -24,6 +24,7 @@
     expectDark: null, // true: light strokes on dark, false: the reverse, null: unknown
     images: { upload: null, draw: null }, // {planes: [r, g, b], width, height}
     sent: null, // the values of the current input, as sent
+    shown: null, // [answer, request] on the page, drawn again when the width changes
   };
 
   // ---------- pixels ----------
@@ -175,8 +176,9 @@
     }
     const cx = mass > 0 ? mx / mass : (bw - 1) / 2;
     const cy = mass > 0 ? my / mass : (bh - 1) / 2;
-    const ox = clamp(Math.round((tw - 1) / 2 - cx), 0, tw - bw);
-    const oy = clamp(Math.round((th - 1) / 2 - cy), 0, th - bh);
+    // MNIST's centres of mass lie at (14, 14) in pixel indices on average: (W / 2, H / 2).
+    const ox = clamp(Math.round(tw / 2 - cx), 0, tw - bw);
+    const oy = clamp(Math.round(th / 2 - cy), 0, th - bh);
     for (let y = 0; y < bh; y++) {
       for (let x = 0; x < bw; x++) out[(oy + y) * tw + ox + x] = patch[y * bw + x];
     }
@@ -295,7 +297,7 @@
     const [lo, hi] = state.range;
     const kind = layout.channels === 1 ? "grayscale" : "RGB";
     caption.textContent =
-      `What is sent: ${layout.width}\u00d7${layout.height} ${kind}, ` +
+      `What is sent, from ${img.name}: ${layout.width}\u00d7${layout.height} ${kind}, ` +
       `${state.sent.length} values in [${lo}, ${hi}], brighter = higher.`;
     updateSubmit();
   }
@@ -321,7 +323,7 @@
     const img = new Image();
     img.onload = () => {
       URL.revokeObjectURL(url);
-      state.images.upload = readPixels(img, img.naturalWidth, img.naturalHeight);
+      state.images.upload = { ...readPixels(img, img.naturalWidth, img.naturalHeight), name: file.name };
       autoInvert(state.images.upload);
       updatePreview();
     };
@@ -377,7 +379,7 @@
     const end = () => {
       if (!last) return;
       last = null;
-      state.images.draw = readPixels(pad, pad.width, pad.height);
+      state.images.draw = { ...readPixels(pad, pad.width, pad.height), name: "the drawing" };
       autoInvert(state.images.draw);
       updatePreview();
     };
@@ -470,9 +472,11 @@
   }
 
   function showNoResult() {
+    state.shown = null;
     $("result-body").hidden = true;
     $("result-empty").hidden = false;
     $("result-empty").textContent = "No answer for this request: see the error.";
+    $("status").textContent = "";
   }
 
   // ---------- drawing the answer ----------
@@ -482,11 +486,20 @@
     return Math.abs(x) >= 0.001 ? x.toFixed(4) : x.toExponential(2);
   }
 
+  function percent(x) {
+    return `${(100 * x).toFixed(x > 0 && x < 0.01 ? 2 : 0)}%`;
+  }
+
   function svg(tag, attrs, text) {
     const el = document.createElementNS(SVG_NS, tag);
     for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
     if (text !== undefined) el.textContent = text;
     return el;
+  }
+
+  /** The width of a chart in CSS pixels: one SVG unit per pixel keeps text readable. */
+  function chartWidth(container) {
+    return Math.max(240, Math.round(container.clientWidth)) || 400;
   }
 
   function chartBox(container, width, height, label) {
@@ -500,7 +513,7 @@
   }
 
   function barChart(probs, names, top) {
-    const W = 400;
+    const W = chartWidth($("chart"));
     const H = 190;
     const [padTop, padBottom, side] = [18, 22, 4];
     const slot = (W - 2 * side) / probs.length;
@@ -527,10 +540,10 @@
       bar.appendChild(svg("title", {}, `${names[i]}: ${p.toFixed(4)}`));
       box.appendChild(bar);
       const mid = x + slot / 2;
-      if (slot >= 30) {
-        box.appendChild(
-          svg("text", { x: mid, y: H - padBottom - h - 4, "text-anchor": "middle", class: "small" }, p.toFixed(3)),
-        );
+      if (slot >= 28 && p >= 0.0005) {
+        const y = H - padBottom - h - 4;
+        const attrs = { x: mid, y, "text-anchor": "middle", class: "small" };
+        box.appendChild(svg("text", attrs, p.toFixed(3)));
       }
       box.appendChild(svg("text", { x: mid, y: H - 6, "text-anchor": "middle" }, shorten(names[i], chars)));
     });
@@ -550,29 +563,54 @@
     $("prob-table").tBodies[0].replaceChildren(...rows);
   }
 
+  /** Two bars: the total on its scale (0 to the entropy of the uniform distribution), split
+   * into its aleatoric and epistemic parts; and the same split as shares of the total, which
+   * stays readable when the total is tiny. */
   function uncertaintyBar(u, classes) {
-    const W = 400;
-    const H = 58;
-    const [x0, x1, y, h] = [4, 372, 8, 22];
+    const W = chartWidth($("uncertainty"));
+    const H = 92;
+    const [x0, x1, h] = [4, W - 4, 18];
+    const [y1, y2] = [16, 62];
+    const span = x1 - x0;
     const max = Math.log(classes); // the entropy of the uniform distribution
-    const scale = (v) => (Math.max(0, Math.min(v, max)) / max) * (x1 - x0);
-    const ale = u.expected_entropy;
-    const epi = u.mutual_information;
+    const total = u.predictive_entropy;
+    const ale = Math.max(0, u.expected_entropy);
+    const epi = Math.max(0, u.mutual_information);
+    const share = ale + epi > 0 ? ale / (ale + epi) : null;
     const label =
-      `Total uncertainty ${fmt(u.predictive_entropy)} nats = aleatoric ${fmt(ale)} ` +
-      `+ epistemic ${fmt(epi)}, out of at most ${max.toFixed(3)}`;
+      `Total uncertainty ${fmt(total)} nats of at most ${max.toFixed(3)}: aleatoric ` +
+      `${fmt(u.expected_entropy)} plus epistemic ${fmt(u.mutual_information)}` +
+      (share === null ? "" : ` (${percent(share)} and ${percent(1 - share)})`);
     const box = chartBox($("uncertainty"), W, H, label);
-    box.appendChild(svg("rect", { class: "track", x: x0, y, width: x1 - x0, height: h }));
+    const scale = (v) => (Math.max(0, Math.min(v, max)) / max) * span;
+    box.appendChild(svg("text", { x: x0, y: y1 - 4, class: "small" }, "Total, from 0 to the most uncertain"));
+    const maxLabel = `ln ${classes} = ${max.toFixed(3)}`;
+    box.appendChild(svg("text", { x: x1, y: y1 - 4, "text-anchor": "end", class: "small" }, maxLabel));
+    box.appendChild(svg("rect", { class: "track", x: x0, y: y1, width: span, height: h }));
     const wa = scale(ale);
-    const we = Math.min(scale(epi), x1 - x0 - wa);
-    box.appendChild(svg("rect", { class: "aleatoric", x: x0, y, width: wa, height: h }));
-    box.appendChild(svg("rect", { class: "epistemic", x: x0 + wa, y, width: Math.max(0, we), height: h }));
-    const end = x0 + scale(u.predictive_entropy);
-    box.appendChild(svg("line", { class: "threshold", x1: end, x2: end, y1: y - 4, y2: y + h + 4 }));
-    box.appendChild(svg("text", { x: x0, y: H - 6, class: "small" }, "0"));
-    box.appendChild(
-      svg("text", { x: x1, y: H - 6, "text-anchor": "end", class: "small" }, `ln ${classes} = ${max.toFixed(3)} (most uncertain)`),
-    );
+    box.appendChild(svg("rect", { class: "aleatoric", x: x0, y: y1, width: wa, height: h }));
+    const we = Math.min(scale(epi), span - wa);
+    box.appendChild(svg("rect", { class: "epistemic", x: x0 + wa, y: y1, width: we, height: h }));
+    const end = x0 + scale(total);
+    box.appendChild(svg("line", { class: "threshold", x1: end, x2: end, y1: y1 - 2, y2: y1 + h + 2 }));
+    box.appendChild(svg("text", { x: x0, y: y2 - 4, class: "small" }, "Split of the total"));
+    box.appendChild(svg("rect", { class: "track", x: x0, y: y2, width: span, height: h }));
+    if (share !== null) {
+      const split = share * span;
+      box.appendChild(svg("rect", { class: "aleatoric", x: x0, y: y2, width: split, height: h }));
+      const rest = { class: "epistemic", x: x0 + split, y: y2, width: span - split, height: h };
+      box.appendChild(svg("rect", rest));
+      const labels = [
+        [share, x0 + 4, "start", `aleatoric ${percent(share)}`],
+        [1 - share, x1 - 4, "end", `epistemic ${percent(1 - share)}`],
+      ];
+      for (const [part, x, anchor, text] of labels) {
+        if (part * span > 90) {
+          const attrs = { x, y: y2 + 13, "text-anchor": anchor, class: "inside" };
+          box.appendChild(svg("text", attrs, text));
+        }
+      }
+    }
     const rows = [
       ["Total (predictive entropy)", u.predictive_entropy, null],
       ["Aleatoric (expected entropy)", ale, "aleatoric"],
@@ -590,15 +628,18 @@
       dt.appendChild(document.createTextNode(name));
       const dd = document.createElement("dd");
       dd.textContent = fmt(value);
+      if (swatch && share !== null) {
+        dd.textContent += ` (${percent(swatch === "aleatoric" ? share : 1 - share)})`;
+      }
       items.push(dt, dd);
     }
     $("uncertainty-values").replaceChildren(...items);
   }
 
   function gauge(anomaly) {
-    const W = 400;
+    const W = chartWidth($("gauge"));
     const H = 64;
-    const [x0, x1, y, h] = [4, 396, 20, 16];
+    const [x0, x1, y, h] = [4, W - 4, 20, 16];
     const { score, threshold } = anomaly;
     const max = Math.max(2 * threshold, 1.15 * score, 1e-9);
     const at = (v) => x0 + (Math.max(0, Math.min(v, max)) / max) * (x1 - x0);
@@ -607,12 +648,11 @@
     }`;
     const box = chartBox($("gauge"), W, H, label);
     box.appendChild(svg("rect", { class: "track", x: x0, y, width: x1 - x0, height: h }));
-    box.appendChild(svg("rect", { class: "over", x: at(threshold), y, width: x1 - at(threshold), height: h }));
     const t = at(threshold);
+    box.appendChild(svg("rect", { class: "over", x: t, y, width: x1 - t, height: h }));
     box.appendChild(svg("line", { class: "threshold", x1: t, x2: t, y1: y - 6, y2: y + h + 2 }));
-    box.appendChild(
-      svg("text", { x: t, y: y - 8, "text-anchor": t > W / 2 ? "end" : "start", class: "small" }, `threshold ${fmt(threshold)}`),
-    );
+    const tAttrs = { x: t, y: y - 8, "text-anchor": t > W / 2 ? "end" : "start", class: "small" };
+    box.appendChild(svg("text", tAttrs, `threshold ${fmt(threshold)}`));
     const s = at(score);
     box.appendChild(svg("path", { class: "marker", d: `M${s} ${y + h} l-6 10 h12 z` }));
     box.appendChild(svg("rect", { class: "marker", x: s - 1.5, y, width: 3, height: h }));
@@ -631,7 +671,7 @@
     const rows = [
       ["Networks averaged (K)", String(answer.num_samples)],
       ["Model variance", fmt(prediction.uncertainty.model_variance)],
-      ["Seed", answer.seed === null || answer.seed === undefined ? "none (drawn from the pool)" : String(answer.seed)],
+      ["Seed", answer.seed == null ? "none (networks drawn from the pool)" : String(answer.seed)],
       ["Model", `${model.id} ${model.version} (sha256 ${String(model.checkpoint_sha256).slice(0, 12)})`],
     ];
     const items = [];
@@ -648,6 +688,9 @@
   }
 
   function render(answer, body) {
+    state.shown = [answer, body];
+    $("result-empty").hidden = true;
+    $("result-body").hidden = false; // before drawing: the charts take its width
     const prediction = answer.predictions[0];
     const probs = prediction.probabilities;
     const names = probs.map((_, i) => (state.classes.length === probs.length ? state.classes[i] : String(i)));
@@ -661,14 +704,15 @@
     flag.textContent = bad
       ? "Anomaly: flagged, the score is above its calibrated threshold (unlike the training data)."
       : "Not an anomaly: the score is within its calibrated threshold.";
+    $("status").textContent =
+      `Predicted ${names[top]} with probability ${probs[top].toFixed(3)}; ` +
+      `${bad ? "flagged as an anomaly" : "not an anomaly"}; ${answer.num_samples} networks.`;
     barChart(probs, names, top);
     probTable(probs, names);
     uncertaintyBar(prediction.uncertainty, probs.length);
     gauge(prediction.anomaly);
     facts(answer, prediction);
     $("request-json").textContent = JSON.stringify(body);
-    $("result-empty").hidden = true;
-    $("result-body").hidden = false;
   }
 
   // ---------- start ----------
@@ -706,7 +750,7 @@
     if (info.limits && info.limits.max_num_samples) k.max = info.limits.max_num_samples;
     const shape = Array.isArray(input.shape) ? input.shape.join("\u00d7") : "?";
     $("model-line").textContent =
-      `Model ${info.id} ${info.version}: input ${shape}, ${input.description || ""}; ` +
+      `Model ${info.id} ${info.version}. Input: ${input.description || shape}. ` +
       `${state.classes.length} classes; ${info.default_num_samples} posterior networks by default.`;
     if (!state.layout) {
       const notice = $("unsupported");
@@ -758,6 +802,11 @@
   $("invert").addEventListener("change", updatePreview);
   $("centre").addEventListener("change", updatePreview);
   $("predict-form").addEventListener("submit", submit);
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => state.shown && !$("result-body").hidden && render(...state.shown), 150);
+  });
   setUpPad();
   setMode();
   loadModel();

@@ -21,7 +21,7 @@ from apd.checkpoint import (
     TargetNetwork,
     save_checkpoint,
 )
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec
 
 from .gan import Generator
 
@@ -53,20 +53,12 @@ def default_version() -> str:
     return datetime.now(UTC).strftime("%Y.%m.%d-%H%M")
 
 
-def target_network(spec: MLPSpec) -> TargetNetwork:
-    return TargetNetwork(
-        arch=spec.name,
-        layer_sizes=list(spec.layer_sizes),
-        activation=spec.activation,
-        num_params=spec.num_params,
-    )
-
-
 def write_checkpoint(
     path: str | Path,
     generator: Generator,
-    spec: MLPSpec,
+    spec: NetworkSpec,
     *,
+    input_convention: InputConvention,
     design: Design,
     basis_dtype: str,
     anomaly: AnomalyCalibration,
@@ -78,7 +70,8 @@ def write_checkpoint(
     metrics: dict[str, Any],
     num_samples_default: int = 100,
 ) -> tuple[str, CheckpointMeta]:
-    """Validate and write the checkpoint; returns its sha256 and metadata."""
+    """Validate and write the checkpoint; returns its sha256 and metadata. The input
+    convention is the training data's (:attr:`training.datasets.Dataset.convention`)."""
     if generator.num_params != spec.num_params:
         raise ValueError(
             f"generator makes {generator.num_params} weights, {spec.name} has {spec.num_params}"
@@ -86,8 +79,8 @@ def write_checkpoint(
     meta = CheckpointMeta(
         model_id=model_id,
         version=version,
-        target=target_network(spec),
-        input=InputConvention(scale=1.0),
+        target=TargetNetwork.of(spec),
+        input=input_convention,
         generator=generator.checkpoint_config(design, basis_dtype),
         num_samples_default=num_samples_default,
         anomaly=anomaly,

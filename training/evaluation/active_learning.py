@@ -40,7 +40,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, ScoreName
 from training import metrics, sgld
 from training.evaluation.methods import MemberNetworks, spread_indices
@@ -223,7 +223,7 @@ def select(
 
 
 def fit_sgld(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     x: NDArray[np.float32],
     y: NDArray[np.int64],
     s: ActiveLearningSettings,
@@ -262,7 +262,7 @@ def fit_sgld(
 
 
 def fit_online_apd(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     x: NDArray[np.float32],
     y: NDArray[np.int64],
     s: ActiveLearningSettings,
@@ -302,7 +302,7 @@ def fit_online_apd(
 
 
 def run_curve(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     pool_x: NDArray[np.float32],
     pool_y: NDArray[np.int64],
     test_x: NDArray[np.float32],
@@ -349,7 +349,7 @@ def run_curve(
 
 
 def run_active_learning(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     train_x: NDArray[np.float32],
     train_y: NDArray[np.int64],
     test_x: NDArray[np.float32],

@@ -81,7 +81,7 @@ def craft(
     seed: int = 0,
 ) -> NDArray[np.float32]:
     """Adversarial versions of ``x`` against ``members``' predictive, in input chunks."""
-    widest = max(members.spec.layer_sizes[1:])
+    widest = members.spec.max_activations
     chunk = max(1, _ATTACK_BUDGET // (members.num_members * widest))
     gen = torch.Generator().manual_seed(seed)
 

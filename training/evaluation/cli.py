@@ -22,7 +22,7 @@ from typing import Final
 from training.errors import UserError
 from training.evaluation.active_learning import ActiveLearningSettings
 from training.evaluation.adversarial import AttackKind, AttackSettings
-from training.evaluation.suite import EXPERIMENTS, SuiteConfig
+from training.evaluation.suite import DEFAULT_MIXTURE_RANK, EXPERIMENTS, SuiteConfig
 from training.evaluation.toy2d import ToySettings
 
 REFERENCE_DIR: Final = Path("docs/results")
@@ -61,6 +61,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="rank of the Gaussian's factor (default: the APD subspace rank, else 20)",
+    )
+    p.add_argument(
+        "--mixture-rank",
+        type=int,
+        default=DEFAULT_MIXTURE_RANK,
+        help=f"deviation columns per component of the SWAG mixture (default "
+        f"{DEFAULT_MIXTURE_RANK}, SWAG's K)",
+    )
+    p.add_argument(
+        "--laplace-fit-inputs",
+        type=int,
+        default=None,
+        help="training images the Laplace peers' Hessian is computed on (default: all)",
     )
     p.add_argument("--ood-size", type=int, default=10_000, help="images per OOD set")
     p.add_argument("--test-size", type=int, default=None, help="MNIST test subset (default all)")
@@ -149,6 +162,8 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
         num_samples=args.num_samples,
         dropout_passes=args.dropout_passes,
         gaussian_rank=args.gaussian_rank,
+        mixture_rank=args.mixture_rank,
+        laplace_fit_inputs=args.laplace_fit_inputs,
         ood_size=args.ood_size,
         test_size=args.test_size,
         scales=_floats(args.scales, "--scales"),
@@ -170,6 +185,7 @@ def quick(cfg: SuiteConfig) -> SuiteConfig:
         num_samples=min(cfg.num_samples, 10),
         dropout_passes=min(cfg.dropout_passes, 10),
         ood_size=min(cfg.ood_size, 300),
+        laplace_fit_inputs=min(cfg.laplace_fit_inputs or 2000, 2000),
         test_size=min(cfg.test_size or 500, 500),
         attacks=replace(cfg.attacks, eps=(0.1, 0.3), pgd_steps=3, num_inputs=100),
         active_learning=replace(

@@ -10,8 +10,14 @@ softmax outputs ``(K, N, C)`` make the posterior predictive and its uncertainty
 * ``ensemble``  deep ensemble (Lakshminarayanan et al. 2017): 5 SGD networks from 5 seeds.
 * ``sgld``      SGLD samples kept on disk: K spread across chains and time
                 (:meth:`training.sample_store.SampleStore.select_spread`).
-* ``gaussian``  a Gaussian fitted to the same SGLD samples, covariance rank-R plus diagonal
-                (SWAG-style, Maddox et al. 2019; see :class:`GaussianPosterior`).
+* ``gaussian``  one Gaussian fitted to the same SGLD samples across all chains, covariance
+                rank-R plus diagonal (:class:`GaussianPosterior`). An illustration of what
+                one Gaussian over separated modes does, not a fair peer.
+* ``mixture``   a mixture of SWAG Gaussians (Maddox et al. 2019) fitted to the same SGLD
+                samples, one component per chain or per (chain, cycle): what MultiSWAG
+                does (:class:`GaussianMixturePosterior`).
+* ``laplace_ll``, ``laplace_kfac``  laplace-torch on the SGD network, last layer or all
+                layers, KFAC (:mod:`training.evaluation.laplace_peer`).
 * ``apd``       the APD generator checkpoint: ``theta = mean + G(z) basis + residual_std eps``.
 
 Every method says how many bytes it needs to store to serve (:meth:`stored_bytes`) and
@@ -23,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -32,7 +38,7 @@ import torch
 from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, summarize
 from training import torch_ops
 from training.distillation.package import sample_networks
@@ -57,7 +63,7 @@ class MemberNetworks:
     its own masks, drawn from ``generator`` (fresh masks at every call).
     """
 
-    spec: MLPSpec
+    spec: NetworkSpec
     theta: torch.Tensor
     dropout: float = 0.0
     passes: int = 1
@@ -86,7 +92,7 @@ class MemberNetworks:
 
     def probs(self, x: NDArray[np.floating] | torch.Tensor, seed: int = 0) -> F32:
         """Softmax outputs ``(K, N, C)`` float32, in chunks of inputs; masks seeded by ``seed``."""
-        widest = max(self.spec.layer_sizes[1:])
+        widest = self.spec.max_activations
         probs = torch_ops.member_probs(
             self.spec,
             self.theta,
@@ -117,7 +123,7 @@ class PosteriorMethod(Protocol):
         ...
 
     @property
-    def spec(self) -> MLPSpec: ...
+    def spec(self) -> NetworkSpec: ...
 
     def draw(self, num_samples: int, seed: int) -> MemberNetworks:
         """K networks (K = ``num_samples`` where the method can vary it)."""
@@ -149,7 +155,7 @@ class FixedNetworks:
 
     key: str
     label: str
-    spec: MLPSpec
+    spec: NetworkSpec
     theta: F32  # (M, P)
     source: Provenance = field(default_factory=Provenance)
 
@@ -170,7 +176,7 @@ class FixedNetworks:
 class MCDropout:
     """One network trained with dropout, predicting with ``passes`` stochastic passes."""
 
-    spec: MLPSpec
+    spec: NetworkSpec
     theta: F32  # (1, P)
     rate: float
     source: Provenance = field(default_factory=Provenance)
@@ -198,7 +204,10 @@ class SampleSource(Protocol):
     def chain(self) -> NDArray[np.int32]: ...
 
     @property
-    def spec(self) -> MLPSpec: ...
+    def step(self) -> NDArray[np.int64]: ...
+
+    @property
+    def spec(self) -> NetworkSpec: ...
 
     @property
     def meta(self) -> dict[str, Any]: ...
@@ -222,7 +231,7 @@ class SGLDSamples:
     label: str = "SGLD"
 
     @property
-    def spec(self) -> MLPSpec:
+    def spec(self) -> NetworkSpec:
         return self.store.spec
 
     def draw(self, num_samples: int, seed: int) -> MemberNetworks:
@@ -256,13 +265,13 @@ class GaussianPosterior:
     ``theta = mean + z F + d * e`` with ``z ~ N(0, I_R)`` and ``e ~ N(0, I_P)``.
     """
 
-    spec: MLPSpec
+    spec: NetworkSpec
     mean: F32  # (P,)
     factor: F32  # (R, P)
     diag_std: F32  # (P,)
     source: Provenance = field(default_factory=Provenance)
     key: str = "gaussian"
-    label: str = "Gaussian (SWAG-style)"
+    label: str = "One Gaussian across chains (illustration)"
 
     @property
     def rank(self) -> int:
@@ -284,8 +293,24 @@ class GaussianPosterior:
         return {"rank": self.rank, **self.source}
 
 
+def sample_moments(
+    samples: F32, rows: NDArray[np.int64], block: int = 1024
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-weight mean and population variance ``mean(x^2) - mean(x)^2`` (clipped at 0) of
+    ``samples[rows]``, in float64, reading ``block`` rows at a time (``samples`` may be a
+    memmap)."""
+    total = np.zeros(samples.shape[1], np.float64)
+    total_sq = np.zeros(samples.shape[1], np.float64)
+    for start in range(0, len(rows), block):
+        b = np.asarray(samples[rows[start : start + block]], dtype=np.float64)
+        total += b.sum(axis=0)
+        total_sq += (b * b).sum(axis=0)
+    mean = total / len(rows)
+    return mean, np.clip(total_sq / len(rows) - mean * mean, 0.0, None)
+
+
 def fit_gaussian(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     samples: F32,
     rank: int,
     fit_rows: NDArray[np.int64] | None = None,
@@ -314,14 +339,8 @@ def fit_gaussian(
     n = len(rows)
     if not 0 <= rank < n:
         raise ValueError(f"rank must lie in [0, {n - 1}] for {n} samples, got {rank}")
-    total = np.zeros(p, np.float64)
-    total_sq = np.zeros(p, np.float64)
-    for start in range(0, s, block):
-        b = np.asarray(samples[start : start + block], dtype=np.float64)
-        total += b.sum(axis=0)
-        total_sq += (b * b).sum(axis=0)
-    mean = total / s
-    var = np.clip(total_sq / s - mean * mean, 0.0, None) * s / (s - 1)
+    mean, var = sample_moments(samples, np.arange(s, dtype=np.int64), block)
+    var *= s / (s - 1)
     if progress is not None:
         progress(f"gaussian: mean/variance over {s} samples; rank-{rank} factor from {n}")
     factor = np.zeros((rank, p), np.float64)
@@ -353,6 +372,159 @@ def fit_gaussian(
 
 
 @dataclass(frozen=True)
+class GaussianMixturePosterior:
+    """A mixture of SWAG Gaussians (Maddox et al. 2019), one per mode component: MultiSWAG.
+
+    Component ``m`` has weight ``w_m`` (its share of the samples), mean ``mu_m``, per-weight
+    variance ``s_m^2`` (SWAG's ``Sigma_diag``) and a deviation matrix ``D_m (k_m, P)``, and
+    the covariance of the SWAG paper,
+
+        ``Sigma_m = 1/2 (diag(s_m^2) + D_m^T D_m / (k_m - 1))``.
+
+    A draw picks ``m`` with probability ``w_m``, then
+    ``theta = mu_m + s_m * e1 / sqrt(2) + e2 D_m / sqrt(2 (k_m - 1))``, ``e1 ~ N(0, I_P)``,
+    ``e2 ~ N(0, I_k)``. Fitted by :func:`fit_mixture`. To serve it one stores, per
+    component, ``mu_m``, ``s_m`` and ``D_m``: ``(2 + k_m) P`` floats.
+    """
+
+    spec: NetworkSpec
+    counts: NDArray[np.int64]  # (M,) samples per component: the weights are their shares
+    means: F32  # (M, P)
+    diag_std: F32  # (M, P)
+    deviations: tuple[F32, ...]  # M arrays (k_m, P)
+    source: Provenance = field(default_factory=Provenance)
+    key: str = "mixture"
+    label: str = "Gaussian mixture (MultiSWAG)"
+
+    def __post_init__(self) -> None:
+        m, p = self.means.shape
+        if self.diag_std.shape != (m, p) or len(self.counts) != m or len(self.deviations) != m:
+            raise ValueError("a mixture needs one weight, mean, std and deviation per component")
+        if any(d.ndim != 2 or d.shape[0] < 2 or d.shape[1] != p for d in self.deviations):
+            raise ValueError("each component needs a deviation matrix (k >= 2, P)")
+
+    @property
+    def num_components(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def weights(self) -> NDArray[np.float64]:
+        return np.asarray(self.counts, np.float64) / float(np.sum(self.counts))
+
+    def component_covariance(self, m: int) -> NDArray[np.float64]:
+        """``Sigma_m (P, P)`` in float64 (for checks on small P)."""
+        d = self.deviations[m].astype(np.float64)
+        diag = np.diag(self.diag_std[m].astype(np.float64) ** 2)
+        return 0.5 * (diag + d.T @ d / (d.shape[0] - 1))
+
+    def sample_theta(self, num_samples: int, seed: int) -> F32:
+        rng = np.random.default_rng(seed)
+        p = self.spec.num_params
+        comp = rng.choice(self.num_components, size=num_samples, p=self.weights)
+        out = np.empty((num_samples, p), np.float32)
+        for m in np.unique(comp):
+            rows = np.flatnonzero(comp == m)
+            d = self.deviations[m]
+            e1 = rng.standard_normal((len(rows), p), dtype=np.float32)
+            e2 = rng.standard_normal((len(rows), d.shape[0]), dtype=np.float32)
+            low_rank = (e2 @ d) / np.float32(math.sqrt(d.shape[0] - 1))
+            out[rows] = self.means[m] + (self.diag_std[m] * e1 + low_rank) / np.float32(
+                math.sqrt(2.0)
+            )
+        return out
+
+    def draw(self, num_samples: int, seed: int) -> MemberNetworks:
+        return MemberNetworks(self.spec, _as_tensor(self.sample_theta(num_samples, seed)))
+
+    def stored_bytes(self) -> int:
+        p = self.spec.num_params
+        floats = sum((2 + d.shape[0]) * p for d in self.deviations) + self.num_components
+        return int(4 * floats)
+
+    def provenance(self) -> Provenance:
+        return {
+            "components": self.num_components,
+            "rank": max(d.shape[0] for d in self.deviations),
+            "component_samples": [int(c) for c in self.counts],
+            **self.source,
+        }
+
+
+def fit_mixture(
+    spec: NetworkSpec,
+    samples: F32,
+    labels: NDArray[np.integer],
+    step: NDArray[np.integer],
+    rank: int,
+    block: int = 1024,
+) -> GaussianMixturePosterior:
+    """Fit one SWAG Gaussian per label to ``samples (S, P)`` (may be a memmap).
+
+    For the ``n_m`` samples of label ``m``: ``mu_m`` and ``s_m^2`` are their mean and
+    population variance (SWAG's running first and second moments over every iterate), and
+    ``D_m`` holds the deviations from ``mu_m`` of ``k_m = min(rank, n_m)`` of them, evenly
+    spaced in ``step`` and ending at the latest. SWAG keeps the last ``k`` iterates of one
+    SGD trajectory, a memory limit of its online fit; spreading them over the component's
+    samples covers more of it when they are autocorrelated. Weights ``w_m = n_m / S``.
+    """
+    s, p = samples.shape
+    if p != spec.num_params:
+        raise ValueError(f"samples have {p} parameters, spec {spec.name} has {spec.num_params}")
+    labels = np.asarray(labels)
+    step = np.asarray(step)
+    if labels.shape != (s,) or step.shape != (s,):
+        raise ValueError(f"need one label and one step per sample ({s})")
+    if rank < 2:
+        raise ValueError(f"the deviation matrix needs rank >= 2, got {rank}")
+    ids, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2:
+        raise ValueError(f"component {ids[np.argmin(counts)]} has {counts.min()} sample(s); need 2")
+    means = np.empty((len(ids), p), np.float32)
+    stds = np.empty((len(ids), p), np.float32)
+    deviations = []
+    for i, label in enumerate(ids):
+        rows = np.flatnonzero(labels == label)
+        rows = rows[np.argsort(step[rows], kind="stable")]
+        mean, var = sample_moments(samples, rows, block)
+        n = len(rows)
+        k = min(rank, n)
+        picked = np.sort(rows[n - 1 - spread_indices(n, k)])
+        dev = np.asarray(samples[picked], dtype=np.float64) - mean
+        means[i] = mean
+        stds[i] = np.sqrt(var)
+        deviations.append(dev.astype(np.float32))
+    return GaussianMixturePosterior(
+        spec=spec,
+        counts=counts.astype(np.int64),
+        means=means,
+        diag_std=stds,
+        deviations=tuple(deviations),
+        source={"moment_samples": s},
+    )
+
+
+def fit_mixture_to_sgld(sgld: SGLDSamples, rank: int) -> GaussianMixturePosterior:
+    """:func:`fit_mixture` with the distillation's mode components
+    (:func:`training.distillation.offline.mode_labels`: a chain, or a chain's cycle when the
+    step size is cyclical) as its components."""
+    from training.distillation.offline import mode_labels
+
+    store = sgld.store
+    chain, step = np.asarray(store.chain), np.asarray(store.step)
+    labels = mode_labels(chain, step, store.meta.get("sampler"))
+    fit = fit_mixture(sgld.spec, store.theta, labels, step, rank)
+    per_cycle = fit.num_components > len(np.unique(chain))
+    return replace(
+        fit,
+        source={
+            **fit.source,
+            "component_rule": "chain and cycle" if per_cycle else "chain",
+            "fitted_to": str(sgld.source.get("run", "sgld")),
+        },
+    )
+
+
+@dataclass(frozen=True)
 class GeneratorPosterior:
     """The APD generator checkpoint: ``z ~ N(0, I)`` (and ``eps ~ N(0, I_P)``) -> networks."""
 
@@ -362,7 +534,7 @@ class GeneratorPosterior:
     label: str = "APD"
 
     @property
-    def spec(self) -> MLPSpec:
+    def spec(self) -> NetworkSpec:
         return self.checkpoint.spec
 
     def draw(self, num_samples: int, seed: int) -> MemberNetworks:
@@ -420,7 +592,7 @@ def _run_source(run_dir: Path, config: dict[str, Any]) -> Provenance:
     return out
 
 
-def load_point_weights(run_dir: Path, spec: MLPSpec) -> tuple[F32, dict[str, str]]:
+def load_point_weights(run_dir: Path, spec: NetworkSpec) -> tuple[F32, dict[str, str]]:
     """``theta (1, P)`` and the safetensors metadata of an SGD / MC-Dropout run."""
     from safetensors import SafetensorError, safe_open
 
@@ -469,14 +641,14 @@ def _find_dropout_rate(meta: dict[str, str], config: dict[str, Any]) -> float | 
     return None
 
 
-def load_sgd(run_dir: Path, spec: MLPSpec) -> FixedNetworks:
+def load_sgd(run_dir: Path, spec: NetworkSpec) -> FixedNetworks:
     theta, _ = load_point_weights(run_dir, spec)
     config = read_run_config(run_dir)
     return FixedNetworks("sgd", "SGD", spec, theta[:1], _run_source(run_dir, config))
 
 
 def load_dropout(
-    run_dir: Path, spec: MLPSpec, passes: int = DEFAULT_DROPOUT_PASSES
+    run_dir: Path, spec: NetworkSpec, passes: int = DEFAULT_DROPOUT_PASSES
 ) -> tuple[MCDropout, int]:
     """The MC-Dropout method of a run and the number of passes it predicts with."""
     theta, meta = load_point_weights(run_dir, spec)
@@ -487,7 +659,7 @@ def load_dropout(
     return MCDropout(spec, theta[:1], rate, _run_source(run_dir, config)), passes
 
 
-def load_ensemble(run_dirs: list[Path], spec: MLPSpec) -> FixedNetworks:
+def load_ensemble(run_dirs: list[Path], spec: NetworkSpec) -> FixedNetworks:
     if len(run_dirs) < 2:
         raise UserError(f"a deep ensemble needs at least 2 SGD runs, got {len(run_dirs)}")
     thetas, members = [], []
@@ -504,27 +676,30 @@ def load_ensemble(run_dirs: list[Path], spec: MLPSpec) -> FixedNetworks:
     )
 
 
-def load_sgld(run_dir: Path, spec: MLPSpec) -> SGLDSamples:
+def _layout(spec: NetworkSpec) -> dict[str, object]:
+    """What makes two specs the same network, whatever their names."""
+    return {k: v for k, v in spec.to_dict().items() if k != "name"}
+
+
+def load_sgld(run_dir: Path, spec: NetworkSpec) -> SGLDSamples:
     from training.sample_store import SampleStore
 
     store = SampleStore.open(run_dir / SAMPLES_DIR)
-    if store.spec.layer_sizes != spec.layer_sizes:
+    if _layout(store.spec) != _layout(spec):
         raise UserError(
-            f"{run_dir}: samples are for {list(store.spec.layer_sizes)}, not {spec.name} "
-            f"{list(spec.layer_sizes)}"
+            f"{run_dir}: samples are for {_layout(store.spec)}, not {spec.name} {_layout(spec)}"
         )
     return SGLDSamples(store, _run_source(run_dir, read_run_config(run_dir)))
 
 
-def load_apd(path: Path, spec: MLPSpec) -> GeneratorPosterior:
+def load_apd(path: Path, spec: NetworkSpec) -> GeneratorPosterior:
     from apd.checkpoint import load_checkpoint
 
     size = path.stat().st_size if path.is_file() else 0
     ck = load_checkpoint(path)
-    if ck.spec.layer_sizes != spec.layer_sizes:
+    if _layout(ck.spec) != _layout(spec):
         raise UserError(
-            f"{path}: generator targets {list(ck.spec.layer_sizes)}, not {spec.name} "
-            f"{list(spec.layer_sizes)}"
+            f"{path}: generator targets {_layout(ck.spec)}, not {spec.name} {_layout(spec)}"
         )
     if ck.size_bytes != size:
         raise UserError(f"{path} changed while it was being loaded; run again")

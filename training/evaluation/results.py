@@ -103,6 +103,9 @@ class SuiteConfigRecord(TypedDict):
     num_samples: int
     dropout_passes: int
     gaussian_rank: int | None
+    # NotRequired: results.json files written before the fair peers lack them
+    mixture_rank: NotRequired[int]
+    laplace_fit_inputs: NotRequired[int | None]
     ood_size: int
     test_size: int | None
     scales: list[float]
@@ -146,8 +149,11 @@ class Provenance(TypedDict, total=False):
     Point estimates and the ensemble's members: ``run``, ``seed``, ``method``, ``arch`` (and
     ``settings``, ``code_revision``, ``created_at`` when the run's ``config.json`` has them);
     the ensemble: ``networks``, ``members``; SGLD: ``samples_stored``, ``chains``, ``sampler``;
-    the Gaussian: ``rank``, ``fit_samples``, ``moment_samples``, ``fitted_to``; APD:
-    ``checkpoint`` to ``distillation`` and ``code_revision``.
+    the Gaussian: ``rank``, ``fit_samples``, ``moment_samples``, ``fitted_to``; the mixture:
+    ``components``, ``component_rule``, ``component_samples``, ``rank`` (the most deviation
+    columns of a component), ``moment_samples``, ``fitted_to``; a Laplace peer: its SGD run's
+    keys, ``subset_of_weights`` to ``fit_seconds``; APD: ``checkpoint`` to ``distillation``
+    and ``code_revision``.
     """
 
     networks: int
@@ -159,6 +165,18 @@ class Provenance(TypedDict, total=False):
     fit_samples: int
     moment_samples: int
     fitted_to: str
+    components: int
+    component_rule: str
+    component_samples: list[int]
+    subset_of_weights: str
+    hessian_structure: str
+    laplace_params: int
+    hessian_floats: int
+    prior_structure: str
+    prior_precision: list[float]
+    fit_inputs: int
+    log_marginal_likelihood: float | None
+    fit_seconds: float
     members: list[Provenance]
     checkpoint: str
     sha256: str
@@ -288,7 +306,7 @@ class Fidelity(TypedDict):
 
 @with_config(_CLOSED)
 class GaussianFidelity(TypedDict):
-    """The Gaussian against the same SGLD teacher."""
+    """The one Gaussian, or the mixture, against the same SGLD teacher."""
 
     anomaly: list[FidelityRecord]
     classification: ClassificationFidelityRecord
@@ -324,6 +342,7 @@ class ClassificationAndAnomaly(TypedDict):
     anomaly: AnomalySection
     fidelity: NotRequired[Fidelity]
     fidelity_gaussian: NotRequired[GaussianFidelity]
+    fidelity_mixture: NotRequired[GaussianFidelity]
 
 
 # --------------------------------------------------------------------------- experiment 3
@@ -446,6 +465,7 @@ class EvaluationResults(TypedDict):
     anomaly: NotRequired[AnomalySection]
     fidelity: NotRequired[Fidelity]
     fidelity_gaussian: NotRequired[GaussianFidelity]
+    fidelity_mixture: NotRequired[GaussianFidelity]
     gaussian_diagnostics: NotRequired[GaussianDiagnostics]
     adversarial: NotRequired[AdversarialSection]
     cost: NotRequired[CostSection]

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 import torch
 
-from apd.networks import MLPSpec, get_spec
+from apd.networks import NetworkSpec, get_spec
 from training import metrics
 from training.distillation.offline import torch_threads
 from training.errors import UserError
@@ -31,6 +32,7 @@ from training.evaluation import anomaly, methods
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
 from training.evaluation.adversarial import AttackSettings, run_adversarial
 from training.evaluation.cost import measure_cost
+from training.evaluation.laplace_peer import LaplaceFlavour, LaplaceSettings, fit_laplace
 from training.evaluation.results import (
     AccuracyNLL,
     ClassificationAndAnomaly,
@@ -47,8 +49,20 @@ EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learni
 # The experiments that evaluate the trained runs and the checkpoint; active learning and the
 # toy picture train their own models.
 USES_METHODS: Final = frozenset({"classification", "anomaly", "adversarial", "cost"})
-METHOD_ORDER: Final = ("sgd", "dropout", "ensemble", "sgld", "gaussian", "apd")
+METHOD_ORDER: Final = (
+    "sgd",
+    "laplace_ll",
+    "laplace_kfac",
+    "dropout",
+    "ensemble",
+    "sgld",
+    "gaussian",
+    "mixture",
+    "apd",
+)
 DEFAULT_GAUSSIAN_RANK: Final = 20
+# SWAG's default number of deviation columns (Maddox et al. 2019, K = 20).
+DEFAULT_MIXTURE_RANK: Final = 20
 GAUSSIAN_FIT_SAMPLES: Final = 1000
 
 
@@ -68,6 +82,8 @@ class SuiteConfig:
     num_samples: int = 100
     dropout_passes: int = 200
     gaussian_rank: int | None = None
+    mixture_rank: int = DEFAULT_MIXTURE_RANK
+    laplace_fit_inputs: int | None = None  # training images for the Laplace peers (None: all)
     ood_size: int = 10_000
     test_size: int | None = None
     scales: tuple[float, ...] = anomaly.DEFAULT_SCALES
@@ -87,6 +103,10 @@ class SuiteConfig:
             )
         if self.num_samples < 1 or self.dropout_passes < 1 or self.ood_size < 1:
             raise UserError("num_samples, dropout_passes and ood_size must be positive")
+        if self.mixture_rank < 2:
+            raise UserError(f"the mixture's rank must be at least 2, got {self.mixture_rank}")
+        if self.laplace_fit_inputs is not None and self.laplace_fit_inputs < 1:
+            raise UserError("laplace_fit_inputs must be positive")
         if any(s <= 0 for s in self.scales):
             raise UserError(f"input scales must be positive, got {self.scales}")
 
@@ -109,6 +129,8 @@ class SuiteConfig:
             "num_samples": self.num_samples,
             "dropout_passes": self.dropout_passes,
             "gaussian_rank": self.gaussian_rank,
+            "mixture_rank": self.mixture_rank,
+            "laplace_fit_inputs": self.laplace_fit_inputs,
             "ood_size": self.ood_size,
             "test_size": self.test_size,
             "scales": list(self.scales),
@@ -154,9 +176,15 @@ def machine_description(threads: int) -> str:
 
 
 def load_methods(
-    cfg: SuiteConfig, spec: MLPSpec, log: Callable[[str], None]
+    cfg: SuiteConfig,
+    spec: NetworkSpec,
+    log: Callable[[str], None],
+    train: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, methods.PosteriorMethod], dict[str, str]]:
-    """Every method whose inputs exist; the second dict says why each missing one is missing."""
+    """Every method whose inputs exist; the second dict says why each missing one is missing.
+
+    ``train``: the training images and labels the SGD network was fitted on, for the Laplace
+    peers (without them those two are reported missing)."""
     found: dict[str, methods.PosteriorMethod] = {}
     missing: dict[str, str] = {}
 
@@ -168,6 +196,14 @@ def load_methods(
             log(f"method {key}: not evaluated ({exc})")
 
     attempt("sgd", lambda: methods.load_sgd(cfg.run_dir("sgd"), spec))
+    sgd_method = found.get("sgd")
+    for flavour in LaplaceFlavour:
+        if not isinstance(sgd_method, methods.FixedNetworks):
+            missing[flavour.value] = "needs the SGD run"
+        elif train is None:
+            missing[flavour.value] = "needs the training images"
+        else:
+            attempt(flavour.value, partial(_fit_laplace, cfg, sgd_method, train, flavour, log))
 
     def dropout() -> methods.PosteriorMethod:
         method, _ = methods.load_dropout(cfg.run_dir("dropout"), spec, cfg.dropout_passes)
@@ -207,10 +243,34 @@ def load_methods(
             return replace(fit, source={**fit.source, "fitted_to": str(cfg.run_dir("sgld"))})
 
         attempt("gaussian", gaussian)
+
+        def mixture() -> methods.PosteriorMethod:
+            fit = methods.fit_mixture_to_sgld(sgld_method, cfg.mixture_rank)
+            log(
+                f"mixture: {fit.num_components} SWAG components "
+                f"({fit.source.get('component_rule')}), up to {cfg.mixture_rank} deviations each"
+            )
+            return fit
+
+        attempt("mixture", mixture)
     else:
         missing["gaussian"] = "needs the SGLD samples"
+        missing["mixture"] = "needs the SGLD samples"
     ordered: dict[str, methods.PosteriorMethod] = {k: found[k] for k in METHOD_ORDER if k in found}
     return ordered, missing
+
+
+def _fit_laplace(
+    cfg: SuiteConfig,
+    sgd: methods.FixedNetworks,
+    train: tuple[np.ndarray, np.ndarray],
+    flavour: LaplaceFlavour,
+    log: Callable[[str], None],
+) -> methods.PosteriorMethod:
+    settings = LaplaceSettings(fit_inputs=cfg.laplace_fit_inputs, seed=cfg.seed)
+    return fit_laplace(
+        sgd.spec, sgd.theta[0], train[0], train[1], flavour, settings, sgd.source, log
+    )
 
 
 def _num_members(method: methods.PosteriorMethod, cfg: SuiteConfig) -> int:
@@ -259,7 +319,8 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
     missing: dict[str, str] = {}
     if wants & USES_METHODS:
         t0 = time.perf_counter()
-        found, missing = load_methods(cfg, spec, say)
+        train = (np.asarray(mnist.train_x), np.asarray(mnist.train_y))
+        found, missing = load_methods(cfg, spec, say, train)
         seconds["load_methods"] = round(time.perf_counter() - t0, 1)
         if not found:
             raise UserError(f"no method could be loaded from {cfg.runs}: {missing}")
@@ -464,5 +525,14 @@ def classification_and_anomaly(
         out["fidelity_gaussian"] = {
             "anomaly": [f.to_dict() for f in fid_g],
             "classification": cls_g.to_dict(),
+        }
+    if "sgld" in members and "mixture" in members:
+        fid_m = anomaly.fidelity_rows(rows, student="mixture")
+        cls_m = anomaly.classification_fidelity(
+            in_summaries["sgld"], in_summaries["mixture"], test_y
+        )
+        out["fidelity_mixture"] = {
+            "anomaly": [f.to_dict() for f in fid_m],
+            "classification": cls_m.to_dict(),
         }
     return out
