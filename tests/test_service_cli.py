@@ -225,3 +225,26 @@ def test_apd_help_works_without_the_training_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "serve" in out.stdout and "train " not in out.stdout
+
+
+def test_the_readme_configuration_table_is_the_settings() -> None:
+    """Every setting has its row, with its flag and default; no row names a gone setting."""
+    from service.config import Settings
+
+    text = (ROOT / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| `APD_")
+    }
+    assert set(rows) == {f"APD_{name.upper()}" for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        _, flag, default, _ = rows[f"APD_{name.upper()}"]
+        assert flag == f"`--{name.replace('_', '-')}`", name
+        if name != "checkpoint":
+            want = (
+                "unset"
+                if field.default is None
+                else f"`{getattr(field.default, 'value', field.default)}`"
+            )
+            assert default == want, name
