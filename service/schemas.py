@@ -482,6 +482,26 @@ class Readiness(BaseModel):
     checkpoint_sha256: str | None = None
 
 
+class ValidationIssue(BaseModel):
+    type: str = Field(examples=["pixel_range"])
+    loc: list[str | int] = Field(examples=[["body", "inputs", 0, 5]])
+    msg: str
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorBody(BaseModel):
+    """A 422: FastAPI's ``detail`` list (offending inputs not echoed, at most 20) and one line
+    that says what is wrong."""
+
+    detail: list[ValidationIssue]
+    message: str = Field(
+        examples=[
+            "inputs[0][5] is 1.5: pixels must lie in [0, 1] (pixel / 255) (1 bad value(s) "
+            "in this request)"
+        ]
+    )
+
+
 class ErrorMessage(BaseModel):
     detail: str = Field(examples=["request body is larger than the limit of 8388608 bytes"])
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from service.schemas import ErrorMessage
+from service.schemas import ErrorMessage, ValidationErrorBody
 
 MAX_ERRORS: Final = 20
 
@@ -93,6 +93,14 @@ ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         "description": "Body over max_body_bytes (refused before it is read when its "
         "Content-Length says so) or batch over max_batch",
     },
+    422: {
+        "model": ValidationErrorBody,
+        "description": "A field is missing, mistyped or out of range",
+    },
     431: {"model": ErrorMessage, "description": "Request headers over max_header_bytes"},
-    503: {"model": ErrorMessage, "description": "The service is starting"},
+    503: {
+        "model": ErrorMessage,
+        "description": "The service is starting, or the worker's memory budget stayed full for "
+        "admission_wait_s (with Retry-After)",
+    },
 }
