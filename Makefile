@@ -21,7 +21,9 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/pip install -q --require-hashes -r $(LOCK)
 	# The CPU build of torch first, pinned, so no dependency pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,train,dev]'
+	$(BIN)/pip install -q -e '.[serve,train,dev,eval]'
+	# laplace-torch's torchvision: unused, and PyPI's CUDA build breaks the CPU torch (pyproject).
+	$(BIN)/pip uninstall -q -y torchvision
 	touch $@
 
 setup: $(BIN)/.installed

@@ -5,18 +5,23 @@ reference generator (:meth:`Checkpoint.generate`) must regenerate the networks t
 generator makes from the same noise (with the standardisation folded into the last layer and
 a float16 basis), the file must refuse truncated, bit-flipped, mismatched and wrong-version
 copies with a one-line :class:`CheckpointError`, and export to an ONNX graph that onnxruntime
-runs to within 1e-5 relative error of :meth:`Checkpoint.generate`.
+runs to within 1e-5 relative error of :meth:`Checkpoint.generate`. The target network (MLP or
+CNN) and the input convention validate themselves, and the shipped fcNN1 reads unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
 from apd.checkpoint import (
@@ -25,10 +30,11 @@ from apd.checkpoint import (
     CheckpointError,
     Design,
     InputConvention,
+    TargetNetwork,
     content_digest,
     load_checkpoint,
 )
-from apd.networks import MLPSpec
+from apd.networks import MLPSpec, build_spec, get_spec
 from apd.uncertainty import ScoreName
 from training.distillation.calibrate import calibrate
 from training.distillation.gan import Generator, WGANGPConfig
@@ -200,3 +206,178 @@ def test_onnx_export_matches_the_reference_generator(good: Path, tmp_path: Path)
     out = tmp_path / "g.onnx"
     assert main(["export", str(good), "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- the contract's
+# target network and input convention
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models/mnist-fcnn1/model.safetensors"
+
+
+def test_the_shipped_checkpoint_reads_unchanged() -> None:
+    """The fcNN1 checkpoint written before CNNs and input conventions existed loads as it
+    was: the file's sha256 is the one its model card publishes, its target is the same MLP,
+    its target record serialises to the very JSON in the file, and its input convention is
+    MNIST's (28 x 28 pixels in [0, 1], no preprocessing)."""
+    card = (SHIPPED.parent / "MODEL_CARD.md").read_text()
+    published = re.search(r"sha256 `([0-9a-f]{64})`", card)
+    assert published is not None
+    ckpt = load_checkpoint(SHIPPED)
+    assert ckpt.sha256 == published.group(1) == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+    assert ckpt.spec == get_spec("fcnn1")
+    _, header, _ = _header(SHIPPED)
+    raw = json.loads(header["__metadata__"][META_KEY])  # type: ignore[index]
+    assert ckpt.meta.target.model_dump(mode="json") == raw["target"]
+    assert "input_shape" not in raw["target"] and set(raw["input"]) < set(
+        InputConvention.model_fields
+    )
+    convention = ckpt.meta.input
+    assert convention.shape == [28, 28] and convention.image_mode == "L"
+    assert (convention.scale, convention.shift, convention.class_names) == (1.0, 0.0, None)
+    x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
+    np.testing.assert_array_equal(convention.preprocess(x), x.reshape(3, 784))
+
+
+CNN_SPEC = build_spec("cnn:conv3x3,pool2,fc6", (1, 6, 6), 3)
+
+
+def test_a_cnn_target_round_trips_with_its_layers(tmp_path: Path) -> None:
+    target = TargetNetwork.of(CNN_SPEC)
+    record = target.model_dump(mode="json")
+    assert "layer_sizes" not in record and record["input_shape"] == [1, 6, 6]
+    assert [r["output_shape"] for r in record["layers"]] == [[3, 4, 4], [3, 2, 2], [6], [3]]
+    assert TargetNetwork.model_validate_json(target.model_dump_json()).spec() == CNN_SPEC
+    assert TargetNetwork.of(SPEC).model_dump(mode="json") == {
+        "arch": "tiny",
+        "layer_sizes": [6, 5, 3],
+        "activation": "relu",
+        "num_params": 53,
+    }
+    # a generator for the CNN, written and read back, generates the same networks
+    torch.manual_seed(0)
+    gen = Generator(3, (7,), CNN_SPEC.num_params)
+    x = np.random.default_rng(1).random((20, 36), dtype=np.float32)
+    anomaly, _ = calibrate(CNN_SPEC, gen.sample(8, torch.Generator().manual_seed(0)), x)
+    path = tmp_path / "cnn.safetensors"
+    write_checkpoint(
+        path,
+        gen,
+        CNN_SPEC,
+        input_convention=InputConvention(
+            shape=[6, 6],
+            dtype="uint8",
+            value_range=(0, 255),
+            scale=1 / 255,
+            class_names=list("abc"),
+        ),
+        design=Design.PAPER,
+        basis_dtype="float32",
+        anomaly=anomaly,
+        model_id="cnn",
+        version="0",
+        data={},
+        sampler={},
+        distillation={},
+        metrics={},
+    )
+    ckpt = load_checkpoint(path)
+    assert ckpt.spec == CNN_SPEC and ckpt.meta.input.image_mode == "L"
+    z = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = gen.weights(torch.from_numpy(z), None).numpy()
+    np.testing.assert_allclose(ckpt.generate(z), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"num_params": 1}, "num_params 1 !="),
+        ({"layer_sizes": [36, 3]}, "either layer_sizes"),
+        ({"input_shape": None}, "either layer_sizes"),
+        ({"input_shape": [1, 7, 7]}, "states output_shape"),
+        (
+            {
+                "layers": [
+                    {
+                        "type": "conv2d",
+                        "out_channels": 3,
+                        "kernel_size": 3,
+                        "output_shape": [3, 4, 4],
+                    }
+                ]
+            },
+            "ends with a dense layer",
+        ),
+        (
+            {"layers": [{"type": "lstm", "units": 3, "output_shape": [3]}]},
+            "does not match any of the expected tags",
+        ),
+    ],
+)
+def test_inconsistent_cnn_targets_are_refused(edit: dict[str, object], message: str) -> None:
+    record = {**TargetNetwork.of(CNN_SPEC).model_dump(mode="json"), **edit}
+    with pytest.raises(ValidationError, match=message):
+        TargetNetwork.model_validate(record)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"shape": [3], "scale": [1.0, 2.0]}, "scale has 2 values for 3"),
+        ({"shape": [2], "scale": [1.0, 0.0]}, "scale must be positive"),
+        ({"shape": [2], "shift": [0.0, float("nan")]}, "shift must be finite"),
+        ({"value_range": (1.0, 0.0)}, "low <= high"),
+        ({"class_names": ["a", "a"]}, "distinct"),
+        ({"shape": [0, 3]}, "positive"),
+    ],
+)
+def test_inconsistent_input_conventions_are_refused(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        InputConvention.model_validate(fields)
+
+
+def test_preprocess_is_raw_times_scale_plus_shift() -> None:
+    scale, shift = [0.5, 2.0, 4.0], [1.0, -1.0, 0.25]
+    c = InputConvention(shape=[3], scale=scale, shift=shift, description="3 features")
+    raw = np.array([[1, 2, 3], [0, 0, 0]], dtype=np.int64)
+    want = (raw * np.float32(scale) + np.float32(shift)).astype(np.float32)
+    got = c.preprocess(raw)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    images = InputConvention(shape=[2, 2], dtype="uint8", value_range=(0, 255), scale=1 / 255)
+    np.testing.assert_allclose(images.preprocess(np.full((1, 2, 2), 255, np.uint8)), 1.0)
+    with pytest.raises(ValueError, match=r"\(N, 2, 2\) or \(N, 4\)"):
+        images.preprocess(np.zeros((1, 3)))
+
+
+def test_image_files_become_raw_examples() -> None:
+    from PIL import Image
+
+    rgb = np.zeros((5, 4, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    colour = InputConvention(shape=[3, 5, 4], dtype="uint8", value_range=(0, 255))
+    assert colour.image_mode == "RGB"
+    raw = colour.image_to_raw(buf.getvalue())
+    assert raw.shape == (3, 5, 4) and raw.dtype == np.uint8
+    assert (raw[0] == 200).all() and (raw[1:] == 0).all()
+    # MNIST's convention: grey, resized to 28 x 28, pixel / 255
+    mnist = InputConvention()
+    grey = mnist.image_to_raw(buf.getvalue())
+    assert grey.shape == (28, 28) and grey.dtype == np.float32
+    np.testing.assert_allclose(grey, round(0.299 * 200) / 255, atol=1 / 255)
+    assert InputConvention(shape=[4], description="features").image_mode is None
+    with pytest.raises(ValueError, match="not a readable image"):
+        mnist.image_to_raw(b"not an image")
+
+
+def test_the_input_must_fit_the_target(good: Path, tmp_path: Path) -> None:
+    wrong = {"shape": [28, 28], "description": "784 values for a 6-input network"}
+    with pytest.raises(CheckpointError, match="input shape \\[28, 28\\] holds 784 values"):
+        load_checkpoint(_rewrite_meta(good, tmp_path / "a.safetensors", {"input": wrong}))
+    names = {"shape": [6], "class_names": ["a", "b"], "description": "x"}
+    with pytest.raises(CheckpointError, match="2 class_names for the target network's 3"):
+        load_checkpoint(_rewrite_meta(good, tmp_path / "b.safetensors", {"input": names}))

@@ -70,6 +70,32 @@ def test_init_theta_bounds_and_independence() -> None:
     assert not torch.equal(theta[0], theta[1])
 
 
+def test_cnn_init_and_likelihood_use_autograd() -> None:
+    """A conv layer's init bound is 1/sqrt(C k k) (PyTorch's Conv2d default); a CNN's
+    likelihood has no hand-written gradient, so SGLD differentiates it with autograd, and
+    its value is the mean log-softmax of the right class."""
+    spec = get_spec("al-cnn")
+    theta = init_theta(spec, 2, torch.Generator().manual_seed(0))
+    (w1, _), (w2, _), (w3, _), _ = spec.offsets()
+    assert theta[:, w1].abs().max() <= 1 / 3  # C k k = 1 * 3 * 3
+    assert theta[:, w2].abs().max() <= 1 / math.sqrt(32 * 9)
+    assert theta[:, w3].abs().max() <= 1 / math.sqrt(4608)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(12, 784, generator=g), torch.randint(0, 10, (12,), generator=g)
+    lik = ClassificationLikelihood(spec, x, y)
+    assert lik.fast_gradient is None
+    with pytest.raises(ValueError, match="MLPs"):
+        lik.value_and_grad(theta, torch.zeros(2, 3, dtype=torch.int64))
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    ll, grad = sgld.loss_gradient(lik, theta, idx)
+    assert grad.shape == theta.shape and torch.isfinite(grad).all()
+    logp = torch.log_softmax(member_probs(spec, theta, x).log(), -1)
+    for k in range(2):
+        want = logp[k, idx[k], y[idx[k]]].mean()
+        torch.testing.assert_close(ll[k], want, rtol=1e-4, atol=1e-5)
+    assert ClassificationLikelihood(get_spec("fcnn1"), x, y).fast_gradient is not None
+
+
 def test_minibatch_stream_walks_a_permutation_per_network() -> None:
     stream = MinibatchStream(50, 10, 3, torch.Generator().manual_seed(0))
     epoch = torch.cat([next(stream) for _ in range(5)], dim=1)

@@ -74,7 +74,9 @@ def test_distill_writes_a_complete_checkpoint(
     assert meta.anomaly.calibration_size == 10_000
     assert meta.anomaly.target_fpr == 0.05
     prov = meta.provenance
-    assert len(prov.data["mnist_sha256"]) == 64
+    assert len(prov.data["data_sha256"]) == 64 and prov.data["dataset"] == "mnist"
+    assert meta.input.class_names == [str(i) for i in range(10)]
+    assert meta.input.data_sha256 == prov.data["data_sha256"]
     assert prov.sampler["kind"] == "synthetic"
     assert prov.distillation["steps"] == 6
     assert prov.code_revision

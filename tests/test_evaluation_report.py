@@ -32,7 +32,7 @@ from training.evaluation.active_learning import (
 )
 from training.evaluation.methods import MemberNetworks
 from training.evaluation.report import SCORE_LABELS, main, render_markdown, write_report
-from training.evaluation.results import EvaluationResults, load_results, spec_record
+from training.evaluation.results import EvaluationResults, Provenance, load_results, spec_record
 from training.evaluation.suite import SuiteConfig, SuiteResult, classification_and_anomaly
 
 SPEC = MLPSpec("tiny", (784, 6, 10))
@@ -256,6 +256,8 @@ def test_acquisition_picks_the_highest_scores_and_initial_labels_are_balanced() 
         (["--arch", "fcnn1", "--checkpoint", "no/such.safetensors"], "does not exist"),
         (["--arch", "fcnn1", "--attack-eps", "0.1,x"], "comma-separated numbers"),
         (["--arch", "fcnn1", "--experiments", "anomaly,magic"], "unknown experiment"),
+        (["--arch", "fcnn1", "--mixture-rank", "1"], "mixture's rank must be at least 2"),
+        (["--arch", "fcnn1", "--laplace-fit-inputs", "0"], "laplace_fit_inputs must be positive"),
     ],
 )
 def test_bad_evaluate_flags_give_one_line(
@@ -268,3 +270,139 @@ def test_bad_evaluate_flags_give_one_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith("apd evaluate: error:") and message in err
     assert len(err.splitlines()) == 1
+
+
+def _peer_results(tmp_path: Path) -> EvaluationResults:
+    """Every experiment that evaluates methods, with the fair peers fitted for real (the
+    mixture to random "samples" of two chains, laplace-torch to random labelled images)."""
+    from training.evaluation.adversarial import AttackSettings, run_adversarial
+    from training.evaluation.cost import measure_cost
+    from training.evaluation.laplace_peer import LaplaceFlavour, fit_laplace
+    from training.evaluation.methods import (
+        FixedNetworks,
+        PosteriorMethod,
+        fit_gaussian,
+        fit_mixture,
+    )
+
+    rng = np.random.default_rng(1)
+    p = SPEC.num_params
+    test_x = rng.random((80, 784), dtype=np.float32) * 0.5
+    test_y = rng.integers(0, 10, 80)
+    ood = {"uniform": rng.random((40, 784), dtype=np.float32)}
+    sgd = (rng.normal(size=(1, p)) * 0.1).astype(np.float32)
+    chain = np.repeat([0, 1], 20)
+    samples = rng.normal(size=(40, p)) * 0.02 + 0.1 * rng.normal(size=(2, p))[chain]
+    samples = samples.astype(np.float32)
+    train_x = rng.random((200, 784), dtype=np.float32)
+    train_y = rng.integers(0, 10, 200)
+    run: Provenance = {"run": "runs/sgd-tiny", "seed": 0}
+    found: dict[str, PosteriorMethod] = {
+        "sgd": FixedNetworks("sgd", "SGD", SPEC, sgd, run),
+        **{
+            f.value: fit_laplace(SPEC, sgd[0], train_x, train_y, f, source=run)
+            for f in LaplaceFlavour
+        },
+        "sgld": FixedNetworks("sgld", "SGLD", SPEC, samples, {"run": "runs/sgld-tiny"}),
+        "gaussian": fit_gaussian(SPEC, samples, rank=3),
+        "mixture": fit_mixture(SPEC, samples, chain, np.tile(np.arange(20), 2), rank=5),
+        "apd": FixedNetworks("apd", "APD", SPEC, samples[::5] + 0.01),
+    }
+    members = {k: m.draw(6, 0) for k, m in found.items()}
+    config = SuiteConfig(
+        arch="tiny",
+        runs=tmp_path,
+        checkpoint=None,
+        name="peers",
+        num_samples=6,
+        experiments=("classification", "anomaly", "adversarial", "cost"),
+    )
+    attacks = AttackSettings(eps=(0.1,), pgd_steps=2, num_inputs=30)
+    results: EvaluationResults = {
+        "meta": {
+            **_results(tmp_path)["meta"],
+            "name": "peers",
+            "config": config.to_dict(),
+        },
+        "methods": {
+            k: {
+                "label": m.label,
+                "num_members": members[k].num_members,
+                "stored_bytes": m.stored_bytes(),
+                "provenance": m.provenance(),
+            }
+            for k, m in found.items()
+        },
+        "missing_methods": {"dropout": "no run", "ensemble": "no runs"},
+    }
+    results.update(
+        classification_and_anomaly(members, test_x, test_y, ood, {"uniform": "noise"}, (1.0,))
+    )
+    rows = run_adversarial(members, test_x[:30], test_y[:30], attacks, progress=False)
+    results["adversarial"] = {
+        "settings": attacks.to_dict(),
+        "inputs": "30 random images",
+        "rows": [r.to_dict() for r in rows],
+    }
+    results["cost"] = {
+        "batch_size": 10,
+        "rows": [measure_cost(m, test_x[:10], 6, repeats=1).to_dict() for m in found.values()],
+        "sgld_store_bytes": None,
+    }
+    results["methods"]["apd"]["provenance"] = {
+        "checkpoint": "model.safetensors",
+        "sha256": "0" * 64,
+        "design": "subspace",
+        "code_revision": "abc",
+    }
+    return results
+
+
+@pytest.mark.slow  # about 10 s: two Laplace fits and nine methods' plots
+def test_the_fair_peers_have_rows_in_every_table(tmp_path: Path) -> None:
+    pytest.importorskip("laplace", reason="laplace-torch is in the eval extra")
+    from training.evaluation import peers
+
+    results = _peer_results(tmp_path)
+    assert "fidelity_mixture" in results
+    report = write_report(SuiteResult(results), tmp_path).read_text()
+    labels = {k: m["label"] for k, m in results["methods"].items()}
+    new = ("laplace_ll", "laplace_kfac", "mixture")
+    assert labels["laplace_ll"] == "Laplace, last layer (KFAC)"
+    assert labels["laplace_kfac"] == "Laplace, all layers (KFAC)"
+    assert labels["gaussian"] == "One Gaussian across chains (illustration)"
+
+    def section(title: str) -> str:
+        return report.split(title)[1].split("\n## ")[0].split("\n### ")[0]
+
+    methods_table = section("## Methods and where they came from")
+    for key in new:
+        assert f"| {labels[key]} | `{key}` | 6 |" in methods_table
+    assert "one SWAG Gaussian per chain (2 components of 20-20 samples)" in methods_table
+    assert "KFAC GGN over 200 training images" in methods_table
+    # rows: classification, cost, the peers' headline table
+    for title in ("## 1. Classification", "## 6. Cost", "## 7. APD against its peers"):
+        body = section(title)
+        for key in new:
+            assert sum(line.startswith(f"| {labels[key]} |") for line in body.splitlines()) == 1
+    # columns: every anomaly table and every adversarial table
+    tables = [section(f"### {t}, input scale 1\n") for t in ("AUROC", "AUPR-in", "AUPR-out")]
+    tables.append(section("### Accuracy under attack"))
+    tables += [section(f"### Clean vs attacked AUROC by {s}") for s in SCORE_LABELS.values()]
+    for body in tables:
+        header = next(line for line in body.splitlines() if line.startswith("| "))
+        for key in new:
+            assert f" {labels[key]} |" in header
+    gaussians = section("### Does the GAN beat a Gaussian?")
+    assert "| Gaussian mixture (MultiSWAG) |" in gaussians
+    assert "| one Gaussian (illustration) |" in gaussians
+    # the verdicts: one line per peer present (SGD and the one Gaussian are not judged)
+    found = peers.verdicts(results)
+    assert [v.peer for v in found] == ["laplace_ll", "laplace_kfac", "sgld", "mixture"]
+    summary = section("## 7. APD against its peers")
+    for v in found:
+        n = len(v.wins) + len(v.ties) + len(v.losses)
+        assert n == 12  # accuracy, NLL, ECE; 2 anomaly (1 scale); 2 x 2 adversarial; 3 cost
+        assert f"- Against {labels[v.peer]}, APD **wins** on {len(v.wins)}" in summary
+        assert f"**loses** on {len(v.losses)}" in summary
+    assert "- Against SGD" not in summary and "- Against One Gaussian" not in summary

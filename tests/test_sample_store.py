@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apd.networks import MLPSpec
+from apd.networks import MLPSpec, build_spec
 from training.errors import UserError
 from training.sample_store import SampleStore, SampleStoreError
 
@@ -260,3 +260,46 @@ def test_runs_on_other_data_or_architecture_are_not_merged(tmp_path: Path) -> No
     store.close()
     with pytest.raises(SampleStoreError, match="different architectures"):
         SampleStore.merge([SampleStore.open(tmp_path / "a"), SampleStore.open(tmp_path / "c")])
+
+
+def test_runs_that_read_their_data_differently_are_not_merged(tmp_path: Path) -> None:
+    """Same data file (fingerprint), other validation split: other training examples, so
+    another posterior. A different path to the same data is fine (another machine)."""
+    spec = {"source": "/a/data.npz", "val_fraction": 0.2, "split_seed": 0}
+    for name, seed, data in (
+        ("a", 0, spec),
+        ("b", 1, {**spec, "source": "/elsewhere/data.npz"}),
+        ("c", 2, {**spec, "split_seed": 1}),
+    ):
+        meta = {"sampler": {"lr": 0.1, "seed": seed}, "data_sha256": "ab" * 32, "data": data}
+        store = SampleStore.create(tmp_path / name, SPEC, 2, meta)
+        store.append(np.zeros((2, SPEC.num_params), np.float32), np.arange(2), step=1)
+        store.close()
+    a, b, c = (SampleStore.open(tmp_path / n) for n in "abc")
+    assert len(SampleStore.merge([a, b])) == 4
+    with pytest.raises(SampleStoreError, match=r"read their data differently \(split_seed\)"):
+        SampleStore.merge([a, c])
+
+
+def test_a_cnn_store_round_trips(tmp_path: Path) -> None:
+    spec = build_spec("cnn:conv2x3,pool2,fc4", (1, 8, 8), 3)
+    meta = {"sampler": {"lr": 0.1}, "data_sha256": "ab" * 32}
+    store = SampleStore.create(tmp_path / "s", spec, 2, meta)
+    theta = np.random.default_rng(0).standard_normal((2, spec.num_params)).astype(np.float32)
+    store.append(theta, np.arange(2), step=1)
+    store.close()
+    record = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert "layer_sizes" not in record and record["input_shape"] == [1, 8, 8]
+    assert record["layers"][0] == {
+        "type": "conv2d",
+        "out_channels": 2,
+        "kernel_size": 3,
+        "padding": 0,
+        "output_shape": [2, 6, 6],
+    }
+    opened = SampleStore.open(tmp_path / "s")
+    assert opened.spec == spec
+    np.testing.assert_array_equal(opened.theta, theta)
+    _edit_meta(tmp_path / "s", num_params=spec.num_params + 1)
+    with pytest.raises(SampleStoreError, match="num_params"):
+        SampleStore.open(tmp_path / "s")

@@ -10,22 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from apd.networks import MLPSpec, forward_probs
+from apd.networks import MLPSpec, NetworkSpec, build_spec, forward_probs
 from training import torch_ops
 
 SPEC = MLPSpec("tiny", (6, 5, 3))  # P = 6*5 + 5 + 5*3 + 3 = 53
 SPEC2 = MLPSpec("tiny2", (6, 5, 4, 3))
+CNN = build_spec("cnn:conv3x3,pool2,fc5", (2, 6, 7), 3)  # dropout before both dense layers
 
 
-def _inputs(spec: MLPSpec, k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(spec: NetworkSpec, k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     theta = rng.normal(size=(k, spec.num_params)).astype(np.float32)
     return theta, rng.random((n, spec.input_dim), dtype=np.float32)
 
 
-@pytest.mark.parametrize("spec", [SPEC, SPEC2])
+@pytest.mark.parametrize("spec", [SPEC, SPEC2, CNN], ids=lambda s: s.name)
 @pytest.mark.parametrize("chunk", [7, 2000])
-def test_member_probs_match_the_numpy_reference_forward(spec: MLPSpec, chunk: int) -> None:
+def test_member_probs_match_the_numpy_reference_forward(spec: NetworkSpec, chunk: int) -> None:
     theta, x = _inputs(spec, 7, 300, seed=0)
     want = forward_probs(spec, theta, x)
     # NumPy or torch inputs, read-only arrays included (they are copied, not refused)
@@ -36,10 +37,10 @@ def test_member_probs_match_the_numpy_reference_forward(spec: MLPSpec, chunk: in
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", [SPEC, SPEC2])
+@pytest.mark.parametrize("spec", [SPEC, SPEC2, CNN], ids=lambda s: s.name)
 @pytest.mark.parametrize("passes", [1, 4])
 def test_mc_dropout_draws_the_masks_of_forward_logits_on_the_repeated_network(
-    spec: MLPSpec, passes: int
+    spec: NetworkSpec, passes: int
 ) -> None:
     """The shared-first-layer MC-Dropout forward draws the same masks, in the same order,
     as :func:`training.torch_ops.forward_logits` on the network repeated ``passes`` times."""
@@ -80,3 +81,21 @@ def test_member_probs_refuse_what_they_cannot_compute() -> None:
     with pytest.raises(ValueError, match="dropout rate"):
         torch_ops.member_probs(SPEC, theta[:1], x, dropout=1.0)
     assert torch_ops.member_probs(SPEC, theta, x[:0]).shape == (2, 0, 3)
+
+
+def test_cnn_member_probs_chunk_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CNN's default chunk keeps its widest layer for the K members within the budget."""
+    theta, x = _inputs(CNN, 3, 50, seed=4)
+    want = forward_probs(CNN, theta, x)
+    monkeypatch.setattr(torch_ops, "CNN_CHUNK_BYTES", 4 * 3 * CNN.max_activations * 7)
+    seen: list[int] = []
+    forward = torch_ops.forward_logits
+
+    def spy(spec: NetworkSpec, th: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        seen.append(xb.shape[0])
+        return forward(spec, th, xb)
+
+    monkeypatch.setattr(torch_ops, "forward_logits", spy)
+    got = torch_ops.member_probs(CNN, theta, x)
+    assert max(seen) == 7 and sum(seen) == 50
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)

@@ -88,6 +88,8 @@ class DataSpec:
         if self.source == "mnist":
             return "mnist"
         path = Path(self.source)
+        if not path.exists():
+            raise DataError(f"--dataset {self.source}: no such file or folder")
         if path.is_dir():
             return "folder"
         suffix = path.suffix.lower()
@@ -95,8 +97,6 @@ class DataSpec:
             return "npz"
         if suffix == ".csv":
             return "csv"
-        if not path.exists():
-            raise DataError(f"--dataset {self.source}: no such file or folder")
         raise DataError(
             f"--dataset {self.source}: not 'mnist', a .npz or .csv file, or an image folder"
         )

@@ -288,6 +288,19 @@ class SampleStore:
                 )
             if other.meta.get("data_sha256") != first.meta.get("data_sha256"):
                 raise SampleStoreError(f"{where} were sampled on different data (data_sha256)")
+            # The same data read the same way (split, preprocessing); the path may differ.
+            read = [
+                {k: v for k, v in (s.meta.get("data") or {}).items() if k != "source"}
+                for s in (other, first)
+            ]
+            if read[0] != read[1]:
+                diff = sorted(
+                    k for k in read[0].keys() | read[1].keys() if read[0].get(k) != read[1].get(k)
+                )
+                raise SampleStoreError(
+                    f"{where} read their data differently ({', '.join(diff)}); runs to merge "
+                    "must share the split and preprocessing"
+                )
             a = {k: v for k, v in dict(other.meta["sampler"]).items() if k != "seed"}
             b = {k: v for k, v in dict(first.meta["sampler"]).items() if k != "seed"}
             if a != b:

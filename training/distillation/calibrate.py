@@ -20,7 +20,7 @@ import torch
 from numpy.typing import NDArray
 
 from apd.checkpoint import AnomalyCalibration
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, ScoreName, calibrate_threshold, summarize
 from training.torch_ops import member_probs
 
@@ -34,7 +34,7 @@ def thresholds_for(summary: PredictiveSummary, target_fpr: float) -> dict[ScoreN
 
 
 def calibrate(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     theta: torch.Tensor,
     x: NDArray[np.float32],
     target_fpr: float = DEFAULT_TARGET_FPR,

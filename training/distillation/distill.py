@@ -7,18 +7,25 @@
 
 Offline (Algorithm 1) reads a finished sample store; the teacher that validation compares
 against is 100 samples spread across its chains (``SampleStore.select_spread``). Online
-(Algorithm 2) runs SGLD chains on the MNIST training split while the GAN trains, and compares
-against the chains' most recent samples. Either way, the generator with the lowest validation
-KL is kept, anomaly thresholds are calibrated on the MNIST validation split with
+(Algorithm 2) runs SGLD chains on the training split of ``--dataset`` while the GAN trains,
+and compares against the chains' most recent samples. Either way, the generator with the
+lowest validation KL is kept, anomaly thresholds are calibrated on the validation split with
 ``--num-samples`` networks from the generator, and the checkpoint is written together with
 ``<name>.fidelity.json`` (the validation history, residual-noise search and settings).
 The test split is never read.
+
+The data is the run's own: ``apd train`` records how it read it (:class:`~training.datasets.
+DataSpec`) beside the samples, and the same examples, split and preprocessing are read back
+here (``--dataset`` points at the data if its file moved; runs from before the record are
+MNIST's). Its fingerprint must match the one the samples were drawn on. The checkpoint's input
+convention (shape, raw range, preprocessing, class names) is the data's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,8 +36,15 @@ import torch
 from tqdm import tqdm
 
 from apd.checkpoint import Design, load_checkpoint
-from apd.networks import ARCHITECTURES, MLPSpec, get_spec
+from apd.networks import NetworkSpec, build_spec
 from apd.uncertainty import ScoreName
+from training.datasets import (
+    Dataset,
+    DataSpec,
+    add_data_arguments,
+    data_spec_from_args,
+    load_dataset,
+)
 from training.errors import UserError
 from training.metrics import accuracy
 from training.sample_store import SampleStore
@@ -64,13 +78,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "architecture, data and sampler settings, other seeds) are merged",
     )
     io.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
-    io.add_argument("--data-dir", default=None, help="datasets folder (default: $APD_DATA_DIR)")
-    io.add_argument("--model-id", default=None, help="model id (default: mnist-<arch>)")
+    io.add_argument("--data-dir", default=None, help="MNIST's folder (default: $APD_DATA_DIR)")
+    io.add_argument("--model-id", default=None, help="model id (default: <data>-<arch>)")
     io.add_argument("--version", default=None, help="model version (default: UTC date-time)")
     alg = parser.add_argument_group("algorithm")
     alg.add_argument("--algorithm", choices=("offline", "online"), default="offline")
     alg.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    alg.add_argument("--arch", choices=sorted(ARCHITECTURES), help="target network (online)")
+    alg.add_argument("--arch", help="target network (online), as apd train --arch")
     alg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     alg.add_argument("--seed", type=int, default=None)
     gan = parser.add_argument_group("GAN (defaults from the preset)")
@@ -101,6 +115,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     onl.add_argument("--burn-in", type=int, default=None)
     onl.add_argument("--thinning", type=int, default=None)
     onl.add_argument("--buffer-size", type=int, default=None)
+    data = parser.add_argument_group(
+        "data (online: what to train on; offline: read from the run, --dataset only if its "
+        "file moved)"
+    )
+    add_data_arguments(data)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -111,6 +130,35 @@ def _say(msg: str) -> None:
 def _samples_dir(arg: str) -> Path:
     p = Path(arg)
     return p / "samples" if (p / "samples").is_dir() else p
+
+
+def open_samples(runs: list[str]) -> SampleStore:
+    """The samples of ``--samples RUN [RUN...]``: one run's store, or several runs' merged
+    (:meth:`SampleStore.merge`). The one place ``--samples`` is read."""
+    return SampleStore.merge([SampleStore.open(_samples_dir(run)) for run in runs])
+
+
+def recorded_data(store: SampleStore, args: argparse.Namespace) -> Dataset:
+    """The data ``store`` was sampled on, read as the run read it: its recorded
+    :class:`DataSpec` (MNIST for runs from before the record), with ``--dataset`` as the
+    file's new place if given; its fingerprint must be the samples'."""
+    record = store.meta.get("data")
+    spec = DataSpec() if record is None else DataSpec.from_dict(record)
+    if args.dataset != "mnist":
+        spec = DataSpec.from_dict({**spec.to_dict(), "source": data_spec_from_args(args).source})
+    elif spec.source != "mnist" and not Path(spec.source).exists():
+        raise UserError(
+            f"{store.path} was sampled on {spec.source}, which no longer exists; pass "
+            "--dataset with the file's new place"
+        )
+    data = load_dataset(spec, args.data_dir)
+    sampled_on = str(store.meta.get("data_sha256"))
+    if data.fingerprint != sampled_on:
+        raise UserError(
+            f"{store.path} was sampled on other data (data_sha256 {sampled_on[:12]}... != "
+            f"{data.fingerprint[:12]}... of {spec.source})"
+        )
+    return data
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -164,18 +212,15 @@ def _config(args: argparse.Namespace, arch: str) -> DistillConfig:
 
 
 def _offline(
-    args: argparse.Namespace,
-    store: SampleStore,
-    config: DistillConfig,
-    mnist: Any,
-    fingerprint: str,
-) -> tuple[MLPSpec, DistillResult, dict[str, Any], dict[str, Any]]:
-    if store.meta.get("data_sha256") != fingerprint:
-        raise UserError(
-            f"{store.path} was sampled on other data (data_sha256 "
-            f"{str(store.meta.get('data_sha256'))[:12]}... != {fingerprint[:12]}...)"
-        )
+    args: argparse.Namespace, store: SampleStore, config: DistillConfig, data: Dataset
+) -> tuple[NetworkSpec, DistillResult, dict[str, Any], dict[str, Any]]:
     spec = store.spec
+    if spec.input_dim != data.train_x.shape[1] or spec.num_classes != data.num_classes:
+        raise UserError(
+            f"{store.path}: {spec.name} reads {spec.input_dim} values into "
+            f"{spec.num_classes} classes, the data has {data.train_x.shape[1]} and "
+            f"{data.num_classes}"
+        )
     n_train = min(config.max_train_samples or len(store), len(store))
     if n_train < 3:
         raise UserError(f"{store.path} holds {len(store)} samples; distillation needs more")
@@ -183,7 +228,7 @@ def _offline(
     teacher_rows = store.select_spread(min(TEACHER_SAMPLES, len(store)))
     teacher = torch.from_numpy(np.asarray(store.theta[teacher_rows])).to(args.device)
     monitor = ValidationMonitor(
-        spec, mnist.val_x, mnist.val_y, teacher, config.num_networks, config.seed
+        spec, data.val_x, data.val_y, teacher, config.num_networks, config.seed
     )
     _say(
         f"{spec.name} ({spec.num_params} weights): {len(store)} samples in {store.path}, "
@@ -214,9 +259,12 @@ def _offline(
 
 
 def _online(
-    args: argparse.Namespace, config: DistillConfig, mnist: Any
-) -> tuple[MLPSpec, OnlineResult, dict[str, Any], dict[str, Any]]:
-    spec = get_spec(args.arch)
+    args: argparse.Namespace, config: DistillConfig, data: Dataset
+) -> tuple[NetworkSpec, OnlineResult, dict[str, Any], dict[str, Any]]:
+    try:
+        spec = build_spec(args.arch, data.input_shape, data.num_classes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     overrides = {
         k: v
         for k, v in {
@@ -235,44 +283,51 @@ def _online(
     _say(f"online APD on {spec.name}: {online.num_chains} SGLD chains on the training split")
     result = distill_online(
         spec,
-        mnist.train_x,
-        mnist.train_y,
+        data.train_x,
+        data.train_y,
         online,
-        val=(mnist.val_x, mnist.val_y),
+        val=(data.val_x, data.val_y),
         device=args.device,
         report=_say,
         progress=not args.no_progress,
     )
-    sampler = {"online": True, **online.sgld_settings(len(mnist.train_x)).to_dict()}
+    sampler = {"online": True, **online.sgld_settings(len(data.train_x)).to_dict()}
     sampler |= {k: v for k, v in online.to_dict().items() if k != "distill"}
     return spec, result, sampler, {}
 
 
-def run(args: argparse.Namespace) -> int:
-    from training.data import dataset_fingerprint, load_mnist
+def model_id_for(data: Dataset, spec: NetworkSpec) -> str:
+    """The default model id, ``<data>-<arch>`` in ``[A-Za-z0-9._-]`` (``mnist-fcnn1``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data.name}-{spec.name}").strip("-")
 
+
+def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    store = (
-        SampleStore.merge([SampleStore.open(_samples_dir(run)) for run in args.samples])
-        if args.algorithm == "offline"
-        else None
-    )
+    store = open_samples(args.samples) if args.algorithm == "offline" else None
     config = _config(args, store.spec.name if store is not None else args.arch)
     t0 = time.perf_counter()
-    mnist = load_mnist(args.data_dir)
-    fingerprint = dataset_fingerprint(mnist)
+    data = (
+        recorded_data(store, args)
+        if store is not None
+        else load_dataset(data_spec_from_args(args), args.data_dir)
+    )
     result: DistillResult | OnlineResult
     if store is not None:
-        spec, result, sampler, teacher_info = _offline(args, store, config, mnist, fingerprint)
+        spec, result, sampler, teacher_info = _offline(args, store, config, data)
     else:
-        spec, result, sampler, teacher_info = _online(args, config, mnist)
+        spec, result, sampler, teacher_info = _online(args, config, data)
     seconds = time.perf_counter() - t0
 
     generator: Generator = result.generator
     rng = torch.Generator(device=args.device).manual_seed(config.seed + 1)
     theta = generator.sample(args.num_samples, rng)
     anomaly, val_summary = calibrate(
-        spec, theta, mnist.val_x, args.target_fpr, ScoreName(args.default_score)
+        spec,
+        theta,
+        data.val_x,
+        args.target_fpr,
+        ScoreName(args.default_score),
+        calibration_set=f"{data.name}-validation",
     )
     best = result.summary()["best_validation"]
     final = next(
@@ -280,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics: dict[str, Any] = {
         "validation": {
-            "accuracy": accuracy(val_summary.probabilities, mnist.val_y),
+            "accuracy": accuracy(val_summary.probabilities, data.val_y),
             "selected": final or best,
             "flag_rate": {
                 s.value: flag_rate(val_summary, s, anomaly.thresholds[s]) for s in ScoreName
@@ -293,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         "subspace": result.subspace,
     }
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
-    model_id = args.model_id or f"mnist-{spec.name}"
+    model_id = args.model_id or model_id_for(data, spec)
     distillation = {
         "algorithm": args.algorithm,
         "preset": args.preset,
@@ -307,12 +362,13 @@ def run(args: argparse.Namespace) -> int:
         out,
         generator,
         spec,
+        input_convention=data.convention,
         design=config.design,
         basis_dtype=config.basis_dtype if config.design is Design.SUBSPACE else "float32",
         anomaly=anomaly,
         model_id=model_id,
         version=args.version or default_version(),
-        data={"mnist_sha256": fingerprint, "files": dict(mnist.sha256), "split": "paper"},
+        data=data.provenance(),
         sampler=sampler,
         distillation=distillation,
         metrics=metrics,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, ScoreName, summarize
 from training.metrics import accuracy, auroc, kl_divergence, negative_log_likelihood
 from training.torch_ops import member_probs
@@ -66,7 +66,7 @@ class Predictions:
 
 
 def predict(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     theta: torch.Tensor,
     test_x: NDArray[np.float32],
     ood: Mapping[str, NDArray[np.float32]],
@@ -128,7 +128,7 @@ class ValidationMonitor:
 
     def __init__(
         self,
-        spec: MLPSpec,
+        spec: NetworkSpec,
         x: NDArray[np.float32],
         y: NDArray[np.integer],
         teacher_theta: torch.Tensor,

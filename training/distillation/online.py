@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from apd.checkpoint import Design
-from apd.networks import MLPSpec
+from apd.networks import NetworkSpec
 from training import sgld
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
 
@@ -173,7 +173,7 @@ class _Chains:
 
     def __init__(
         self,
-        spec: MLPSpec,
+        spec: NetworkSpec,
         x: torch.Tensor,
         y: torch.Tensor,
         config: OnlineConfig,
@@ -205,7 +205,7 @@ class _Chains:
 
 
 def distill_online(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     x: NDArray[np.float32] | torch.Tensor,
     y: NDArray[np.integer] | torch.Tensor,
     config: OnlineConfig,
@@ -227,7 +227,7 @@ def distill_online(
 
 
 def _distill_online(
-    spec: MLPSpec,
+    spec: NetworkSpec,
     x: NDArray[np.float32] | torch.Tensor,
     y: NDArray[np.integer] | torch.Tensor,
     config: OnlineConfig,

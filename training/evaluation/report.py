@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from training.errors import UserError
+from training.evaluation import peers
 from training.evaluation.results import EvaluationResults, load_results
 from training.evaluation.suite import EXPERIMENTS, SuiteResult
 
@@ -814,6 +815,78 @@ def _cost(results: EvaluationResults) -> list[str]:
     ]
 
 
+def _headline_cell(criterion: peers.Criterion, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if criterion.name == "stored bytes":
+        return _bytes(int(value))
+    if criterion.experiment == "cost":
+        return f"{1e3 * value:.1f} ms"
+    if criterion.name.endswith("accuracy"):
+        return _pct(value)
+    return _f(value)
+
+
+def _peers(results: EvaluationResults) -> list[str]:
+    """The headline table and APD's wins, ties and losses against each peer."""
+    found = peers.verdicts(results)
+    if not found:
+        return []
+    crit, table = peers.headline(results)
+    labels = results["methods"]
+    rows = [
+        [labels[m]["label"], *[_headline_cell(c, table[m].get(c.name)) for c in crit]]
+        for m in table
+    ]
+    n_adv = results["adversarial"]["settings"]["num_inputs"] if "adversarial" in results else 0
+    out = [
+        "## 7. APD against its peers",
+        "",
+        "One headline number per experiment, from the tables above: anomaly AUROCs averaged "
+        "over the OOD sets, adversarial numbers over the radii (white-box), times from the cost "
+        "table. The peers are "
+        + ", ".join(labels[v.peer]["label"] for v in found)
+        + "; SGD and the one Gaussian are shown for reference and not judged. A difference "
+        f"within a tolerance is a tie: accuracy {100 * peers.ACCURACY_TOLERANCE:g} points, "
+        f"NLL {peers.NLL_TOLERANCE:g}, ECE {peers.ECE_TOLERANCE:g}, anomaly AUROC "
+        f"{peers.AUROC_TOLERANCE:g} (the distillation issue's fidelity bars), adversarial "
+        f"accuracy {100 * peers.ADVERSARIAL_ACCURACY_TOLERANCE:g} point and AUROC "
+        f"{peers.ADVERSARIAL_AUROC_TOLERANCE:g}"
+        + (
+            f" (one binomial standard error on the {n_adv:,} attacked images is up to "
+            f"{50 / math.sqrt(n_adv):.1f} points)"
+            if n_adv
+            else ""
+        )
+        + f", stored bytes {100 * peers.BYTES_TOLERANCE:g} % and times "
+        f"{100 * peers.SECONDS_TOLERANCE:g} % (measured on a shared CPU).",
+        "",
+        _table(["method", *[c.name for c in crit]], rows),
+        "",
+        "Where APD wins, ties and loses (computed from this table):",
+        "",
+    ]
+
+    def named(what: str, names: tuple[str, ...]) -> str:
+        return f"{what} on {len(names)}" + (f": {', '.join(names)}" if names else "")
+
+    for v in found:
+        out.append(
+            f"- Against {labels[v.peer]['label']}, APD {named('**wins**', v.wins)}; "
+            f"{named('ties', v.ties)}; {named('**loses**', v.losses)}."
+        )
+    wins = sum(len(v.wins) for v in found)
+    ties = sum(len(v.ties) for v in found)
+    losses = sum(len(v.losses) for v in found)
+    out += [
+        f"- In all: {wins} wins, {ties} ties, {losses} losses in {wins + ties + losses} "
+        f"comparisons with {len(found)} peers.",
+        "",
+        f"_{provenance_line(results)}_",
+    ]
+    return out
+
+
 def render_markdown(results: EvaluationResults) -> str:
     parts = _header(results)
     if "classification" in results:
@@ -828,6 +901,9 @@ def render_markdown(results: EvaluationResults) -> str:
         parts += ["", *_toy(results)]
     if "cost" in results:
         parts += ["", *_cost(results)]
+    summary = _peers(results)
+    if summary:
+        parts += ["", *summary]
     cfg = results["meta"]["config"]
     parts += [
         "",

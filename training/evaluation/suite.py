@@ -248,7 +248,8 @@ def load_methods(
             fit = methods.fit_mixture_to_sgld(sgld_method, cfg.mixture_rank)
             log(
                 f"mixture: {fit.num_components} SWAG components "
-                f"({fit.source.get('component_rule')}), up to {cfg.mixture_rank} deviations each"
+                f"({fit.source.get('component_rule')}), up to "
+                f"{max(d.shape[0] for d in fit.deviations)} deviations each"
             )
             return fit
 
