@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from apd.networks import get_spec
 from training.cli import main as apd_main
+from training.datasets import DataSpec, load_dataset
 from training.metrics import accuracy, negative_log_likelihood
 from training.sample_store import SampleStore
 from training.torch_ops import member_probs
@@ -42,7 +43,6 @@ from training.train import (
     SAMPLES_DIR,
     SGLD_EVAL_SAMPLES,
     WEIGHTS_FILE,
-    load_dataset,
 )
 
 RESULTS: Final = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,7 @@ METHODS: Final = ("sgd", "dropout", "sgld")
 TARGETS: Final = {"fcnn1": (0.980, 20 * 60.0), "fcnn2": (0.984, 40 * 60.0)}
 
 
-def evaluate_run(run: Path, method: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def evaluate_run(run: Path, method: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Test accuracy / NLL of a finished run's artefacts (see the module docstring)."""
     if method == "sgld":
         store = SampleStore.open(run / SAMPLES_DIR)
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    data = load_dataset(args.data_dir)
+    data = load_dataset(DataSpec(), args.data_dir)
     rows: list[dict[str, Any]] = []
     targets: dict[str, Any] = {}
     for arch in args.archs:
@@ -142,6 +142,7 @@ def main() -> None:
                 rows.append({"arch": arch, "method": method, "run": str(run), "missing": True})
                 continue
             recorded = json.loads((run / METRICS_FILE).read_text())
+            assert data.test_x is not None and data.test_y is not None  # MNIST's t10k
             ev = evaluate_run(run, method, data.test_x, data.test_y)
             row = {
                 "arch": arch,
@@ -169,7 +170,7 @@ def main() -> None:
         targets[arch] = {"accuracy": acc_target, "minutes": time_target / 60, "met": met}
     result = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data_sha256": data.sha256,
+        "data_sha256": data.fingerprint,
         "rows": rows,
         "targets": targets,
     }

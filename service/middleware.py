@@ -202,7 +202,9 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse({"detail": self.message}, status_code=413, headers=CLOSE)
+            # The Open Inference Protocol's error body is {"error": ...} (docs/api.md).
+            key = "error" if str(scope.get("path", "")).startswith("/v2/") else "detail"
+            response = JSONResponse({key: self.message}, status_code=413, headers=CLOSE)
             await response(scope, receive, send)
             return
         received = 0

@@ -80,7 +80,7 @@ def test_sgld_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         *("method", "arch", "out", "data_dir", "seed", "threads", "batch_size", "lr", "force"),
         *("no_progress", "chains", "steps", "burn_in", "thinning", "schedule", "gamma"),
         *("decay_steps", "cycle_steps", "explore_fraction", "temperature", "prior_std"),
-        *("preconditioner", "eval_every", "data_sha256", "apd_version"),
+        *("preconditioner", "eval_every", "device", "data_sha256", "apd_version"),
         *DATA_FLAGS,
         *("data", "data_split", "input", "network"),
     }
@@ -148,6 +148,7 @@ def test_point_estimate_run_directory(
         (["sgld", "--arch", "fcnn1", "--temperature", "-1"], "--temperature"),
         (["sgld", "--arch", "fcnn1", "--chains", "0"], "--chains must be positive"),
         (["dropout", "--arch", "fcnn1", "--momentum", "1.5"], "--momentum"),
+        (["sgld", "--arch", "fcnn1", "--device", "warp"], "--device 'warp' is not a torch device"),
     ],
 )
 def test_bad_flags_give_one_line(

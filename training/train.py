@@ -244,6 +244,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="every N steps print the validation accuracy of the chains (0 = never)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the chains, e.g. cuda (default cpu); the data is held there too",
+    )
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,7 @@ class SGLDRunConfig(RunConfig):
     prior_std: float
     preconditioner: str
     eval_every: int
+    device: str
 
 
 def sgld_defaults(arch: str, family: str, steps: int | None) -> SGLDDefaults:
@@ -381,6 +387,12 @@ def _validate(cfg: PointRunConfig | SGLDRunConfig) -> None:
             raise UserError(f"--eval-every must be >= 0, got {cfg.eval_every}")
         if not 0.0 <= cfg.gamma <= 1.0:
             raise UserError(f"--gamma must lie in [0, 1], got {cfg.gamma}")
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"--device {cfg.device!r} is not a torch device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA device is available")
     else:
         positive(cfg.epochs, "epochs")
         if not 0.0 <= cfg.momentum < 1.0:
@@ -491,12 +503,16 @@ def run_sgld(
     progress: bool = True,
     trace: list[dict[str, float]] | None = None,
 ) -> SampleStore:
-    """Run ``cfg.chains`` SGLD chains in one batched process; samples go to a store.
+    """Run ``cfg.chains`` SGLD chains in one batched process on ``cfg.device``; samples go
+    to a store.
 
     With ``cfg.eval_every`` > 0 the validation accuracy of the current chain states is
-    printed every that many steps and appended to ``trace``."""
+    printed every that many steps and appended to ``trace``. On the CPU one generator seeded
+    ``cfg.seed`` draws the initial networks, the minibatches and the noise, in that order;
+    elsewhere the noise comes from a generator on the device, seeded the same."""
     trace = [] if trace is None else trace
     tensors = Tensors.of(data)
+    device = torch.device(cfg.device)
     settings = sgld_settings(cfg, data.train_x.shape[0])
     chains = cfg.chains
     steps, burn_in, thinning = cfg.steps, cfg.burn_in, cfg.thinning
@@ -504,10 +520,13 @@ def run_sgld(
     if kept == 0:
         raise UserError("no sample would be kept: check --steps, --burn-in and --thinning")
     gen = torch.Generator().manual_seed(cfg.seed)
-    likelihood = ClassificationLikelihood(spec, tensors.train_x, tensors.train_y)
+    noise = gen if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed)
+    train_x, train_y = tensors.train_x.to(device), tensors.train_y.to(device)
+    likelihood = ClassificationLikelihood(spec, train_x, train_y)
     transform = sgld.build(likelihood, settings, likelihood.fast_gradient)
-    state = transform.init(init_theta(spec, chains, gen))
-    batches = MinibatchStream(data.train_x.shape[0], cfg.batch_size, chains, gen)
+    state = transform.init(init_theta(spec, chains, gen).to(device))
+    stream = MinibatchStream(data.train_x.shape[0], cfg.batch_size, chains, gen)
+    batches = stream if device.type == "cpu" else (idx.to(device) for idx in stream)
     meta: dict[str, Any] = {"sampler": {"method": "sgld", **settings.to_dict(), **_chain_meta(cfg)}}
     meta["data_sha256"] = data.fingerprint
     meta["data"] = data.spec.to_dict()
@@ -515,7 +534,7 @@ def run_sgld(
     chain_ids = np.arange(chains, dtype=np.int32)
 
     def keep(s: sgld.SGLDState) -> None:
-        store.append(s.params.numpy(), chain_ids, s.step)
+        store.append(s.params.cpu().numpy(), chain_ids, s.step)
 
     def monitor(s: sgld.SGLDState) -> str:
         probs = member_probs(spec, s.params, tensors.val_x)
@@ -539,7 +558,7 @@ def run_sgld(
         thinning,
         settings.schedule,
         keep,
-        gen,
+        noise,
         progress,
         monitor=monitor,
         monitor_every=cfg.eval_every,
@@ -560,11 +579,16 @@ def _chain_meta(cfg: SGLDRunConfig) -> dict[str, int]:
 
 
 def evaluate_samples(
-    spec: NetworkSpec, theta: np.ndarray | torch.Tensor, data: Dataset
+    spec: NetworkSpec, theta: np.ndarray | torch.Tensor, data: Dataset, device: str = "cpu"
 ) -> dict[str, ClassificationMetrics]:
-    """Posterior-predictive metrics of networks ``theta (K, P)`` on validation and test."""
+    """Posterior-predictive metrics of networks ``theta (K, P)`` (run on ``device``) on
+    validation and test."""
+    th = torch.as_tensor(
+        np.asarray(theta, dtype=np.float32) if isinstance(theta, np.ndarray) else theta
+    )
+    th = th.to(device)
     return {
-        split: classification_metrics(member_probs(spec, theta, x).mean(0).numpy(), y.numpy())
+        split: classification_metrics(member_probs(spec, th, x).mean(0).numpy(), y.numpy())
         for split, (x, y) in Tensors.of(data).splits().items()
     }
 
@@ -621,7 +645,7 @@ def run(args: argparse.Namespace) -> int:
         store = run_sgld(spec, data, cfg, out / SAMPLES_DIR, progress, trace)
         train_s = time.perf_counter() - start
         idx = store.select_spread(min(SGLD_EVAL_SAMPLES, len(store)))
-        evals = evaluate_samples(spec, np.asarray(store.theta[idx]), data)
+        evals = evaluate_samples(spec, np.asarray(store.theta[idx]), data, cfg.device)
         metrics = _metrics(
             evals,
             predictive=f"mean softmax of {len(idx)} samples spread across {cfg.chains} chains",
