@@ -34,11 +34,11 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,6 +73,21 @@ class CheckpointError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+T = TypeVar("T")
+
+
+def _memo(model: BaseModel, key: str, build: Callable[[], T]) -> T:
+    """``build()``, computed once per model and again when a field was replaced (a
+    ``model_copy(update=...)`` copies the cache but not the fields it was built from)."""
+    fields = tuple(getattr(model, f) for f in type(model).model_fields)
+    hit = model.__dict__.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], fields, strict=True)):
+        return cast(T, hit[1])
+    value = build()
+    model.__dict__[key] = (fields, value)
+    return value
 
 
 class Conv2dRecord(_Strict):
@@ -140,11 +155,7 @@ class TargetNetwork(_Strict):
         return cls.model_validate({"arch": record.pop("name"), **record})
 
     def spec(self) -> NetworkSpec:
-        return self._spec
-
-    @cached_property
-    def _spec(self) -> NetworkSpec:
-        return spec_from_dict(self.model_dump(mode="json"))
+        return _memo(self, "_memo_spec", lambda: spec_from_dict(self.model_dump(mode="json")))
 
 
 class InputConvention(_Strict):
@@ -206,9 +217,12 @@ class InputConvention(_Strict):
         channels = 1 if len(self.shape) == 2 else self.shape[0]
         return {1: "L", 3: "RGB"}.get(channels)  # type: ignore[return-value]
 
-    @cached_property
     def _affine(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        return np.asarray(self.scale, np.float32), np.asarray(self.shift, np.float32)
+        return _memo(
+            self,
+            "_memo_affine",
+            lambda: (np.asarray(self.scale, np.float32), np.asarray(self.shift, np.float32)),
+        )
 
     def preprocess(self, raw: NDArray[Any]) -> NDArray[np.float32]:
         """Raw examples ``(N, *shape)`` or ``(N, D)`` -> network inputs ``(N, D)`` float32,
@@ -221,7 +235,7 @@ class InputConvention(_Strict):
                 f"(N, {self.input_dim}), got {raw.shape}"
             )
         x = np.array(raw, dtype=np.float32).reshape(n, self.input_dim)
-        scale, shift = self._affine
+        scale, shift = self._affine()
         if scale.ndim or float(scale) != 1.0:
             x *= scale
         if shift.ndim or float(shift) != 0.0:

@@ -18,9 +18,10 @@ The issue's check for the CNN family (``--arch al-cnn``, the active-learning CNN
 
 A CNN's forward is about 70 times an fcNN1's (5.6 M multiply-adds per image for al-cnn), so
 this is meant for a GPU: on a CPU the SGLD run alone takes hours. The SGLD settings are a
-starting point chosen from short runs (lr 0.1 on the mean loss; at 0.5 a chain collapsed within
-100 steps), not yet tuned by validation accuracy: check ``val_trace`` in the run's
-``metrics.json`` (``--eval-every``) and adjust with ``--sgld-flag``.
+starting point chosen from short runs (lr 0.1 on the mean loss; at 0.5 one of two chains
+stayed below 20 % validation accuracy), not yet tuned by validation accuracy: check
+``val_trace`` in the run's ``metrics.json`` (``--eval-every``) and adjust with
+``--sgld-flag``.
 
 Writes ``benchmarks/results/train_cnn.json`` and ``train_cnn.md``.
 

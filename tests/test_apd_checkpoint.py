@@ -350,6 +350,13 @@ def test_preprocess_is_raw_times_scale_plus_shift() -> None:
     np.testing.assert_allclose(images.preprocess(np.full((1, 2, 2), 255, np.uint8)), 1.0)
     with pytest.raises(ValueError, match=r"\(N, 2, 2\) or \(N, 4\)"):
         images.preprocess(np.zeros((1, 3)))
+    # a copy with other statistics preprocesses with them (nothing stale is kept)
+    doubled = c.model_copy(update={"scale": [1.0, 4.0, 8.0]})
+    np.testing.assert_array_equal(doubled.preprocess(raw)[0], [2.0, 7.0, 24.25])
+    target = TargetNetwork.of(SPEC)
+    assert target.spec() == SPEC
+    wider = target.model_copy(update={"layer_sizes": [6, 7, 3], "num_params": 73})
+    assert wider.spec().layer_sizes == (6, 7, 3)
 
 
 def test_image_files_become_raw_examples() -> None:

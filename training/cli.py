@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from training.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.train", "train SGD, MC-Dropout or SGLD on MNIST"),
+    "train": ("training.train", "train SGD, MC-Dropout or SGLD on MNIST or your own data"),
     "distill": ("training.distillation.distill", "distil SGLD samples into a generator checkpoint"),
     "export": ("training.distillation.export", "export a checkpoint's generator to ONNX"),
     "evaluate": ("training.evaluation.cli", "run the evaluation suite and write a report"),
