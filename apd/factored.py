@@ -35,6 +35,7 @@ bounded whatever K: the largest array a request creates is ``U`` (``N (r+1) H1``
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -42,7 +43,18 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from apd.networks import MLPSpec, unflatten
+from apd.networks import (
+    Conv2d,
+    MLPSpec,
+    NetworkSpec,
+    first_layer,
+    forward_after_first,
+    im2col,
+    images_nhwc,
+    softmax,
+    tail_start,
+    unflatten_tail,
+)
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary
 
 FloatArray = NDArray[np.float32]
@@ -76,7 +88,7 @@ class AffinePosterior:
 
     def __init__(
         self,
-        spec: MLPSpec,
+        spec: NetworkSpec,
         offset: FloatArray,
         directions: FloatArray,
         *,
@@ -93,18 +105,29 @@ class AffinePosterior:
         self.spec = spec
         self.code_dim = r = directions.shape[0]
         self.chunk_bytes = chunk_bytes
-        d, h1 = spec.layer_sizes[0], spec.layer_sizes[1]
+        w_shape, (out,) = spec.layer_shapes[0]
         ws, bs = spec.offsets()[0]
-        both_w = np.concatenate([offset[None, ws], directions[:, ws]]).reshape(r + 1, d, h1)
-        # (D, (r+1) H1): row d holds input d's weights into every direction's hidden units.
-        self._stacked_w1 = np.ascontiguousarray(both_w.transpose(1, 0, 2).reshape(d, -1))
-        self._stacked_b1 = np.concatenate([offset[None, bs], directions[:, bs]])  # (r+1, H1)
+        # The first layer as a matrix (F, O) per direction: F = D for a dense layer, the
+        # im2col patch length C k k for a conv (weights (O, C, k, k), so transposed).
+        fan_in = math.prod(w_shape) // out
+        both_w = np.concatenate([offset[None, ws], directions[:, ws]])
+        if isinstance(spec, MLPSpec):
+            mats = both_w.reshape(r + 1, fan_in, out)
+            self._outputs_per_input = out
+        else:
+            mats = both_w.reshape(r + 1, out, fan_in).transpose(0, 2, 1)
+            self._outputs_per_input = math.prod(spec.output_shapes[0])
+        # (F, (r+1) O): column block j holds direction j's first layer.
+        self._stacked_w1 = np.ascontiguousarray(mats.transpose(1, 0, 2).reshape(fan_in, -1))
+        self._stacked_b1 = np.concatenate([offset[None, bs], directions[:, bs]])  # (r+1, O)
+        self._first_weights = math.prod(w_shape) + out
+        self._macs_per_input = self._outputs_per_input * fan_in
         self._w1 = (np.ascontiguousarray(offset[ws]), np.ascontiguousarray(directions[:, ws]))
         self._b1 = (np.ascontiguousarray(offset[bs]), np.ascontiguousarray(directions[:, bs]))
-        self._tail_spec = MLPSpec(f"{spec.name}-tail", spec.layer_sizes[1:], spec.activation)
+        start = tail_start(spec)
         self._tail = (
-            np.ascontiguousarray(offset[bs.stop :]),
-            np.ascontiguousarray(directions[:, bs.stop :]),
+            np.ascontiguousarray(offset[start:]),
+            np.ascontiguousarray(directions[:, start:]),
         )
 
     @property
@@ -113,36 +136,63 @@ class AffinePosterior:
         arrays = (self._stacked_w1, self._stacked_b1, *self._w1, *self._b1, *self._tail)
         return sum(a.nbytes for a in arrays)
 
+    def peak_bytes(self, num_inputs: int) -> int:
+        """The most memory one :meth:`summarize` on ``num_inputs`` inputs holds at once,
+        whatever K: the inputs and their first-layer rows (im2col patches for a CNN), the
+        projection ``U`` and its transposed copy (bounded by :meth:`plan`), one chunk of
+        networks, and the running sums."""
+        n = num_inputs
+        rows = n * self._macs_per_input // max(1, self._stacked_b1.shape[1]) * 4
+        projection = min(2 * 4 * (self.code_dim + 1) * n * self._outputs_per_input,
+                         4 * self.chunk_bytes)  # fmt: skip
+        sums = n * self.spec.num_classes * 8 * 4
+        return n * self.spec.input_dim * 4 + rows + projection + self.chunk_bytes + sums
+
     def plan(self, num_networks: int, num_inputs: int) -> ForwardPlan:
-        """The cheaper first-layer path (by multiply-add counts) and the chunk size."""
+        """The cheaper first-layer path (by multiply-add counts, within the chunk budget for
+        the projection) and the chunk size."""
         if num_networks < 1 or num_inputs < 1:
             raise ValueError("need at least one network and one input")
         k, n, r = num_networks, num_inputs, self.code_dim
-        d, h1 = self.spec.layer_sizes[0], self.spec.layer_sizes[1]
-        factored = (r + 1) * n * d * h1 + k * (r + 1) * n * h1
-        materialised = k * r * d * h1 + k * n * d * h1
-        path = FirstLayer.FACTORED if factored <= materialised else FirstLayer.MATERIALISED
-        per_network = n * sum(self.spec.layer_sizes[1:]) + self._tail_spec.num_params
+        outputs = n * self._outputs_per_input
+        factored = (r + 1) * n * self._macs_per_input + k * (r + 1) * outputs
+        materialised = k * r * self._first_weights + k * n * self._macs_per_input
+        fits = 2 * 4 * (r + 1) * outputs <= 4 * self.chunk_bytes
+        path = FirstLayer.FACTORED if factored <= materialised and fits else FirstLayer.MATERIALISED
+        per_network = 2 * n * self.spec.max_activations + self.tail_params
         if path is FirstLayer.MATERIALISED:
-            per_network += d * h1
+            per_network += self._first_weights
         chunk = max(1, min(k, self.chunk_bytes // (4 * per_network)))
         return ForwardPlan(path, chunk, k, n)
 
+    def _patches(self, x: FloatArray) -> FloatArray:
+        """The first layer's input rows: ``x`` itself (dense), or its im2col patches."""
+        if isinstance(self.spec, MLPSpec):
+            return x
+        conv = self.spec.layers[0]
+        assert isinstance(conv, Conv2d)
+        patches = im2col(images_nhwc(self.spec, x), conv.kernel_size, conv.padding)
+        return patches.reshape(-1, patches.shape[-1])
+
     def project(self, x: FloatArray) -> FloatArray:
-        """``U (r+1, H1 N)``: the inputs through the offset's and every direction's first
-        layer, biases included (step 1 of the module docstring), laid out unit-major so that
-        each network's activations come out as ``(H1, N)``."""
-        n = x.shape[0]
-        r1, h1 = self._stacked_b1.shape
-        u = (x @ self._stacked_w1).reshape(n, r1, h1)
+        """``U (r+1, ...)``: the inputs through the offset's and every direction's first
+        layer, biases included (step 1 of the module docstring). Laid out so that the
+        contraction gives each network's activations as the rest of its forward takes them:
+        unit-major ``(H1, N)`` for an MLP, channels-last ``(N, Ho, Wo, O)`` for a CNN."""
+        r1, out = self._stacked_b1.shape
+        rows = self._patches(x)
+        u = (rows @ self._stacked_w1).reshape(len(rows), r1, out)
         u += self._stacked_b1
-        return np.ascontiguousarray(u.transpose(1, 2, 0)).reshape(r1, h1 * n)
+        order = (1, 2, 0) if isinstance(self.spec, MLPSpec) else (1, 0, 2)
+        return np.ascontiguousarray(u.transpose(order)).reshape(r1, -1)
 
     def _first_layer_materialised(self, codes: FloatArray, x: FloatArray) -> FloatArray:
-        d, h1 = self.spec.layer_sizes[0], self.spec.layer_sizes[1]
-        w = (codes @ self._w1[1] + self._w1[0]).reshape(-1, d, h1)
+        w_shape = self.spec.layer_shapes[0][0]
+        w = (codes @ self._w1[1] + self._w1[0]).reshape(-1, *w_shape)
         b = codes @ self._b1[1] + self._b1[0]
-        return np.matmul(w.transpose(0, 2, 1), x.T) + b[:, :, None]
+        if isinstance(self.spec, MLPSpec):
+            return np.matmul(w.transpose(0, 2, 1), x.T) + b[:, :, None]
+        return first_layer(self.spec, x, w, b)
 
     def tails(self, codes: FloatArray) -> FloatArray:
         """The layers after the first of the networks ``codes (k, r)``, as flat ``(k, P_tail)``
@@ -151,7 +201,7 @@ class AffinePosterior:
 
     @property
     def tail_params(self) -> int:
-        return self._tail_spec.num_params
+        return int(self._tail[0].shape[0])
 
     def member_probs(
         self,
@@ -165,8 +215,10 @@ class AffinePosterior:
         chunk) on ``x (N, D)``.
 
         ``u`` is :meth:`project`'s output for ``x`` (computed here if absent on the factored
-        path); ``tails`` the chunk's :meth:`tails` (computed here if absent). Activations are
-        kept unit-major, ``(k, H, N)``, so that the softmax reduces over a middle axis.
+        path); ``tails`` the chunk's :meth:`tails` (computed here if absent). An MLP's
+        activations are kept unit-major, ``(k, H, N)``, so that the softmax reduces over a
+        middle axis; a CNN's layers after the first are the reference ones
+        (:func:`apd.networks.forward_after_first`).
         """
         k, n = codes.shape[0], x.shape[0]
         if plan.first_layer is FirstLayer.FACTORED:
@@ -175,10 +227,16 @@ class AffinePosterior:
             extended = np.empty((k, self.code_dim + 1), dtype=np.float32)
             extended[:, 0] = 1.0
             extended[:, 1:] = codes
-            h = (extended @ u).reshape(k, -1, n)
+            h = extended @ u
         else:
             h = self._first_layer_materialised(codes, x)
-        for w, b in unflatten(self._tail_spec, self.tails(codes) if tails is None else tails):
+        layers = unflatten_tail(self.spec, self.tails(codes) if tails is None else tails)
+        if not isinstance(self.spec, MLPSpec):
+            shape = (k, n, *np.roll(self.spec.output_shapes[0], -1))  # (k, N, Ho, Wo, O)
+            logits = forward_after_first(self.spec, layers, h.reshape(shape))
+            return softmax(logits).transpose(0, 2, 1)
+        h = h.reshape(k, -1, n)
+        for w, b in layers:
             np.maximum(h, 0.0, out=h)
             if n == 1:  # batched matrix-vector products: einsum streams W once (see networks)
                 h = np.einsum("kio,kin->kon", w, h)

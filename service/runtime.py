@@ -38,7 +38,6 @@ from service.posterior_pool import (
     Stream,
     block_noise,
 )
-from service.schemas import IMAGE_PIXELS, IMAGE_SIDE
 from service.telemetry import Metrics
 
 FloatArray = NDArray[np.float32]
@@ -59,11 +58,10 @@ def check_servable(ckpt: Checkpoint, settings: Settings) -> None:
         raise CheckpointError(
             f"{where}: sha256 {ckpt.sha256} is not the expected {settings.expected_sha256}"
         )
-    shape = list(ckpt.meta.input.shape)
-    if shape != [IMAGE_SIDE, IMAGE_SIDE] or ckpt.spec.input_dim != IMAGE_PIXELS:
+    if ckpt.meta.input.input_dim != ckpt.spec.input_dim:
         raise CheckpointError(
-            f"{where}: expects inputs of shape {shape} ({ckpt.spec.input_dim} values); "
-            f"this service serves {IMAGE_SIDE}x{IMAGE_SIDE} images"
+            f"{where}: its input convention has {ckpt.meta.input.input_dim} values per example, "
+            f"its network takes {ckpt.spec.input_dim}"
         )
     default = settings.default_num_samples or ckpt.meta.num_samples_default
     if default > settings.max_num_samples:
@@ -244,27 +242,24 @@ class ServiceRuntime:
         return self.checkpoint.meta.anomaly.default_score
 
     def request_bytes(self, body_bytes: int | None) -> int:
-        """Memory one request may hold while it is served (docs/limits.md): its body
-        parsed (``BODY_EXPANSION`` times its size; the body limit when it declares none) and
-        the forward's working set for as many inputs as such a body can hold (the inputs,
-        the projection ``U`` and its transposed copy, one chunk of networks, running sums)."""
+        """Memory one request may hold while it is served (docs/limits.md): its body parsed
+        (``BODY_EXPANSION`` times its size; the body limit when it declares none) and the
+        forward's peak for as many inputs as such a body can hold
+        (:meth:`apd.factored.AffinePosterior.peak_bytes`)."""
         settings = self.settings
         size = settings.max_body_bytes if body_bytes is None else body_bytes
-        p = self.posterior
-        d, h1 = p.spec.layer_sizes[0], p.spec.layer_sizes[1]
-        # The smallest input a body can carry is D one-digit numbers with separators.
-        inputs = min(settings.max_batch, size // (2 * d) + 1)
-        projection = inputs * (p.code_dim + 1) * h1 * 4 * 2
-        sums = inputs * p.spec.num_classes * 8 * 4
-        return size * BODY_EXPANSION + inputs * d * 4 + projection + p.chunk_bytes + sums
+        # The smallest example a body can carry is D one-digit numbers with separators.
+        inputs = min(settings.max_batch, size // (2 * self.posterior.spec.input_dim) + 1)
+        return size * BODY_EXPANSION + self.posterior.peak_bytes(inputs)
 
     async def infer(
-        self, pixels: FloatArray, num_samples: int, seed: int | None, endpoint: str
+        self, inputs: FloatArray, num_samples: int, seed: int | None, endpoint: str
     ) -> PredictiveSummary:
-        """Summary of K = ``num_samples`` posterior networks on ``pixels (N, 784)``."""
+        """Summary of K = ``num_samples`` posterior networks on ``inputs (N, D)``: validated
+        examples in the model's raw units, preprocessed here with the checkpoint's convention
+        (:meth:`apd.checkpoint.InputConvention.preprocess`)."""
         plan = self.pool.plan(num_samples, seed)
-        scale = self.checkpoint.meta.input.scale
-        x = pixels if scale == 1.0 else pixels * np.float32(scale)
+        x = self.checkpoint.meta.input.preprocess(inputs)
         if self.checkpoint.is_affine:
             segments = await self.pool.segments(plan)
             parts = [(s.codes, s.tails) for s in segments]

@@ -171,3 +171,55 @@ def test_bad_shapes_are_refused(ckpt: Checkpoint) -> None:
         posterior.summarize(
             np.zeros((3, ckpt.code_dim), np.float32), x, tails=np.zeros((3, 2), np.float32)
         )
+
+
+CNNS = {
+    "al-cnn-like": "cnn:conv8x3,conv8x3,pool2,fc16",
+    "lenet-like": "cnn:conv4x5p2,pool2,conv6x5,pool2,fc12,fc10",
+}
+
+
+@pytest.mark.parametrize("arch", list(CNNS.values()), ids=list(CNNS))
+@pytest.mark.parametrize("path", list(FirstLayer))
+@pytest.mark.parametrize("n", [1, 5])
+def test_cnn_networks_from_codes_agree_with_the_reference(
+    arch: str, path: FirstLayer, n: int
+) -> None:
+    """A conv is linear in its weights too: the factored first conv (the inputs' patches
+    through every direction's filters) and the materialised one both give what the
+    reference forward of the generated weights gives."""
+    from apd.networks import build_spec
+
+    spec = build_spec(arch, (1, 14, 14), 10)
+    rng = np.random.default_rng(7)
+    p, r, k = spec.num_params, 6, 9
+    scale = np.concatenate(
+        [
+            np.full(w.stop - w.start, 1 / np.sqrt(f)).tolist() + [0.1] * (b.stop - b.start)
+            for (w, b), f in zip(spec.offsets(), spec.fan_ins(), strict=True)
+        ]
+    ).astype(np.float32)
+    offset = (rng.standard_normal(p) * scale).astype(np.float32)
+    directions = (rng.standard_normal((r, p)) * scale / np.sqrt(r)).astype(np.float32)
+    codes = rng.standard_normal((k, r)).astype(np.float32)
+    x = rng.random((n, spec.input_dim), dtype=np.float32)
+    want = summarize(forward_probs(spec, codes @ directions + offset, x))
+    posterior = AffinePosterior(spec, offset, directions)
+    plan = ForwardPlan(path, 4, k, n)
+    acc = PredictiveAccumulator()
+    for start in range(0, k, 4):
+        acc.add(posterior.member_probs(codes[start : start + 4], x, plan).transpose(0, 2, 1))
+    assert_agree(acc.summary(), want)
+    assert_agree(posterior.summarize(codes, x), want)
+
+
+def test_a_cnn_takes_the_materialised_first_layer() -> None:
+    """3x3 filters on one channel take 9 multiply-adds per output; the contraction over r+1
+    directions takes r+1: forming the first layer is cheaper for any K."""
+    from apd.networks import get_spec
+
+    spec = get_spec("al-cnn")
+    p = spec.num_params
+    posterior = AffinePosterior(spec, np.zeros(p, np.float32), np.zeros((46, p), np.float32))
+    for k, n in ((1, 1), (100, 1), (1000, 64)):
+        assert posterior.plan(k, n).first_layer is FirstLayer.MATERIALISED
