@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +25,7 @@ from service.api.docs import add_offline_docs
 from service.api.errors import http_error_handler, validation_error_handler
 from service.api.main import api_router
 from service.config import Settings
+from service.inputs import InputSchema
 from service.middleware import (
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
@@ -32,13 +33,14 @@ from service.middleware import (
     RequestIdMiddleware,
 )
 from service.runtime import ServiceRuntime, load_servable
+from service.schemas import SHIPPED_SHA256, request_examples
 from service.telemetry import Metrics, mark_worker_exited
 
 log = logging.getLogger("apd.service")
 
 DESCRIPTION = """\
 Serves an APD checkpoint: posterior networks drawn from the distilled generator give the
-posterior predictive of each MNIST-style input, its uncertainty (predictive entropy, expected
+posterior predictive of each input, its uncertainty (predictive entropy, expected
 entropy, mutual information, model variance) and an anomaly flag at a threshold calibrated
 when the checkpoint was made. `seed` makes an answer reproducible on any worker or replica.
 Client mistakes get 4xx (422 malformed, 413 over a limit) with a message naming the field.
@@ -46,12 +48,21 @@ Client mistakes get 4xx (422 malformed, 413 over a limit) with a message naming 
 
 
 class APDService(FastAPI):
-    """FastAPI whose OpenAPI document states this server's own limits, so that the document
-    stays the true contract when ``max_num_samples`` is set below the API's 1000."""
+    """FastAPI whose OpenAPI document is the served model's contract: its input shape, value
+    range, classes and an example input (from the loaded checkpoint), and this server's own
+    limits (``max_num_samples`` may be set below the API's 1000). Before the checkpoint is
+    loaded the document describes inputs in general, and is not kept."""
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
-            _state_limits(super().openapi(), self.state.settings)
+            doc = super().openapi()
+            _state_limits(doc, self.state.settings)
+            runtime: ServiceRuntime | None = self.state.runtime
+            schema: InputSchema | None = self.state.input_schema
+            if runtime is None or schema is None:
+                self.openapi_schema = None
+                return doc
+            _state_model(doc, runtime.checkpoint, schema)
         assert self.openapi_schema is not None
         return self.openapi_schema
 
@@ -60,17 +71,51 @@ class APDService(FastAPI):
         return RequestIdMiddleware(super().build_middleware_stack())
 
 
-def _state_limits(schema: dict[str, Any], settings: Settings) -> None:
-    for name in ("PredictRequest", "AnomalyScoreRequest"):
-        props = schema["components"]["schemas"][name]["properties"]
+_REQUESTS: Final = ("PredictRequest", "AnomalyScoreRequest")
+
+
+def _state_limits(doc: dict[str, Any], settings: Settings) -> None:
+    schemas = doc["components"]["schemas"]
+    for name in (*_REQUESTS, "ImageForm"):
+        props = schemas[name]["properties"]
         for branch in props["num_samples"].get("anyOf", [props["num_samples"]]):
             if branch.get("type") == "integer":
                 branch["maximum"] = settings.max_num_samples
-        props["inputs"]["maxItems"] = settings.max_batch  # more: 413, as API.md says
-        props["inputs"]["description"] += (
-            f" This server: at most {settings.max_batch} images, and request bodies of at"
+        batch = props["inputs" if name in _REQUESTS else "files"]
+        batch["maxItems"] = settings.max_batch  # more: 413, as API.md says
+        batch["description"] += (
+            f" This server: at most {settings.max_batch}, and request bodies of at"
             f" most {settings.max_body_bytes} bytes."
         )
+
+
+def _state_model(doc: dict[str, Any], ckpt: Checkpoint, schema: InputSchema) -> None:
+    """The served model in the document: its inputs (shape, range, an example) and classes.
+    The answer examples are the shipped checkpoint's real answers: shown when it is served."""
+    schemas = doc["components"]["schemas"]
+    for name, examples in request_examples(schema.example).items():
+        inputs = schemas[name]["properties"]["inputs"]
+        inputs["items"] = schema.example_json_schema()
+        inputs["description"] = f"{schema.describe()} {inputs['description']}"
+        schemas[name]["examples"] = examples
+    if ckpt.sha256 != SHIPPED_SHA256:
+        for name in ("PredictResponse", "AnomalyScoreResponse"):
+            schemas[name].pop("examples", None)
+    classes = ckpt.spec.num_classes
+    names = ckpt.meta.input.class_names
+    prediction = schemas["Prediction"]["properties"]
+    prediction["label"]["maximum"] = classes - 1
+    prediction["probabilities"] |= {"minItems": classes, "maxItems": classes}
+    label_name = prediction["label_name"]  # absent, never null, when there are no names
+    label_name.pop("anyOf", None)
+    label_name |= {"type": "string", "enum": names} if names else {"type": "string"}
+    meta = ckpt.meta
+    listed = ", ".join(names) if names else f"labels 0 to {classes - 1}"
+    doc["info"]["description"] += (
+        f"\nThis server serves **{meta.model_id}** (version {meta.version}). Inputs: "
+        f"{schema.describe()} Classes ({classes}): {listed}. The example input is "
+        f"{schema.example_source}.\n"
+    )
 
 
 def create_app(
@@ -88,11 +133,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ckpt = checkpoint if checkpoint is not None else load_servable(settings)
         runtime = await ServiceRuntime.start(settings, ckpt, metrics)
+        app.state.input_schema = InputSchema.of(ckpt.meta)
         app.state.runtime = runtime
+        app.openapi_schema = None  # the document states the model loaded now
         try:
             yield
         finally:
             app.state.runtime = None
+            app.state.input_schema = None
             await runtime.close()
             mark_worker_exited(os.getpid())
 
@@ -108,6 +156,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = None
+    app.state.input_schema = None
     # Outermost last: metrics see every answer, including the limits' 413 and 408.
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(

@@ -1,83 +1,36 @@
 """Request and response bodies of the HTTP API (``docs/api.md``): the OpenAPI contract.
 
-Field names named there are fixed. Inputs are validated here, once, with errors whose
-``loc`` and message name the image and pixel at fault: the structure first (each image is 784
-floats or 28 rows of 28), then the types (JSON numbers only), then the values (finite, in
-[0, 1]). JSON ``NaN``/``Infinity`` literals, which Python's JSON parser accepts, are rejected
-as non-finite. Limits that depend on the settings (batch size, ``num_samples`` above the
-configured maximum) are checked by the routes.
-
-Parsing a batch of 64 images with ``json.loads`` and checking its 50,000 pixels one Python
-object at a time takes about 10 ms, more than the forward it feeds. The inference routes read
-their bodies with :func:`parse_json_body` instead (about 2 ms,
-``benchmarks/results/json_path.md``): orjson parses, and a well-formed batch is checked whole
-with NumPy (:class:`CheckedImages`), which the models then accept as it is. Anything that
-check refuses goes through the per-pixel validation above, so every error is the one that
-validation gives: the same message, ``loc`` and type.
+Field names named there are fixed. The models are the same for every checkpoint; ``inputs``
+is validated with the served model's input schema (:mod:`service.inputs`), once, with errors
+whose ``loc`` and message name the example and the value at fault, and the OpenAPI document
+states that model's shape, range and classes (``service.main``). Limits that depend on the
+settings (batch size, ``num_samples`` above the configured maximum) are checked by the routes.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
-import orjson
+from fastapi import UploadFile
 from numpy.typing import NDArray
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
-    Discriminator,
     Field,
     JsonValue,
-    PrivateAttr,
-    StrictFloat,
     StrictInt,
-    Tag,
-    ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
-    model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from apd.uncertainty import ScoreName
-from service.examples import MNIST_TEST_0_LABEL, mnist_example
+from service.examples import MNIST_TEST_0_LABEL
+from service.inputs import CheckedInputs, served_input
 from service.posterior_pool import MAX_SEED
 
-IMAGE_SIDE: Final = 28
-IMAGE_PIXELS: Final = IMAGE_SIDE * IMAGE_SIDE
 MAX_NUM_SAMPLES: Final = 1000
-
-_EXAMPLE_IMAGE: list[JsonValue] = [*mnist_example()]
-
-Pixel = Annotated[StrictFloat, Field(json_schema_extra={"minimum": 0.0, "maximum": 1.0})]
-FlatImage = Annotated[
-    list[Pixel],
-    Field(min_length=IMAGE_PIXELS, max_length=IMAGE_PIXELS, title="Flat image (784 floats)"),
-]
-ImageRow = Annotated[list[Pixel], Field(min_length=IMAGE_SIDE, max_length=IMAGE_SIDE)]
-NestedImage = Annotated[
-    list[ImageRow],
-    Field(min_length=IMAGE_SIDE, max_length=IMAGE_SIDE, title="Nested image (28x28 floats)"),
-]
-
-
-def _image_form(value: Any) -> str | None:
-    """Which form an image takes, so that errors come from that form alone."""
-    if isinstance(value, list):
-        if len(value) == IMAGE_PIXELS:
-            return "flat"
-        if len(value) == IMAGE_SIDE:
-            return "nested"
-    return None
-
-
-Image = Annotated[
-    Annotated[FlatImage, Tag("flat")] | Annotated[NestedImage, Tag("nested")],
-    Discriminator(_image_form),
-]
 
 
 def _integral(value: Any) -> Any:
@@ -107,235 +60,45 @@ Seed = Annotated[
 ]
 
 
-class CheckedImages(list[Any]):
-    """A batch of images checked whole by :func:`parse_json_body`: ``pixels``, float32
-    ``(N, 784)``, and the images as its rows. The parsed JSON lists are let go (a Python float
-    takes 32 bytes in a list, a float32 pixel 4). Only that function builds one; the request
-    models accept it without checking each pixel again."""
-
-    def __init__(self, pixels: NDArray[np.float32]) -> None:
-        super().__init__(pixels)
-        self.pixels = pixels
-
-
-_BATCH_SHAPES: Final = ((IMAGE_PIXELS,), (IMAGE_SIDE, IMAGE_SIDE))
-# JSON number and array syntax. Deleting these bytes from a body leaves its keys, strings and
-# literals (and exponents' ``e``): a few bytes to search for ``true``/``false``, not 400 kB.
-_NUMERIC_BYTES: Final = b"0123456789.,[]+- \t\r\n"
-
-
-def _may_hold_bool(raw: bytes) -> bool:
-    """Whether a JSON ``true``/``false`` literal may occur in ``raw`` (never a false "no")."""
-    rest = raw.translate(None, _NUMERIC_BYTES)
-    return b"true" in rest or b"false" in rest
-
-
-def _check_batch(raw: bytes, inputs: Any) -> CheckedImages | None:
-    """``inputs`` as :class:`CheckedImages` if it is a non-empty list of images of one form
-    (all flat or all nested) whose pixels are JSON numbers in [0, 1]; else None.
-
-    NumPy reads ``true``/``false`` as 1.0/0.0, so a body holding either literal anywhere is
-    left to the per-pixel path (no valid request holds one). ``None`` or a string among the
-    pixels gives an object or string array, ragged images a ValueError: all refused here.
-    """
-    if not isinstance(inputs, list) or not inputs or _may_hold_bool(raw):
-        return None
-    try:
-        batch = np.array(inputs)
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        return None
-    if batch.dtype.kind not in "iuf" or batch.shape[1:] not in _BATCH_SHAPES:
-        return None
-    pixels = batch.reshape(len(inputs), IMAGE_PIXELS)
-    if not (pixels.min() >= 0 and pixels.max() <= 1):  # False for NaN too
-        return None
-    return CheckedImages(pixels.astype(np.float32))
-
-
-def parse_json_body(raw: bytes) -> Any:
-    """The JSON value of a request body, with its ``inputs`` checked whole when they are valid.
-
-    orjson parses; valid ``inputs`` become :class:`CheckedImages`. Any other body is parsed
-    again by Python's parser, whose answer is the contract (orjson reads integers past 2**64
-    as floats, refuses ``NaN``/``Infinity`` and byte order marks): its error is FastAPI's 422
-    ``json_invalid``, and its value goes to the request model's per-pixel validation, which
-    says which image and pixel is wrong, and how.
-    """
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
-    if isinstance(value, dict):
-        checked = _check_batch(raw, value.get("inputs"))
-        if checked is not None:
-            value["inputs"] = checked
-            return value
-    return json.loads(raw)
-
-
 class _Forbid(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _error(
-    kind: str, message: str, loc: tuple[int | str, ...], offending: Any, **ctx: Any
-) -> ValidationError:
-    return ValidationError.from_exception_data(
-        "inputs",
-        [
-            InitErrorDetails(
-                type=PydanticCustomError(kind, message, ctx or None),
-                loc=loc,
-                input=offending,
-            )
-        ],
-    )
-
-
-class _ImageBatch(_Forbid):
+class _InputBatch(_Forbid):
     """Shared ``inputs`` field and its validation."""
 
-    inputs: list[Image] = Field(
-        min_length=1,
-        description="Images, each a flat list of 784 floats or a 28x28 nested list, "
-        "pixels in [0, 1] (pixel / 255), white strokes on black. At most the server's "
-        "max_batch images (see GET /v1/model; 413 above it).",
+    inputs: Annotated[list[Any], Field(min_length=1)] = Field(
+        description="Examples of the served model's input shape (GET /v1/model, input), each "
+        "a flat list of its values or a list nested to its shape, in the model's raw units. "
+        "At most the server's max_batch examples (413 above it).",
+        json_schema_extra={"items": {"description": "One example (see GET /v1/model)"}},
     )
-    _pixels: NDArray[np.float32] = PrivateAttr()
 
     @field_validator("inputs", mode="wrap")
     @classmethod
-    def _check_structure(cls, value: Any, check_items: ValidatorFunctionWrapHandler) -> Any:
-        """Name the image whose shape is wrong, before the per-element type checks (none for
-        a batch that :func:`parse_json_body` checked whole)."""
-        if isinstance(value, CheckedImages):
+    def _check_examples(cls, value: Any, check_list: ValidatorFunctionWrapHandler) -> Any:
+        """Each example checked against the served model's input schema, unless
+        :func:`~service.inputs.parse_json_body` checked the batch whole."""
+        if isinstance(value, CheckedInputs):
             return value
-        if not isinstance(value, list):
-            return check_items(value)  # pydantic's own error: "Input should be a valid list"
-        for i, image in enumerate(value):
-            if not isinstance(image, list):
-                raise _error(
-                    "image_type",
-                    "inputs[{index}] must be a list of 784 floats or 28 lists of 28 floats, "
-                    "not {got}",
-                    (i,),
-                    image,
-                    index=i,
-                    got=type(image).__name__,
-                )
-            if len(image) == IMAGE_PIXELS:
-                continue
-            if len(image) == IMAGE_SIDE and any(isinstance(r, list) for r in image):
-                for j, row in enumerate(image):
-                    if not isinstance(row, list):
-                        raise _error(
-                            "image_shape",
-                            "inputs[{index}][{row}] must be a row of 28 floats, not {got}",
-                            (i, j),
-                            row,
-                            index=i,
-                            row=j,
-                            got=type(row).__name__,
-                        )
-                    if len(row) != IMAGE_SIDE:
-                        raise _error(
-                            "image_shape",
-                            "inputs[{index}][{row}] has {n} values; each of the 28 rows needs 28",
-                            (i, j),
-                            row,
-                            index=i,
-                            row=j,
-                            n=len(row),
-                        )
-                continue
-            raise _error(
-                "image_shape",
-                "inputs[{index}] has {n} items; an image is 784 floats or 28 rows of 28 floats",
-                (i,),
-                image,
-                index=i,
-                n=len(image),
-            )
-        return check_items(value)
-
-    @model_validator(mode="after")
-    def _check_pixels(self) -> Self:
-        """Finite and in [0, 1]; keeps the batch as a float32 array ``(N, 784)``."""
-        if isinstance(self.inputs, CheckedImages):
-            self._pixels = self.inputs.pixels
-            return self
-        pixels = np.empty((len(self.inputs), IMAGE_PIXELS), dtype=np.float64)
-        for i, image in enumerate(self.inputs):
-            pixels[i] = np.asarray(image, dtype=np.float64).reshape(IMAGE_PIXELS)
-        finite = np.isfinite(pixels)
-        bad = ~finite | (pixels < 0.0) | (pixels > 1.0)
-        if bad.any():
-            i, p = (int(v) for v in np.argwhere(bad)[0])
-            nested = len(self.inputs[i]) == IMAGE_SIDE
-            loc: tuple[int | str, ...] = (
-                ("inputs", i, p // IMAGE_SIDE, p % IMAGE_SIDE) if nested else ("inputs", i, p)
-            )
-            where = "".join(f"[{part}]" for part in loc[1:])
-            value = float(pixels[i, p])
-            total = int(bad.sum())
-            if not finite[i, p]:
-                raise _error(
-                    "finite_number",
-                    "inputs{where} is {value}: pixels must be finite numbers "
-                    "({total} bad value(s) in this request)",
-                    loc,
-                    value,
-                    where=where,
-                    value=str(value),
-                    total=total,
-                )
-            raise _error(
-                "pixel_range",
-                "inputs{where} is {value}: pixels must lie in [0, 1] (pixel / 255) "
-                "({total} bad value(s) in this request)",
-                loc,
-                value,
-                where=where,
-                value=value,
-                total=total,
-            )
-        self._pixels = pixels.astype(np.float32)
-        return self
+        if not isinstance(value, list) or not value:
+            return check_list(value)  # pydantic's own errors: not a list, empty
+        return served_input().validate(value)
 
     @property
-    def pixels(self) -> NDArray[np.float32]:
-        """The validated images as float32 ``(N, 784)``."""
-        return self._pixels
+    def raw(self) -> NDArray[np.float32]:
+        """The validated examples, float32 ``(N, D)`` in the model's raw units."""
+        inputs = self.inputs
+        assert isinstance(inputs, CheckedInputs)
+        return inputs.raw
 
 
-class PredictRequest(_ImageBatch):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"inputs": [_EXAMPLE_IMAGE], "num_samples": 100, "seed": 7},
-                {"inputs": [_EXAMPLE_IMAGE]},
-            ]
-        }
-    )
-
+class PredictRequest(_InputBatch):
     num_samples: NumSamples = None
     seed: Seed = None
 
 
-class AnomalyScoreRequest(_ImageBatch):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "inputs": [_EXAMPLE_IMAGE],
-                    "num_samples": 100,
-                    "seed": 7,
-                    "score": "mutual_information",
-                }
-            ]
-        }
-    )
-
+class AnomalyScoreRequest(_InputBatch):
     num_samples: NumSamples = None
     seed: Seed = None
     score: ScoreName | None = Field(
@@ -345,17 +108,48 @@ class AnomalyScoreRequest(_ImageBatch):
     )
 
 
-# The examples are the shipped model's real answers (models/mnist-fcnn1) to the request
+class ImageForm(_Forbid):
+    """``POST /predict/image``: image files and the fields of ``/predict`` (form fields)."""
+
+    files: list[UploadFile] = Field(
+        min_length=1,
+        description="Image files (PNG, JPEG, ... as Pillow reads them), each converted with the "
+        "checkpoint's convention: to its image mode, resized to its shape (bilinear), in its "
+        "raw units. At most the server's max_batch files (413 above it).",
+    )
+    num_samples: Annotated[int, Field(ge=1, le=MAX_NUM_SAMPLES)] | None = Field(
+        default=None, description="As for /predict"
+    )
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+        default=None, description="As for /predict"
+    )
+
+
+def request_examples(example: JsonValue) -> dict[str, list[JsonValue]]:
+    """The request models' OpenAPI examples for one example input of the served model."""
+    return {
+        "PredictRequest": [
+            {"inputs": [example], "num_samples": 100, "seed": 7},
+            {"inputs": [example]},
+        ],
+        "AnomalyScoreRequest": [
+            {"inputs": [example], "num_samples": 100, "seed": 7, "score": "mutual_information"}
+        ],
+    }
+
+
+# The answer examples are the shipped model's real answers (models/mnist-fcnn1) to the request
 # examples (the first MNIST test image, num_samples 100, seed 7), numbers to 4 significant
-# digits; tests/test_api_doc.py answers the request with that checkpoint and compares.
-_SHIPPED_SHA256: Final = "4b578f2ea54126d05d92be65567d8d296817677c103b9536795aae8ba900ba35"
+# digits; tests/test_api_doc.py answers the request with that checkpoint and compares. The
+# OpenAPI document shows them when that checkpoint is served (service/main.py).
+SHIPPED_SHA256: Final = "4b578f2ea54126d05d92be65567d8d296817677c103b9536795aae8ba900ba35"
 _SHIPPED_THRESHOLD: Final = 0.23540170376774533  # mutual_information, 5% FPR
 
 
 class ModelRef(BaseModel):
     id: str = Field(examples=["mnist-fcnn1"])
     version: str = Field(examples=["2026.11.23-fcnn1"])
-    checkpoint_sha256: str = Field(examples=[_SHIPPED_SHA256])
+    checkpoint_sha256: str = Field(examples=[SHIPPED_SHA256])
 
 
 class Uncertainty(BaseModel):
@@ -376,6 +170,11 @@ class AnomalyFlag(BaseModel):
 
 class Prediction(BaseModel):
     label: int = Field(ge=0, examples=[MNIST_TEST_0_LABEL])
+    label_name: str | None = Field(
+        default=None,
+        exclude_if=lambda name: name is None,
+        description="The class name of label, from the checkpoint; absent when it names none",
+    )
     probabilities: list[float] = Field(
         description="Posterior predictive: the mean of the K networks' softmax (sums to 1)"
     )
@@ -386,7 +185,7 @@ class Prediction(BaseModel):
 _EXAMPLE_MODEL: dict[str, JsonValue] = {
     "id": "mnist-fcnn1",
     "version": "2026.11.23-fcnn1",
-    "checkpoint_sha256": _SHIPPED_SHA256,
+    "checkpoint_sha256": SHIPPED_SHA256,
 }
 _EXAMPLE_PREDICTION: dict[str, JsonValue] = {
     "label": MNIST_TEST_0_LABEL,
@@ -522,6 +321,35 @@ class AnomalyInfo(BaseModel):
     calibration_num_samples: int
 
 
+class InputInfo(BaseModel):
+    """One example of the model's input (the checkpoint's input convention)."""
+
+    shape: list[int] = Field(
+        description="Its shape: [D] features, [H, W] or [C, H, W] images", examples=[[28, 28]]
+    )
+    size: int = Field(description="Values in it: the length of its flat form", examples=[784])
+    dtype: Literal["uint8", "float32"] = Field(description="The raw data's type")
+    value_range: tuple[float, float] = Field(
+        description="uint8 data: [0, 255]; float pixels: [0, 1]; float features: the training "
+        "data's min and max"
+    )
+    range_checked: bool = Field(
+        description="true: values outside value_range are refused (pixels, uint8 data); "
+        "false: any finite float32 is an input (value_range describes the training data)"
+    )
+    scale: float | list[float] = Field(
+        description="Preprocessing, applied by the server: the network sees "
+        "raw * scale + shift (one number, or one per value of the flat form)"
+    )
+    shift: float | list[float]
+    image_mode: Literal["L", "RGB"] | None = Field(
+        description="'L' (grayscale) or 'RGB' when image files can stand for examples "
+        "(POST /predict/image); null for other inputs"
+    )
+    data_sha256: str | None = Field(description="Fingerprint of the training data")
+    description: str
+
+
 class ModelInfo(BaseModel):
     id: str
     version: str
@@ -531,7 +359,11 @@ class ModelInfo(BaseModel):
     parameter_count: int = Field(description="Weights in one posterior network")
     generator: dict[str, Any] = Field(description="Generator shape and design")
     generator_parameter_count: int
-    input: dict[str, Any] = Field(description="Input convention: shape, range, scale")
+    input: InputInfo
+    num_classes: int = Field(description="Classes the model tells apart (C)")
+    class_names: list[str] | None = Field(
+        description="Their names, in label order; null when the checkpoint names none"
+    )
     default_num_samples: int
     anomaly: AnomalyInfo
     provenance: dict[str, Any] = Field(

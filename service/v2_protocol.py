@@ -25,8 +25,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, ValidationError
 
-from apd.checkpoint import InputConvention
 from apd.uncertainty import ScoreName
+from service.inputs import InputSchema
 from service.schemas import NumSamples, Seed
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
@@ -93,7 +93,8 @@ class TensorMetadata(BaseModel):
     shape: list[int] = Field(description="-1: any size (the batch dimension)")
     parameters: dict[str, Any] | None = Field(
         default=None,
-        description="Input only: every datatype and shape accepted, and the value range",
+        description="The input: every datatype and shape accepted, the value range and whether "
+        "it is checked; probabilities and label: the class names, when the checkpoint has them",
     )
 
 
@@ -256,27 +257,31 @@ def parse_request(
 
 @dataclass(frozen=True)
 class ModelInput:
-    """What the model's one input tensor accepts: ``[N, *shape]`` or ``[N, dim]``."""
+    """What the model's one input tensor accepts: ``[N, *shape]`` or ``[N, dim]``.
+
+    FP32 values are the model's raw units, as ``/predict`` takes them (:mod:`service.inputs`):
+    within ``value_range`` when ``checks_range`` (pixels, ``uint8`` data), else any finite
+    float32. UINT8 is accepted for ``uint8`` data (the raw values) and for float pixels in
+    [0, 1] (read as ``pixel / 255``); ``uint8`` is how it is read, None when refused."""
 
     shape: tuple[int, ...]
     dim: int
     value_range: tuple[float, float]
-    images: bool  # UINT8 0-255 accepted, read as pixel / 255
+    checks_range: bool
+    uint8: Literal["raw", "pixel"] | None
 
     @classmethod
-    def of(cls, convention: InputConvention, input_dim: int) -> ModelInput:
-        """The input of a model with this input convention and ``input_dim`` inputs.
-
-        UINT8 is accepted for images, i.e. inputs of two or more dimensions whose values are
-        ``pixel / 255`` in [0, 1]."""
-        shape = tuple(convention.shape)
-        lo, hi = convention.value_range
-        images = len(shape) >= 2 and (lo, hi) == (0.0, 1.0)
-        return cls(shape, input_dim, (lo, hi), images)
+    def of(cls, schema: InputSchema) -> ModelInput:
+        """The input tensor of a model whose inputs are ``schema``'s."""
+        if schema.convention.dtype == "uint8":
+            uint8: Literal["raw", "pixel"] | None = "raw"
+        else:
+            uint8 = "pixel" if schema.image_mode is not None else None
+        return cls(schema.shape, schema.size, schema.value_range, schema.checks_range, uint8)
 
     @property
     def datatypes(self) -> tuple[str, ...]:
-        return ("FP32", "UINT8") if self.images else ("FP32",)
+        return ("FP32", "UINT8") if self.uint8 else ("FP32",)
 
     @property
     def shapes(self) -> list[list[int]]:
@@ -295,6 +300,7 @@ class ModelInput:
                 "accepted_datatypes": list(self.datatypes),
                 "accepted_shapes": list(self.shapes),
                 "value_range": list(self.value_range),
+                "range_checked": self.checks_range,
             },
         )
 
@@ -323,7 +329,7 @@ def decode_input(
         )
     if tensor.datatype not in model.datatypes:
         accepted = " or ".join(model.datatypes)
-        extra = " (UINT8 is for images)" if tensor.datatype == "UINT8" else ""
+        extra = " (UINT8 is for images and uint8 data)" if tensor.datatype == "UINT8" else ""
         raise ProtocolError(
             f"{where}: datatype is {tensor.datatype!r}; this model takes {accepted}{extra}"
         )
@@ -351,17 +357,22 @@ def decode_input(
     else:
         values = _json_values(tensor, where, shape, count)
     if tensor.datatype == "UINT8":
-        pixels = values.reshape(n, model.dim).astype(np.float32) / np.float32(PIXEL_MAX)
-        return pixels
+        x = values.reshape(n, model.dim).astype(np.float32)
+        return x / np.float32(PIXEL_MAX) if model.uint8 == "pixel" else x
     x = values.reshape(n, model.dim).astype(np.float32)  # a copy: aligned and writable
     lo, hi = model.value_range
-    bad = ~((x >= lo) & (x <= hi))  # NaN fails both comparisons
+    if model.checks_range:
+        bad = ~((x >= lo) & (x <= hi))  # NaN fails both comparisons
+        rule = f"finite and lie in [{lo:g}, {hi:g}]"
+    else:
+        bad = ~np.isfinite(x)  # float32: JSON numbers past its range are inf here
+        rule = "finite float32 numbers"
     if bad.any():
         first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), shape))
         value = float(values.reshape(-1)[int(np.argmax(bad))])
         raise ProtocolError(
-            f"{where}: element {list(first)} is {value}: FP32 values must be finite and lie in "
-            f"[{lo:g}, {hi:g}] ({int(bad.sum())} bad value(s) in this request)"
+            f"{where}: element {list(first)} is {value}: FP32 values must be {rule} "
+            f"({int(bad.sum())} bad value(s) in this request)"
         )
     return x
 

@@ -120,7 +120,8 @@ def schema_fields(schema: dict[str, Any], defs: dict[str, Any], prefix: str = ""
 
 
 def _json_schema(content: dict[str, Any]) -> dict[str, Any] | None:
-    media = content.get("application/json")
+    """The schema of a JSON body, or of a form's fields (``POST /predict/image``)."""
+    media = content.get("application/json") or content.get("multipart/form-data")
     return None if media is None else media["schema"]
 
 

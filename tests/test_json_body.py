@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
@@ -25,13 +25,9 @@ from service_support import make_client
 from starlette.exceptions import HTTPException
 
 from service.api.errors import http_error_handler, validation_error_handler
-from service.api.json_body import ImageBatchRoute
-from service.schemas import (
-    AnomalyScoreRequest,
-    CheckedImages,
-    PredictRequest,
-    parse_json_body,
-)
+from service.api.json_body import InputBatchRoute
+from service.inputs import DEFAULT_INPUT, CheckedInputs, parse_json_body
+from service.schemas import AnomalyScoreRequest, PredictRequest
 
 rng = np.random.default_rng(0)
 DIGITS = np.round(rng.random((4, 784)) * (rng.random((4, 784)) < 0.3), 4)
@@ -143,7 +139,7 @@ def outcome(model: type[BaseModel], parse: Any, raw: bytes) -> tuple[str, Any]:
     except ValidationError as exc:
         return "invalid", exc.errors(include_url=False, include_input=False)
     fields = request.model_dump(exclude={"inputs"})
-    return "ok", (request.pixels.tobytes(), request.pixels.shape, fields)  # type: ignore[attr-defined]
+    return "ok", (request.raw.tobytes(), request.raw.shape, fields)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", list(BODIES))
@@ -171,26 +167,26 @@ def test_valid_batches_of_one_form_take_the_fast_path(name: str) -> None:
     raw = BODIES[name]
     value = parse_json_body(raw)
     if not takes_fast_path(raw):
-        assert not isinstance(value["inputs"], CheckedImages)
+        assert not isinstance(value["inputs"], CheckedInputs)
         return
-    assert isinstance(value["inputs"], CheckedImages)
+    assert isinstance(value["inputs"], CheckedInputs)
     reference = np.array(
         [np.asarray(image, dtype=np.float64).reshape(784) for image in json.loads(raw)["inputs"]]
     )
-    assert value["inputs"].pixels.dtype == np.float32
-    np.testing.assert_array_equal(value["inputs"].pixels, reference.astype(np.float32))
+    assert value["inputs"].raw.dtype == np.float32
+    np.testing.assert_array_equal(value["inputs"].raw, reference.astype(np.float32))
 
 
 def test_the_checked_batch_is_not_checked_again() -> None:
-    """The models accept a CheckedImages as it is: its pixels are the request's pixels, and
+    """The models accept a CheckedInputs as it is: its pixels are the request's pixels, and
     only parse_json_body builds one."""
     raw = dumps({"inputs": [FLAT, FLAT]})
     value = parse_json_body(raw)
     checked = value["inputs"]
-    assert isinstance(checked, CheckedImages)
+    assert isinstance(checked, CheckedInputs)
     request = PredictRequest.model_validate(value)
     assert request.inputs is checked
-    assert request.pixels is checked.pixels
+    assert request.raw is checked.raw
     assert len(request.inputs) == 2
 
 
@@ -273,7 +269,7 @@ def test_random_bodies_fast_path_matches_per_pixel_path(raw: bytes) -> None:
     assert outcome(AnomalyScoreRequest, parse_json_body, raw) == expected
     value = parse_json_body(raw)
     if expected[0] == "ok" and takes_fast_path(raw):
-        assert isinstance(value["inputs"], CheckedImages)  # valid: taken fast
+        assert isinstance(value["inputs"], CheckedInputs)  # valid: taken fast
 
 
 # --- over HTTP: the route class changes how the body is read, nothing else ----------------
@@ -283,16 +279,18 @@ def image_app(route_class: type[APIRoute]) -> FastAPI:
     """The inference routes' body handling: the request models and the service's error
     handlers, with a handler that answers what it was given."""
     app = FastAPI()
+    app.state.input_schema = DEFAULT_INPUT
     app.router.route_class = route_class
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
 
     @app.post("/predict")
-    async def predict(body: PredictRequest) -> dict[str, Any]:
+    async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+        parsed = await request.json()  # as the route read it: checked whole, or not
         return {
-            "checked": isinstance(body.inputs, CheckedImages),
+            "checked": isinstance(parsed["inputs"], CheckedInputs),
             "n": len(body.inputs),
-            "sum": float(body.pixels.astype(np.float64).sum()),
+            "sum": float(body.raw.astype(np.float64).sum()),
             "seed": body.seed,
         }
 
@@ -305,7 +303,7 @@ def image_app(route_class: type[APIRoute]) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def clients() -> Any:
-    with make_client(image_app(ImageBatchRoute)) as fast, make_client(image_app(APIRoute)) as old:
+    with make_client(image_app(InputBatchRoute)) as fast, make_client(image_app(APIRoute)) as old:
         yield fast, old
 
 
@@ -326,7 +324,7 @@ def test_http_answers_are_those_of_the_per_pixel_path(clients: Any, name: str) -
 
 def test_openapi_document_is_unchanged() -> None:
     """The request bodies are documented from the same models, whatever reads them."""
-    fast, old = image_app(ImageBatchRoute).openapi(), image_app(APIRoute).openapi()
+    fast, old = image_app(InputBatchRoute).openapi(), image_app(APIRoute).openapi()
     assert fast == old
     body = fast["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"] == {"$ref": "#/components/schemas/PredictRequest"}
@@ -337,4 +335,4 @@ def test_service_inference_routes_read_bodies_the_fast_way() -> None:
 
     routes = [r for r in inference.router.routes if isinstance(r, APIRoute)]
     assert {r.path for r in routes} >= {"/predict", "/anomaly-score"}
-    assert all(isinstance(r, ImageBatchRoute) for r in routes)
+    assert all(isinstance(r, InputBatchRoute) for r in routes)

@@ -128,6 +128,7 @@ def test_predict_matches_independent_computation(client: Any, ckpt: Checkpoint) 
     }
     preds = result["predictions"]
     assert len(preds) == len(x)
+    assert not any("label_name" in p for p in preds)  # the checkpoint names no classes
     probs = np.array([p["probabilities"] for p in preds])
     np.testing.assert_allclose(probs, ref["probabilities"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
@@ -526,19 +527,26 @@ def test_openapi_is_the_contract(client: Any) -> None:
         assert {"200", "413", "422"} <= set(responses)
     schemas = doc["components"]["schemas"]
     example = schemas["PredictRequest"]["examples"][0]
-    assert len(example["inputs"][0]) == 784 and example["seed"] == 7
+    assert np.shape(example["inputs"][0]) == (28, 28) and example["seed"] == 7
     # The documented example is a real request.
     assert client.post("/predict", json=example).status_code == 200
-    from service.schemas import AnomalyScoreResponse, PredictResponse
-
-    for model in (PredictResponse, AnomalyScoreResponse):  # documented answers are valid ones
-        for answer in schemas[model.__name__]["examples"]:
-            model.model_validate(answer)
+    # The served model's input shape, level by level, and its value range.
+    flat, nested = schemas["PredictRequest"]["properties"]["inputs"]["items"]["oneOf"]
+    assert (flat["minItems"], flat["maxItems"]) == (784, 784)
+    assert flat["items"] == {"type": "number", "minimum": 0.0, "maximum": 1.0}
+    assert (nested["minItems"], nested["maxItems"]) == (28, 28)
+    row = nested["items"]
+    assert (row["minItems"], row["maxItems"], row["items"]["maximum"]) == (28, 28, 1.0)
+    # Answer examples are the shipped model's: not shown for another one.
+    assert "examples" not in schemas["PredictResponse"]
+    assert "examples" not in schemas["AnomalyScoreResponse"]
+    prediction = schemas["Prediction"]["properties"]
+    assert prediction["label"]["maximum"] == 9 and prediction["probabilities"]["maxItems"] == 10
+    assert "enum" not in prediction["label_name"]  # the checkpoint names no classes
     num_samples = schemas["PredictRequest"]["properties"]["num_samples"]["anyOf"][0]
     assert num_samples["maximum"] == MAX_K  # this server's limit, not only the API's 1000
     assert schemas["PredictRequest"]["properties"]["inputs"]["maxItems"] == MAX_BATCH
-    prediction = schemas["Prediction"]["properties"]
-    assert {"label", "probabilities", "uncertainty", "anomaly"} <= set(prediction)
+    assert {"label", "label_name", "probabilities", "uncertainty", "anomaly"} <= set(prediction)
     uncertainty = schemas["Uncertainty"]["properties"]
     assert set(uncertainty) == {
         "predictive_entropy",

@@ -1,10 +1,12 @@
-"""Routes whose JSON bodies are read by :func:`service.schemas.parse_json_body`.
+"""Routes whose inputs are examples of the served model: read and validated for that model.
 
 FastAPI parses a JSON body with ``await request.json()`` and then validates it against the
-route's body model. :class:`ImageBatchRoute` hands the route a request whose ``json()`` is
-:func:`~service.schemas.parse_json_body` (orjson, and the image batch checked whole with
-NumPy), FastAPI's documented way to change how a body is read. The body parameter and its
-model stay as they are, so the OpenAPI document describes the same request bodies.
+route's body model. :class:`InputBatchRoute` hands the route a request whose ``json()`` is
+:func:`~service.inputs.parse_json_body` (orjson, and the batch checked whole with NumPy),
+FastAPI's documented way to change how a body is read, and validates the body with the served
+model's input schema (:func:`~service.inputs.serving`). The body parameter and its model stay
+as they are, so the OpenAPI document describes the same request bodies. Before the checkpoint
+is loaded there is no schema to validate with: 503, as the routes' runtime dependency says.
 """
 
 from __future__ import annotations
@@ -15,25 +17,35 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from service.schemas import parse_json_body
+from service.api.deps import get_input_schema
+from service.inputs import InputSchema, parse_json_body, serving
 
 
-class ImageBatchRequest(Request):
-    """A request whose JSON body is parsed by :func:`~service.schemas.parse_json_body`."""
+class InputBatchRequest(Request):
+    """A request whose JSON body is parsed by :func:`~service.inputs.parse_json_body`."""
+
+    schema: InputSchema | None = None
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = parse_json_body(await self.body())
+            self._json = parse_json_body(await self.body(), self.schema)
         return self._json
 
 
-class ImageBatchRoute(APIRoute):
-    """An API route that reads its JSON body as an :class:`ImageBatchRequest`."""
+class InputBatchRoute(APIRoute):
+    """An API route whose body is read as an :class:`InputBatchRequest` and validated with
+    the served model's input schema (``app.state.input_schema``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
 
-        async def handle_image_batch(request: Request) -> Response:
-            return await handle(ImageBatchRequest(request.scope, request.receive))
+        async def handle_input_batch(request: Request) -> Response:
+            if getattr(request.app.state, "input_schema", None) is None:
+                await request.body()  # its limits answer first (413, 408), as on every route
+            schema = get_input_schema(request)  # 503 until the checkpoint is loaded
+            wrapped = InputBatchRequest(request.scope, request.receive)
+            wrapped.schema = schema
+            with serving(schema):
+                return await handle(wrapped)
 
-        return handle_image_batch
+        return handle_input_batch

@@ -1,19 +1,28 @@
-"""``POST /predict`` and ``POST /anomaly-score``."""
+"""``POST /predict``, ``POST /predict/image`` and ``POST /anomaly-score``."""
 
 from __future__ import annotations
 
+import io
+from typing import Annotated, Final
+
+import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Form, HTTPException
+from fastapi.exceptions import RequestValidationError
+from numpy.typing import NDArray
 
 from apd.uncertainty import PredictiveSummary, ScoreName
-from service.api.deps import RuntimeDep
+from service.api.deps import InputSchemaDep, RuntimeDep
 from service.api.errors import ERROR_RESPONSES, validation_error
-from service.api.json_body import ImageBatchRoute
+from service.api.json_body import InputBatchRoute
+from service.inputs import InputSchema
 from service.runtime import ServiceRuntime
 from service.schemas import (
     AnomalyFlag,
     AnomalyScoreRequest,
     AnomalyScoreResponse,
+    ErrorMessage,
+    ImageForm,
     ModelRef,
     Prediction,
     PredictRequest,
@@ -21,7 +30,11 @@ from service.schemas import (
     Uncertainty,
 )
 
-router = APIRouter(tags=["inference"], route_class=ImageBatchRoute)
+router = APIRouter(tags=["inference"], route_class=InputBatchRoute)
+
+# Image files larger than this (width x height) are refused before they are decoded: a 16
+# megapixel RGB image takes 48 MB once decoded, whatever its file size.
+MAX_IMAGE_PIXELS: Final = 4096 * 4096
 
 
 def _model_ref(runtime: ServiceRuntime) -> ModelRef:
@@ -45,12 +58,13 @@ def _num_samples(runtime: ServiceRuntime, requested: int | None) -> int:
     return requested
 
 
-def _check_batch(runtime: ServiceRuntime, n: int) -> None:
+def _check_batch(runtime: ServiceRuntime, n: int, what: str = "inputs", unit: str = "") -> None:
     limit = runtime.settings.max_batch
     if n > limit:
         raise HTTPException(
             status_code=413,
-            detail=f"inputs holds {n} images; the limit is max_batch={limit} per request",
+            detail=f"{what} holds {n} {unit or 'examples'}; the limit is max_batch={limit} "
+            "per request",
         )
 
 
@@ -70,27 +84,32 @@ def _score_name(runtime: ServiceRuntime, requested: ScoreName | None) -> ScoreNa
 
 
 async def _summarize(
-    runtime: ServiceRuntime, body: PredictRequest | AnomalyScoreRequest, endpoint: str
+    runtime: ServiceRuntime,
+    raw: NDArray[np.float32],
+    num_samples: int | None,
+    seed: int | None,
+    endpoint: str,
 ) -> tuple[PredictiveSummary, int]:
-    _check_batch(runtime, len(body.inputs))
-    k = _num_samples(runtime, body.num_samples)
-    summary = await runtime.infer(body.pixels, k, body.seed, endpoint)
+    _check_batch(runtime, len(raw))
+    k = _num_samples(runtime, num_samples)
+    summary = await runtime.infer(raw, k, seed, endpoint)
     return summary, k
 
 
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    responses=ERROR_RESPONSES,
-    summary="Posterior predictive, uncertainty and anomaly flag for each input",
-)
-async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
-    summary, k = await _summarize(runtime, body, "/predict")
+async def _predict(
+    runtime: ServiceRuntime,
+    raw: NDArray[np.float32],
+    num_samples: int | None,
+    seed: int | None,
+    endpoint: str,
+) -> PredictResponse:
+    summary, k = await _summarize(runtime, raw, num_samples, seed, endpoint)
     name = runtime.default_score
     threshold = runtime.thresholds[name]
     scores = summary.score(name)
     flags = scores > threshold
     runtime.metrics.anomaly_flags.labels(score=name.value).inc(int(flags.sum()))
+    class_names = runtime.checkpoint.meta.input.class_names
     # Built without re-validation (model_construct): every value comes from the summary's
     # arrays, already of the declared types; 3 x N validations were ~5% of a batch-64 request.
     labels = summary.labels.tolist()
@@ -107,6 +126,7 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     predictions = [
         Prediction.model_construct(
             label=labels[i],
+            label_name=class_names[labels[i]] if class_names else None,
             probabilities=probabilities[i],
             uncertainty=Uncertainty.model_construct(
                 predictive_entropy=h, expected_entropy=e, mutual_information=mi, model_variance=v
@@ -118,8 +138,81 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
         for i, (h, e, mi, v, score, flag) in enumerate(columns)
     ]
     return PredictResponse(
-        model=_model_ref(runtime), num_samples=k, seed=body.seed, predictions=predictions
+        model=_model_ref(runtime), num_samples=k, seed=seed, predictions=predictions
     )
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERROR_RESPONSES,
+    summary="Posterior predictive, uncertainty and anomaly flag for each input",
+)
+async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
+    return await _predict(runtime, body.raw, body.num_samples, body.seed, "/predict")
+
+
+def _images_to_raw(schema: InputSchema, files: list[tuple[str, bytes]]) -> NDArray[np.float32]:
+    """Image files -> examples ``(N, D)`` with the checkpoint's convention; a 422 naming the
+    file that is not an image, or one that cannot be decoded, a 413 for one too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    raw = np.empty((len(files), schema.size), dtype=np.float32)
+    for i, (name, data) in enumerate(files):
+        where = f"files[{i}] ({name!r})"
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+        except UnidentifiedImageError:
+            raise _file_error(
+                i, f"{where} is not an image file this server can read (PNG, JPEG, ...)"
+            ) from None
+        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+            raise _file_error(i, f"{where} cannot be read as an image: {exc}") from None
+        if width * height > MAX_IMAGE_PIXELS:
+            raise HTTPException(
+                status_code=413,
+                detail=f"{where} is {width}x{height} pixels; the limit is "
+                f"{MAX_IMAGE_PIXELS} pixels per image",
+            )
+        try:
+            raw[i] = schema.image_to_raw(data)
+        except ValueError as exc:
+            raise _file_error(i, f"{where} cannot be decoded: {exc}") from None
+    return raw
+
+
+def _file_error(i: int, message: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "image_file", "loc": ("body", "files", i), "msg": message, "input": None}]
+    )
+
+
+@router.post(
+    "/predict/image",
+    response_model=PredictResponse,
+    responses={
+        **ERROR_RESPONSES,
+        415: {"model": ErrorMessage, "description": "This model's inputs are not images"},
+    },
+    summary="As /predict, for image files (PNG, JPEG, ...) converted with the model's convention",
+)
+async def predict_image(
+    form: Annotated[ImageForm, Form(media_type="multipart/form-data")],
+    runtime: RuntimeDep,
+    schema: InputSchemaDep,
+) -> PredictResponse:
+    if schema.image_mode is None:
+        shape = "x".join(map(str, schema.shape))
+        raise HTTPException(
+            status_code=415,
+            detail=f"this model's inputs are not images (shape {shape}, "
+            f"{schema.convention.dtype}); send them as JSON to POST /predict",
+        )
+    _check_batch(runtime, len(form.files), "files", "images")
+    files = [(f.filename or "", await f.read()) for f in form.files]
+    raw = await anyio.to_thread.run_sync(_images_to_raw, schema, files, limiter=runtime.limiter)
+    return await _predict(runtime, raw, form.num_samples, form.seed, "/predict/image")
 
 
 @router.post(
@@ -130,7 +223,7 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
 )
 async def anomaly_score(body: AnomalyScoreRequest, runtime: RuntimeDep) -> AnomalyScoreResponse:
     name = _score_name(runtime, body.score)
-    summary, k = await _summarize(runtime, body, "/anomaly-score")
+    summary, k = await _summarize(runtime, body.raw, body.num_samples, body.seed, "/anomaly-score")
     threshold = runtime.thresholds[name]
     scores = np.asarray(summary.score(name), dtype=np.float64)
     flags = scores > threshold

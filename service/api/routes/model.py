@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import RuntimeDep
+from service.api.deps import InputSchemaDep, RuntimeDep
 from service.api.errors import ERROR_RESPONSES
 from service.posterior_pool import NETWORKS_PER_BLOCK
 from service.runtime import FORWARD_NAME
-from service.schemas import AnomalyInfo, Limits, ModelInfo
+from service.schemas import AnomalyInfo, InputInfo, Limits, ModelInfo
 
 router = APIRouter(tags=["model"])
 
@@ -17,13 +17,15 @@ router = APIRouter(tags=["model"])
     "/v1/model",
     response_model=ModelInfo,
     responses={503: ERROR_RESPONSES[503]},
-    summary="The loaded checkpoint: identity, architecture, thresholds, provenance, limits",
+    summary="The loaded checkpoint: identity, architecture, input, classes, thresholds, "
+    "provenance, limits",
 )
-async def model_info(runtime: RuntimeDep) -> ModelInfo:
+async def model_info(runtime: RuntimeDep, schema: InputSchemaDep) -> ModelInfo:
     ckpt = runtime.checkpoint
     meta = ckpt.meta
     settings = runtime.settings
     anomaly = meta.anomaly
+    convention = meta.input
     return ModelInfo(
         id=meta.model_id,
         version=meta.version,
@@ -33,7 +35,20 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
         parameter_count=meta.target.num_params,
         generator=meta.generator.model_dump(mode="json"),
         generator_parameter_count=sum(int(t.size) for t in ckpt.tensors.values()),
-        input=meta.input.model_dump(mode="json"),
+        input=InputInfo(
+            shape=list(convention.shape),
+            size=convention.input_dim,
+            dtype=convention.dtype,
+            value_range=convention.value_range,
+            range_checked=schema.checks_range,
+            scale=convention.scale,
+            shift=convention.shift,
+            image_mode=convention.image_mode,
+            data_sha256=convention.data_sha256,
+            description=convention.description,
+        ),
+        num_classes=ckpt.spec.num_classes,
+        class_names=convention.class_names,
         default_num_samples=runtime.default_num_samples,
         anomaly=AnomalyInfo(
             default_score=anomaly.default_score,

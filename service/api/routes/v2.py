@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 import apd
 from apd.uncertainty import PredictiveSummary, ScoreName
 from service.api.deps import MaybeRuntimeDep
+from service.inputs import InputSchema
 from service.runtime import ServiceRuntime
 from service.schemas import ErrorMessage
 from service.v2_protocol import (
@@ -91,8 +92,10 @@ def _model(runtime: ServiceRuntime | None, name: str) -> ServiceRuntime:
     return runtime
 
 
-def _model_input(runtime: ServiceRuntime) -> ModelInput:
-    return ModelInput.of(runtime.checkpoint.meta.input, runtime.checkpoint.spec.input_dim)
+def _model_input(request: Request) -> ModelInput:
+    """The served model's input tensor (its input schema is set with the runtime)."""
+    schema: InputSchema = request.app.state.input_schema
+    return ModelInput.of(schema)
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
@@ -124,16 +127,22 @@ async def server_ready(runtime: MaybeRuntimeDep) -> ServerReady | JSONResponse:
     responses={404: _ERROR, 503: _STARTING},
     summary="Model metadata: its input and output tensors",
 )
-async def model_metadata(name: str, runtime: MaybeRuntimeDep) -> ModelMetadata | JSONResponse:
+async def model_metadata(
+    name: str, request: Request, runtime: MaybeRuntimeDep
+) -> ModelMetadata | JSONResponse:
     try:
         served = _model(runtime, name)
     except ProtocolError as exc:
         return _fail(exc)
     meta = served.checkpoint.meta
     classes = served.checkpoint.spec.num_classes
+    names = {"class_names": meta.input.class_names} if meta.input.class_names else None
     outputs = [
         TensorMetadata(
-            name=out, datatype=dtype, shape=[-1, classes] if out == "probabilities" else [-1]
+            name=out,
+            datatype=dtype,
+            shape=[-1, classes] if out == "probabilities" else [-1],
+            parameters=names if out in ("probabilities", "label") else None,
         )
         for out, dtype in OUTPUTS.items()
     ]
@@ -141,7 +150,7 @@ async def model_metadata(name: str, runtime: MaybeRuntimeDep) -> ModelMetadata |
         name=meta.model_id,
         versions=[meta.version],
         platform=meta.format,
-        inputs=[_model_input(served).metadata()],
+        inputs=[_model_input(request).metadata()],
         outputs=outputs,
     )
 
@@ -218,7 +227,7 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
         except HTTPException as exc:  # the body limit (413) or deadline (408) middleware
             raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
         req, raw = parse_request(body, request.headers.get(HEADER_LENGTH))
-        x = decode_input(req, raw, _model_input(served), served.settings.max_batch)
+        x = decode_input(req, raw, _model_input(request), served.settings.max_batch)
         params = parameters(req)
         k = _num_samples(served, params.num_samples)
         score = _score(served, params.score)
