@@ -274,6 +274,14 @@ def _load_phases(
     time.sleep(min(args.redis_retry_wait, 10.0))
     readyz.stop()
     rss_end = {pid: rss_bytes(pid) for pid in workers}
+    # The load's seeds sit in the workers' in-process caches by now and the pool never goes
+    # to Redis: ask fresh seeds, each four times over fresh connections (both workers), so
+    # that the restarted Redis is written and read again if it is used at all.
+    probe_x = images(2, np.random.default_rng(11))
+    for i in range(8):
+        for _ in range(4):
+            with httpx.Client(base_url=server.base_url, timeout=30) as probe:
+                _predict(probe, 900_000 + i, probe_x, 20)
     info_end = redis_info(redis)
     metrics_end = scrape(server.base_url)
 

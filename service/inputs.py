@@ -391,12 +391,12 @@ class InputSchema:
         raise _error(
             "float32_range",
             "inputs{where} is {value}: values must be finite float32 numbers, at most "
-            "{limit:.4g} in magnitude ({total} bad value(s) in this request)",
+            "{limit} in magnitude ({total} bad value(s) in this request)",
             loc,
             value,
             where=_where(loc),
             value=value,
-            limit=FLOAT32_MAX,
+            limit=f"{FLOAT32_MAX:.4g}",
             total=total,
         )
 

@@ -24,9 +24,10 @@ from pydantic import BaseModel, ValidationError
 from service_support import make_client
 from starlette.exceptions import HTTPException
 
+from apd.checkpoint import InputConvention
 from service.api.errors import http_error_handler, validation_error_handler
 from service.api.json_body import InputBatchRoute
-from service.inputs import DEFAULT_INPUT, CheckedInputs, parse_json_body
+from service.inputs import DEFAULT_INPUT, CheckedInputs, InputSchema, parse_json_body, serving
 from service.schemas import AnomalyScoreRequest, PredictRequest
 
 rng = np.random.default_rng(0)
@@ -336,3 +337,168 @@ def test_service_inference_routes_read_bodies_the_fast_way() -> None:
     routes = [r for r in inference.router.routes if isinstance(r, APIRoute)]
     assert {r.path for r in routes} >= {"/predict", "/anomaly-score"}
     assert all(isinstance(r, InputBatchRoute) for r in routes)
+
+
+# --- other models' inputs: features, uint8 images, RGB images -------------------------------
+
+SCHEMAS = {
+    # 13 float features, standardised; the training range only describes the data
+    "features": InputSchema.for_convention(
+        InputConvention(
+            shape=[13],
+            value_range=(0.13, 1680.0),
+            scale=[0.5] * 13,
+            shift=[-1.0] * 13,
+            description="13 features",
+        )
+    ),
+    # 8 x 8 uint8 images (the digits of scikit-learn)
+    "uint8 images": InputSchema.for_convention(
+        InputConvention(shape=[8, 8], dtype="uint8", value_range=(0, 255), scale=1 / 255)
+    ),
+    # RGB, channels first
+    "rgb": InputSchema.for_convention(
+        InputConvention(shape=[3, 4, 5], dtype="uint8", value_range=(0, 255), scale=1 / 255)
+    ),
+}
+
+ODD_VALUES: list[Any] = [
+    True,
+    None,
+    "1",
+    [],
+    [1.0],
+    -1,
+    0,
+    255,
+    255.5,
+    256,
+    1e6,
+    -1e30,
+    1e39,
+    math.nan,
+    math.inf,
+    10**30,
+]
+
+
+def _valid(schema: InputSchema, rng: np.random.Generator) -> np.ndarray:
+    if schema.checks_range:
+        return rng.integers(0, 256, schema.shape).astype(np.float64)
+    return np.round(rng.normal(50, 30, schema.shape), 3)
+
+
+@st.composite
+def schema_bodies(draw: st.DrawFn, schema: InputSchema) -> bytes:
+    """A valid batch of ``schema``'s examples, flat or nested, then a few mistakes."""
+    rng = np.random.default_rng(draw(st.integers(0, 1000)))
+    examples: list[Any] = []
+    for _ in range(draw(st.integers(1, 3))):
+        x = _valid(schema, rng)
+        examples.append(x.tolist() if draw(st.booleans()) else x.reshape(-1).tolist())
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, len(examples) - 1))
+        kind = draw(st.sampled_from(["value", "value", "length", "replace"]))
+        if kind == "replace":
+            examples[i] = draw(st.sampled_from(ODD_VALUES))
+            continue
+        target = examples[i]  # walk down a random path to a list of numbers or of lists
+        while isinstance(target, list) and target and isinstance(target[0], list):
+            if draw(st.booleans()):
+                break
+            target = target[draw(st.integers(0, len(target) - 1))]
+        if not isinstance(target, list) or not target:
+            continue
+        if kind == "value":
+            target[draw(st.integers(0, len(target) - 1))] = draw(st.sampled_from(ODD_VALUES))
+        elif draw(st.booleans()):
+            target.pop()
+        else:
+            target.append(target[0])
+    return json.dumps({"inputs": examples, "seed": 1}, allow_nan=True).encode()
+
+
+def schema_outcome(schema: InputSchema, parse: Any, raw: bytes) -> tuple[str, Any]:
+    with serving(schema):
+        return outcome(PredictRequest, parse, raw)
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_other_models_fast_path_matches_per_value_path(name: str) -> None:
+    schema = SCHEMAS[name]
+    seen: set[str] = set()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(schema_bodies(schema))
+    def check(raw: bytes) -> None:
+        expected = schema_outcome(schema, json.loads, raw)
+        assert schema_outcome(schema, lambda b: parse_json_body(b, schema), raw) == expected
+        seen.add(expected[0])
+        if expected[0] == "ok":
+            inputs = json.loads(raw)["inputs"]
+            want = np.array([np.asarray(x, np.float64).reshape(-1) for x in inputs], np.float32)
+            np.testing.assert_array_equal(np.frombuffer(expected[1][0], np.float32), want.ravel())
+            fast = parse_json_body(raw, schema)["inputs"]
+            one_form = len({len(x) for x in inputs}) == 1
+            assert isinstance(fast, CheckedInputs) == one_form
+
+    check()
+    assert seen == {"ok", "invalid"}
+
+
+SCHEMA_ERRORS: list[tuple[str, Any, str]] = [
+    ("features", [1.0] * 12, "inputs[0] has 12 items; an example is 13 floats"),
+    ("features", "x", "inputs[0] must be a list of 13 floats, not str"),
+    ("features", [1.0] * 12 + ["2"], "inputs[0][12]: Input should be a valid number"),
+    ("features", [1.0] * 12 + [1e39], "inputs[0][12] is 1e+39: values must be finite float32"),
+    ("features", [1.0] * 12 + [-1e39], "values must be finite float32 numbers, at most 3.403e+38"),
+    ("uint8 images", [0] * 65, "inputs[0] has 65 items; an image is 64 numbers or 8 rows of 8"),
+    ("uint8 images", [[0] * 8] * 7, "inputs[0] has 7 items; an image is 64 numbers"),
+    ("uint8 images", [[0] * 8] * 7 + [[0] * 9], "inputs[0][7] has 9 values; each of the 8 rows"),
+    ("uint8 images", [[0] * 8] * 7 + [None], "inputs[0][7] must be a row of 8 numbers, not None"),
+    ("uint8 images", [0] * 63 + [256], "inputs[0][63] is 256.0: pixels must lie in [0, 255]"),
+    ("uint8 images", [[0] * 8] * 7 + [[0] * 7 + [-3]], "inputs[0][7][7] is -3.0: pixels must"),
+    ("rgb", [0] * 59, "an image is 60 numbers or 3 channels of 4 rows of 5 numbers"),
+    ("rgb", [[[0] * 5] * 4] * 2 + [7], "inputs[0][2] must be a channel of 4 rows of 5 numbers"),
+    ("rgb", [[[0] * 5] * 4] * 2 + [[[0] * 5] * 3], "inputs[0][2] has 3 items; each of the 3"),
+    ("rgb", [[[0] * 5] * 4] * 2 + [[[0] * 5] * 3 + [[0] * 4]], "inputs[0][2][3] has 4 values"),
+    ("rgb", [[[0] * 5] * 4] * 2 + [[[0] * 5] * 3 + [[0] * 4 + [999]]], "inputs[0][2][3][4] is 999"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "example", "message"), SCHEMA_ERRORS, ids=[f"{c[0]}: {c[2]}" for c in SCHEMA_ERRORS]
+)
+def test_other_models_errors_name_the_example_path_and_problem(
+    name: str, example: Any, message: str
+) -> None:
+    raw = dumps({"inputs": [example]})
+    for parse in (json.loads, lambda b: parse_json_body(b, SCHEMAS[name])):
+        kind, errors = schema_outcome(SCHEMAS[name], parse, raw)
+        assert kind == "invalid"
+        loc = errors[0]["loc"]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+        line = f"inputs{where}: {errors[0]['msg']}"
+        assert message in line, line
+
+
+def test_features_outside_the_training_range_are_inputs() -> None:
+    """A feature's recorded range describes the training data, not what may be sent."""
+    schema = SCHEMAS["features"]
+    raw = dumps({"inputs": [[-5e6] + [1e30] * 12]})
+    assert schema_outcome(schema, json.loads, raw)[0] == "ok"
+    assert isinstance(parse_json_body(raw, schema)["inputs"], CheckedInputs)
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_made_up_examples_are_valid_and_documented_as_such(name: str) -> None:
+    schema = SCHEMAS[name]
+    assert np.shape(schema.example) == schema.shape
+    assert schema_outcome(schema, json.loads, dumps({"inputs": [schema.example]}))[0] == "ok"
+    if name == "features":  # the mean of the training data: the raw input mapped to 0
+        assert schema.example == [2.0] * 13 and "mean" in schema.example_source
+    else:
+        assert np.all(np.asarray(schema.example) == 128)  # the middle of [0, 255]
+    item = schema.example_json_schema()
+    forms = item.get("oneOf", [item])
+    assert forms[0]["maxItems"] == math.prod(schema.shape)

@@ -719,11 +719,8 @@
 
   /** Class names from the model's metadata where it has them, else the class indices. */
   function classNames(info) {
-    const n = info.target && Array.isArray(info.target.layer_sizes) ? info.target.layer_sizes.at(-1) : 0;
-    const input = info.input || {};
-    for (const names of [info.class_names, info.classes, input.class_names, input.classes]) {
-      if (Array.isArray(names) && names.length > 0) return names.map(String);
-    }
+    if (Array.isArray(info.class_names) && info.class_names.length > 0) return info.class_names.map(String);
+    const n = Number.isInteger(info.num_classes) ? info.num_classes : 0;
     return Array.from({ length: n }, (_, i) => String(i));
   }
 
