@@ -164,10 +164,6 @@ class InputSchema:
         training data."""
         return self.convention.dtype == "uint8" or self.image_mode is not None
 
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.convention.class_names
-
     # ---- words -------------------------------------------------------------------------
 
     @property

@@ -3,6 +3,7 @@ reproducibility, every bad-input case, limits, health and metrics."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -350,6 +351,103 @@ def test_bad_input_is_a_4xx_naming_the_problem(
     # The process stays healthy and keeps answering.
     assert client.get("/healthz").status_code == 200
     assert client.post("/predict", json={"inputs": [GOOD], "num_samples": 1}).status_code == 200
+
+
+def _png(pixels: NDArray[np.uint8], fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_image_files_are_answered_as_their_pixels(client: Any) -> None:
+    """A 28 x 28 PNG is the image of its pixels / 255; a larger RGB JPEG is converted to
+    grayscale and resized to 28 x 28 as the checkpoint's convention says."""
+    from apd.checkpoint import InputConvention
+
+    rng = np.random.default_rng(3)
+    pixels = (rng.random((2, 28, 28)) * 255).astype(np.uint8)
+    photo = (rng.random((60, 40, 3)) * 255).astype(np.uint8)
+    files = [("files", ("a.png", _png(pixels[0]))), ("files", ("b.png", _png(pixels[1])))]
+    files.append(("files", ("photo.jpg", _png(photo, "JPEG"))))
+    r = client.post("/predict/image", files=files, data={"num_samples": "10", "seed": "5"})
+    assert r.status_code == 200, r.text
+    converted = InputConvention().image_to_raw(_png(photo, "JPEG"))
+    x = [*(pixels.astype(np.float32) / np.float32(255)).tolist(), converted.tolist()]
+    assert r.json() == predict(client, inputs=x, num_samples=10, seed=5)
+
+
+BAD_FILES: list[tuple[str, dict[str, Any], int, str]] = [
+    (
+        "not an image",
+        {"files": [("files", ("notes.txt", b"hello"))]},
+        422,
+        "files[0] ('notes.txt') is not an image file",
+    ),
+    (
+        "truncated",
+        {"files": [("files", ("t.png", b"\x89PNG\r\n\x1a\n" + b"0" * 30))]},
+        422,
+        "files[0] ('t.png') cannot be read",
+    ),
+    ("no files", {"data": {"seed": "1"}}, 422, "files: Field required"),
+    ("too many", {"files": [("files", ("a.png", b"x"))] * (MAX_BATCH + 1)}, 413, "max_batch"),
+    (
+        "num_samples 0",
+        {"files": [("files", ("a.png", b"x"))], "data": {"num_samples": "0"}},
+        422,
+        "num_samples",
+    ),
+    (
+        "num_samples over server max",
+        {"files": [("files", ("a.png", b"x"))], "data": {"num_samples": str(MAX_K + 1)}},
+        422,
+        f"less than or equal to {MAX_K}",
+    ),
+    (
+        "seed not a number",
+        {"files": [("files", ("a.png", b"x"))], "data": {"seed": "seven"}},
+        422,
+        "seed",
+    ),
+    (
+        "unknown field",
+        {"files": [("files", ("a.png", b"x"))], "data": {"samples": "3"}},
+        422,
+        "samples: Extra inputs",
+    ),
+    ("a string for a file", {"data": {"files": "abc"}}, 422, "files[0]"),
+    (
+        "broken multipart",
+        {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}},
+        422,
+        "not a valid multipart form",
+    ),
+    ("JSON body", {"json": {"inputs": [GOOD]}}, 422, "files: Field required"),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "message"),
+    [case[1:] for case in BAD_FILES],
+    ids=[case[0] for case in BAD_FILES],
+)
+def test_bad_image_uploads_are_a_4xx_naming_the_problem(
+    client: Any, request_kwargs: dict[str, Any], status: int, message: str
+) -> None:
+    r = client.post("/predict/image", **request_kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.text, r.text
+
+
+def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client: Any) -> None:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(out, format="PNG")  # 20 MP, a 90 kB file
+    r = client.post("/predict/image", files=[("files", ("big.png", out.getvalue()))])
+    assert r.status_code == 413 and "5000x4000 pixels" in r.text, r.text
 
 
 def test_score_without_calibrated_threshold_is_422(tmp_path: Path, ckpt: Checkpoint) -> None:

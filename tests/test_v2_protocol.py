@@ -488,7 +488,7 @@ def v2_bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, str], frozenset[str]]:
         )
     )
     count = n * 784 + (draw(st.sampled_from([-1, 1, -784])) if "count" in faults else 0)
-    rng = np.random.default_rng(count)
+    rng = np.random.default_rng(max(count, 0))  # count is -1 for n = 0 with a count fault
     if datatype == "FP32":
         values: NDArray[Any] = rng.random(max(count, 0)).astype(np.float32)
         if "values" in faults and count > 0:

@@ -77,8 +77,14 @@ BODY_PARSE_FAILED: Final = "There was an error parsing the body"
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     """FastAPI's own handler, except that a body FastAPI could not parse (not UTF-8, nested
-    too deeply) is a malformed body like any other non-JSON one: 422, not 400."""
+    too deeply; a broken multipart form) is a malformed body like any other: 422, not 400."""
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and request.headers.get("content-type", "").startswith(
+        "multipart/form-data"
+    ):  # python-multipart's refusal, e.g. "Missing boundary in multipart."
+        message = f"body is not a valid multipart form: {exc.detail}"
+        detail = [{"type": "form_invalid", "loc": ["body"], "msg": message}]
+        return JSONResponse(status_code=422, content={"detail": detail, "message": message})
     if exc.status_code == 400 and exc.detail == BODY_PARSE_FAILED:
         message = "body is not valid JSON: it could not be decoded (UTF-8 JSON expected)"
         detail = [{"type": "json_invalid", "loc": ["body"], "msg": message}]

@@ -210,6 +210,7 @@ async def predict_image(
             f"{schema.convention.dtype}); send them as JSON to POST /predict",
         )
     _check_batch(runtime, len(form.files), "files", "images")
+    _num_samples(runtime, form.num_samples)  # the limits first, before any decoding
     files = [(f.filename or "", await f.read()) for f in form.files]
     raw = await anyio.to_thread.run_sync(_images_to_raw, schema, files, limiter=runtime.limiter)
     return await _predict(runtime, raw, form.num_samples, form.seed, "/predict/image")
