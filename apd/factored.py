@@ -21,10 +21,11 @@ with ``W1_0, b1_0`` the offset's first layer and ``W1_j, b1_j`` direction j's. S
    directions_tail``) a chunk of networks at a time and run as batched GEMMs
    (:func:`apd.networks.forward_hidden`).
 
-The materialised first layer costs ``K r D H1`` to form and ``K N D H1`` to run; the factored one
-``(r+1) N D H1 + K (r+1) N H1``. For small K at large N (K below about ``(r+1) N / (r + N)``,
-e.g. K < 27 at N = 64 for r = 46) forming the first layers is cheaper, and :meth:`plan` picks
-the cheaper path per request from those counts. Both give the same numbers up to float32
+The materialised first layer costs ``K r D H1`` to form (memory-bound: counted
+:data:`FORMING_COST` times) and ``K N D H1`` to run; the factored one
+``(r+1) N D H1 + K (r+1) N H1``. For few networks on many inputs (fcNN1: K up to 12 at N = 64)
+forming the first layers is cheaper, and :meth:`plan` picks the cheaper path per request from
+those counts (measured: benchmarks/results/factored_crossover.md). Both give the same numbers up to float32
 rounding (tests check 1e-5 against :meth:`Checkpoint.generate` + :func:`forward_probs`).
 
 Networks go through in chunks whose working set is at most ``chunk_bytes``, and their
@@ -60,6 +61,10 @@ from apd.uncertainty import PredictiveAccumulator, PredictiveSummary
 FloatArray = NDArray[np.float32]
 
 DEFAULT_CHUNK_BYTES: Final = 8 << 20
+# Forming a network's first-layer weights from its code (r multiply-adds per weight, then a
+# write) is bound by memory, not arithmetic: measured at 2-15x the time of a GEMM
+# multiply-add (benchmarks/results/factored_crossover.md); the plan counts it as 4.
+FORMING_COST: Final = 4
 
 
 class FirstLayer(enum.StrEnum):
@@ -156,7 +161,7 @@ class AffinePosterior:
         k, n, r = num_networks, num_inputs, self.code_dim
         outputs = n * self._outputs_per_input
         factored = (r + 1) * n * self._macs_per_input + k * (r + 1) * outputs
-        materialised = k * r * self._first_weights + k * n * self._macs_per_input
+        materialised = k * r * self._first_weights * FORMING_COST + k * n * self._macs_per_input
         fits = 2 * 4 * (r + 1) * outputs <= 4 * self.chunk_bytes
         path = FirstLayer.FACTORED if factored <= materialised and fits else FirstLayer.MATERIALISED
         per_network = 2 * n * self.spec.max_activations + self.tail_params

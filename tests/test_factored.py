@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from service_support import make_checkpoint, random_images
 
 from apd.checkpoint import Checkpoint, load_checkpoint
-from apd.factored import AffinePosterior, FirstLayer, ForwardPlan
+from apd.factored import FORMING_COST, AffinePosterior, FirstLayer, ForwardPlan
 from apd.networks import forward_probs
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, summarize
 
@@ -126,11 +126,14 @@ def test_plan_picks_the_cheaper_first_layer_and_bounds_the_chunk() -> None:
     )
     # One input: projecting onto r+1 directions beats forming even two first layers.
     assert posterior.plan(2, 1).first_layer is FirstLayer.FACTORED
-    # A batch and few networks: forming them is cheaper; K ~ (r+1) N / (r+N) is the crossover.
+    # A batch and few networks: forming them is cheaper. Crossover where the counts meet:
+    # (r+1) N D H + K (r+1) N H = K (r D H FORMING_COST + N D H).
     assert posterior.plan(10, 64).first_layer is FirstLayer.MATERIALISED
     assert posterior.plan(100, 64).first_layer is FirstLayer.FACTORED
     crossover = next(k for k in range(1, 200) if posterior.plan(k, 64).first_layer == "factored")
-    assert abs(crossover - (r + 1) * 64 / (r + 64)) <= 2
+    d, h = 784, 100
+    expected = (r + 1) * 64 * d * h / (r * d * h * FORMING_COST + 64 * d * h - (r + 1) * 64 * h)
+    assert abs(crossover - expected) <= 1
     plan = posterior.plan(1000, 256)
     per_network = 256 * (100 + 10) + 1010
     assert plan.chunk * per_network * 4 <= posterior.chunk_bytes
