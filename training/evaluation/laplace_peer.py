@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import torch
@@ -195,8 +195,9 @@ class LaplacePosterior:
         return 4 * (self.spec.num_params + self.hessian_floats() + prior)
 
     def provenance(self) -> Provenance:
-        return {
-            **self.source,
+        # In the order of the Provenance record (results.json reads back byte for byte): how
+        # the posterior was fitted, then the SGD run it was fitted to.
+        record: dict[str, Any] = {
             "subset_of_weights": self.flavour.subset_of_weights,
             "hessian_structure": "kron",
             "laplace_params": len(self.positions),
@@ -206,6 +207,10 @@ class LaplacePosterior:
                 float(v) for v in torch.as_tensor(self.laplace.prior_precision).reshape(-1)
             ],
         }
+        fit_keys = ("fit_inputs", "log_marginal_likelihood", "fit_seconds")
+        source = dict(self.source)
+        record |= {k: source.pop(k) for k in fit_keys if k in source}
+        return cast(Provenance, record | source)
 
 
 def fit_laplace(
