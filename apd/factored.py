@@ -25,8 +25,9 @@ The materialised first layer costs ``K r D H1`` to form (memory-bound: counted
 :data:`FORMING_COST` times) and ``K N D H1`` to run; the factored one
 ``(r+1) N D H1 + K (r+1) N H1``. For few networks on many inputs (fcNN1: K up to 12 at N = 64)
 forming the first layers is cheaper, and :meth:`plan` picks the cheaper path per request from
-those counts (measured: benchmarks/results/factored_crossover.md). Both give the same numbers up to float32
-rounding (tests check 1e-5 against :meth:`Checkpoint.generate` + :func:`forward_probs`).
+those counts (measured: benchmarks/results/factored_crossover.md). Both give the same numbers
+up to float32 rounding (tests check 1e-5 against :meth:`Checkpoint.generate` +
+:func:`forward_probs`).
 
 Networks go through in chunks whose working set is at most ``chunk_bytes``, and their
 softmax outputs are folded into a :class:`apd.uncertainty.PredictiveAccumulator`, so memory is
