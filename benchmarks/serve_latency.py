@@ -286,8 +286,8 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
 
     from apd.factored import AffinePosterior
     from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
-    from service.posterior_pool import NETWORKS_PER_BLOCK, NetworkBlock, Stream, block_noise
-    from service.runtime import MAX_KEPT_TAIL_PARAMS
+    from service.posterior_pool import NETWORKS_PER_BLOCK, Stream
+    from service.runtime import MAX_KEPT_TAIL_PARAMS, draw_blocks
     from service.telemetry import Metrics
 
     posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
@@ -295,17 +295,11 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
     blocks = list(range(100))  # K = 1000
     stream = Stream.for_seed(424242)
 
-    def draw_codes(bs: Sequence[int]) -> np.ndarray:
-        z = [block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, False)[0] for b in bs]
-        return ckpt.codes(np.concatenate(z))
+    def complete(s: Stream, bs: Sequence[int], known: dict[int, np.ndarray]) -> list[Any]:
+        return draw_blocks(ckpt, posterior, s, bs, known, keep_tails)
 
-    def complete(s: Stream, bs: Sequence[int], known: dict[int, np.ndarray]) -> list[NetworkBlock]:
-        todo = [b for b in bs if b not in known]
-        drawn = draw_codes(todo) if todo else np.empty((0, ckpt.code_dim), np.float32)
-        got = dict(known)
-        for i, b in enumerate(todo):
-            got[b] = drawn[i * NETWORKS_PER_BLOCK : (i + 1) * NETWORKS_PER_BLOCK]
-        return [NetworkBlock(got[b], posterior.tails(got[b]) if keep_tails else None) for b in bs]
+    def draw_codes(bs: Sequence[int]) -> Any:
+        return draw_blocks(ckpt, posterior, stream, bs, {}, False)
 
     async def measure() -> dict[str, float]:
         metrics = Metrics()

@@ -93,6 +93,36 @@ def summarize_materialised(ckpt: Checkpoint, plan: NetworkPlan, x: FloatArray) -
     return acc.summary()
 
 
+def draw_blocks(
+    ckpt: Checkpoint,
+    posterior: AffinePosterior,
+    stream: Stream,
+    blocks: Sequence[int],
+    known: Mapping[int, FloatArray],
+    with_tails: bool,
+) -> list[NetworkBlock]:
+    """Blocks of ``stream``, from their codes where ``known`` (read from a cache), drawing the
+    others' noise and running the generator over all of them in one pass; with their tails
+    when ``with_tails``. Read-only arrays."""
+    todo = [b for b in blocks if b not in known]
+    drawn: dict[int, FloatArray] = {}
+    if todo:
+        noise_dim = ckpt.meta.generator.noise_dim
+        z = [block_noise(stream, b, noise_dim, ckpt.num_params, False)[0] for b in todo]
+        codes = ckpt.codes(np.concatenate(z))
+        for i, b in enumerate(todo):
+            drawn[b] = codes[i * NETWORKS_PER_BLOCK : (i + 1) * NETWORKS_PER_BLOCK]
+    out = []
+    for b in blocks:
+        codes = np.ascontiguousarray(known[b] if b in known else drawn[b])
+        codes.setflags(write=False)
+        tails = posterior.tails(codes) if with_tails else None
+        if tails is not None:
+            tails.setflags(write=False)
+        out.append(NetworkBlock(codes, tails))
+    return out
+
+
 @dataclass
 class ServiceRuntime:
     settings: Settings
@@ -114,7 +144,6 @@ class ServiceRuntime:
             ckpt.spec, offset, directions, chunk_bytes=settings.forward_chunk_bytes
         )
         keep_tails = posterior.tail_params <= MAX_KEPT_TAIL_PARAMS
-        noise_dim = ckpt.meta.generator.noise_dim
 
         def complete(
             stream: Stream,
@@ -122,23 +151,7 @@ class ServiceRuntime:
             known: Mapping[int, FloatArray],
             with_tails: bool = keep_tails,
         ) -> list[NetworkBlock]:
-            """Blocks of ``stream`` from their known codes, drawing the others in one pass."""
-            todo = [b for b in blocks if b not in known]
-            drawn: dict[int, FloatArray] = {}
-            if todo:
-                z = [block_noise(stream, b, noise_dim, ckpt.num_params, False)[0] for b in todo]
-                codes = ckpt.codes(np.concatenate(z))
-                for i, b in enumerate(todo):
-                    drawn[b] = codes[i * NETWORKS_PER_BLOCK : (i + 1) * NETWORKS_PER_BLOCK]
-            out = []
-            for b in blocks:
-                codes = np.ascontiguousarray(known[b] if b in known else drawn[b])
-                codes.setflags(write=False)
-                tails = posterior.tails(codes) if with_tails else None
-                if tails is not None:
-                    tails.setflags(write=False)
-                out.append(NetworkBlock(codes, tails))
-            return out
+            return draw_blocks(ckpt, posterior, stream, blocks, known, with_tails)
 
         async def run_compute(fn: Callable[[], Any]) -> Any:
             return await anyio.to_thread.run_sync(fn, limiter=limiter)

@@ -33,7 +33,12 @@ from training.evaluation.active_learning import (
 from training.evaluation.methods import MemberNetworks
 from training.evaluation.report import SCORE_LABELS, main, render_markdown, write_report
 from training.evaluation.results import EvaluationResults, Provenance, load_results, spec_record
-from training.evaluation.suite import SuiteConfig, SuiteResult, classification_and_anomaly
+from training.evaluation.suite import (
+    SuiteConfig,
+    SuiteResult,
+    classification_and_anomaly,
+    method_records,
+)
 
 SPEC = MLPSpec("tiny", (784, 6, 10))
 REFERENCE_RESULTS = sorted(Path(__file__).parents[1].glob("docs/results/*/results.json"))
@@ -324,15 +329,7 @@ def _peer_results(tmp_path: Path) -> EvaluationResults:
             "name": "peers",
             "config": config.to_dict(),
         },
-        "methods": {
-            k: {
-                "label": m.label,
-                "num_members": members[k].num_members,
-                "stored_bytes": m.stored_bytes(),
-                "provenance": m.provenance(),
-            }
-            for k, m in found.items()
-        },
+        "methods": method_records(found, members),
         "missing_methods": {"dropout": "no run", "ensemble": "no runs"},
     }
     results.update(

@@ -40,6 +40,7 @@ from training.evaluation.results import (
     EvaluationResults,
     GaussianDiagnostics,
     Meta,
+    MethodRecord,
     SuiteConfigRecord,
     spec_record,
 )
@@ -286,6 +287,21 @@ class SuiteResult:
     toy: ToyResult | None = None
 
 
+def method_records(
+    found: Mapping[str, methods.PosteriorMethod], members: Mapping[str, methods.MemberNetworks]
+) -> dict[str, MethodRecord]:
+    """What results.json says of each method: label, networks drawn, storage, provenance."""
+    return {
+        k: {
+            "label": m.label,
+            "num_members": members[k].num_members,
+            "stored_bytes": m.stored_bytes(),
+            "provenance": m.provenance(),
+        }
+        for k, m in found.items()
+    }
+
+
 def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> SuiteResult:
     """Run the configured experiments (see the module docstring)."""
     say: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr))
@@ -328,15 +344,7 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
     members = {k: m.draw(_num_members(m, cfg), cfg.seed) for k, m in found.items()}
     results: EvaluationResults = {
         "meta": meta,
-        "methods": {
-            k: {
-                "label": m.label,
-                "num_members": members[k].num_members,
-                "stored_bytes": m.stored_bytes(),
-                "provenance": m.provenance(),
-            }
-            for k, m in found.items()
-        },
+        "methods": method_records(found, members),
         "missing_methods": missing,
     }
 
