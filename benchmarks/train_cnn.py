@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +48,7 @@ from apd.checkpoint import load_checkpoint
 from training.cli import main as apd_main
 from training.data import OOD_SETS, load_mnist, load_ood
 from training.distillation.fidelity import compare, predict
-from training.distillation.package import sample_networks
+from training.distillation.package import code_revision, sample_networks
 from training.metrics import accuracy, negative_log_likelihood
 from training.sample_store import SampleStore
 from training.train import READY_FILE, SAMPLES_DIR, SGLD_EVAL_SAMPLES
@@ -92,7 +95,9 @@ def main() -> None:
     run = args.runs / f"sgld-{args.arch}"
     extra = [part for flag in args.sgld_flag for part in flag.split("=", 1)]
     distill_extra = [part for flag in args.distill_flag for part in flag.split("=", 1)]
+    load_before = round(os.getloadavg()[0], 2)
     train_seconds = train(args.arch, run, args.device, extra, args.retrain)
+    load_after_training = round(os.getloadavg()[0], 2)
 
     mnist = load_mnist()
     store = SampleStore.open(run / SAMPLES_DIR)
@@ -117,6 +122,13 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/train_cnn.py", *sys.argv[1:]]),
+        "code_revision": code_revision(),
+        "load_average_1min": {
+            "start": load_before,
+            "after_training": load_after_training,
+            "end": round(os.getloadavg()[0], 2),
+        },
         "arch": args.arch,
         "num_params": spec.num_params,
         "device": args.device
@@ -145,9 +157,11 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# {r['arch']} on MNIST: SGLD and its distillation",
         "",
-        f"Recorded {r['created_at']} by `python benchmarks/train_cnn.py` on {r['device']}; "
-        f"{r['num_params']:,} weights, {r['samples']} SGLD samples "
-        f"(`apd train sgld {' '.join(r['sgld_flags'])}`).",
+        f"Recorded {r['created_at']} by `{r['command']}` on {r['device']}, code "
+        f"{r['code_revision'][:12]}; {r['num_params']:,} weights, {r['samples']} SGLD samples "
+        f"(`apd train sgld {' '.join(r['sgld_flags'])}`). 1-minute load average: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["load_average_1min"].items())
+        + " (2 cores).",
         "",
         f"- SGLD test accuracy {100 * r['sgld']['test_accuracy']:.2f} %, NLL "
         f"{r['sgld']['test_nll']:.4f}, trained in {r['sgld']['train_wall_s'] / 60:.1f} min: "
