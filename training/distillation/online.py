@@ -178,12 +178,20 @@ class _Chains:
         y: torch.Tensor,
         config: OnlineConfig,
         rng: torch.Generator,
+        init: torch.Tensor | None = None,
     ) -> None:
         n = x.shape[0]
         self.settings = config.sgld_settings(n)
         likelihood = ClassificationLikelihood(spec, x, y)
         self.transform = sgld.build(likelihood, self.settings, likelihood.value_and_grad)
-        self.state = self.transform.init(init_theta(spec, config.num_chains, rng).to(x.device))
+        if init is None:
+            init = init_theta(spec, config.num_chains, rng)
+        elif tuple(init.shape) != (config.num_chains, spec.num_params):
+            raise ValueError(
+                f"initial chain states must be ({config.num_chains}, {spec.num_params}), "
+                f"got {tuple(init.shape)}"
+            )
+        self.state = self.transform.init(init.to(x.device))
         self.stream = MinibatchStream(n, min(config.batch_size, n), config.num_chains, rng)
         self.rng = rng
         self.config = config
@@ -214,16 +222,19 @@ def distill_online(
     report: Callable[[str], None] | None = None,
     progress: bool = True,
     threads: int | None = None,
+    init: torch.Tensor | None = None,
 ) -> OnlineResult:
     """Algorithm 2 on training data ``(x, y)``; ``val`` (inputs, labels) enables model
     selection against the chains' most recent samples (see :class:`ValidationMonitor`).
     ``threads``: torch intra-op threads for the run (default: 1 on CPU, see
-    :func:`~training.distillation.offline.torch_threads`)."""
+    :func:`~training.distillation.offline.torch_threads`). ``init`` ``(C, P)``: the chains'
+    starting states (default: a fresh initialisation), e.g. the ``final_chains`` of an earlier
+    run, as active learning warm-starts each round from the last."""
     dev = torch.device(device)
     if threads is None and dev.type == "cpu":
         threads = 1
     with torch_threads(threads):
-        return _distill_online(spec, x, y, config, val, dev, report, progress)
+        return _distill_online(spec, x, y, config, val, dev, report, progress, init)
 
 
 def _distill_online(
@@ -235,13 +246,14 @@ def _distill_online(
     dev: torch.device,
     report: Callable[[str], None] | None,
     progress: bool,
+    init: torch.Tensor | None,
 ) -> OnlineResult:
     dc = config.distill
     torch.manual_seed(dc.seed)
     rng = torch.Generator(device=dev).manual_seed(dc.seed)
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64)).to(dev)
-    chains = _Chains(spec, xt, yt, config, rng)
+    chains = _Chains(spec, xt, yt, config, rng, init)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     seen = 0

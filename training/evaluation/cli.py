@@ -86,17 +86,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-eps", default="0.05,0.1,0.2,0.3", help="L-inf radii, comma separated")
     p.add_argument("--attack-inputs", type=int, default=1000, help="test images attacked")
     p.add_argument("--pgd-steps", type=int, default=20)
-    p.add_argument("--al-seeds", default="0,1", help="active learning seeds, comma separated")
-    p.add_argument("--al-rounds", type=int, default=3, help="acquisition rounds")
-    p.add_argument("--al-pool", type=int, default=2000, help="pool of unlabelled images")
-    p.add_argument("--al-gan-steps", type=int, default=200, help="online APD GAN steps per fit")
+    al = ActiveLearningSettings()
+    p.add_argument(
+        "--al-seeds",
+        default=",".join(str(x) for x in al.seeds),
+        help="active learning seeds, comma separated",
+    )
+    p.add_argument("--al-rounds", type=int, default=al.rounds, help="acquisition rounds")
+    p.add_argument(
+        "--al-pool",
+        type=int,
+        default=al.pool_size,
+        help="pool of unlabelled images (default: the whole training split)",
+    )
+    p.add_argument(
+        "--al-gan-steps", type=int, default=al.gan_steps, help="online APD GAN steps per fit"
+    )
+    p.add_argument(
+        "--al-temperature",
+        type=float,
+        default=al.temperature,
+        help="posterior temperature of both learners' SGLD",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help="tiny sizes everywhere: a smoke test of the pipeline, not a result",
     )
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (active learning: processes of one thread each)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -145,6 +168,7 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
             rounds=args.al_rounds,
             pool_size=args.al_pool,
             gan_steps=args.al_gan_steps,
+            temperature=args.al_temperature,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -193,9 +217,12 @@ def quick(cfg: SuiteConfig) -> SuiteConfig:
             seeds=(0,),
             rounds=1,
             pool_size=300,
+            candidates=50,
             test_size=300,
+            test_every=1,
             num_samples=5,
-            burn_in=20,
+            first_burn_in=20,
+            burn_in=10,
             warmup_samples=20,
             buffer_size=40,
             gan_steps=20,

@@ -29,7 +29,12 @@ import numpy as np
 
 from training.errors import UserError
 from training.evaluation import peers
-from training.evaluation.results import EvaluationResults, load_results
+from training.evaluation.results import (
+    ActiveLearningSection,
+    ActiveLearningSettingsRecord,
+    EvaluationResults,
+    load_results,
+)
 from training.evaluation.suite import EXPERIMENTS, SuiteResult
 
 RESULTS_FILE: Final = "results.json"
@@ -128,6 +133,73 @@ def provenance_line(
         f"Source: {'; '.join(parts)}. Evaluation seed {cfg['seed']}, "
         f"K={cfg['num_samples']} (MC-Dropout {cfg['dropout_passes']} passes); "
         f"code {rev[:10]}{dirty}; {meta['created_at']}."
+    )
+
+
+def _al_protocol(al: ActiveLearningSection) -> str:
+    """The paragraph describing the run; sections written before warm starts (no
+    ``candidates`` in their settings) keep the words they were published with."""
+    st = al["settings"]
+    seeds = ", ".join(str(x) for x in st["seeds"])
+    start = (
+        f"{st['rounds']} acquisition rounds of {st['acquire']} from "
+        f"{10 * st['initial_per_class']} initial labels ({st['initial_per_class']} per class), "
+    )
+    if "candidates" not in st:
+        return (
+            f"Scale run here (for a shared 2-core CPU, {al['seconds']:.0f} s): seeds {seeds}, "
+            f"{start}pool = {st['pool_size']} random training images, test accuracy on "
+            f"{st['test_size']} random test images, K = {st['num_samples']} networks. Each "
+            f"round refits from scratch: {st['chains']} SGLD chains x "
+            f"{st['sgld_steps_per_round']} steps (step {st['sgld_lr']}, burn-in "
+            f"{st['burn_in']}, thinning {st['thinning']}, temperature {st['temperature']:g}, "
+            f"prior std {st['prior_std']}); online APD runs the same chains with "
+            f"{st['gan_steps']} GAN steps interleaved (subspace rank {st['apd_rank']}, buffer "
+            f"{st['buffer_size']}), selecting its generator by KL to the chains on unlabelled "
+            "pool images. The paper's curves go to 1,000 labels; this run shows the start of "
+            "them only."
+        )
+    return (
+        f"Run here in {al['seconds'] / 60:.0f} min: seeds {seeds}, {start}pool = "
+        f"{_al_pool(st)}, each round scoring {st['candidates']} random unlabelled pool images; "
+        f"test accuracy on {_al_test(st)} every {st['test_every']} rounds and at the "
+        f"last, K = {st['num_samples']} networks. {_al_fits(st)}"
+    )
+
+
+def _al_pool(st: ActiveLearningSettingsRecord) -> str:
+    if st["pool_size"] is None:
+        return "the whole training split"
+    return f"{st['pool_size']} random training images"
+
+
+def _al_test(st: ActiveLearningSettingsRecord) -> str:
+    if st["test_size"] is None:
+        return "the whole test set"
+    return f"{st['test_size']} random test images"
+
+
+def _al_fits(st: ActiveLearningSettingsRecord) -> str:
+    sgld = (
+        f"{st['chains']} SGLD chains (step {st['sgld_lr']}, batch {st['batch_size']}, "
+        f"thinning {st['thinning']}, temperature {st['temperature']:g}, prior std "
+        f"{st['prior_std']})"
+    )
+    if st["warm_start"]:
+        fits = (
+            f"The first round runs {sgld} for {st['sgld_steps_first_round']} steps from a fresh "
+            f"start (burn-in {st['first_burn_in']}); every later round continues the last "
+            f"round's chains for {st['sgld_steps_per_round']} steps (burn-in {st['burn_in']})."
+        )
+    else:
+        fits = (
+            f"Every round refits from scratch: {sgld} x {st['sgld_steps_per_round']} steps "
+            f"(burn-in {st['first_burn_in']})."
+        )
+    return (
+        f"{fits} Online APD runs the same chains with {st['gan_steps']} GAN steps interleaved "
+        f"(subspace rank {st['apd_rank']} refitted each round, buffer {st['buffer_size']}), "
+        "selecting its generator by KL to the chains on unlabelled pool images."
     )
 
 
@@ -311,12 +383,12 @@ def plot_active_learning(results: EvaluationResults, path: Path) -> None:
     st = al["settings"]
     caption = (
         f"Band: min-max over seeds {', '.join(str(x) for x in st['seeds'])}. "
-        f"Pool {st['pool_size']} training images, "
-        f"test subset {st['test_size']}, K={st['num_samples']}, {st['sgld_steps_per_round']} "
-        f"SGLD steps per fit (T={st['temperature']:g}), online APD {st['gan_steps']} GAN steps. "
+        f"Pool {_al_pool(st)}, test on {_al_test(st)}, K={st['num_samples']}, "
+        f"T={st['temperature']:g}, online APD {st['gan_steps']} GAN steps per fit. "
         + provenance_line(results, source=_al_source(results))
     )
-    fig.suptitle("Active learning on MNIST (cold start every round)", fontsize=10)
+    start = "warm start" if st.get("warm_start", False) else "cold start"
+    fig.suptitle(f"Active learning on MNIST ({start} every round)", fontsize=10)
     _finish(fig, path, caption)
 
 
@@ -689,23 +761,10 @@ def _adversarial(results: EvaluationResults) -> list[str]:
 
 def _active_learning(results: EvaluationResults) -> list[str]:
     al = results["active_learning"]
-    st = al["settings"]
     out = [
         "## 4. Active learning",
         "",
-        f"Scale run here (for a shared 2-core CPU, {al['seconds']:.0f} s): seeds "
-        f"{', '.join(str(x) for x in st['seeds'])}, "
-        f"{st['rounds']} acquisition rounds of {st['acquire']} from "
-        f"{10 * st['initial_per_class']} initial labels ({st['initial_per_class']} per class), "
-        f"pool = {st['pool_size']} random training images, test accuracy on "
-        f"{st['test_size']} random test images, K = {st['num_samples']} networks. Each round "
-        f"refits from scratch: {st['chains']} SGLD chains x {st['sgld_steps_per_round']} steps "
-        f"(step {st['sgld_lr']}, burn-in {st['burn_in']}, thinning {st['thinning']}, "
-        f"temperature {st['temperature']:g}, prior std {st['prior_std']}); online APD runs the "
-        f"same chains with {st['gan_steps']} GAN steps interleaved (subspace rank "
-        f"{st['apd_rank']}, buffer {st['buffer_size']}), selecting its generator by KL to the "
-        "chains on unlabelled pool images. The paper's curves go to 1,000 labels; this run "
-        "shows the start of them only.",
+        _al_protocol(al),
         "",
     ]
     rows = []

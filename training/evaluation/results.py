@@ -50,12 +50,17 @@ class AttackSettingsRecord(TypedDict):
 
 @with_config(_CLOSED)
 class ActiveLearningSettingsRecord(TypedDict):
+    """The ``NotRequired`` fields came with warm starts and candidate subsets; the settings
+    recorded in reports written before (which ran no active learning) lack them."""
+
     seeds: list[int]
     rounds: int
     acquire: int
     initial_per_class: int
-    pool_size: int
-    test_size: int
+    pool_size: int | None
+    candidates: NotRequired[int]
+    test_size: int | None
+    test_every: NotRequired[int]
     num_samples: int
     learners: list[str]
     acquisitions: list[str]
@@ -63,6 +68,8 @@ class ActiveLearningSettingsRecord(TypedDict):
     sgld_lr: float
     temperature: float
     prior_std: float
+    batch_size: NotRequired[int]
+    first_burn_in: NotRequired[int]
     burn_in: int
     thinning: int
     buffer_size: int
@@ -70,6 +77,8 @@ class ActiveLearningSettingsRecord(TypedDict):
     gan_steps: int
     apd_rank: int
     selection_inputs: int
+    warm_start: NotRequired[bool]
+    sgld_steps_first_round: NotRequired[int]
     sgld_steps_per_round: int
 
 

@@ -418,6 +418,7 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
                 np.asarray(mnist.test_y),
                 s,
                 cfg.progress,
+                workers=cfg.threads,
             )
         results["active_learning"] = al.to_dict()
         seconds["active_learning"] = round(time.perf_counter() - t0, 1)
