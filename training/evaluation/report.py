@@ -23,7 +23,7 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 
@@ -32,7 +32,10 @@ from training.evaluation import peers
 from training.evaluation.results import (
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
+    CNNSpecRecord,
     EvaluationResults,
+    MLPSpecRecord,
+    SpecRecord,
     load_results,
 )
 from training.evaluation.suite import EXPERIMENTS, SuiteResult
@@ -134,6 +137,29 @@ def provenance_line(
         f"K={cfg['num_samples']} (MC-Dropout {cfg['dropout_passes']} passes); "
         f"code {rev[:10]}{dirty}; {meta['created_at']}."
     )
+
+
+def _network(spec: SpecRecord) -> str:
+    """``[784, 100, 10]`` for an MLP; ``lenet5: 1x28x28 -> conv6x5p2, pool2, ... -> 10`` for
+    a CNN (the ``--arch`` tokens of its layers)."""
+    if "layers" not in spec:
+        return str(cast(MLPSpecRecord, spec)["layer_sizes"])
+    spec = cast(CNNSpecRecord, spec)
+    tokens = []
+    for layer in spec["layers"][:-1]:
+        if layer["type"] == "conv2d":
+            pad = layer.get("padding", 0)
+            tokens.append(
+                f"conv{layer.get('out_channels')}x{layer.get('kernel_size')}"
+                + (f"p{pad}" if pad else "")
+            )
+        elif layer["type"] == "maxpool2d":
+            tokens.append(f"pool{layer.get('size')}")
+        else:
+            tokens.append(f"fc{layer.get('units')}")
+    shape = "x".join(str(d) for d in spec["input_shape"])
+    out = spec["layers"][-1]["output_shape"][0]
+    return f"{spec['name']}: {shape} -> {', '.join(tokens)} -> {out}"
 
 
 def _al_protocol(al: ActiveLearningSection) -> str:
@@ -408,7 +434,7 @@ def _header(results: EvaluationResults) -> list[str]:
         + (" (with uncommitted local changes)" if meta.get("uncommitted_changes") else ""),
         f"- Machine: {meta['machine']}",
         f"- MNIST files sha256 fingerprint: `{meta['data_sha256']}`",
-        f"- Target network: {meta['spec']['layer_sizes']} ({meta['spec']['num_params']:,} weights)",
+        f"- Target network: {_network(meta['spec'])} ({meta['spec']['num_params']:,} weights)",
         f"- Evaluation seed {cfg['seed']}; K = {cfg['num_samples']} networks per predictive "
         f"(MC-Dropout: {cfg['dropout_passes']} passes; SGD: 1; deep ensemble: its members)",
         f"- Wall time: **{secs.get('total', float('nan')):.0f} s** in all ("

@@ -28,13 +28,40 @@ _CLOSED: Final = ConfigDict(extra="forbid")
 
 
 @with_config(_CLOSED)
-class SpecRecord(TypedDict):
+class MLPSpecRecord(TypedDict):
     """:meth:`apd.networks.MLPSpec.to_dict`."""
 
     name: str
     layer_sizes: list[int]
     activation: str
     num_params: int
+
+
+@with_config(_CLOSED)
+class LayerRecord(TypedDict):
+    """One layer of :meth:`apd.networks.CNNSpec.to_dict` (fields by ``type``)."""
+
+    type: str
+    output_shape: list[int]
+    out_channels: NotRequired[int]
+    kernel_size: NotRequired[int]
+    padding: NotRequired[int]
+    size: NotRequired[int]
+    units: NotRequired[int]
+
+
+@with_config(_CLOSED)
+class CNNSpecRecord(TypedDict):
+    """:meth:`apd.networks.CNNSpec.to_dict`."""
+
+    name: str
+    input_shape: list[int]
+    layers: list[LayerRecord]
+    activation: str
+    num_params: int
+
+
+SpecRecord = MLPSpecRecord | CNNSpecRecord
 
 
 @with_config(_CLOSED)
