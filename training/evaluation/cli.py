@@ -22,7 +22,12 @@ from typing import Final
 from training.errors import UserError
 from training.evaluation.active_learning import ActiveLearningSettings
 from training.evaluation.adversarial import AttackKind, AttackSettings
-from training.evaluation.suite import DEFAULT_MIXTURE_RANK, EXPERIMENTS, SuiteConfig
+from training.evaluation.suite import (
+    DEFAULT_EXPERIMENTS,
+    DEFAULT_MIXTURE_RANK,
+    EXPERIMENTS,
+    SuiteConfig,
+)
 from training.evaluation.toy2d import ToySettings
 
 REFERENCE_DIR: Final = Path("docs/results")
@@ -80,8 +85,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", default="1,5", help="OOD input scales, comma separated")
     p.add_argument(
         "--experiments",
-        default=",".join(EXPERIMENTS),
-        help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}",
+        default=",".join(DEFAULT_EXPERIMENTS),
+        help=f"comma-separated subset of: {', '.join(EXPERIMENTS)} (default: all but "
+        "active_learning, a long run of its own)",
     )
     p.add_argument("--attack-eps", default="0.05,0.1,0.2,0.3", help="L-inf radii, comma separated")
     p.add_argument("--attack-inputs", type=int, default=1000, help="test images attacked")

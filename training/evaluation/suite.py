@@ -47,6 +47,9 @@ from training.evaluation.results import (
 from training.evaluation.toy2d import ToyResult, ToySettings
 
 EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
+# Active learning at the paper's protocol is an hour's run of its own (docs/results/
+# lenet5-active-learning): asked for by name, never by default.
+DEFAULT_EXPERIMENTS: Final = tuple(e for e in EXPERIMENTS if e != "active_learning")
 # The experiments that evaluate the trained runs and the checkpoint; active learning and the
 # toy picture train their own models.
 USES_METHODS: Final = frozenset({"classification", "anomaly", "adversarial", "cost"})
@@ -91,7 +94,7 @@ class SuiteConfig:
     attacks: AttackSettings = field(default_factory=AttackSettings)
     active_learning: ActiveLearningSettings = field(default_factory=ActiveLearningSettings)
     toy: ToySettings = field(default_factory=ToySettings)
-    experiments: tuple[str, ...] = EXPERIMENTS
+    experiments: tuple[str, ...] = DEFAULT_EXPERIMENTS
     seed: int = 0
     threads: int = 2
     progress: bool = True
