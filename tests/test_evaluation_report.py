@@ -406,3 +406,22 @@ def test_the_fair_peers_have_rows_in_every_table(tmp_path: Path) -> None:
         assert f"- Against {labels[v.peer]}, APD **wins** on {len(v.wins)}" in summary
         assert f"**loses** on {len(v.losses)}" in summary
     assert "- Against SGD" not in summary and "- Against One Gaussian" not in summary
+
+
+@pytest.mark.parametrize(
+    ("arch", "named"),
+    [
+        ("lenet5", "lenet5: 1x28x28 -> conv6x5p2, pool2, conv16x5, pool2, fc120, fc84 -> 10"),
+        ("al-cnn", "al-cnn: 1x28x28 -> conv32x3, conv32x3, pool2, fc128 -> 10"),
+        ("fcnn2", "[784, 400, 400, 10]"),
+    ],
+)
+def test_results_record_any_network_and_the_report_names_its_layers(
+    arch: str, named: str
+) -> None:
+    from apd.networks import get_spec
+    from training.evaluation.report import _network
+
+    record = spec_record(get_spec(arch).to_dict())
+    assert record["num_params"] == get_spec(arch).num_params
+    assert _network(record) == named

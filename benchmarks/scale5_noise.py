@@ -1,0 +1,199 @@
+"""Are the anomaly rows APD misses at input scale 5 distillation loss, or SGLD-sample noise?
+
+The evaluation's teacher is 100 SGLD samples spread across the run's chains
+(:meth:`training.sample_store.SampleStore.select_spread`). This benchmark puts three more
+predictives beside it on every anomaly row (OOD set x score x input scale 1 and 5, the
+evaluation's rows: 10,000 images per OOD set, seed 0; at scale s only the OOD images are
+multiplied by s):
+
+* ``sgld_b``: a second draw of 100 samples from the same run, disjoint from the teacher's
+  and spread the same way (evenly over each chain's samples that the teacher did not take);
+* ``apd_0`` and ``apd_1``: 100 networks drawn from the checkpoint with NumPy seeds 0 and 1.
+
+If the AUROC of ``sgld_b`` differs from the teacher's by as much as APD's does on the rows
+APD misses, the miss is within what swapping one set of 100 SGLD samples for another does:
+sample noise, not distillation loss. Writes ``benchmarks/results/scale5_noise.{json,md}``.
+
+    python benchmarks/scale5_noise.py --run runs/sgld-fcnn1 \\
+        --checkpoint models/mnist-fcnn1/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from apd.checkpoint import load_checkpoint
+from apd.uncertainty import PredictiveSummary, ScoreName, summarize
+from training.data import OOD_SETS, load_mnist, load_ood
+from training.distillation.fidelity import AUROC_TOLERANCE
+from training.distillation.package import code_revision, sample_networks
+from training.evaluation.anomaly import scaled
+from training.evaluation.methods import spread_indices
+from training.metrics import auroc
+from training.sample_store import SampleStore
+from training.torch_ops import member_probs
+from training.train import SAMPLES_DIR
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+RESULTS: Final = ROOT / "benchmarks" / "results"
+K: Final = 100
+OOD_SIZE: Final = 10_000
+SCALES: Final = (1.0, 5.0)
+SCORES: Final = (
+    ScoreName.MAX_PROBABILITY,
+    ScoreName.PREDICTIVE_ENTROPY,
+    ScoreName.MUTUAL_INFORMATION,
+    ScoreName.MODEL_VARIANCE,
+)
+
+
+def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray[np.int64]:
+    """``k`` samples disjoint from ``first``, spread evenly over each chain's remaining ones
+    (``k // C`` per chain, the remainder to the first chains)."""
+    chain = np.asarray(store.chain)
+    rest = np.setdiff1d(np.arange(len(chain)), first)
+    ids = np.unique(chain)
+    picks = []
+    for i, c in enumerate(ids):
+        mine = rest[chain[rest] == c]
+        m = k // len(ids) + (1 if i < k % len(ids) else 0)
+        picks.append(mine[spread_indices(len(mine), m)])
+    return np.sort(np.concatenate(picks))
+
+
+def aurocs(
+    spec: Any, theta: torch.Tensor, test_x: NDArray[np.float32], ood: dict[str, NDArray[np.float32]]
+) -> dict[str, float]:
+    """AUROC of every (set, scale, score) row, keyed ``set/scale/score``."""
+    inside: PredictiveSummary = summarize(member_probs(spec, theta, test_x).numpy())
+    out: dict[str, float] = {}
+    for name, x in ood.items():
+        for scale in SCALES:
+            s = summarize(member_probs(spec, theta, scaled(x, scale)).numpy())
+            for score in SCORES:
+                out[f"{name}/{scale:g}/{score.value}"] = auroc(inside.score(score), s.score(score))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="the SGLD run the checkpoint distils")
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    load_start = round(os.getloadavg()[0], 2)
+    torch.set_num_threads(2)
+
+    mnist = load_mnist()
+    store = SampleStore.open(args.run / SAMPLES_DIR)
+    spec = store.spec
+    ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
+    test_x = np.asarray(mnist.test_x)
+    first = store.select_spread(K)
+    second = second_draw(store, first, K)
+    ckpt = load_checkpoint(args.checkpoint)
+    thetas = {
+        "sgld_a": torch.from_numpy(np.asarray(store.theta[first])),
+        "sgld_b": torch.from_numpy(np.asarray(store.theta[second])),
+        "apd_0": torch.from_numpy(sample_networks(ckpt, K, seed=0)),
+        "apd_1": torch.from_numpy(sample_networks(ckpt, K, seed=1)),
+    }
+    table = {who: aurocs(spec, theta, test_x, ood) for who, theta in thetas.items()}
+    rows = []
+    for key, teacher in table["sgld_a"].items():
+        if not np.isfinite(teacher):
+            continue
+        rows.append(
+            {
+                "row": key,
+                "teacher": teacher,
+                "sgld_b_drop": teacher - table["sgld_b"][key],
+                "apd_0_drop": teacher - table["apd_0"][key],
+                "apd_1_drop": teacher - table["apd_1"][key],
+            }
+        )
+    record = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/scale5_noise.py", *sys.argv[1:]]),
+        "code_revision": code_revision(),
+        "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "run": str(args.run),
+        "checkpoint": str(args.checkpoint),
+        "samples": len(store),
+        "rows": rows,
+        "summary": summarise(rows),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale5_noise.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "scale5_noise.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per scale and predictive: rows whose AUROC drop exceeds the tolerance, and the largest
+    absolute difference from the teacher."""
+    out: dict[str, dict[str, float]] = {}
+    for scale in SCALES:
+        mine = [r for r in rows if r["row"].split("/")[1] == f"{scale:g}"]
+        for who in ("sgld_b", "apd_0", "apd_1"):
+            drops = np.array([r[f"{who}_drop"] for r in mine])
+            out[f"{who}@{scale:g}"] = {
+                "rows": len(drops),
+                "misses": int((drops > AUROC_TOLERANCE).sum()),
+                "max_abs_difference": float(np.abs(drops).max()),
+                "mean_abs_difference": float(np.abs(drops).mean()),
+            }
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Scale-5 anomaly rows: APD against a second SGLD draw",
+        "",
+        f"Recorded {r['created_at']} by `{r['command']}`, code {r['code_revision'][:12]}; "
+        f"run {r['run']} ({r['samples']} samples), checkpoint {r['checkpoint']}. 1-minute "
+        f"load average {r['load_average_1min']['start']} -> {r['load_average_1min']['end']} "
+        "(2 cores).",
+        "",
+        "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
+        "100 other samples of the same run, spread the same way. apd_0 / apd_1: 100 networks "
+        f"from the checkpoint, seeds 0 / 1. A miss: AUROC more than {AUROC_TOLERANCE} below "
+        "the teacher's.",
+        "",
+        "| predictive | scale | rows | misses | max abs. difference | mean abs. difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, s in r["summary"].items():
+        who, scale = key.split("@")
+        lines.append(
+            f"| {who} | {scale} | {s['rows']} | {s['misses']} | {s['max_abs_difference']:.4f} "
+            f"| {s['mean_abs_difference']:.4f} |"
+        )
+    lines += [
+        "",
+        "Every row (AUROC drop against the teacher; positive = lower than the teacher):",
+        "",
+        "| OOD set / scale / score | teacher | sgld_b | apd_0 | apd_1 |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['row']} | {row['teacher']:.4f} | {row['sgld_b_drop']:+.4f} "
+            f"| {row['apd_0_drop']:+.4f} | {row['apd_1_drop']:+.4f} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+if __name__ == "__main__":
+    main()
