@@ -514,7 +514,8 @@ _SPEC: Final = TypeAdapter(SpecRecord)
 
 
 def spec_record(spec_dict: dict[str, object]) -> SpecRecord:
-    """:meth:`apd.networks.MLPSpec.to_dict` as its record."""
+    """:meth:`apd.networks.MLPSpec.to_dict` or :meth:`~apd.networks.CNNSpec.to_dict` as its
+    record."""
     return _SPEC.validate_python(spec_dict, strict=True)
 
 
