@@ -17,7 +17,8 @@ rounds, BALD / entropy / random, SGLD and online APD, 3 seeds: see
 
 Writes ``benchmarks/results/active_learning.json`` and ``active_learning.md``.
 
-    python benchmarks/active_learning.py [--arch lenet5] [--workers 2] [--summarize-only]
+    python benchmarks/active_learning.py [--arch lenet5] [--workers 2] [--rounds 50]
+        [--summarize-only]
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="report name (default ARCH-active-learning)")
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--workers", type=int, default=2, help="processes of one thread each")
+    ap.add_argument("--rounds", type=int, default=50, help="acquisition rounds (the paper: 50)")
     ap.add_argument(
         "--summarize-only", action="store_true", help="read the existing report, run nothing"
     )
@@ -128,7 +130,7 @@ def main() -> None:
         load["start"] = round(os.getloadavg()[0], 2)
         args.runs.mkdir(parents=True, exist_ok=True)
         argv = ["evaluate", "--arch", args.arch, "--runs", str(args.runs), "--name", name]
-        argv += ["--reference", "--experiments", "active_learning"]
+        argv += ["--reference", "--experiments", "active_learning", "--al-rounds", str(args.rounds)]
         if apd_main([*argv, "--threads", str(args.workers)]) != 0:
             raise SystemExit("apd evaluate failed")
         load["end"] = round(os.getloadavg()[0], 2)

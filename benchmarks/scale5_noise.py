@@ -12,7 +12,7 @@ multiplied by s):
 
 If the AUROC of ``sgld_b`` differs from the teacher's by as much as APD's does on the rows
 APD misses, the miss is within what swapping one set of 100 SGLD samples for another does:
-sample noise, not distillation loss. Writes ``benchmarks/results/scale5_noise.{json,md}``.
+sample noise, not distillation loss. Writes ``benchmarks/results/scale5_noise[-TAG].{json,md}``.
 
     python benchmarks/scale5_noise.py --run runs/sgld-fcnn1 \\
         --checkpoint models/mnist-fcnn1/model.safetensors
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="the SGLD run the checkpoint distils")
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the results files' names")
     args = ap.parse_args()
     load_start = round(os.getloadavg()[0], 2)
     torch.set_num_threads(2)
@@ -135,8 +136,9 @@ def main() -> None:
         "summary": summarise(rows),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale5_noise.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "scale5_noise.md").write_text(markdown(record))
+    stem = "scale5_noise" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(record))
     print(markdown(record))
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from apd.networks import build_spec
@@ -105,3 +106,15 @@ def test_settings_refuse_impossible_protocols() -> None:
         ActiveLearningSettings(pool_size=100)
     with pytest.raises(ValueError, match="test_every must be positive"):
         ActiveLearningSettings(test_every=0)
+
+
+def test_both_learners_fit_a_cnn(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """CNNs take the autograd path in SGLD and in online APD's chains."""
+    cnn = build_spec("cnn:conv4x3,pool2,fc8", (1, 8, 8), 10)
+    x, y = digits[0][:40], digits[1][:40]
+    theta, chains = fit_sgld(cnn, x, y, TINY, seed=0)
+    assert theta.shape == (TINY.num_samples, cnn.num_params)
+    theta_apd, _ = fit_online_apd(cnn, x, y, TINY, 1, digits[0][40:70], init=chains)
+    assert theta_apd.shape == theta.shape and bool(torch.isfinite(theta_apd).all())

@@ -183,7 +183,7 @@ class _Chains:
         n = x.shape[0]
         self.settings = config.sgld_settings(n)
         likelihood = ClassificationLikelihood(spec, x, y)
-        self.transform = sgld.build(likelihood, self.settings, likelihood.value_and_grad)
+        self.transform = sgld.build(likelihood, self.settings, likelihood.fast_gradient)
         if init is None:
             init = init_theta(spec, config.num_chains, rng)
         elif tuple(init.shape) != (config.num_chains, spec.num_params):

@@ -277,7 +277,8 @@ def fit_sgld(
     )
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y))
-    transform = sgld.build(ClassificationLikelihood(spec, xt, yt), settings)
+    likelihood = ClassificationLikelihood(spec, xt, yt)
+    transform = sgld.build(likelihood, settings, likelihood.fast_gradient)
     state = transform.init(init_theta(spec, s.chains, gen) if init is None else init)
     stream = MinibatchStream(n, min(s.batch_size, n), s.chains, gen)
     kept: list[torch.Tensor] = []
@@ -419,7 +420,9 @@ def run_active_learning(
         for learner in s.learners:
             for acquisition in s.acquisitions:
                 jobs.append((pool, test, learner, acquisition, seed))
-    bar = tqdm(total=len(jobs), desc="active learning", disable=not progress, unit="curve")
+    bar = tqdm(
+        total=len(jobs), desc="active learning", disable=not progress, unit="curve", miniters=1
+    )
     curves: list[Curve] = []
     if workers <= 1:
         for pool, test, learner, acquisition, seed in jobs:
@@ -441,9 +444,14 @@ def run_active_learning(
         init = (spec, train_x, train_y, test_x, test_y, s)
         with ProcessPoolExecutor(workers, ctx, _worker_init, init) as executor:
             futures = [executor.submit(_worker_curve, *job) for job in jobs]
-            for future in as_completed(futures):
-                curves.append(future.result())
-                bar.update()
+            try:
+                for future in as_completed(futures):
+                    curves.append(future.result())
+                    bar.update()
+            except BaseException:
+                # fail at the first failed curve, not after every other curve has run
+                executor.shutdown(wait=False, cancel_futures=True)
+                raise
         order = {(j[2].value, j[3].value, j[4]): i for i, j in enumerate(jobs)}
         curves.sort(key=lambda c: order[(c.learner, c.acquisition, c.seed)])
     bar.close()
