@@ -416,9 +416,7 @@ def test_the_fair_peers_have_rows_in_every_table(tmp_path: Path) -> None:
         ("fcnn2", "[784, 400, 400, 10]"),
     ],
 )
-def test_results_record_any_network_and_the_report_names_its_layers(
-    arch: str, named: str
-) -> None:
+def test_results_record_any_network_and_the_report_names_its_layers(arch: str, named: str) -> None:
     from apd.networks import get_spec
     from training.evaluation.report import _network
 
