@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out_dir = (REFERENCE_DIR if args.reference else args.out) / cfg.name
     t0 = time.perf_counter()
-    result = run_suite(cfg)
+    result = run_suite(cfg, command=getattr(args, "command_line", None))
     report = write_report(result, out_dir)
     print(
         f"apd evaluate: wrote {report} (+ results.json, plots) in {time.perf_counter() - t0:.0f} s",

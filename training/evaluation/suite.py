@@ -305,8 +305,11 @@ def method_records(
     }
 
 
-def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> SuiteResult:
-    """Run the configured experiments (see the module docstring)."""
+def run_suite(
+    cfg: SuiteConfig, log: Callable[[str], None] | None = None, command: str | None = None
+) -> SuiteResult:
+    """Run the configured experiments (see the module docstring); ``command`` is the command
+    line recorded in the report (default: this process's)."""
     say: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr))
     from training.data import OOD_SETS, dataset_fingerprint, describe_ood, load_mnist, load_ood
 
@@ -326,7 +329,7 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> Sui
         "spec": spec_record(spec.to_dict()),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **code_state(),
-        "command": " ".join(["apd", *sys.argv[1:]]) if sys.argv else "",
+        "command": command if command is not None else " ".join(["apd", *sys.argv[1:]]),
         "machine": machine_description(cfg.threads),
         "data_sha256": dataset_fingerprint(mnist),
         "test_inputs": len(test_x),
