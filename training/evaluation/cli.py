@@ -87,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--experiments",
         default=",".join(DEFAULT_EXPERIMENTS),
         help=f"comma-separated subset of: {', '.join(EXPERIMENTS)} (default: all but "
-        "active_learning, a long run of its own)",
+        "active_learning, a run of hours)",
     )
     p.add_argument("--attack-eps", default="0.05,0.1,0.2,0.3", help="L-inf radii, comma separated")
     p.add_argument("--attack-inputs", type=int, default=1000, help="test images attacked")

@@ -47,7 +47,7 @@ from training.evaluation.results import (
 from training.evaluation.toy2d import ToyResult, ToySettings
 
 EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
-# Active learning at the paper's protocol is an hour's run of its own (docs/results/
+# Active learning at the paper's protocol takes hours on a CPU (docs/results/
 # lenet5-active-learning): asked for by name, never by default.
 DEFAULT_EXPERIMENTS: Final = tuple(e for e in EXPERIMENTS if e != "active_learning")
 # The experiments that evaluate the trained runs and the checkpoint; active learning and the
