@@ -33,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == wanted:
             importlib.import_module(module_name).configure(p)
     ns = parser.parse_args(args)
-    # what was asked for, also when called as a function (benchmarks call main(argv))
-    ns.command_line = " ".join(["apd", *args])
+    if hasattr(ns, "command_line"):  # a command that records how it was run (evaluate)
+        ns.command_line = " ".join(["apd", *args])
     module = importlib.import_module(COMMANDS[ns.command][0])
     try:
         return int(module.run(ns) or 0)

@@ -127,6 +127,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (active learning: processes of one thread each)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # filled by the dispatcher with the command line as given, also when a benchmark calls
+    # it as a function; the report records it
+    p.set_defaults(command_line=None)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out_dir = (REFERENCE_DIR if args.reference else args.out) / cfg.name
     t0 = time.perf_counter()
-    result = run_suite(cfg, command=getattr(args, "command_line", None))
+    result = run_suite(cfg, command=args.command_line)
     report = write_report(result, out_dir)
     print(
         f"apd evaluate: wrote {report} (+ results.json, plots) in {time.perf_counter() - t0:.0f} s",
