@@ -34,13 +34,13 @@ import torch
 from numpy.typing import NDArray
 
 from apd.checkpoint import load_checkpoint
-from apd.uncertainty import PredictiveSummary, ScoreName, summarize
+from apd.networks import NetworkSpec
+from apd.uncertainty import ScoreName, summarize
 from training.data import OOD_SETS, load_mnist, load_ood
-from training.distillation.fidelity import AUROC_TOLERANCE
+from training.distillation.fidelity import AUROC_TOLERANCE, ood_aurocs
 from training.distillation.package import code_revision, sample_networks
 from training.evaluation.anomaly import scaled
 from training.evaluation.methods import spread_indices
-from training.metrics import auroc
 from training.sample_store import SampleStore
 from training.torch_ops import member_probs
 from training.train import SAMPLES_DIR
@@ -73,16 +73,19 @@ def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray
 
 
 def aurocs(
-    spec: Any, theta: torch.Tensor, test_x: NDArray[np.float32], ood: dict[str, NDArray[np.float32]]
+    spec: NetworkSpec,
+    theta: torch.Tensor,
+    test_x: NDArray[np.float32],
+    ood: dict[str, NDArray[np.float32]],
 ) -> dict[str, float]:
     """AUROC of every (set, scale, score) row, keyed ``set/scale/score``."""
-    inside: PredictiveSummary = summarize(member_probs(spec, theta, test_x).numpy())
+    inside = summarize(member_probs(spec, theta, test_x).numpy())
     out: dict[str, float] = {}
     for name, x in ood.items():
         for scale in SCALES:
             s = summarize(member_probs(spec, theta, scaled(x, scale)).numpy())
-            for score in SCORES:
-                out[f"{name}/{scale:g}/{score.value}"] = auroc(inside.score(score), s.score(score))
+            for score, value in ood_aurocs(inside, s, SCORES).items():
+                out[f"{name}/{scale:g}/{score}"] = value
     return out
 
 

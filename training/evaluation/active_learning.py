@@ -425,23 +425,14 @@ def run_active_learning(
     )
     curves: list[Curve] = []
     if workers <= 1:
-        for pool, test, learner, acquisition, seed in jobs:
-            bar.set_postfix_str(f"{learner.value}/{acquisition.value} seed {seed}", refresh=False)
-            curves.append(
-                run_curve(
-                    spec,
-                    *_split(train_x, train_y, pool),
-                    *_split(test_x, test_y, test),
-                    learner,
-                    acquisition,
-                    seed,
-                    s,
-                )
-            )
+        data = (train_x, train_y, test_x, test_y)
+        for job in jobs:
+            bar.set_postfix_str(f"{job[2].value}/{job[3].value} seed {job[4]}", refresh=False)
+            curves.append(_job_curve(spec, data, s, *job))
             bar.update()
     else:
         ctx = multiprocessing.get_context("spawn")
-        init = (spec, train_x, train_y, test_x, test_y, s)
+        init = (spec, (train_x, train_y, test_x, test_y), s)
         with ProcessPoolExecutor(workers, ctx, _worker_init, init) as executor:
             futures = [executor.submit(_worker_curve, *job) for job in jobs]
             try:
@@ -458,26 +449,31 @@ def run_active_learning(
     return ActiveLearningResult(s, curves, round(time.perf_counter() - t0, 1))
 
 
-def _split(
-    x: NDArray[np.float32], y: NDArray[np.integer], idx: NDArray[np.int64]
-) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    return np.ascontiguousarray(x[idx]), np.asarray(y[idx], np.int64)
-
-
+_Data = tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], NDArray[np.int64]]
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(
+def _job_curve(
     spec: NetworkSpec,
-    train_x: NDArray[np.float32],
-    train_y: NDArray[np.int64],
-    test_x: NDArray[np.float32],
-    test_y: NDArray[np.int64],
+    data: _Data,
     s: ActiveLearningSettings,
-) -> None:
+    pool: NDArray[np.int64],
+    test: NDArray[np.int64],
+    learner: Learner,
+    acquisition: Acquisition,
+    seed: int,
+) -> Curve:
+    """One curve on the ``pool`` / ``test`` rows of ``data`` (train x, y, test x, y)."""
+    train_x, train_y, test_x, test_y = data
+    px, py = np.ascontiguousarray(train_x[pool]), np.asarray(train_y[pool], np.int64)
+    tx, ty = np.ascontiguousarray(test_x[test]), np.asarray(test_y[test], np.int64)
+    return run_curve(spec, px, py, tx, ty, learner, acquisition, seed, s)
+
+
+def _worker_init(spec: NetworkSpec, data: _Data, s: ActiveLearningSettings) -> None:
     """Each worker process receives the data once and runs single-threaded."""
     torch.set_num_threads(1)
-    _WORKER.update(spec=spec, data=(train_x, train_y, test_x, test_y), settings=s)
+    _WORKER.update(spec=spec, data=data, settings=s)
 
 
 def _worker_curve(
@@ -487,16 +483,8 @@ def _worker_curve(
     acquisition: Acquisition,
     seed: int,
 ) -> Curve:
-    train_x, train_y, test_x, test_y = _WORKER["data"]
-    return run_curve(
-        _WORKER["spec"],
-        *_split(train_x, train_y, pool),
-        *_split(test_x, test_y, test),
-        learner,
-        acquisition,
-        seed,
-        _WORKER["settings"],
-    )
+    w = _WORKER
+    return _job_curve(w["spec"], w["data"], w["settings"], pool, test, learner, acquisition, seed)
 
 
 def _subset(n: int, size: int | None, rng: np.random.Generator) -> NDArray[np.int64]:

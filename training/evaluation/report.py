@@ -23,18 +23,17 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 import numpy as np
 
+from apd.networks import MLPSpec, spec_from_dict
 from training.errors import UserError
 from training.evaluation import peers
 from training.evaluation.results import (
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
-    CNNSpecRecord,
     EvaluationResults,
-    MLPSpecRecord,
     SpecRecord,
     load_results,
 )
@@ -139,27 +138,15 @@ def provenance_line(
     )
 
 
-def _network(spec: SpecRecord) -> str:
+def _network(record: SpecRecord) -> str:
     """``[784, 100, 10]`` for an MLP; ``lenet5: 1x28x28 -> conv6x5p2, pool2, ... -> 10`` for
     a CNN (the ``--arch`` tokens of its layers)."""
-    if "layers" not in spec:
-        return str(cast(MLPSpecRecord, spec)["layer_sizes"])
-    spec = cast(CNNSpecRecord, spec)
-    tokens = []
-    for layer in spec["layers"][:-1]:
-        if layer["type"] == "conv2d":
-            pad = layer.get("padding", 0)
-            tokens.append(
-                f"conv{layer.get('out_channels')}x{layer.get('kernel_size')}"
-                + (f"p{pad}" if pad else "")
-            )
-        elif layer["type"] == "maxpool2d":
-            tokens.append(f"pool{layer.get('size')}")
-        else:
-            tokens.append(f"fc{layer.get('units')}")
-    shape = "x".join(str(d) for d in spec["input_shape"])
-    out = spec["layers"][-1]["output_shape"][0]
-    return f"{spec['name']}: {shape} -> {', '.join(tokens)} -> {out}"
+    spec = spec_from_dict(record)
+    if isinstance(spec, MLPSpec):
+        return str(list(spec.layer_sizes))
+    shape = "x".join(str(d) for d in spec.input_shape)
+    layers = spec.arch.removeprefix("cnn:").replace(",", ", ")
+    return f"{spec.name}: {shape} -> {layers} -> {spec.num_classes}"
 
 
 def _al_protocol(al: ActiveLearningSection) -> str:
