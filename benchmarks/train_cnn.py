@@ -17,8 +17,8 @@ active-learning CNN of Gal et al. 2017, works the same way). This
    entropy, mutual information and model variance (each at most 0.005 lower).
 
 On the shared 2-core CPU, LeNet-5 (``--arch lenet5``, 61,706 weights) trains in 40 min on
-one thread and distils in 27 (benchmarks/results/train_cnn.md); al-cnn's forward costs about
-7 times LeNet-5's per image (5.6 M multiply-adds), which makes it a GPU job. The SGLD
+one thread and distils in 27 (benchmarks/results/train_cnn.md); al-cnn's forward costs 6.7
+times LeNet-5's per image (benchmarks/results/cnn_cost.md), which makes it a GPU job. The SGLD
 settings (:data:`SGLD_FLAGS`) were chosen from short runs (lr 0.1 on the mean loss; at 0.5
 one of two al-cnn chains stayed below 20 % validation accuracy); ``val_trace`` in the run's
 ``metrics.json`` (``--eval-every``) shows the chains' validation accuracy, and
