@@ -37,7 +37,7 @@ from training import sgld
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
 
 from .fidelity import ValidationMonitor
-from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler
+from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler, fit_to_moments
 from .offline import (
     PRESETS,
     DistillConfig,
@@ -66,13 +66,19 @@ class OnlineConfig:
     buffer_size: int = 1000
     warmup_samples: int = 200
     sgld_steps_per_gan_step: int = 1
+    # Adam steps that start the generator at the per-chain Gaussian of the warm-up samples
+    # (:func:`~training.distillation.gan.fit_to_moments`) before the GAN trains; 0: a random
+    # start. Short runs need it (active learning: a hundred GAN steps per round).
+    moment_init_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_chains", "batch_size", "thinning", "buffer_size", "warmup_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.burn_in < 0 or self.sgld_steps_per_gan_step <= 0:
-            raise ValueError("burn_in must be >= 0 and sgld_steps_per_gan_step positive")
+        if self.burn_in < 0 or self.sgld_steps_per_gan_step <= 0 or self.moment_init_steps < 0:
+            raise ValueError(
+                "burn_in and moment_init_steps must be >= 0, sgld_steps_per_gan_step positive"
+            )
         if self.warmup_samples > self.buffer_size:
             raise ValueError("warmup_samples cannot exceed buffer_size")
         if not (self.sgld_lr > 0 and math.isfinite(self.sgld_lr)):
@@ -317,6 +323,9 @@ def _distill_online(
 
     del warm
     k = generator.components
+    if config.moment_init_steps:
+        labels = buffer.labels[: buffer.size] if k > 1 else None
+        fit_to_moments(generator, buffer.contents(), labels, config.moment_init_steps, rng)
     critic = Critic(buffer.data.shape[1], dc.gan.critic_hidden, k if k > 1 else 0).to(dev)
     gan = WGANGP(generator, critic, dc.gan, dc.steps, rng)
     real = buffer.sampler(rng, k)

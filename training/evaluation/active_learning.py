@@ -78,7 +78,7 @@ class ActiveLearningSettings:
     pool_size: int | None = None
     candidates: int = 2000
     test_size: int | None = None
-    test_every: int = 5
+    test_every: int = 10
     num_samples: int = 20
     learners: tuple[Learner, ...] = (Learner.SGLD, Learner.APD)
     acquisitions: tuple[Acquisition, ...] = (
@@ -98,6 +98,7 @@ class ActiveLearningSettings:
     warmup_samples: int = 40
     gan_steps: int = 100
     apd_rank: int = 20
+    moment_init_steps: int = 300
     selection_inputs: int = 500
     warm_start: bool = True
 
@@ -157,6 +158,7 @@ class ActiveLearningSettings:
             "warmup_samples": self.warmup_samples,
             "gan_steps": self.gan_steps,
             "apd_rank": self.apd_rank,
+            "moment_init_steps": self.moment_init_steps,
             "selection_inputs": self.selection_inputs,
             "warm_start": self.warm_start,
             "sgld_steps_first_round": self.sgld_steps(first=True),
@@ -323,6 +325,7 @@ def fit_online_apd(
         thinning=s.thinning,
         buffer_size=s.buffer_size,
         warmup_samples=s.warmup_samples,
+        moment_init_steps=s.moment_init_steps,
     )
     config = replace(
         config,

@@ -103,6 +103,7 @@ class ActiveLearningSettingsRecord(TypedDict):
     warmup_samples: int
     gan_steps: int
     apd_rank: int
+    moment_init_steps: NotRequired[int]
     selection_inputs: int
     warm_start: NotRequired[bool]
     sgld_steps_first_round: NotRequired[int]
