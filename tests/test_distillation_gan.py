@@ -13,6 +13,7 @@ from training.distillation.gan import (
     Generator,
     WGANGPConfig,
     critic_loss,
+    fit_to_moments,
     generator_loss,
     gradient_penalty,
 )
@@ -143,3 +144,41 @@ def test_component_selection_is_an_exact_one_hot_with_the_right_shares() -> None
     # The trained MLP sees the one-hot: conditional() on the same inputs agrees with forward.
     with torch.no_grad():
         torch.testing.assert_close(gen(z[:100]), gen.conditional(onehot[:100], rest[:100]))
+
+
+@pytest.mark.parametrize("weights", [None, [0.25, 0.75]])
+def test_fit_to_moments_starts_each_component_at_its_gaussian(
+    one_thread: None, weights: list[float] | None
+) -> None:
+    """After the regression, the generator's draws of component k have the mean and the
+    standard deviation of component k's rows (NumPy's, per coordinate): the first two
+    coordinates vary with the noise, the third (beyond the noise's two) is the mean alone."""
+    data_rng = np.random.default_rng(0)
+    mus = np.array([[3.0, -2.0, 1.0], [-4.0, 5.0, 0.5]])
+    sds = np.array([[0.5, 2.0, 1.0], [1.5, 0.3, 0.7]])
+    k = 1 if weights is None else 2
+    labels = np.repeat(np.arange(k), 400)
+    data = mus[labels] + sds[labels] * data_rng.standard_normal((len(labels), 3))
+    noise_dim = 2 if k == 1 else 3  # two continuous coordinates either way
+    gen = Generator(noise_dim, (64, 64), 3, component_weights=weights)
+    rng = torch.Generator().manual_seed(0)
+    lab = None if k == 1 else torch.from_numpy(labels)
+    fit_to_moments(gen, torch.from_numpy(data).float(), lab, 1500, rng, lr=3e-3)
+    z = torch.randn(40_000, noise_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = gen(z).numpy()
+    comp = gen.component_of(z).numpy()
+    for c in range(k):
+        rows = data[labels == c]
+        got = out[comp == c]
+        np.testing.assert_allclose(got.mean(axis=0), rows.mean(axis=0), atol=0.1)
+        np.testing.assert_allclose(
+            got[:, :2].std(axis=0), rows[:, :2].std(axis=0, ddof=1), rtol=0.1
+        )
+        assert got[:, 2].std() < 0.1 * rows[:, 2].std()
+
+
+def test_fit_to_moments_refuses_labels_outside_the_components() -> None:
+    gen = Generator(3, (8,), 2, component_weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fit_to_moments(gen, torch.zeros(4, 2), torch.tensor([0, 1, 2, 0]), 1, torch.Generator())
