@@ -25,20 +25,34 @@ samples, and runs the toy posterior with four separated modes
 (:mod:`training.distillation.toy_posterior`), reporting how many modes the default design,
 the same GAN without chain conditioning, and a Gaussian fit cover.
 
+``--online`` measures online APD (Algorithm 2) instead and adds it to the recorded results:
+for each architecture it runs :func:`~training.distillation.online.distill_online` on the
+sampler ``apd train sgld`` uses for the offline teacher
+(:func:`~training.distillation.online.sampler_like_offline`, the default design's GAN),
+in one single-threaded process per architecture, and compares K = 100 of its networks with
+100 of its own chains' samples (a reservoir over the run) on the same figures and targets,
+and its test accuracy with the recorded offline APD's (target: at most 0.2 points below).
+
 Writes ``benchmarks/results/distill.json`` and ``distill.md``. Wall times on a shared CPU are
 pessimistic: the load average during the run is recorded next to them.
 
     python benchmarks/distill.py [--runs runs] [--archs fcnn1 fcnn2] [--reuse]
         [--paper-steps 20] [--device cpu]
+    python benchmarks/distill.py --online [--archs fcnn1 fcnn2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import shlex
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -48,13 +62,14 @@ import torch
 from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, load_checkpoint
+from apd.networks import get_spec
 from apd.uncertainty import PredictiveSummary, ScoreName
 from training.cli import main as apd_main
 from training.data import MNIST, OOD_SETS, load_mnist, load_ood
 from training.distillation import toy_posterior
 from training.distillation.fidelity import compare, predict
 from training.distillation.offline import distill_offline, preset
-from training.distillation.package import sample_networks
+from training.distillation.package import code_revision, sample_networks
 from training.metrics import accuracy
 from training.sample_store import SampleStore
 
@@ -68,6 +83,7 @@ SHIPPED: Final = "fcnn1"  # the service targets below are for the shipped model
 SERVICE_ACCURACY_MIN: Final = 0.975
 MNIST_FLAG_MAX: Final = 0.07
 NOTMNIST_FLAG_MIN: Final = 0.90
+ONLINE_GAP_MAX: Final = 0.002  # online APD's test accuracy at most 0.2 points below offline's
 
 
 def _device_info(device: str) -> dict[str, Any]:
@@ -163,6 +179,116 @@ def bench_arch(
         "service": service_checks(ckpt, s_pred.test, s_pred.ood, mnist.test_y),
     }
     return out
+
+
+def online_arch(arch: str) -> dict[str, Any]:
+    """Online APD on ``arch`` with the offline teacher's sampler, against its own chains."""
+    from training.distillation.online import distill_online, sampler_like_offline
+    from training.train import check_arch, sgld_defaults
+
+    torch.set_num_threads(1)
+    mnist = load_mnist()
+    ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
+    spec = get_spec(arch)
+    distill_cfg = replace(preset("default", arch), max_train_samples=None)
+    config = sampler_like_offline(sgld_defaults(arch, check_arch(arch), None), distill_cfg)
+    t0 = time.perf_counter()
+    result = distill_online(
+        spec, mnist.train_x, mnist.train_y, config, val=(mnist.val_x, mnist.val_y), threads=1
+    )
+    seconds = time.perf_counter() - t0
+    assert result.teacher is not None
+    t_pred = predict(spec, result.teacher, mnist.test_x, ood)
+    theta = result.generator.sample(K, torch.Generator().manual_seed(0))
+    s_pred = predict(spec, theta, mnist.test_x, ood)
+    return {
+        "config": {k: v for k, v in config.to_dict().items() if k != "distill"},
+        "distill": config.distill.to_dict(),
+        "seconds": round(seconds, 1),
+        "seconds_by_phase": result.seconds,
+        "sgld_steps": result.sgld_steps,
+        "samples_seen": result.samples_seen,
+        "teacher_samples": len(result.teacher),
+        "best_step": result.best_step,
+        "subspace": result.subspace,
+        "rank": result.generator.output_dim,
+        "components": result.generator.components,
+        "load_average_after": _load(),
+        "fidelity": compare(t_pred, s_pred, mnist.test_y),
+    }
+
+
+def online(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]:
+    """Every ``args.archs`` online, one process each; offline APD's accuracy from the record."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(args.archs), ctx) as pool:
+        runs = dict(zip(args.archs, pool.map(online_arch, args.archs), strict=True))
+    out: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]]),
+        "code_revision": code_revision(),
+        "archs": {},
+    }
+    for arch, r in runs.items():
+        offline = recorded.get("archs", {}).get(arch, {}).get("fidelity", {}).get("student")
+        acc = r["fidelity"]["student"]["accuracy"]
+        if offline is not None:
+            r["offline_accuracy"] = offline["accuracy"]
+            r["gap_to_offline"] = offline["accuracy"] - acc
+            r["pass_on_par"] = r["gap_to_offline"] <= ONLINE_GAP_MAX
+        out["archs"][arch] = r
+    return out
+
+
+def online_markdown(o: dict[str, Any], offline_revision: str) -> list[str]:
+    lines = [
+        "## Online APD (Algorithm 2) against offline",
+        "",
+        f"{o['created_at']}; code {o['code_revision'][:12]}; `{o['command']}`. Each "
+        "architecture ran in its own single-threaded process, both at once on the 2 cores. "
+        "Online APD runs the sampler `apd train sgld` uses for the offline teacher (its "
+        "chains, cyclical schedule and thinning) and trains the default design's GAN while "
+        "the chains run: one component per chain and cycle, the subspace extended as each "
+        "cycle starts sampling, no sample stored beyond the buffer of coefficients. Teacher: "
+        "100 of its own chains' samples (a reservoir over the run). Offline APD's accuracy is "
+        f"the one recorded above (code {offline_revision[:12]}).",
+        "",
+    ]
+    for arch, r in o["archs"].items():
+        f, c = r["fidelity"], r["config"]
+        lines += [
+            f"### {arch}",
+            "",
+            f"{c['num_chains']} chains x {c['cycles']} cycles of {c['cycle_steps']:,} SGLD steps "
+            f"({r['sgld_steps']:,} steps, {r['samples_seen']:,} samples), {r['best_step']:,} "
+            f"of {r['distill']['steps']:,}+ generator steps kept, rank {r['rank']}, "
+            f"{r['components']} components; {r['seconds'] / 60:.1f} min wall "
+            f"(load {r['load_average_after']} after).",
+            "",
+            "| figure | its chains (SGLD) | online APD | difference | target | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        if "offline_accuracy" in r:
+            lines.append(
+                f"| test accuracy vs offline APD | {r['offline_accuracy']:.4f} (offline APD) | "
+                f"{f['student']['accuracy']:.4f} | {-r['gap_to_offline'] * 100:+.2f} pts | "
+                f">= -0.20 pts | {_fmt_pass(r['pass_on_par'])} |"
+            )
+        lines += [
+            f"| test accuracy | {f['teacher']['accuracy']:.4f} | {f['student']['accuracy']:.4f} "
+            f"| {-f['accuracy_drop'] * 100:+.2f} pts | >= -0.10 pts | "
+            f"{_fmt_pass(f['pass_accuracy'])} |",
+            f"| test NLL | {f['teacher']['nll']:.4f} | {f['student']['nll']:.4f} | "
+            f"{f['nll_increase']:+.4f} | <= +0.01 | {_fmt_pass(f['pass_nll'])} |",
+        ]
+        for name, rows in f["auroc"].items():
+            for score, row in rows.items():
+                lines.append(
+                    f"| AUROC {name} / {score} | {row['teacher']:.4f} | {row['student']:.4f} | "
+                    f"{-row['drop']:+.4f} | >= -0.005 | {_fmt_pass(row['pass'])} |"
+                )
+        lines.append("")
+    return lines
 
 
 def paper_timing(arch: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -336,7 +462,14 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {name} | {c['modes_covered']} / {c['of_modes']} | {shares} | "
                 f"{c['on_ridge_fraction']:.3f} |"
             )
-    lines += ["", "Reproduce: `python benchmarks/distill.py`", ""]
+    if result.get("online"):
+        lines += ["", *online_markdown(result["online"], result["code_revision"])]
+    lines += [
+        "",
+        "Reproduce: `python benchmarks/distill.py`; online: `python benchmarks/distill.py "
+        "--online`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -349,14 +482,20 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-toy", action="store_true")
     p.add_argument("--render", action="store_true", help="rewrite distill.md from distill.json")
+    p.add_argument("--online", action="store_true", help="measure online APD, add it to the record")
     args = p.parse_args()
+    if args.online:
+        recorded = json.loads((RESULTS / "distill.json").read_text())
+        recorded["online"] = online(args, recorded)
+        (RESULTS / "distill.json").write_text(json.dumps(recorded, indent=2) + "\n")
+        (RESULTS / "distill.md").write_text(markdown(recorded))
+        print(markdown(recorded))
+        return
     if args.render:
         (RESULTS / "distill.md").write_text(
             markdown(json.loads((RESULTS / "distill.json").read_text()))
         )
         return
-    from training.distillation.package import code_revision
-
     mnist = load_mnist()
     ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
     result: dict[str, Any] = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from training.distillation.gan import (
     fit_to_moments,
     generator_loss,
     gradient_penalty,
+    restandardise,
 )
 
 
@@ -182,3 +185,36 @@ def test_fit_to_moments_refuses_labels_outside_the_components() -> None:
     gen = Generator(3, (8,), 2, component_weights=[0.5, 0.5])
     with pytest.raises(ValueError, match="labels must lie in"):
         fit_to_moments(gen, torch.zeros(4, 2), torch.tensor([0, 1, 2, 0]), 1, torch.Generator())
+
+
+def test_restandardise_changes_variables_without_changing_the_gan() -> None:
+    """After a new standardisation the generator draws the same networks for the same noise,
+    its weight average too, and the critic scores each drawn network as before."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 3))[0].T
+    gen = Generator(
+        4,
+        (16,),
+        3,
+        basis=basis,
+        mean=torch.randn(12),
+        scale=torch.rand(3) + 0.5,
+        shift=torch.randn(3),
+        component_weights=[0.5, 0.5],
+    )
+    avg = copy.deepcopy(gen)
+    with torch.no_grad():
+        for p in avg.net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    critic = Critic(3, (16,), condition_dim=2)
+    z = torch.randn(50, 4)
+    onehot = torch.nn.functional.one_hot(gen.component_of(z), 2).float()
+    with torch.no_grad():
+        before = [g.weights(z) for g in (gen, avg)]
+        score = critic(gen(z), onehot)
+    restandardise([gen, avg], critic, torch.tensor([2.0, 0.3, 5.0]), torch.tensor([1.0, -4.0, 0.0]))
+    with torch.no_grad():
+        for g, w in zip((gen, avg), before, strict=True):
+            torch.testing.assert_close(g.weights(z), w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(critic(gen(z), onehot), score, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gen.scale, torch.tensor([2.0, 0.3, 5.0]))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from apd.checkpoint import Design
 from apd.networks import MLPSpec
+from training import sgld
 from training.distillation.gan import WGANGPConfig
 from training.distillation.offline import DistillConfig
 from training.distillation.online import OnlineConfig, RingBuffer, distill_online
@@ -72,3 +74,67 @@ def test_online_run_trains_the_generator_alongside_sgld(one_thread: None) -> Non
     apd_acc = accuracy(member_probs(SPEC, theta, vx).mean(0).numpy(), vy)
     assert chains_acc > 0.95  # the blobs are easy: SGLD has converged
     assert apd_acc > 0.9  # and so has the generator, after 60 steps on the buffer
+
+
+def test_cyclical_run_grows_a_component_and_directions_per_cycle(one_thread: None) -> None:
+    """Under the cyclical schedule every (chain, cycle) is a component, every cycle adds its
+    share of the subspace directions as it starts sampling, and the monitor's teacher is a
+    reservoir over the whole run; the GAN finishes on the buffer after the chains stop."""
+    x, y = _blobs(300, 0)
+    vx, vy = _blobs(200, 1)
+    distill = DistillConfig(
+        design=Design.SUBSPACE,
+        gan=WGANGPConfig(noise_dim=4, generator_hidden=(32,), critic_hidden=(32,), lr=3e-3),
+        steps=150,
+        rank=6,
+        basis_dtype="float32",
+        condition_on_chains=True,
+        residual_scales=(0.0,),
+        eval_every=50,
+        num_networks=20,
+    )
+    cfg = OnlineConfig(
+        distill=distill,
+        num_chains=2,
+        sgld_lr=0.1,
+        batch_size=50,
+        burn_in=0,
+        thinning=5,
+        buffer_size=200,
+        warmup_samples=10,
+        schedule=sgld.ScheduleKind.CYCLICAL,
+        cycles=3,
+        cycle_steps=200,
+        explore_fraction=0.5,
+        moment_init_steps=50,
+    )
+    reports: list[str] = []
+    res = distill_online(SPEC, x, y, cfg, val=(vx, vy), progress=False, report=reports.append)
+    g = res.generator
+    assert res.sgld_steps == 3 * 200  # the chains stop after their cycles
+    assert res.samples_seen == 3 * 2 * (100 // 5)  # sampling stages only: 20 per chain and cycle
+    assert g.components == 6
+    assert g.basis is not None and g.output_dim == 6
+    assert bool((g.basis.norm(dim=1) > 0.99).all())  # every reserved direction was filled
+    gram = g.basis @ g.basis.T
+    torch.testing.assert_close(gram, torch.eye(6), atol=1e-4, rtol=0)
+    assert sum("more subspace directions" in r for r in reports) == 2
+    # Model selection starts once the last cycle's directions exist (step 100 of the
+    # 100 sampling steps per cycle... at thinning 5 that is the 5th keep of cycle 3).
+    assert res.history and all(h["sgld_step"] > 2 * 200 + 100 for h in res.history)
+    assert res.teacher is not None and len(res.teacher) == 20
+    theta = g.sample(60, torch.Generator().manual_seed(0))
+    apd_acc = accuracy(member_probs(SPEC, theta, vx).mean(0).numpy(), vy)
+    chains_acc = accuracy(member_probs(SPEC, res.teacher, vx).mean(0).numpy(), vy)
+    assert chains_acc > 0.95
+    assert apd_acc > 0.9
+
+
+def test_online_config_refuses_what_online_apd_cannot_run() -> None:
+    distill = DistillConfig(design=Design.SUBSPACE, gan=WGANGPConfig(), steps=10)
+    with pytest.raises(ValueError, match="cycles"):
+        OnlineConfig(distill=distill, cycles=3)  # cycles need the cyclical schedule
+    with pytest.raises(ValueError, match="constant or a cyclical"):
+        OnlineConfig(distill=distill, schedule=sgld.ScheduleKind.POLYNOMIAL)
+    with pytest.raises(ValueError, match="explore_fraction"):
+        OnlineConfig(distill=distill, schedule=sgld.ScheduleKind.CYCLICAL, explore_fraction=1.0)

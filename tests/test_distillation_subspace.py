@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from training.distillation.subspace import fit_subspace, load_rows
+from training.distillation.subspace import extend_basis, fit_subspace, load_rows
 
 
 def _planted(s: int = 400, p: int = 60, r: int = 3, noise: float = 0.05, seed: int = 0):
@@ -77,3 +78,26 @@ def test_rejects_impossible_ranks() -> None:
         rng = np.random.default_rng(0)
         two_dims = rng.standard_normal((20, 2)) @ rng.standard_normal((2, 8))
         fit_subspace(two_dims.astype(np.float32), rank=5)
+
+
+def test_extend_basis_is_the_svd_of_the_residuals() -> None:
+    """Against NumPy: the new rows are the top right singular vectors of the samples'
+    uncentred residuals outside the old basis (up to sign), orthogonal to the old rows."""
+    rng = np.random.default_rng(0)
+    p = 30
+    old = np.linalg.qr(rng.standard_normal((p, 3)))[0].T  # (3, p) orthonormal
+    mean = rng.standard_normal(p)
+    x = mean + 4.0 + rng.standard_normal((12, p))  # an offset mode: not centred on mean
+    new = extend_basis(
+        torch.from_numpy(old).float(),
+        torch.from_numpy(mean).float(),
+        torch.from_numpy(x).float(),
+        4,
+    ).numpy()
+    xc = x - mean
+    resid = xc - (xc @ old.T) @ old
+    _, _, vt = np.linalg.svd(resid, full_matrices=False)
+    np.testing.assert_allclose(np.abs(new @ vt[:4].T), np.eye(4), atol=1e-4)
+    np.testing.assert_allclose(new @ old.T, 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match="extra must lie"):
+        extend_basis(torch.from_numpy(old).float(), torch.zeros(p), torch.zeros(2, p), 3)

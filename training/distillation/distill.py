@@ -28,6 +28,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from training.datasets import (
 from training.errors import UserError
 from training.metrics import accuracy
 from training.sample_store import SampleStore
+from training.train import check_arch, sgld_defaults
 
 from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
 from .fidelity import ValidationMonitor
@@ -60,7 +62,13 @@ from .offline import (
     mode_labels,
     preset,
 )
-from .online import OnlineConfig, OnlineResult, default_online_config, distill_online
+from .online import (
+    OnlineConfig,
+    OnlineResult,
+    default_online_config,
+    distill_online,
+    sampler_like_offline,
+)
 from .package import default_version, write_checkpoint
 
 TEACHER_SAMPLES = 100
@@ -110,6 +118,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     cal.add_argument("--num-samples", type=int, default=100, help="networks per prediction")
     onl = parser.add_argument_group("online SGLD (--algorithm online)")
+    onl.add_argument(
+        "--sampler",
+        choices=("constant", "offline"),
+        default="constant",
+        help="constant: C chains at a constant step; offline: the cyclical sampler apd train "
+        "sgld runs for this arch (its chains, cycles and thinning), one subspace extension "
+        "per cycle",
+    )
     onl.add_argument("--chains", type=int, default=None)
     onl.add_argument("--sgld-lr", type=float, default=None)
     onl.add_argument("--burn-in", type=int, default=None)
@@ -277,7 +293,12 @@ def _online(
         if v is not None
     }
     try:
-        online: OnlineConfig = default_online_config(distill=config, **overrides)
+        online: OnlineConfig
+        if args.sampler == "offline":
+            defaults = sgld_defaults(args.arch, check_arch(args.arch), None)
+            online = replace(sampler_like_offline(defaults, config), **overrides)
+        else:
+            online = default_online_config(distill=config, **overrides)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     _say(f"online APD on {spec.name}: {online.num_chains} SGLD chains on the training split")

@@ -386,6 +386,34 @@ class Critic(nn.Module):
         return out
 
 
+@torch.no_grad()
+def restandardise(
+    generators: Sequence[Generator],
+    critic: Critic | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> None:
+    """Give the generators the standardisation ``(scale', shift')`` without changing what
+    they generate or what the critic says about it: the MLP output changes variables to
+    ``u' = (u * scale + shift - shift') / scale'``, which the generators' last layers absorb
+    (``W' = diag(scale / scale') W``, ``b' = (b * scale + shift - shift') / scale'``), and the
+    critic's first layer takes ``u'`` for ``u`` (``W'_x = W_x diag(scale' / scale)``,
+    ``b' = b + W_x (shift' - shift) / scale``; its condition columns are untouched). The
+    generators share one standardisation (a generator and its weight average)."""
+    old_scale, old_shift = generators[0].scale.clone(), generators[0].shift.clone()
+    for gen in generators:
+        last = _linears(gen.net)[-1]
+        last.weight.mul_((old_scale / scale)[:, None])
+        last.bias.copy_((last.bias * old_scale + old_shift - shift) / scale)
+        gen.scale.copy_(scale)
+        gen.shift.copy_(shift)
+    if critic is not None:
+        first = _linears(critic.net)[0]
+        d = old_scale.shape[0]
+        first.bias.add_(first.weight[:, :d] @ ((shift - old_shift) / old_scale))
+        first.weight[:, :d].mul_((scale / old_scale)[None, :])
+
+
 def gradient_penalty(
     critic: nn.Module,
     real: torch.Tensor,

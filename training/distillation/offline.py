@@ -215,25 +215,39 @@ def build_subspace_generator(
     gan: WGANGPConfig,
     device: torch.device,
     component_weights: list[float] | None = None,
+    output_dim: int | None = None,
 ) -> tuple[Generator, torch.Tensor]:
     """The subspace generator for ``sub`` and its training data: standardised coefficients
-    ``u = (c - shift) / scale`` with the coefficients' per-coordinate mean and std."""
+    ``u = (c - shift) / scale`` with the coefficients' per-coordinate mean and std.
+
+    ``output_dim`` > rank reserves output coordinates for directions added later (online
+    APD, one batch per cycle): their basis rows are 0, so they move no weight until filled,
+    and the data is 0 in them."""
+    r = sub.rank
+    dim = r if output_dim is None else int(output_dim)
+    if dim < r:
+        raise ValueError(f"output_dim {dim} is below the subspace's rank {r}")
     c = torch.from_numpy(sub.coefficients).double()
-    shift = c.mean(dim=0)
-    scale = c.std(dim=0).clamp_min(1e-12)
-    data = ((c - shift) / scale).float().to(device)
+    shift = torch.zeros(dim, dtype=torch.float64)
+    scale = torch.ones(dim, dtype=torch.float64)
+    shift[:r] = c.mean(dim=0)
+    scale[:r] = c.std(dim=0).clamp_min(1e-12)
+    data = torch.zeros(len(c), dim)
+    data[:, :r] = ((c - shift[:r]) / scale[:r]).float()
+    basis = torch.zeros(dim, sub.num_params)
+    basis[:r] = torch.from_numpy(sub.basis)
     gen = Generator(
         gan.noise_dim,
         gan.generator_hidden,
-        sub.rank,
-        basis=torch.from_numpy(sub.basis),
+        dim,
+        basis=basis,
         mean=torch.from_numpy(sub.mean),
         residual_std=torch.from_numpy(sub.residual_std),
         scale=scale.float(),
         shift=shift.float(),
         component_weights=component_weights,
     ).to(device)
-    return gen, data
+    return gen, data.to(device)
 
 
 def uniform_sampler(

@@ -166,3 +166,36 @@ def load_rows(
     for start in range(0, len(idx), chunk):
         out[start : start + chunk] = samples[idx[start : start + chunk]]
     return out
+
+
+def extend_basis(
+    basis: torch.Tensor,
+    mean: torch.Tensor,
+    samples: torch.Tensor,
+    extra: int,
+    basis_dtype: BasisDtype = "float32",
+) -> torch.Tensor:
+    """``extra`` new directions ``(extra, P)`` for samples ``(n, P)`` that the orthonormal
+    rows of ``basis`` (r, P) about ``mean`` do not reach: the top right singular vectors of
+    their residuals ``R = (X - mean) - ((X - mean) B^T) B``, uncentred, so that a new mode's
+    offset from ``mean`` is the first direction found and its spread the next ones. The
+    residuals are orthogonal to ``basis``, and so are the new rows (up to float16 rounding
+    with ``basis_dtype="float16"``, as :func:`fit_subspace` rounds).
+
+    This is how online APD follows a cyclical sampler into modes its first subspace never
+    saw (:mod:`training.distillation.online`)."""
+    n = samples.shape[0]
+    if not 0 < extra <= n:
+        raise ValueError(f"extra must lie in [1, {n}] for {n} samples, got {extra}")
+    xc = samples.float() - mean
+    resid = xc - (xc @ basis.T) @ basis if basis.shape[0] else xc
+    gram = (resid @ resid.T).double()
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    order = torch.argsort(evals, descending=True)[:extra]
+    lam = evals[order].clamp_min(0.0)
+    if float(lam[-1]) <= 1e-6 * max(float(lam[0]), 1e-300):
+        raise ValueError(f"the new samples add fewer than {extra} directions to the subspace")
+    new = (evecs[:, order].T.float() @ resid) / lam.sqrt().float()[:, None]
+    if basis_dtype == "float16":
+        new = new.half().float()
+    return new
