@@ -313,7 +313,9 @@ def _online(
         progress=not args.no_progress,
     )
     sampler = {"online": True, **online.sgld_settings(len(data.train_x)).to_dict()}
-    sampler |= {k: v for k, v in online.to_dict().items() if k != "distill"}
+    # the schedule is recorded once, as the SGLD settings describe it
+    skip = {"distill", "schedule", "cycle_steps", "explore_fraction"}
+    sampler |= {k: v for k, v in online.to_dict().items() if k not in skip}
     return spec, result, sampler, {}
 
 
