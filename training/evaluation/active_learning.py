@@ -92,11 +92,11 @@ class ActiveLearningSettings:
     prior_std: float = 1.0
     batch_size: int = 50
     first_burn_in: int = 500
-    burn_in: int = 50
+    burn_in: int = 30
     thinning: int = 5
     buffer_size: int = 100
     warmup_samples: int = 40
-    gan_steps: int = 100
+    gan_steps: int = 70
     apd_rank: int = 20
     moment_init_steps: int = 300
     selection_inputs: int = 500
@@ -423,6 +423,9 @@ def run_active_learning(
         for learner in s.learners:
             for acquisition in s.acquisitions:
                 jobs.append((pool, test, learner, acquisition, seed))
+    order = {(j[2].value, j[3].value, j[4]): i for i, j in enumerate(jobs)}
+    # Run the longest (online APD's) first, so that no long curve starts last on its own.
+    jobs.sort(key=lambda j: j[2] is not Learner.APD)
     bar = tqdm(
         total=len(jobs), desc="active learning", disable=not progress, unit="curve", miniters=1
     )
@@ -446,8 +449,7 @@ def run_active_learning(
                 # fail at the first failed curve, not after every other curve has run
                 executor.shutdown(wait=False, cancel_futures=True)
                 raise
-        order = {(j[2].value, j[3].value, j[4]): i for i, j in enumerate(jobs)}
-        curves.sort(key=lambda c: order[(c.learner, c.acquisition, c.seed)])
+    curves.sort(key=lambda c: order[(c.learner, c.acquisition, c.seed)])
     bar.close()
     return ActiveLearningResult(s, curves, round(time.perf_counter() - t0, 1))
 
