@@ -70,6 +70,21 @@ def test_curves_follow_the_protocol_and_parallel_equals_serial(
     }
 
 
+def test_a_failed_curve_stops_the_parallel_run_and_its_workers(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """A curve that fails in a worker fails the run at once, and no worker outlives it
+    (an earlier executor waited for the other running curves, and left them running)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    wrong = build_spec("mlp:16", (65,), 10)  # the digits have 64 inputs: every fit fails
+    many = replace(TINY, seeds=(0, 1, 2, 3), rounds=30)
+    with pytest.raises(RuntimeError, match=r"shape|65|64"):
+        run_active_learning(wrong, *digits, many, progress=False, workers=2)
+    assert set(multiprocessing.active_children()) <= before
+
+
 def test_random_acquisition_draws_the_same_labels_for_both_learners(
     digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import enum
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -415,7 +414,7 @@ def run_active_learning(
     one torch thread (on a CPU, two single-threaded processes do twice the work of one
     two-threaded one: these networks are too small for intra-op threads to pay)."""
     t0 = time.perf_counter()
-    jobs = []
+    jobs: list[_Job] = []
     for seed in s.seeds:
         rng = np.random.default_rng(10_000 + seed)
         pool = _subset(len(train_x), s.pool_size, rng)
@@ -439,22 +438,19 @@ def run_active_learning(
     else:
         ctx = multiprocessing.get_context("spawn")
         init = (spec, (train_x, train_y, test_x, test_y), s)
-        with ProcessPoolExecutor(workers, ctx, _worker_init, init) as executor:
-            futures = [executor.submit(_worker_curve, *job) for job in jobs]
-            try:
-                for future in as_completed(futures):
-                    curves.append(future.result())
-                    bar.update()
-            except BaseException:
-                # fail at the first failed curve, not after every other curve has run
-                executor.shutdown(wait=False, cancel_futures=True)
-                raise
+        # Leaving the block terminates the workers: the first failed curve stops the run
+        # instead of waiting for the curves still running.
+        with ctx.Pool(workers, _worker_init, init) as procs:
+            for curve in procs.imap_unordered(_worker_curve, jobs):
+                curves.append(curve)
+                bar.update()
     curves.sort(key=lambda c: order[(c.learner, c.acquisition, c.seed)])
     bar.close()
     return ActiveLearningResult(s, curves, round(time.perf_counter() - t0, 1))
 
 
 _Data = tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], NDArray[np.int64]]
+_Job = tuple[NDArray[np.int64], NDArray[np.int64], Learner, Acquisition, int]
 _WORKER: dict[str, Any] = {}
 
 
@@ -481,15 +477,9 @@ def _worker_init(spec: NetworkSpec, data: _Data, s: ActiveLearningSettings) -> N
     _WORKER.update(spec=spec, data=data, settings=s)
 
 
-def _worker_curve(
-    pool: NDArray[np.int64],
-    test: NDArray[np.int64],
-    learner: Learner,
-    acquisition: Acquisition,
-    seed: int,
-) -> Curve:
+def _worker_curve(job: _Job) -> Curve:
     w = _WORKER
-    return _job_curve(w["spec"], w["data"], w["settings"], pool, test, learner, acquisition, seed)
+    return _job_curve(w["spec"], w["data"], w["settings"], *job)
 
 
 def _subset(n: int, size: int | None, rng: np.random.Generator) -> NDArray[np.int64]:
