@@ -223,13 +223,11 @@ def online(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(args.archs), ctx) as pool:
         runs = dict(zip(args.archs, pool.map(online_arch, args.archs), strict=True))
-    out: dict[str, Any] = {
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]]),
-        "code_revision": code_revision(),
-        "archs": {},
-    }
+    out: dict[str, Any] = {"archs": {}}
     for arch, r in runs.items():
+        r["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        r["command"] = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
+        r["code_revision"] = code_revision()
         offline = recorded.get("archs", {}).get(arch, {}).get("fidelity", {}).get("student")
         acc = r["fidelity"]["student"]["accuracy"]
         if offline is not None:
@@ -244,9 +242,9 @@ def online_markdown(o: dict[str, Any], offline_revision: str) -> list[str]:
     lines = [
         "## Online APD (Algorithm 2) against offline",
         "",
-        f"{o['created_at']}; code {o['code_revision'][:12]}; `{o['command']}`. Each "
-        "architecture ran in its own single-threaded process, both at once on the 2 cores. "
-        "Online APD runs the sampler `apd train sgld` uses for the offline teacher (its "
+        "Each architecture ran in its own single-threaded process (the run and command "
+        "under its heading), on a CPU shared with other work. Online APD runs the sampler "
+        "`apd train sgld` uses for the offline teacher (its "
         "chains, cyclical schedule and thinning) and trains the default design's GAN while "
         "the chains run: one component per chain and cycle, the subspace extended as each "
         "cycle starts sampling, no sample stored beyond the buffer of coefficients. Teacher: "
@@ -258,6 +256,8 @@ def online_markdown(o: dict[str, Any], offline_revision: str) -> list[str]:
         f, c = r["fidelity"], r["config"]
         lines += [
             f"### {arch}",
+            "",
+            f"{r['created_at']}; code {r['code_revision'][:12]}; `{r['command']}`.",
             "",
             f"{c['num_chains']} chains x {c['cycles']} cycles of {c['cycle_steps']:,} SGLD steps "
             f"({r['sgld_steps']:,} steps, {r['samples_seen']:,} samples), {r['best_step']:,} "
@@ -486,7 +486,10 @@ def main() -> None:
     args = p.parse_args()
     if args.online:
         recorded = json.loads((RESULTS / "distill.json").read_text())
-        recorded["online"] = online(args, recorded)
+        # each architecture's figures replace only its own earlier ones
+        recorded.setdefault("online", {"archs": {}})["archs"].update(
+            online(args, recorded)["archs"]
+        )
         (RESULTS / "distill.json").write_text(json.dumps(recorded, indent=2) + "\n")
         (RESULTS / "distill.md").write_text(markdown(recorded))
         print(markdown(recorded))
