@@ -136,5 +136,16 @@ def test_online_config_refuses_what_online_apd_cannot_run() -> None:
         OnlineConfig(distill=distill, cycles=3)  # cycles need the cyclical schedule
     with pytest.raises(ValueError, match="constant or a cyclical"):
         OnlineConfig(distill=distill, schedule=sgld.ScheduleKind.POLYNOMIAL)
+    with pytest.raises(ValueError, match="keeps fewer than the 20 warm-up samples"):
+        OnlineConfig(  # 50 sampling steps at thinning 10: 5 samples per chain, 10 needed
+            distill=distill,
+            schedule=sgld.ScheduleKind.CYCLICAL,
+            cycles=2,
+            cycle_steps=100,
+            explore_fraction=0.5,
+            num_chains=2,
+            thinning=10,
+            warmup_samples=20,
+        )
     with pytest.raises(ValueError, match="explore_fraction"):
         OnlineConfig(distill=distill, schedule=sgld.ScheduleKind.CYCLICAL, explore_fraction=1.0)

@@ -107,6 +107,13 @@ class OnlineConfig:
         if self.cycles < 1 or (self.cycles > 1 and not cyclical) or self.cycle_steps <= 0:
             raise ValueError("cycles (cyclical schedule only) and cycle_steps must be positive")
         self.sgld_settings(1)  # the schedule's own checks
+        if cyclical:
+            sampling = self.cycle_steps - int(self.explore_fraction * self.cycle_steps)
+            if -(-self.warmup_samples // self.num_chains) * self.thinning > sampling:
+                raise ValueError(
+                    f"a cycle's sampling stage ({sampling} steps) keeps fewer than the "
+                    f"{self.warmup_samples} warm-up samples each cycle needs"
+                )
 
     def sgld_settings(self, num_data: int) -> sgld.SGLDSettings:
         return sgld.SGLDSettings(
@@ -404,11 +411,15 @@ class _OnlineRun:
             self.buffer.push(self._project(theta), labels)
             self.seen += theta.shape[0]
             return
-        take = theta[: self.config.warmup_samples - self.warm.size]
-        self.warm.push(take, labels[: len(take)])
-        self.seen += len(take)
+        n = self.config.warmup_samples - self.warm.size
+        self.warm.push(theta[:n], labels[:n])
+        self.seen += len(theta[:n])
         if self.warm.size == self.config.warmup_samples:
             self._grow(cycle)
+            if len(theta) > n:  # the rest of this step's samples, now that they can be
+                assert self.buffer is not None
+                self.buffer.push(self._project(theta[n:]), labels[n:])
+                self.seen += len(theta) - n
 
     def _project(self, theta: torch.Tensor) -> torch.Tensor:
         """Standardised coefficients of ``theta`` (the paper design: ``theta`` itself), and
