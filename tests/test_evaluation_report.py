@@ -251,9 +251,10 @@ def test_acquisition_picks_the_highest_scores_and_initial_labels_are_balanced() 
     idx = initial_labels(y, 2, rng)
     np.testing.assert_array_equal(np.bincount(y[idx]), np.full(10, 2))
     s = ActiveLearningSettings()
-    assert s.sgld_steps(first=True) == 500 + 10 * 5 + 100
-    assert s.sgld_steps(first=False) == 50 + 10 * 5 + 100
-    assert s.tested(0) and s.tested(50) and not s.tested(3) and s.tested(45)
+    assert s.sgld_steps(first=True) == 500 + 10 * 5 + 70
+    assert s.sgld_steps(first=False) == 30 + 10 * 5 + 70
+    assert s.tested(0) and s.tested(50) and not s.tested(3) and s.tested(40)
+    assert not s.tested(45)
 
 
 @pytest.mark.parametrize(

@@ -209,9 +209,16 @@ def _al_fits(st: ActiveLearningSettingsRecord) -> str:
             f"Every round refits from scratch: {sgld} x {st['sgld_steps_per_round']} steps "
             f"(burn-in {st['first_burn_in']})."
         )
+    start = st.get("moment_init_steps", 0)
+    init = (
+        f"; its generator starts at the per-chain Gaussian of the round's first "
+        f"{st['warmup_samples']} samples ({start} regression steps)"
+        if start
+        else ""
+    )
     return (
         f"{fits} Online APD runs the same chains with {st['gan_steps']} GAN steps interleaved "
-        f"(subspace rank {st['apd_rank']} refitted each round, buffer {st['buffer_size']}), "
+        f"(subspace rank {st['apd_rank']} refitted each round, buffer {st['buffer_size']}{init}), "
         "selecting its generator by KL to the chains on unlabelled pool images."
     )
 
