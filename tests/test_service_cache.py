@@ -376,13 +376,18 @@ def test_corrupt_and_forged_entries_are_deleted_redrawn_and_never_served(
         assert sample(b, "apd_cache_corrupt_entries_total") == 3
         assert sample(b, "apd_cache_misses_total") == 3  # the three, redrawn
         assert sample(b, "apd_cache_hits_total", {"tier": "redis"}) == 1  # block 3
-    assert again == clean
+    # Redrawn, the same networks: equal up to the last bits that a matrix product computed
+    # over another batch of blocks may round differently (NumPy's BLAS kernels by shape).
+    assert _approx(again, clean)
     # Rewritten: valid again, and equal to what was there before the damage.
     for blk in range(3):
         raw = client.get(key(blk))
         assert isinstance(raw, bytes)
-        assert np.array_equal(
-            decode_block(layout, stream, blk, raw), decode_block(layout, stream, blk, good[blk])
+        np.testing.assert_allclose(
+            decode_block(layout, stream, blk, raw),
+            decode_block(layout, stream, blk, good[blk]),
+            rtol=1e-5,
+            atol=1e-6,
         )
     client.close()
 
@@ -411,3 +416,14 @@ def test_a_poisoned_pool_in_redis_is_never_served(
         reference = alone.post("/predict", json={"inputs": x, "num_samples": 30}).json()
     assert with_poison["predictions"] == reference["predictions"]  # K = pool size: all of it
     client.close()
+
+
+def _approx(a: Any, b: Any, rel: float = 1e-6) -> bool:
+    """The same JSON answer, floats equal to ``rel`` (relative) or 1e-12 (absolute)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_approx(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_approx(x, y, rel) for x, y in zip(a, b, strict=True))
+    if type(a) is float and type(b) is float:
+        return abs(a - b) <= max(rel * max(abs(a), abs(b)), 1e-12)
+    return bool(a == b) and type(a) is type(b)
