@@ -560,8 +560,12 @@ class _OnlineRun:
         total = cfg.total_sgld_steps()
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
+        # SGLD steps until the first warm-up is full: the burn-in (and a cyclical schedule's
+        # first exploration stage), then a keep every ``thinning`` steps
+        explore = int(cfg.explore_fraction * cfg.cycle_steps) if total is not None else 0
+        keeps = -(-cfg.warmup_samples // cfg.num_chains) * cfg.thinning
         bar = tqdm(
-            total=total if total is not None else cfg.burn_in,
+            total=max(cfg.burn_in, explore) + keeps,
             desc="sgld warm-up",
             disable=not progress,
             mininterval=1.0,
