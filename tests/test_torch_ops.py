@@ -99,3 +99,17 @@ def test_cnn_member_probs_chunk_within_the_budget(monkeypatch: pytest.MonkeyPatc
     got = torch_ops.member_probs(CNN, theta, x)
     assert max(seen) == 7 and sum(seen) == 50
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((3, 4, 28, 28), 2), ((2, 5, 11, 13), 3), ((2, 3, 7, 9), 2)]
+)
+def test_gradient_free_max_pool_equals_max_pool2d(shape: tuple[int, ...], size: int) -> None:
+    """Without a gradient the pool is a maximum of strided views; with one, max_pool2d. Both
+    give max_pool2d's values exactly, odd sizes (dropped trailing rows, columns) included."""
+    h = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    h[0, 0, 0, :2] = 5.0  # a tie inside one window
+    want = torch.nn.functional.max_pool2d(h, size)
+    with torch.no_grad():
+        assert torch.equal(torch_ops._max_pool(h, size), want)
+    assert torch.equal(torch_ops._max_pool(h.requires_grad_(True), size), want)

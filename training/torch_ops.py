@@ -88,6 +88,22 @@ def forward_logits(
     return h
 
 
+def _max_pool(h: torch.Tensor, s: int) -> torch.Tensor:
+    """Max over ``s x s`` windows of ``(N, C, H, W)`` maps (trailing rows and columns that
+    fill no window dropped, as ``max_pool2d`` does). Without a gradient to carry, the
+    elementwise maximum of the ``s * s`` strided views: the same values, 3-10x faster than
+    ``F.max_pool2d`` on one CPU thread (its backward is the faster one, so it keeps it)."""
+    if h.requires_grad:
+        return F.max_pool2d(h, s)
+    ho, wo = h.shape[2] // s, h.shape[3] // s
+    out = h[:, :, 0 : ho * s : s, 0 : wo * s : s]
+    for i in range(s):
+        for j in range(s):
+            if i or j:
+                out = torch.maximum(out, h[:, :, i : ho * s : s, j : wo * s : s])
+    return out
+
+
 def _cnn_features(spec: CNNSpec, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The convolutional part of K CNNs: ``(K, N, F)``, each network's last feature map
     flattened in ``(C, H, W)`` order (the input of its first dense layer).
@@ -109,7 +125,7 @@ def _cnn_features(spec: CNNSpec, theta: torch.Tensor, x: torch.Tensor) -> torch.
         )
     for layer in spec.layers:
         if isinstance(layer, MaxPool2d):
-            h = F.max_pool2d(h, layer.size)
+            h = _max_pool(h, layer.size)
         elif isinstance(layer, Conv2d):
             w, b = next(layers)
             groups = 1 if shared else k
