@@ -1,0 +1,166 @@
+"""Probes of active learning's design: the protocol's first rounds under variant settings.
+
+Each probe runs :func:`training.evaluation.active_learning.run_active_learning` once per
+variant (the protocol's settings with a few changed), on the first ``--rounds`` rounds and
+a random ``--test`` of the MNIST test images (every ``--test-every`` rounds), and tabulates
+each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
+
+``moment-init``
+    Online APD whose generator starts every round at the per-chain diagonal Gaussian of the
+    round's warm-up samples (``moment_init_steps``, the protocol's default) against the
+    generator's random initialisation, SGLD beside them (seed 0, BALD, rounds 0-6). A
+    generator that cannot place the chains' modes in a round's few GAN steps predicts far
+    below the chains it distils: the figures behind the default.
+
+Writes ``benchmarks/results/al_probe-PROBE.{json,md}``.
+
+    python benchmarks/al_probe.py PROBE [--arch lenet5] [--rounds R] [--test 2000]
+        [--test-every E] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from apd.networks import get_spec
+from training.data import load_mnist
+from training.distillation.package import code_revision
+from training.evaluation.active_learning import (
+    Acquisition,
+    ActiveLearningSettings,
+    Learner,
+    run_active_learning,
+    summarize_curves,
+)
+
+RESULTS: Final = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+Variants = list[tuple[str, ActiveLearningSettings]]
+
+
+def moment_init(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0,), acquisitions=(Acquisition.BALD,))
+    return [
+        (f"Gaussian start ({s.moment_init_steps} steps)", s),
+        ("random start", replace(s, learners=(Learner.APD,), moment_init_steps=0)),
+    ]
+
+
+PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int, int]]] = {
+    # name: (variants, default rounds, default test_every)
+    "moment-init": (moment_init, 6, 1),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("probe", choices=sorted(PROBES))
+    ap.add_argument("--arch", default="lenet5")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default: the probe's)")
+    ap.add_argument("--test", type=int, default=2000, help="random test images scored")
+    ap.add_argument("--test-every", type=int, default=None, help="default: the probe's")
+    ap.add_argument("--workers", type=int, default=2, help="processes of one thread each")
+    args = ap.parse_args()
+    make, rounds, test_every = PROBES[args.probe]
+    rounds = rounds if args.rounds is None else args.rounds
+    test_every = test_every if args.test_every is None else args.test_every
+    if rounds < 1 or args.test <= 0 or test_every < 1 or args.workers < 1:
+        ap.error("--rounds, --test, --test-every and --workers must be positive")
+    torch.set_num_threads(1)  # the serial path's one process (workers run one thread each)
+    load_start = round(os.getloadavg()[0], 2)
+    spec = get_spec(args.arch)
+    data = load_mnist()
+    base = replace(
+        ActiveLearningSettings(), rounds=rounds, test_every=test_every, test_size=args.test
+    )
+    variants: list[dict[str, Any]] = []
+    for name, settings in make(base):
+        print(f"{args.probe}: {name}", flush=True)
+        result = run_active_learning(
+            spec,
+            np.asarray(data.train_x),
+            np.asarray(data.train_y),
+            np.asarray(data.test_x),
+            np.asarray(data.test_y),
+            settings,
+            workers=args.workers,
+        )
+        variants.append(
+            {
+                "name": name,
+                "settings": settings.to_dict(),
+                "seconds": result.seconds,
+                "curves": summarize_curves(result.curves),
+            }
+        )
+    record = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/al_probe.py", *sys.argv[1:]]),
+        "code_revision": code_revision(),
+        "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "arch": args.arch,
+        "probe": args.probe,
+        "test_images": args.test,
+        "variants": variants,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"al_probe-{args.probe}"
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(record, args.workers))
+    print(markdown(record, args.workers))
+
+
+def markdown(r: dict[str, Any], workers: int) -> str:
+    rows = [(v["name"], c) for v in r["variants"] for c in v["curves"]]
+    labels = rows[0][1]["labels"]
+    seeds = max(c["seeds"] for _, c in rows)
+    return "\n".join(
+        [
+            f"# Active-learning probe: {r['probe']} ({r['arch']})",
+            "",
+            f"Recorded {r['created_at']} by `{r['command']}`, code {r['code_revision'][:12]}; "
+            f"{workers} process(es) of one thread, 1-minute load average "
+            f"{r['load_average_1min']['start']} -> {r['load_average_1min']['end']} (2 cores).",
+            "",
+            f"Test accuracy on {r['test_images']:,} random MNIST test images, mean over "
+            f"{seeds} seed(s) with the min-max beside it when there are several "
+            "(training/evaluation/active_learning.py for the protocol; "
+            "benchmarks/al_probe.py for the variants).",
+            "",
+            "| variant | learner | acquisition | "
+            + " | ".join(f"{n} labels" for n in labels)
+            + " |",
+            "|---|---|---|" + "---|" * len(labels),
+            *(
+                f"| {name} | {c['learner']} | {c['acquisition']} | "
+                + " | ".join(
+                    f"{100 * m:.1f} %"
+                    + (f" ({100 * lo:.1f}-{100 * hi:.1f})" if c["seeds"] > 1 else "")
+                    for m, lo, hi in zip(c["mean"], c["min"], c["max"], strict=True)
+                )
+                + " |"
+                for name, c in rows
+            ),
+            "",
+            "Wall time: "
+            + ", ".join(f"{v['name']} {v['seconds'] / 60:.1f} min" for v in r["variants"])
+            + ".",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
