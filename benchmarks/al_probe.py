@@ -53,8 +53,8 @@ Variants = list[tuple[str, ActiveLearningSettings]]
 def moment_init(base: ActiveLearningSettings) -> Variants:
     s = replace(base, seeds=(0,), acquisitions=(Acquisition.BALD,))
     return [
-        (f"Gaussian start ({s.moment_init_steps} steps)", s),
-        ("random start", replace(s, learners=(Learner.APD,), moment_init_steps=0)),
+        (f"the protocol (APD: Gaussian start, {s.moment_init_steps} steps)", s),
+        ("APD: random start", replace(s, learners=(Learner.APD,), moment_init_steps=0)),
     ]
 
 
