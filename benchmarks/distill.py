@@ -38,7 +38,7 @@ pessimistic: the load average during the run is recorded next to them.
 
     python benchmarks/distill.py [--runs runs] [--archs fcnn1 fcnn2] [--reuse]
         [--paper-steps 20] [--device cpu]
-    python benchmarks/distill.py --online [--archs fcnn1 fcnn2]
+    python benchmarks/distill.py --online [--archs fcnn1 fcnn2] [--online-steps N]
 """
 
 from __future__ import annotations
@@ -181,8 +181,10 @@ def bench_arch(
     return out
 
 
-def online_arch(arch: str) -> dict[str, Any]:
-    """Online APD on ``arch`` with the offline teacher's sampler, against its own chains."""
+def online_arch(arch: str, steps: int | None = None) -> dict[str, Any]:
+    """Online APD on ``arch`` with the offline teacher's sampler, against its own chains;
+    ``steps``: generator steps on the complete buffer after the chains stop (default: the
+    preset's steps for ``arch``, what offline APD trains)."""
     from training.distillation.online import distill_online, sampler_like_offline
     from training.train import check_arch, sgld_defaults
 
@@ -191,6 +193,8 @@ def online_arch(arch: str) -> dict[str, Any]:
     ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
     spec = get_spec(arch)
     distill_cfg = replace(preset("default", arch), max_train_samples=None)
+    if steps is not None:
+        distill_cfg = replace(distill_cfg, steps=steps)
     config = sampler_like_offline(sgld_defaults(arch, check_arch(arch), None), distill_cfg)
     t0 = time.perf_counter()
     result = distill_online(
@@ -222,7 +226,8 @@ def online(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]
     """Every ``args.archs`` online, one process each; offline APD's accuracy from the record."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(args.archs), ctx) as pool:
-        runs = dict(zip(args.archs, pool.map(online_arch, args.archs), strict=True))
+        steps = [args.online_steps] * len(args.archs)
+        runs = dict(zip(args.archs, pool.map(online_arch, args.archs, steps), strict=True))
     out: dict[str, Any] = {"archs": {}}
     for arch, r in runs.items():
         r["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -483,7 +488,15 @@ def main() -> None:
     p.add_argument("--no-toy", action="store_true")
     p.add_argument("--render", action="store_true", help="rewrite distill.md from distill.json")
     p.add_argument("--online", action="store_true", help="measure online APD, add it to the record")
+    p.add_argument(
+        "--online-steps",
+        type=int,
+        default=None,
+        help="online: generator steps after the chains stop (default: the preset's per arch)",
+    )
     args = p.parse_args()
+    if args.online_steps is not None and args.online_steps <= 0:
+        p.error(f"--online-steps must be positive, got {args.online_steps}")
     if args.online:
         recorded = json.loads((RESULTS / "distill.json").read_text())
         # each architecture's figures replace only its own earlier ones
