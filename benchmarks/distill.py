@@ -193,9 +193,8 @@ def online_arch(arch: str, steps: int | None = None) -> dict[str, Any]:
     ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
     spec = get_spec(arch)
     distill_cfg = replace(preset("default", arch), max_train_samples=None)
-    if steps is not None:
-        distill_cfg = replace(distill_cfg, steps=steps)
-    config = sampler_like_offline(sgld_defaults(arch, check_arch(arch), None), distill_cfg)
+    defaults = sgld_defaults(arch, check_arch(arch), None)
+    config = sampler_like_offline(defaults, distill_cfg, after_steps=steps)
     t0 = time.perf_counter()
     result = distill_online(
         spec, mnist.train_x, mnist.train_y, config, val=(mnist.val_x, mnist.val_y), threads=1

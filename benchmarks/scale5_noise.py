@@ -8,11 +8,20 @@ multiplied by s):
 
 * ``sgld_b``: a second draw of 100 samples from the same run, disjoint from the teacher's
   and spread the same way (evenly over each chain's samples that the teacher did not take);
-* ``apd_0`` and ``apd_1``: 100 networks drawn from the checkpoint with NumPy seeds 0 and 1.
+* ``apd_0`` and ``apd_1``: 100 networks drawn from the checkpoint with NumPy seeds 0 and 1;
+* ``proj``: the teacher's own 100 samples projected onto the checkpoint's affine subspace
+  (least-squares codes on its stored basis), the best any generator of that subspace can do
+  network by network;
+* ``proj_rN`` (``--ranks N ...``): the teacher's samples projected onto the top-N principal
+  subspace of all the run's samples, the same construction with more directions (what a
+  bigger checkpoint would hold).
 
 If the AUROC of ``sgld_b`` differs from the teacher's by as much as APD's does on the rows
 APD misses, the miss is within what swapping one set of 100 SGLD samples for another does:
-sample noise, not distillation loss. Writes ``benchmarks/results/scale5_noise[-TAG].{json,md}``.
+sample noise, not distillation loss. If ``proj`` misses the same rows, the loss is the
+subspace's (what it leaves out of the samples), not the generator's, and the ``proj_rN``
+rows say how many directions the scaled inputs need. Writes
+``benchmarks/results/scale5_noise[-TAG].{json,md}``.
 
     python benchmarks/scale5_noise.py --run runs/sgld-fcnn1 \\
         --checkpoint models/mnist-fcnn1/model.safetensors
@@ -33,12 +42,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd.checkpoint import load_checkpoint
+from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.networks import NetworkSpec
 from apd.uncertainty import ScoreName, summarize
 from training.data import OOD_SETS, load_mnist, load_ood
 from training.distillation.fidelity import AUROC_TOLERANCE, ood_aurocs
 from training.distillation.package import code_revision, sample_networks
+from training.distillation.subspace import fit_subspace
 from training.evaluation.anomaly import scaled
 from training.evaluation.methods import spread_indices
 from training.sample_store import SampleStore
@@ -56,6 +66,15 @@ SCORES: Final = (
     ScoreName.MUTUAL_INFORMATION,
     ScoreName.MODEL_VARIANCE,
 )
+
+
+def project(ckpt: Checkpoint, theta: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``theta (K, P)`` replaced by its nearest points ``offset + c @ directions`` of the
+    checkpoint's affine subspace (least squares in float64: the stored basis is rounded, so
+    its rows are only nearly orthonormal)."""
+    offset, directions = (a.astype(np.float64) for a in ckpt.affine)
+    codes, *_ = np.linalg.lstsq(directions.T, (theta - offset).T, rcond=None)
+    return (offset + codes.T @ directions).astype(np.float32)
 
 
 def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray[np.int64]:
@@ -94,8 +113,17 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="the SGLD run the checkpoint distils")
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also project the teacher onto the top-N principal subspace of the run, per N",
+    )
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     args = ap.parse_args()
+    if any(rank <= 0 for rank in args.ranks):
+        ap.error(f"--ranks must be positive, got {args.ranks}")
     load_start = round(os.getloadavg()[0], 2)
     torch.set_num_threads(2)
 
@@ -107,26 +135,26 @@ def main() -> None:
     first = store.select_spread(K)
     second = second_draw(store, first, K)
     ckpt = load_checkpoint(args.checkpoint)
+    samples = np.asarray(store.theta[first])
     thetas = {
-        "sgld_a": torch.from_numpy(np.asarray(store.theta[first])),
+        "sgld_a": torch.from_numpy(samples),
         "sgld_b": torch.from_numpy(np.asarray(store.theta[second])),
         "apd_0": torch.from_numpy(sample_networks(ckpt, K, seed=0)),
         "apd_1": torch.from_numpy(sample_networks(ckpt, K, seed=1)),
+        "proj": torch.from_numpy(project(ckpt, samples)),
     }
+    for rank in args.ranks:
+        sub = fit_subspace(store.theta, rank)
+        projected = sub.mean + (samples - sub.mean) @ sub.basis.T @ sub.basis
+        thetas[f"proj_r{rank}"] = torch.from_numpy(projected.astype(np.float32))
+    who = [name for name in thetas if name != "sgld_a"]
     table = {who: aurocs(spec, theta, test_x, ood) for who, theta in thetas.items()}
     rows = []
     for key, teacher in table["sgld_a"].items():
         if not np.isfinite(teacher):
             continue
-        rows.append(
-            {
-                "row": key,
-                "teacher": teacher,
-                "sgld_b_drop": teacher - table["sgld_b"][key],
-                "apd_0_drop": teacher - table["apd_0"][key],
-                "apd_1_drop": teacher - table["apd_1"][key],
-            }
-        )
+        drops = {f"{name}_drop": teacher - table[name][key] for name in who}
+        rows.append({"row": key, "teacher": teacher, **drops})
     record = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/scale5_noise.py", *sys.argv[1:]]),
@@ -136,7 +164,8 @@ def main() -> None:
         "checkpoint": str(args.checkpoint),
         "samples": len(store),
         "rows": rows,
-        "summary": summarise(rows),
+        "predictives": who,
+        "summary": summarise(rows, who),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "scale5_noise" + (f"-{args.tag}" if args.tag else "")
@@ -145,15 +174,15 @@ def main() -> None:
     print(markdown(record))
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def summarise(rows: list[dict[str, Any]], who: list[str]) -> dict[str, dict[str, float]]:
     """Per scale and predictive: rows whose AUROC drop exceeds the tolerance, and the largest
     absolute difference from the teacher."""
     out: dict[str, dict[str, float]] = {}
     for scale in SCALES:
         mine = [r for r in rows if r["row"].split("/")[1] == f"{scale:g}"]
-        for who in ("sgld_b", "apd_0", "apd_1"):
-            drops = np.array([r[f"{who}_drop"] for r in mine])
-            out[f"{who}@{scale:g}"] = {
+        for name in who:
+            drops = np.array([r[f"{name}_drop"] for r in mine])
+            out[f"{name}@{scale:g}"] = {
                 "rows": len(drops),
                 "misses": int((drops > AUROC_TOLERANCE).sum()),
                 "max_abs_difference": float(np.abs(drops).max()),
@@ -163,8 +192,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    who = r["predictives"]
     lines = [
-        "# Scale-5 anomaly rows: APD against a second SGLD draw",
+        "# Scale-5 anomaly rows: APD against a second SGLD draw and its own subspace",
         "",
         f"Recorded {r['created_at']} by `{r['command']}`, code {r['code_revision'][:12]}; "
         f"run {r['run']} ({r['samples']} samples), checkpoint {r['checkpoint']}. 1-minute "
@@ -173,7 +203,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
         "100 other samples of the same run, spread the same way. apd_0 / apd_1: 100 networks "
-        f"from the checkpoint, seeds 0 / 1. A miss: AUROC more than {AUROC_TOLERANCE} below "
+        "from the checkpoint, seeds 0 / 1. proj: the teacher's samples projected onto the "
+        f"checkpoint's subspace. A miss: AUROC more than {AUROC_TOLERANCE} below "
         "the teacher's.",
         "",
         "| predictive | scale | rows | misses | max abs. difference | mean abs. difference |",
@@ -189,14 +220,12 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "Every row (AUROC drop against the teacher; positive = lower than the teacher):",
         "",
-        "| OOD set / scale / score | teacher | sgld_b | apd_0 | apd_1 |",
-        "|---|---|---|---|---|",
+        f"| OOD set / scale / score | teacher | {' | '.join(who)} |",
+        "|---|---|" + "---|" * len(who),
     ]
     for row in r["rows"]:
-        lines.append(
-            f"| {row['row']} | {row['teacher']:.4f} | {row['sgld_b_drop']:+.4f} "
-            f"| {row['apd_0_drop']:+.4f} | {row['apd_1_drop']:+.4f} |"
-        )
+        drops = " | ".join(f"{row[f'{name}_drop']:+.4f}" for name in who)
+        lines.append(f"| {row['row']} | {row['teacher']:.4f} | {drops} |")
     return "\n".join([*lines, ""])
 
 

@@ -149,3 +149,30 @@ def test_online_config_refuses_what_online_apd_cannot_run() -> None:
         )
     with pytest.raises(ValueError, match="explore_fraction"):
         OnlineConfig(distill=distill, schedule=sgld.ScheduleKind.CYCLICAL, explore_fraction=1.0)
+
+
+def test_sampler_like_offline_paces_the_gan_and_adds_the_steps_after() -> None:
+    from training.distillation.offline import preset
+    from training.distillation.online import sampler_like_offline
+    from training.train import sgld_defaults
+
+    defaults = sgld_defaults("fcnn2", "mlp", None)  # 4 chains x 5 cycles of 8,000 steps
+    distill = preset("default", "fcnn2")
+    config = sampler_like_offline(defaults, distill)
+    sampling = defaults.cycle_steps - int(defaults.explore_fraction * defaults.cycle_steps)
+    first_fit = defaults.cycle_steps - sampling + 10 * defaults.thinning
+    running = defaults.steps - first_fit
+    # one GAN step every `per` SGLD steps: the fewest SGLD steps per GAN step that keep the
+    # GAN steps while the chains run at most distill.steps / 2
+    per = config.sgld_steps_per_gan_step
+    during = -(-running // per)
+    assert per > 1 and during <= distill.steps // 2 < running / (per - 1)
+    assert config.distill.steps == distill.steps + during
+    assert config.buffer_size == defaults.chains * (defaults.steps // defaults.cycle_steps) * (
+        sampling // defaults.thinning
+    )
+    longer = sampler_like_offline(defaults, distill, after_steps=2 * distill.steps)
+    assert longer.sgld_steps_per_gan_step == per  # the pace while the chains run is unchanged
+    assert longer.distill.steps == 2 * distill.steps + during
+    with pytest.raises(ValueError, match="after_steps"):
+        sampler_like_offline(defaults, distill, after_steps=0)

@@ -148,7 +148,10 @@ def default_online_config(**overrides: Any) -> OnlineConfig:
 
 
 def sampler_like_offline(
-    defaults: SGLDDefaults, distill: DistillConfig, warmup_per_chain: int = 10
+    defaults: SGLDDefaults,
+    distill: DistillConfig,
+    warmup_per_chain: int = 10,
+    after_steps: int | None = None,
 ) -> OnlineConfig:
     """Online APD on the sampler ``apd train sgld`` runs for the offline teacher
     (``defaults``: chains, batch, peak step, cyclical schedule, cycles, thinning, temperature,
@@ -156,12 +159,14 @@ def sampler_like_offline(
     collects ``warmup_per_chain`` samples per chain before its directions are added. The GAN
     takes one step every few SGLD steps, chosen so that about ``distill.steps / 2`` fall
     while the chains run, and then ``distill.steps`` more on the complete buffer after they
-    stop, as offline APD would train on the finished run (the returned ``distill.steps`` is
-    the total)."""
+    stop, as offline APD would train on the finished run (``after_steps`` of them where given;
+    the returned ``distill.steps`` is the total)."""
     if defaults.schedule is not sgld.ScheduleKind.CYCLICAL:
         raise ValueError("sampler_like_offline needs a cyclical schedule")
     if defaults.preconditioner is not sgld.Preconditioner.IDENTITY:
         raise ValueError("online APD runs plain SGLD (no preconditioner)")
+    if after_steps is not None and after_steps <= 0:
+        raise ValueError(f"after_steps must be positive, got {after_steps}")
     cycles = max(1, defaults.steps // defaults.cycle_steps)
     sampling = defaults.cycle_steps - int(defaults.explore_fraction * defaults.cycle_steps)
     per_cycle = sampling // defaults.thinning
@@ -175,7 +180,7 @@ def sampler_like_offline(
     per = max(1, math.ceil((total - first_fit) / max(1, distill.steps // 2)))
     during = math.ceil((total - first_fit) / per)
     return OnlineConfig(
-        distill=replace(distill, steps=distill.steps + during),
+        distill=replace(distill, steps=(after_steps or distill.steps) + during),
         num_chains=defaults.chains,
         sgld_lr=defaults.lr,
         prior_std=defaults.prior_std,
