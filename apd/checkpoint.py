@@ -5,8 +5,10 @@ One safetensors file (no pickle) holds everything needed to serve:
 Tensors (float32 unless noted; weights are ``(fan_in, fan_out)`` and a layer is ``h @ W + b``)
     ``generator.layers.{i}.weight``, ``generator.layers.{i}.bias``
         The generator MLP ``z -> c``: ReLU after every layer but the last.
-    ``generator.basis`` (r, P), float32 or float16 (optional)
+    ``generator.basis`` (r, P), float32, float16 or int8 (optional)
         A fixed linear map from the generator's output ``c`` (r dims) to weight space.
+    ``generator.basis_scale`` (r,) (with an int8 basis)
+        Each direction's scale: the basis is ``int8 row * scale`` (:func:`decode_basis`).
     ``generator.mean`` (P,) (optional)
         The offset of the generated weights.
     ``generator.residual_std`` (P,) (optional)
@@ -65,6 +67,9 @@ LAYER_PREFIX: Final = "generator.layers."
 BASIS: Final = "generator.basis"
 MEAN: Final = "generator.mean"
 RESIDUAL_STD: Final = "generator.residual_std"
+BASIS_SCALE: Final = "generator.basis_scale"
+
+BasisDtype = Literal["float32", "float16", "int8"]
 
 
 class CheckpointError(ValueError):
@@ -293,7 +298,7 @@ class GeneratorConfig(_Strict):
     has_basis: bool
     has_mean: bool
     has_residual: bool
-    basis_dtype: Literal["float32", "float16"] = "float32"
+    basis_dtype: BasisDtype = "float32"
     design: Design
 
 
@@ -383,6 +388,31 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def encode_basis(basis: NDArray[np.floating], dtype: BasisDtype) -> Tensors:
+    """The stored tensors of a basis ``(r, P)``: itself in ``dtype`` (float32, float16), or
+    for int8 each row rounded to 8 bits with one symmetric scale ``max |row| / 127``."""
+    b = np.asarray(basis, dtype=np.float32)
+    if dtype != "int8":
+        return {BASIS: b.astype(np.dtype(dtype))}
+    scale = np.maximum(np.abs(b).max(axis=1), np.finfo(np.float32).tiny) / np.float32(127)
+    q = np.clip(np.rint(b / scale[:, None]), -127, 127).astype(np.int8)
+    return {BASIS: q, BASIS_SCALE: scale.astype(np.float32)}
+
+
+def decode_basis(tensors: Mapping[str, NDArray[Any]]) -> NDArray[np.float32]:
+    """The float32 basis that :func:`encode_basis`'s tensors store."""
+    basis = np.asarray(tensors[BASIS], dtype=np.float32)
+    if BASIS_SCALE in tensors:
+        basis = basis * np.asarray(tensors[BASIS_SCALE], dtype=np.float32)[:, None]
+    return np.ascontiguousarray(basis)
+
+
+def round_basis(basis: NDArray[np.floating], dtype: BasisDtype) -> NDArray[np.float32]:
+    """``basis`` as a checkpoint of ``dtype`` stores it (float32 after the round trip), so
+    that training can fit against exactly the directions that will be served."""
+    return decode_basis(encode_basis(basis, dtype))
+
+
 def _generator_layer_names(n_layers: int) -> list[tuple[str, str]]:
     return [(f"{LAYER_PREFIX}{i}.weight", f"{LAYER_PREFIX}{i}.bias") for i in range(n_layers)]
 
@@ -399,6 +429,8 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
         expected[wn], expected[bn] = (i, o), (o,)
     if g.has_basis:
         expected[BASIS] = (g.output_dim, p)
+        if g.basis_dtype == "int8":
+            expected[BASIS_SCALE] = (g.output_dim,)
     elif g.output_dim != p:
         raise ValueError(f"generator without a basis must output {p} weights, not {g.output_dim}")
     if g.has_mean:
@@ -420,6 +452,8 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
             raise ValueError(f"tensor {name} holds NaN or Inf")
     if g.has_residual and (np.asarray(tensors[RESIDUAL_STD]) < 0).any():
         raise ValueError(f"{RESIDUAL_STD} must be non-negative")
+    if BASIS_SCALE in expected and not (np.asarray(tensors[BASIS_SCALE]) > 0).all():
+        raise ValueError(f"{BASIS_SCALE} must be positive")
 
 
 def save_checkpoint(path: str | Path, meta: CheckpointMeta, tensors: Tensors) -> str:
@@ -564,4 +598,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     f32 = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    if BASIS in tensors:
+        f32[BASIS] = decode_basis(tensors)
+        f32.pop(BASIS_SCALE, None)
     return Checkpoint(path=path, sha256=file_sha256(path), meta=meta, tensors=f32)

@@ -12,9 +12,13 @@ multiplied by s):
 * ``proj``: the teacher's own 100 samples projected onto the checkpoint's affine subspace
   (least-squares codes on its stored basis), the best any generator of that subspace can do
   network by network;
+* ``proj_b``: the second draw projected the same way, what a perfect generator of that
+  subspace would draw (fresh samples, none of the teacher's);
 * ``proj_rN`` (``--ranks N ...``): the teacher's samples projected onto the top-N principal
-  subspace of all the run's samples, the same construction with more directions (what a
-  bigger checkpoint would hold).
+  subspace of all the run's samples, the same construction (float16 basis) with more
+  directions (what a bigger checkpoint would hold), and ``proj_rN_int8`` onto the same
+  basis rounded to 8 bits per entry (one scale per direction), which holds twice the
+  directions of a float16 basis in the same bytes.
 
 If the AUROC of ``sgld_b`` differs from the teacher's by as much as APD's does on the rows
 APD misses, the miss is within what swapping one set of 100 SGLD samples for another does:
@@ -42,7 +46,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd.checkpoint import Checkpoint, load_checkpoint
+from apd.checkpoint import load_checkpoint
 from apd.networks import NetworkSpec
 from apd.uncertainty import ScoreName, summarize
 from training.data import OOD_SETS, load_mnist, load_ood
@@ -68,13 +72,21 @@ SCORES: Final = (
 )
 
 
-def project(ckpt: Checkpoint, theta: NDArray[np.float32]) -> NDArray[np.float32]:
-    """``theta (K, P)`` replaced by its nearest points ``offset + c @ directions`` of the
-    checkpoint's affine subspace (least squares in float64: the stored basis is rounded, so
-    its rows are only nearly orthonormal)."""
-    offset, directions = (a.astype(np.float64) for a in ckpt.affine)
-    codes, *_ = np.linalg.lstsq(directions.T, (theta - offset).T, rcond=None)
-    return (offset + codes.T @ directions).astype(np.float32)
+def project(
+    offset: NDArray[np.float32], directions: NDArray[np.float32], theta: NDArray[np.float32]
+) -> NDArray[np.float32]:
+    """``theta (K, P)`` replaced by its nearest points ``offset + c @ directions`` (least
+    squares in float64: a stored basis is rounded, so its rows are only nearly orthonormal)."""
+    offset64, directions64 = offset.astype(np.float64), directions.astype(np.float64)
+    codes, *_ = np.linalg.lstsq(directions64.T, (theta - offset64).T, rcond=None)
+    return (offset64 + codes.T @ directions64).astype(np.float32)
+
+
+def int8_rows(basis: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``basis`` rounded to 8 bits per entry with one symmetric scale per row
+    (``max |row| / 127``): what an int8 basis would store."""
+    scale = np.abs(basis).max(axis=1, keepdims=True) / 127.0
+    return (np.round(basis / scale) * scale).astype(np.float32)
 
 
 def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray[np.int64]:
@@ -141,12 +153,14 @@ def main() -> None:
         "sgld_b": torch.from_numpy(np.asarray(store.theta[second])),
         "apd_0": torch.from_numpy(sample_networks(ckpt, K, seed=0)),
         "apd_1": torch.from_numpy(sample_networks(ckpt, K, seed=1)),
-        "proj": torch.from_numpy(project(ckpt, samples)),
+        "proj": torch.from_numpy(project(*ckpt.affine, samples)),
+        "proj_b": torch.from_numpy(project(*ckpt.affine, np.asarray(store.theta[second]))),
     }
     for rank in args.ranks:
-        sub = fit_subspace(store.theta, rank)
-        projected = sub.mean + (samples - sub.mean) @ sub.basis.T @ sub.basis
-        thetas[f"proj_r{rank}"] = torch.from_numpy(projected.astype(np.float32))
+        sub = fit_subspace(store.theta, rank, basis_dtype="float16")
+        thetas[f"proj_r{rank}"] = torch.from_numpy(project(sub.mean, sub.basis, samples))
+        quantised = int8_rows(sub.basis)
+        thetas[f"proj_r{rank}_int8"] = torch.from_numpy(project(sub.mean, quantised, samples))
     who = [name for name in thetas if name != "sgld_a"]
     table = {who: aurocs(spec, theta, test_x, ood) for who, theta in thetas.items()}
     rows = []
@@ -203,17 +217,20 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
         "100 other samples of the same run, spread the same way. apd_0 / apd_1: 100 networks "
-        "from the checkpoint, seeds 0 / 1. proj: the teacher's samples projected onto the "
-        f"checkpoint's subspace. A miss: AUROC more than {AUROC_TOLERANCE} below "
+        "from the checkpoint, seeds 0 / 1. proj / proj_b: the teacher's / sgld_b's samples "
+        "projected onto the checkpoint's subspace (proj_b: what a perfect generator of that "
+        "subspace would draw). proj_rN / proj_rN_int8: the teacher's samples projected onto "
+        "the run's top-N principal subspace, basis in float16 / in 8 bits with one scale per "
+        f"direction. A miss: AUROC more than {AUROC_TOLERANCE} below "
         "the teacher's.",
         "",
         "| predictive | scale | rows | misses | max abs. difference | mean abs. difference |",
         "|---|---|---|---|---|---|",
     ]
     for key, s in r["summary"].items():
-        who, scale = key.split("@")
+        name, scale = key.split("@")
         lines.append(
-            f"| {who} | {scale} | {s['rows']} | {s['misses']} | {s['max_abs_difference']:.4f} "
+            f"| {name} | {scale} | {s['rows']} | {s['misses']} | {s['max_abs_difference']:.4f} "
             f"| {s['mean_abs_difference']:.4f} |"
         )
     lines += [

@@ -25,6 +25,8 @@ from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
 from apd.checkpoint import (
+    BASIS,
+    BASIS_SCALE,
     DIGEST_KEY,
     META_KEY,
     CheckpointError,
@@ -32,7 +34,9 @@ from apd.checkpoint import (
     InputConvention,
     TargetNetwork,
     content_digest,
+    encode_basis,
     load_checkpoint,
+    round_basis,
 )
 from apd.networks import MLPSpec, build_spec, get_spec
 from apd.uncertainty import ScoreName
@@ -90,6 +94,7 @@ def _write(path: Path, gen: Generator, design: Design, basis_dtype: str) -> Path
         (Design.SUBSPACE, "float32", 1),
         (Design.SUBSPACE, "float16", 1),
         (Design.SUBSPACE, "float16", 5),
+        (Design.SUBSPACE, "int8", 5),
         (Design.PAPER, "float32", 1),
     ],
 )
@@ -128,10 +133,12 @@ def _header(path: Path) -> tuple[int, dict[str, object], bytes]:
     return n, json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def _rewrite_meta(src: Path, dst: Path, edit: dict[str, object]) -> Path:
-    """Copy ``src`` with top-level fields of its ``apd.meta`` JSON replaced and the digest
-    recomputed, so the loader must catch the edit itself, not a digest mismatch."""
-    tensors = load_file(str(src))
+def _rewrite_meta(
+    src: Path, dst: Path, edit: dict[str, object], tensor_edit: dict[str, np.ndarray] | None = None
+) -> Path:
+    """Copy ``src`` with top-level fields of its ``apd.meta`` JSON (and tensors) replaced and
+    the digest recomputed, so the loader must catch the edit itself, not a digest mismatch."""
+    tensors = load_file(str(src)) | (tensor_edit or {})
     _, header, _ = _header(src)
     meta = json.loads(header["__metadata__"][META_KEY])  # type: ignore[index]
     meta.update(edit)
@@ -181,6 +188,41 @@ def test_refuses_an_unknown_design(good: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match=r"generator\.design"):
         load_checkpoint(bad)
+
+
+def test_an_int8_basis_is_stored_in_8_bits_and_served_as_its_rounding(tmp_path: Path) -> None:
+    gen = _subspace_generator("int8")
+    path = _write(tmp_path / "int8.safetensors", gen, Design.SUBSPACE, "int8")
+    stored = load_file(str(path))
+    assert stored[BASIS].dtype == np.int8 and stored[BASIS_SCALE].shape == (4,)
+    assert np.abs(stored[BASIS]).max(axis=1).tolist() == [127] * 4  # each row uses its range
+    assert gen.basis is not None
+    np.testing.assert_allclose(load_checkpoint(path).tensors[BASIS], gen.basis.numpy(), rtol=1e-6)
+    # encode(decode(x)) is x: training fits against exactly what the file stores
+    again = encode_basis(round_basis(gen.basis.numpy(), "int8"), "int8")
+    np.testing.assert_array_equal(again[BASIS], stored[BASIS])
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, np.nan])
+def test_refuses_an_int8_basis_without_a_positive_scale(tmp_path: Path, scale: float) -> None:
+    good = _write(
+        tmp_path / "int8.safetensors", _subspace_generator("int8"), Design.SUBSPACE, "int8"
+    )
+    meta = json.loads(_header(good)[1]["__metadata__"][META_KEY])  # type: ignore[index]
+    bad_scale = np.full(4, scale, np.float32)
+    bad = _rewrite_meta(good, tmp_path / "bad.safetensors", meta, {BASIS_SCALE: bad_scale})
+    with pytest.raises(CheckpointError, match=r"basis_scale|NaN"):
+        load_checkpoint(bad)
+    no_scale = load_file(str(good))
+    del no_scale[BASIS_SCALE]
+    meta_json = json.dumps(meta)
+    save_file(
+        no_scale,
+        str(tmp_path / "none.safetensors"),
+        metadata={META_KEY: meta_json, DIGEST_KEY: content_digest(meta_json, no_scale)},
+    )
+    with pytest.raises(CheckpointError, match=r"missing \['generator\.basis_scale'\]"):
+        load_checkpoint(tmp_path / "none.safetensors")
 
 
 def test_the_shipped_checkpoint_loads_with_its_design() -> None:

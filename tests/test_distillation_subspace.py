@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from apd.checkpoint import BasisDtype, round_basis
 from training.distillation.subspace import extend_basis, fit_subspace, load_rows
 
 
@@ -60,10 +61,17 @@ def test_rows_select_the_same_samples_as_indexing() -> None:
     np.testing.assert_array_equal(load_rows(x, rows, chunk=7), x[rows])
 
 
-def test_float16_basis_is_what_the_coefficients_use() -> None:
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_rounded_basis_is_what_the_coefficients_use(dtype: BasisDtype) -> None:
     x, _, _ = _planted()
-    sub = fit_subspace(x, rank=3, basis_dtype="float16")
-    np.testing.assert_array_equal(sub.basis.astype(np.float16).astype(np.float32), sub.basis)
+    sub = fit_subspace(x, rank=3, basis_dtype=dtype)
+    np.testing.assert_array_equal(round_basis(sub.basis, dtype), sub.basis)
+    if dtype == "float16":  # independent of round_basis: float16 holds every entry exactly
+        np.testing.assert_array_equal(sub.basis.astype(np.float16).astype(np.float32), sub.basis)
+    else:  # at most 255 levels per row, evenly spaced by the row's scale
+        for row in sub.basis:
+            steps = row / (np.abs(row).max() / 127)
+            np.testing.assert_allclose(steps, np.rint(steps), atol=1e-4)
     xc = x - sub.mean
     np.testing.assert_allclose(sub.coefficients, xc @ sub.basis.T, atol=1e-3)
     resid = xc - sub.coefficients @ sub.basis

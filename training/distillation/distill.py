@@ -30,13 +30,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from apd.checkpoint import Design, load_checkpoint
+from apd.checkpoint import BasisDtype, Design, load_checkpoint
 from apd.networks import NetworkSpec, build_spec
 from apd.uncertainty import ScoreName
 from training.datasets import (
@@ -102,7 +102,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     gan.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     gan.add_argument("--rank", type=int, default=None, help="subspace dimension r")
-    gan.add_argument("--basis-dtype", choices=("float16", "float32"), default=None)
+    gan.add_argument(
+        "--basis-dtype",
+        choices=get_args(BasisDtype),
+        default=None,
+        help="how the checkpoint stores the basis (int8: 8 bits and one scale per direction)",
+    )
     gan.add_argument("--max-samples", type=int, default=None, help="SGLD samples to train on")
     gan.add_argument("--eval-every", type=int, default=None, help="steps between validations")
     gan.add_argument(

@@ -59,7 +59,15 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from apd.checkpoint import BASIS, LAYER_PREFIX, MEAN, RESIDUAL_STD, Design, GeneratorConfig
+from apd.checkpoint import (
+    LAYER_PREFIX,
+    MEAN,
+    RESIDUAL_STD,
+    BasisDtype,
+    Design,
+    GeneratorConfig,
+    encode_basis,
+)
 from training import torch_ops
 
 RealBatch = tuple[torch.Tensor, torch.Tensor | None]
@@ -260,7 +268,7 @@ class Generator(nn.Module):
             p[k - 1 + i, k + i], p[k - 1 + d + i, k + i] = 1.0, -1.0
         return [(w0, b0), (w1, b1)], p, e
 
-    def checkpoint_tensors(self, basis_dtype: str = "float32") -> dict[str, NDArray[Any]]:
+    def checkpoint_tensors(self, basis_dtype: BasisDtype = "float32") -> dict[str, NDArray[Any]]:
         """The tensors of an :mod:`apd.checkpoint` file: the fixed front layers (K > 1), then
         the trained MLP, with the map into its input folded into its first layer and
         ``scale``/``shift`` folded into its last.
@@ -290,7 +298,7 @@ class Generator(nn.Module):
                 out[f"{LAYER_PREFIX}{i}.weight"] = w.float().numpy()
                 out[f"{LAYER_PREFIX}{i}.bias"] = b.float().numpy()
             if self.basis is not None:
-                out[BASIS] = self.basis.cpu().numpy().astype(np.dtype(basis_dtype))
+                out |= encode_basis(self.basis.cpu().numpy(), basis_dtype)
             if self.mean is not None:
                 out[MEAN] = self.mean.cpu().numpy()
             if self.residual_std is not None:
@@ -304,7 +312,9 @@ class Generator(nn.Module):
         width = self.components - 1 + 2 * self.continuous_dim
         return [width, width, *self.hidden_sizes]
 
-    def checkpoint_config(self, design: Design, basis_dtype: str = "float32") -> GeneratorConfig:
+    def checkpoint_config(
+        self, design: Design, basis_dtype: BasisDtype = "float32"
+    ) -> GeneratorConfig:
         return GeneratorConfig(
             noise_dim=self.noise_dim,
             hidden_sizes=self.checkpoint_hidden_sizes(),
@@ -312,7 +322,7 @@ class Generator(nn.Module):
             has_basis=self.basis is not None,
             has_mean=self.mean is not None,
             has_residual=self.residual_std is not None,
-            basis_dtype="float16" if basis_dtype == "float16" else "float32",
+            basis_dtype=basis_dtype,
             design=design,
         )
 

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from apd.checkpoint import (
     AnomalyCalibration,
+    BasisDtype,
     Checkpoint,
     CheckpointMeta,
     Design,
@@ -60,7 +61,7 @@ def write_checkpoint(
     *,
     input_convention: InputConvention,
     design: Design,
-    basis_dtype: str,
+    basis_dtype: BasisDtype,
     anomaly: AnomalyCalibration,
     model_id: str,
     version: str,

@@ -17,22 +17,23 @@ The SVD is computed with the Gram-matrix trick, which never holds more than a bl
 columns: ``K = Xc Xc^T = U diag(sigma^2) U^T`` (S x S, accumulated over column blocks), then
 ``B = diag(1/sigma_r) U_r^T Xc`` block by block. Cost ``O(S^2 P)``, memory ``O(S^2 + S b)``.
 
-With ``basis_dtype="float16"`` the basis is rounded to float16 (the checkpoint stores it so)
-and the coefficients and residual are computed with the rounded basis, so the training data
-is exactly what the stored generator's map can reproduce.
+With ``basis_dtype`` float16 or int8 the basis is rounded as the checkpoint stores it
+(:func:`apd.checkpoint.round_basis`; int8: 8 bits per entry and one scale per direction, twice
+the directions of float16 in the same bytes), and the coefficients and residual are computed
+with the rounded basis, so the training data is exactly what the stored generator's map can
+reproduce.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-BasisDtype = Literal["float32", "float16"]
+from apd.checkpoint import BasisDtype, round_basis
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Subspace:
     """An affine subspace of weight space fitted to S samples (see the module docstring)."""
 
     mean: NDArray[np.float32]  # (P,)
-    basis: NDArray[np.float32]  # (r, P), orthonormal rows (float16-representable if asked)
+    basis: NDArray[np.float32]  # (r, P), orthonormal rows (as basis_dtype stores them)
     coefficients: NDArray[np.float32]  # (S, r) = (X - mean) @ basis.T
     residual_std: NDArray[np.float32]  # (P,)
     singular_values: NDArray[np.float64]  # (r,)
@@ -131,8 +132,7 @@ def fit_subspace(
         xc = _columns(samples, rows, cols) - torch.from_numpy(mean32[cols])
         b = (u_r.T @ xc) * inv_sigma
         basis[:, cols] = b.numpy()
-    if basis_dtype == "float16":
-        basis = basis.astype(np.float16).astype(np.float32)
+    basis = round_basis(basis, basis_dtype)
 
     coeff = torch.zeros(s, rank, dtype=torch.float64)
     for cols in blocks:
@@ -179,8 +179,8 @@ def extend_basis(
     rows of ``basis`` (r, P) about ``mean`` do not reach: the top right singular vectors of
     their residuals ``R = (X - mean) - ((X - mean) B^T) B``, uncentred, so that a new mode's
     offset from ``mean`` is the first direction found and its spread the next ones. The
-    residuals are orthogonal to ``basis``, and so are the new rows (up to float16 rounding
-    with ``basis_dtype="float16"``, as :func:`fit_subspace` rounds).
+    residuals are orthogonal to ``basis``, and so are the new rows (up to the rounding of
+    ``basis_dtype``, as :func:`fit_subspace` rounds).
 
     This is how online APD follows a cyclical sampler into modes its first subspace never
     saw (:mod:`training.distillation.online`)."""
@@ -196,6 +196,4 @@ def extend_basis(
     if float(lam[-1]) <= 1e-6 * max(float(lam[0]), 1e-300):
         raise ValueError(f"the new samples add fewer than {extra} directions to the subspace")
     new = (evecs[:, order].T.float() @ resid) / lam.sqrt().float()[:, None]
-    if basis_dtype == "float16":
-        new = new.half().float()
-    return new
+    return torch.from_numpy(round_basis(new.cpu().numpy(), basis_dtype)).to(new.device)
