@@ -20,15 +20,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from apd.checkpoint import (
-    BASIS,
     LAYER_PREFIX,
     MEAN,
     RESIDUAL_STD,
     AnomalyCalibration,
+    BasisDtype,
     CheckpointMeta,
     GeneratorConfig,
     Provenance,
     TargetNetwork,
+    encode_basis,
     load_checkpoint,
     save_checkpoint,
 )
@@ -59,6 +60,7 @@ def make_checkpoint(
     hidden: tuple[int, ...] = (16,),
     arch: str = "fcnn-test",
     residual: bool = False,
+    basis_dtype: BasisDtype = "float32",
 ) -> Path:
     """Write a random checkpoint of a ``sizes`` (default ``784-32-10``) target network.
 
@@ -83,7 +85,7 @@ def make_checkpoint(
         tensors[f"{LAYER_PREFIX}{i}.bias"] = (0.1 * rng.standard_normal(fan_out)).astype(np.float32)
     if design == "subspace":
         basis = rng.standard_normal((rank, p)) * scale / np.sqrt(rank)
-        tensors[BASIS] = basis.astype(np.float32)
+        tensors |= encode_basis(basis, basis_dtype)
         tensors[MEAN] = (rng.standard_normal(p) * scale).astype(np.float32)
         if residual:
             tensors[RESIDUAL_STD] = (0.2 * scale * rng.random(p)).astype(np.float32)
@@ -94,6 +96,7 @@ def make_checkpoint(
         has_basis=design == "subspace",
         has_mean=design == "subspace",
         has_residual=design == "subspace" and residual,
+        basis_dtype=basis_dtype,
         design=design,
     )
     placeholder = {s: 1.0 for s in ScoreName}

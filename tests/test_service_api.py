@@ -15,9 +15,10 @@ import anyio
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+from safetensors.numpy import load_file
 from service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
 
-from apd.checkpoint import Checkpoint, load_checkpoint
+from apd.checkpoint import BASIS, BASIS_SCALE, Checkpoint, load_checkpoint
 from apd.networks import forward_probs
 from apd.uncertainty import ScoreName, summarize
 from service.config import Settings
@@ -146,6 +147,24 @@ def test_predict_matches_independent_computation(client: Any, ckpt: Checkpoint) 
         assert anomaly["threshold"] == threshold
         assert anomaly["score"] == p["uncertainty"]["mutual_information"]
         assert anomaly["is_anomaly"] == (anomaly["score"] > threshold)
+
+
+def test_an_int8_checkpoint_is_served_as_the_basis_it_stores(tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "int8.safetensors", basis_dtype="int8")
+    raw = load_file(str(path))
+    assert raw[BASIS].dtype == np.int8
+    ckpt = load_checkpoint(path)
+    written_out = raw[BASIS].astype(np.float64) * raw[BASIS_SCALE].astype(np.float64)[:, None]
+    np.testing.assert_allclose(ckpt.tensors[BASIS], written_out, rtol=1e-6)
+    x = random_images(4, seed=6)
+    k, seed = 20, 5
+    with make_client(create_app(settings_for(path))) as c:
+        result = predict(c, inputs=x.tolist(), num_samples=k, seed=seed)
+    ref = reference_summary(reference_probs(reference_networks(ckpt, seed, k), x))
+    probs = np.array([p["probabilities"] for p in result["predictions"]])
+    np.testing.assert_allclose(probs, ref["probabilities"], rtol=1e-5, atol=1e-7)
+    got = [p["uncertainty"]["mutual_information"] for p in result["predictions"]]
+    np.testing.assert_allclose(got, ref["mutual_information"], rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("score", list(ScoreName))
