@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd.checkpoint import load_checkpoint
+from apd.checkpoint import BasisDtype, load_checkpoint
 from apd.networks import NetworkSpec
 from apd.uncertainty import ScoreName, summarize
 from training.data import OOD_SETS, load_mnist, load_ood
@@ -63,6 +63,7 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS: Final = ROOT / "benchmarks" / "results"
 K: Final = 100
 OOD_SIZE: Final = 10_000
+BASES: Final[tuple[tuple[BasisDtype, str], ...]] = (("float16", ""), ("int8", "_int8"))
 SCALES: Final = (1.0, 5.0)
 SCORES: Final = (
     ScoreName.MAX_PROBABILITY,
@@ -80,13 +81,6 @@ def project(
     offset64, directions64 = offset.astype(np.float64), directions.astype(np.float64)
     codes, *_ = np.linalg.lstsq(directions64.T, (theta - offset64).T, rcond=None)
     return (offset64 + codes.T @ directions64).astype(np.float32)
-
-
-def int8_rows(basis: NDArray[np.float32]) -> NDArray[np.float32]:
-    """``basis`` rounded to 8 bits per entry with one symmetric scale per row
-    (``max |row| / 127``): what an int8 basis would store."""
-    scale = np.abs(basis).max(axis=1, keepdims=True) / 127.0
-    return (np.round(basis / scale) * scale).astype(np.float32)
 
 
 def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray[np.int64]:
@@ -157,10 +151,11 @@ def main() -> None:
         "proj_b": torch.from_numpy(project(*ckpt.affine, np.asarray(store.theta[second]))),
     }
     for rank in args.ranks:
-        sub = fit_subspace(store.theta, rank, basis_dtype="float16")
-        thetas[f"proj_r{rank}"] = torch.from_numpy(project(sub.mean, sub.basis, samples))
-        quantised = int8_rows(sub.basis)
-        thetas[f"proj_r{rank}_int8"] = torch.from_numpy(project(sub.mean, quantised, samples))
+        for dtype, suffix in BASES:
+            sub = fit_subspace(store.theta, rank, basis_dtype=dtype)
+            thetas[f"proj_r{rank}{suffix}"] = torch.from_numpy(
+                project(sub.mean, sub.basis, samples)
+            )
     who = [name for name in thetas if name != "sgld_a"]
     table = {who: aurocs(spec, theta, test_x, ood) for who, theta in thetas.items()}
     rows = []
