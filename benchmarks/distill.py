@@ -213,6 +213,7 @@ def online_arch(arch: str, steps: int | None = None) -> dict[str, Any]:
         "samples_seen": result.samples_seen,
         "teacher_samples": len(result.teacher),
         "best_step": result.best_step,
+        "gan_steps_after_chains": steps or distill_cfg.steps,
         "subspace": result.subspace,
         "rank": result.generator.output_dim,
         "components": result.generator.components,
@@ -229,6 +230,8 @@ def online(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]
         runs = dict(zip(args.archs, pool.map(online_arch, args.archs, steps), strict=True))
     out: dict[str, Any] = {"archs": {}}
     for arch, r in runs.items():
+        # a run with its own --online-steps is kept beside the default one, not over it
+        key = arch if args.online_steps is None else f"{arch}, {args.online_steps:,} steps after"
         r["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         r["command"] = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
         r["code_revision"] = code_revision()
@@ -238,8 +241,13 @@ def online(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]
             r["offline_accuracy"] = offline["accuracy"]
             r["gap_to_offline"] = offline["accuracy"] - acc
             r["pass_on_par"] = r["gap_to_offline"] <= ONLINE_GAP_MAX
-        out["archs"][arch] = r
+        out["archs"][key] = r
     return out
+
+
+def _after(r: dict[str, Any]) -> str:
+    after = r.get("gan_steps_after_chains")
+    return f" ({after:,} of them after the chains stopped)" if after else ""
 
 
 def online_markdown(o: dict[str, Any], offline_revision: str) -> list[str]:
@@ -265,7 +273,7 @@ def online_markdown(o: dict[str, Any], offline_revision: str) -> list[str]:
             "",
             f"{c['num_chains']} chains x {c['cycles']} cycles of {c['cycle_steps']:,} SGLD steps "
             f"({r['sgld_steps']:,} steps, {r['samples_seen']:,} samples), {r['best_step']:,} "
-            f"of {r['distill']['steps']:,}+ generator steps kept, rank {r['rank']}, "
+            f"of {r['distill']['steps']:,}+ generator steps kept{_after(r)}, rank {r['rank']}, "
             f"{r['components']} components; {r['seconds'] / 60:.1f} min wall "
             f"(load {r['load_average_after']} after).",
             "",
