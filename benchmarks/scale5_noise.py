@@ -1,7 +1,7 @@
 """Are the anomaly rows APD misses at input scale 5 distillation loss, or SGLD-sample noise?
 
 The evaluation's teacher is 100 SGLD samples spread across the run's chains
-(:meth:`training.sample_store.SampleStore.select_spread`). This benchmark puts three more
+(:meth:`training.sample_store.SampleStore.select_spread`). This benchmark puts these
 predictives beside it on every anomaly row (OOD set x score x input scale 1 and 5, the
 evaluation's rows: 10,000 images per OOD set, seed 0; at scale s only the OOD images are
 multiplied by s):
