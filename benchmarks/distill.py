@@ -502,8 +502,8 @@ def main() -> None:
         help="online: generator steps after the chains stop (default: the preset's per arch)",
     )
     args = p.parse_args()
-    if args.online_steps is not None and args.online_steps <= 0:
-        p.error(f"--online-steps must be positive, got {args.online_steps}")
+    if args.online_steps is not None and (args.online_steps <= 0 or not args.online):
+        p.error(f"--online-steps takes a positive number with --online, got {args.online_steps}")
     if args.online:
         recorded = json.loads((RESULTS / "distill.json").read_text())
         # each architecture's figures replace only its own earlier ones
