@@ -597,8 +597,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         _validate_tensors(meta, tensors)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    f32 = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    stored_basis = (BASIS, BASIS_SCALE)
+    f32 = {
+        k: np.ascontiguousarray(v, dtype=np.float32)
+        for k, v in tensors.items()
+        if k not in stored_basis
+    }
     if BASIS in tensors:
         f32[BASIS] = decode_basis(tensors)
-        f32.pop(BASIS_SCALE, None)
     return Checkpoint(path=path, sha256=file_sha256(path), meta=meta, tensors=f32)
