@@ -13,6 +13,12 @@ Tensors (float32 unless noted; weights are ``(fan_in, fan_out)`` and a layer is 
         The offset of the generated weights.
     ``generator.residual_std`` (P,) (optional)
         Per-weight standard deviation of independent Gaussian noise added to the output.
+    ``support.mean`` (D,), ``support.components`` (r, D) float16, ``support.variances`` (r,)
+        The data-support score (:mod:`apd.support`), with ``data_support`` in the metadata.
+    ``probe.inputs`` (n, D), ``probe.probabilities`` (n, C), ``probe.mutual_information``
+    (n,), ``probe.data_support`` (n,, with a data-support score)
+        Network inputs and the answers the distiller computed for them (:class:`Probes`):
+        loading recomputes them and refuses a checkpoint whose answers differ.
 
     A network is ``theta = mean + c @ basis + residual_std * eps`` with ``c = G(z)``,
     ``z ~ N(0, I_noise_dim)`` and ``eps ~ N(0, I_P)``. Absent parts are the identity / zero,
@@ -25,8 +31,9 @@ Metadata (safetensors header, string values)
     ``apd.sha256``: digest of the ``apd.meta`` string and of every tensor's name, dtype,
     shape and bytes, so a flipped bit anywhere in the metadata or the data is caught on load.
 
-:func:`load_checkpoint` validates all of it and raises :class:`CheckpointError` with a
-one-line reason for a missing, truncated, tampered, mismatched or foreign file.
+:func:`load_checkpoint` validates all of it, recomputes the stored probes, and raises
+:class:`CheckpointError` with a one-line reason for a missing, truncated, tampered, mismatched,
+foreign or diverged file.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
@@ -55,8 +62,10 @@ from pydantic import (
     model_validator,
 )
 
-from apd.networks import Activation, NetworkSpec, spec_from_dict
-from apd.uncertainty import ScoreName
+from apd import support
+from apd.networks import Activation, NetworkSpec, forward_probs, spec_from_dict
+from apd.support import DataSupport
+from apd.uncertainty import PREDICTIVE_SCORES, PredictiveSummary, ScoreName, is_flagged, summarize
 
 FORMAT_NAME: Final = "apd-generator"
 FORMAT_VERSION: Final = 1
@@ -68,6 +77,10 @@ BASIS: Final = "generator.basis"
 MEAN: Final = "generator.mean"
 RESIDUAL_STD: Final = "generator.residual_std"
 BASIS_SCALE: Final = "generator.basis_scale"
+PROBE_INPUTS: Final = "probe.inputs"
+PROBE_PROBABILITIES: Final = "probe.probabilities"
+PROBE_MI: Final = "probe.mutual_information"
+PROBE_SUPPORT: Final = "probe.data_support"
 
 BasisDtype = Literal["float32", "float16", "int8"]
 
@@ -302,13 +315,43 @@ class GeneratorConfig(_Strict):
     design: Design
 
 
+class CombinedRule(_Strict):
+    """The ``combined`` flag: the union of two tests, the epistemic score above its threshold
+    or the data-support score above its own, each at the per-test rate ``rate`` chosen on the
+    calibration split so that the union flags ``target_fpr`` of it (between ``target_fpr / 2``,
+    Bonferroni's split, and ``target_fpr``). Its score is the larger of the two scores, each
+    divided by its threshold here, so its own threshold is 1."""
+
+    epistemic: ScoreName
+    rate: float = Field(gt=0, lt=1)
+    thresholds: dict[ScoreName, float]
+
+    @model_validator(mode="after")
+    def _two_tests(self) -> CombinedRule:
+        if self.epistemic not in PREDICTIVE_SCORES:
+            raise ValueError(f"combined: {self.epistemic.value} is not an epistemic score")
+        if set(self.thresholds) != {self.epistemic, ScoreName.DATA_SUPPORT}:
+            raise ValueError("combined: thresholds for the epistemic score and data_support")
+        if not all(math.isfinite(t) and t > 0 for t in self.thresholds.values()):
+            raise ValueError("combined: thresholds must be finite and positive")
+        return self
+
+
 class AnomalyCalibration(_Strict):
+    """Thresholds calibrated on ``calibration_size`` held-out inputs for ``target_fpr``.
+    ``flagged`` counts the calibration inputs above each threshold and ``fpr_interval`` is the
+    95 % Clopper-Pearson interval of the false-positive rate that count implies: how much a
+    threshold set on this few inputs can be trusted."""
+
     default_score: ScoreName
     target_fpr: float = Field(gt=0, lt=1)
     thresholds: dict[ScoreName, float]
     calibration_set: str
     calibration_size: int = Field(gt=0)
     num_samples: int = Field(gt=0)
+    combined: CombinedRule | None = None
+    flagged: dict[ScoreName, int] = {}
+    fpr_interval: dict[ScoreName, tuple[float, float]] = {}
 
     @model_validator(mode="after")
     def _default_is_calibrated(self) -> AnomalyCalibration:
@@ -316,7 +359,57 @@ class AnomalyCalibration(_Strict):
             raise ValueError(f"default_score {self.default_score.value} has no threshold")
         if not all(math.isfinite(t) for t in self.thresholds.values()):
             raise ValueError("thresholds must be finite")
+        if (ScoreName.COMBINED in self.thresholds) != (self.combined is not None):
+            raise ValueError("a combined threshold needs its rule (combined), and the reverse")
+        if self.combined is not None and self.thresholds[ScoreName.COMBINED] != 1.0:
+            raise ValueError("the combined score's threshold is 1")
+        for name, (lo, hi) in self.fpr_interval.items():
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"fpr_interval of {name.value} must satisfy 0 <= lo <= hi <= 1")
         return self
+
+    def scores(self, summary: PredictiveSummary, name: ScoreName) -> NDArray[np.float64]:
+        """Score ``name`` for each input of ``summary``; ``combined`` by :class:`CombinedRule`."""
+        if name is not ScoreName.COMBINED:
+            return np.asarray(summary.score(name), dtype=np.float64)
+        if self.combined is None:
+            raise ValueError("this checkpoint has no combined rule")
+        parts = [summary.score(s) / t for s, t in self.combined.thresholds.items()]
+        out: NDArray[np.float64] = np.maximum(*parts)
+        return out
+
+    def flags(
+        self, summary: PredictiveSummary, name: ScoreName
+    ) -> tuple[NDArray[np.float64], NDArray[np.bool_], float]:
+        """``(scores, flags, threshold)`` of score ``name``: the one place an input is
+        flagged (:func:`apd.uncertainty.is_flagged`, which fails closed on a NaN score)."""
+        threshold = self.thresholds[name]
+        scores = self.scores(summary, name)
+        return scores, is_flagged(scores, threshold), threshold
+
+
+class DataSupportRecord(_Strict):
+    """The data-support score's scalars (:class:`apd.support.DataSupport`); its arrays are
+    the ``support.*`` tensors."""
+
+    rank: int = Field(gt=0)
+    residual_variance: float = Field(gt=0)
+    center: float = Field(gt=0)
+    variance_held: float = Field(gt=0, le=1)
+    fitted_on: str
+    fit_rows: int = Field(gt=1)
+
+
+class Probes(_Strict):
+    """Inputs with the answers the distiller computed for them: ``num_samples`` networks
+    drawn from NumPy seed ``seed`` (:meth:`Checkpoint.noise`); loading recomputes them and
+    refuses the checkpoint when any differs by more than ``tolerance`` or is not finite.
+    ``kinds`` says what each probe row is (e.g. ``validation``, ``zeros``, ``scaled x20``)."""
+
+    seed: int = Field(ge=0)
+    num_samples: int = Field(gt=0, le=64)
+    tolerance: float = Field(gt=0)
+    kinds: list[str] = Field(min_length=1)
 
 
 class Provenance(_Strict):
@@ -339,9 +432,15 @@ class CheckpointMeta(_Strict):
     anomaly: AnomalyCalibration
     provenance: Provenance
     metrics: dict[str, Any] = {}
+    data_support: DataSupportRecord | None = None
+    probes: Probes | None = None
 
     @model_validator(mode="after")
     def _input_fits_target(self) -> CheckpointMeta:
+        has_support = self.data_support is not None
+        for name in (ScoreName.DATA_SUPPORT, ScoreName.COMBINED):
+            if name in self.anomaly.thresholds and not has_support:
+                raise ValueError(f"a threshold for {name.value} needs a data-support fit")
         spec = self.target.spec()
         if self.input.input_dim != spec.input_dim:
             raise ValueError(
@@ -437,6 +536,16 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
         expected[MEAN] = (p,)
     if g.has_residual:
         expected[RESIDUAL_STD] = (p,)
+    dtypes = {BASIS: g.basis_dtype, support.COMPONENTS: "float16"}
+    d, c = meta.input.input_dim, meta.target.spec().num_classes
+    if meta.data_support is not None:
+        r = meta.data_support.rank
+        expected |= {support.MEAN: (d,), support.COMPONENTS: (r, d), support.VARIANCES: (r,)}
+    if meta.probes is not None:
+        n = len(meta.probes.kinds)
+        expected |= {PROBE_INPUTS: (n, d), PROBE_PROBABILITIES: (n, c), PROBE_MI: (n,)}
+        if meta.data_support is not None:
+            expected[PROBE_SUPPORT] = (n,)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -445,7 +554,7 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
         arr = tensors[name]
         if tuple(arr.shape) != shape:
             raise ValueError(f"tensor {name} has shape {tuple(arr.shape)}, expected {shape}")
-        want = g.basis_dtype if name == BASIS else "float32"
+        want = dtypes.get(name, "float32")
         if arr.dtype != np.dtype(want):
             raise ValueError(f"tensor {name} has dtype {arr.dtype}, expected {want}")
         if not np.isfinite(arr).all():
@@ -454,6 +563,38 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
         raise ValueError(f"{RESIDUAL_STD} must be non-negative")
     if BASIS_SCALE in expected and not (np.asarray(tensors[BASIS_SCALE]) > 0).all():
         raise ValueError(f"{BASIS_SCALE} must be positive")
+    if support.VARIANCES in expected and not (np.asarray(tensors[support.VARIANCES]) > 0).all():
+        raise ValueError(f"{support.VARIANCES} must be positive")
+
+
+def with_probes(
+    meta: CheckpointMeta,
+    tensors: Tensors,
+    inputs: NDArray[np.float32],
+    kinds: list[str],
+    seed: int = 0,
+    num_samples: int = 32,
+    tolerance: float = 1e-3,
+) -> tuple[CheckpointMeta, dict[str, NDArray[Any]]]:
+    """``meta`` and ``tensors`` with :class:`Probes`: the answers the checkpoint gives for
+    network inputs ``inputs (n, D)`` (``kinds`` saying what each is), for loading to check."""
+    meta = meta.model_copy(update={"probes": None})
+    base = {k: v for k, v in tensors.items() if not k.startswith("probe.")}
+    f32 = {k: np.asarray(v, np.float32) for k, v in base.items() if k not in (BASIS, BASIS_SCALE)}
+    if BASIS in base:
+        f32[BASIS] = decode_basis(base)
+    draft = Checkpoint(path=Path("<unsaved>"), sha256="", meta=meta, tensors=f32)
+    x = np.ascontiguousarray(inputs, dtype=np.float32)
+    got = draft.summarize(x, num_samples, seed)
+    out = dict(base) | {
+        PROBE_INPUTS: x,
+        PROBE_PROBABILITIES: got.probabilities.astype(np.float32),
+        PROBE_MI: got.mutual_information.astype(np.float32),
+    }
+    if got.data_support is not None:
+        out[PROBE_SUPPORT] = got.data_support.astype(np.float32)
+    probes = Probes(seed=seed, num_samples=num_samples, tolerance=tolerance, kinds=kinds)
+    return meta.model_copy(update={"probes": probes}), out
 
 
 def save_checkpoint(path: str | Path, meta: CheckpointMeta, tensors: Tensors) -> str:
@@ -485,6 +626,66 @@ class Checkpoint:
     @property
     def spec(self) -> NetworkSpec:
         return self.meta.target.spec()
+
+    @cached_property
+    def data_support(self) -> DataSupport | None:
+        """The data-support score (:mod:`apd.support`), where the checkpoint has one."""
+        record = self.meta.data_support
+        if record is None:
+            return None
+        return DataSupport.from_tensors(self.tensors, record.residual_variance, record.center)
+
+    def noise(self, k: int, seed: int) -> dict[str, NDArray[np.float32]]:
+        """Standard normal noise for ``k`` networks from NumPy seed ``seed``: ``z (k,
+        noise_dim)`` and, when the generator adds residual noise, ``eps (k, P)``; named as the
+        arguments of :meth:`generate` (and the inputs of the exported ONNX graph)."""
+        rng = np.random.default_rng(seed)
+        out = {"z": rng.standard_normal((k, self.noise_dim), dtype=np.float32)}
+        if self.meta.generator.has_residual:
+            out["eps"] = rng.standard_normal((k, self.num_params), dtype=np.float32)
+        return out
+
+    def summarize(self, x: NDArray[np.float32], k: int, seed: int) -> PredictiveSummary:
+        """The reference predictive of network inputs ``x (N, D)`` (preprocessed): ``k``
+        networks from :meth:`noise` run by :func:`apd.networks.forward_probs`, with the
+        data-support score where the checkpoint has one."""
+        theta = self.generate(**self.noise(k, seed))
+        summary = summarize(forward_probs(self.spec, theta, x))
+        ds = self.data_support
+        return summary if ds is None else replace(summary, data_support=ds.score(x))
+
+    def verify_probes(self) -> None:
+        """Recompute the stored probes (:class:`Probes`); ``ValueError`` naming the first
+        answer that differs or is not finite. Without stored probes, the generator's networks
+        must still give finite answers on the middle of the input range."""
+        probes = self.meta.probes
+        if probes is None:
+            lo, hi = self.meta.input.value_range
+            raw = np.full((1, self.meta.input.input_dim), (lo + hi) / 2, np.float32)
+            got = self.summarize(self.meta.input.preprocess(raw), 8, 0)
+            if not np.isfinite(got.probabilities).all():
+                raise ValueError("its networks give non-finite probabilities (diverged)")
+            return
+        got = self.summarize(self.tensors[PROBE_INPUTS], probes.num_samples, probes.seed)
+        checks = [
+            ("probabilities", got.probabilities, self.tensors[PROBE_PROBABILITIES]),
+            ("mutual_information", got.mutual_information, self.tensors[PROBE_MI]),
+        ]
+        if got.data_support is not None:
+            checks.append(("data_support", got.data_support, self.tensors[PROBE_SUPPORT]))
+        for what, actual, expected in checks:
+            if not np.isfinite(actual).all():
+                raise ValueError(f"its probe {what} are not finite (a diverged generator?)")
+            err = np.abs(actual - expected)
+            if err.ndim > 1:
+                err = err.max(axis=1)
+            worst = int(np.argmax(err))
+            if err[worst] > probes.tolerance:
+                raise ValueError(
+                    f"probe {worst} ({probes.kinds[worst]}) {what} differ from the stored "
+                    f"answer by {err[worst]:.3g} > {probes.tolerance:g} (altered or corrupted "
+                    "weights)"
+                )
 
     @property
     def noise_dim(self) -> int:
@@ -605,4 +806,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     }
     if BASIS in tensors:
         f32[BASIS] = decode_basis(tensors)
-    return Checkpoint(path=path, sha256=file_sha256(path), meta=meta, tensors=f32)
+    ckpt = Checkpoint(path=path, sha256=file_sha256(path), meta=meta, tensors=f32)
+    try:
+        with np.errstate(all="ignore"):
+            ckpt.verify_probes()
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    return ckpt

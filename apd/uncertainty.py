@@ -9,6 +9,10 @@ predictive. Then
 * model variance      ``1/C sum_c Var_k p_k(c|x)``        (spread of the networks' outputs)
 * max probability     ``1 - max_c p(c|x)``              (as an anomaly score: higher = stranger)
 
+Two more scores look beyond the networks' outputs: ``data_support``, how far the input lies
+from the training inputs (:mod:`apd.support`), and ``combined``, the union of the epistemic
+test and the data-support test (:meth:`apd.checkpoint.AnomalyCalibration.scores`).
+
 All entropies are in nats. Every anomaly score is oriented so that a larger value means
 "more likely out of distribution", and an input is flagged when its score exceeds the
 threshold calibrated on held-out in-distribution data.
@@ -34,6 +38,17 @@ class ScoreName(enum.StrEnum):
     PREDICTIVE_ENTROPY = "predictive_entropy"
     MODEL_VARIANCE = "model_variance"
     MAX_PROBABILITY = "max_probability"
+    DATA_SUPPORT = "data_support"
+    COMBINED = "combined"
+
+
+# The scores that follow from the networks' outputs alone (:meth:`PredictiveSummary.score`).
+PREDICTIVE_SCORES: tuple[ScoreName, ...] = (
+    ScoreName.MUTUAL_INFORMATION,
+    ScoreName.PREDICTIVE_ENTROPY,
+    ScoreName.MODEL_VARIANCE,
+    ScoreName.MAX_PROBABILITY,
+)
 
 
 def entropy(p: FloatArray, axis: int = -1) -> NDArray[np.float64]:
@@ -52,16 +67,23 @@ class PredictiveSummary:
     expected_entropy: NDArray[np.float64]  # (N,)
     mutual_information: NDArray[np.float64]  # (N,)
     model_variance: NDArray[np.float64]  # (N,)
+    # (N,) the inputs' data-support score (:mod:`apd.support`), where the checkpoint has one
+    data_support: NDArray[np.float64] | None = None
 
     @property
     def labels(self) -> NDArray[np.int64]:
         return self.probabilities.argmax(axis=1)
 
     def score(self, name: ScoreName | str) -> NDArray[np.float64]:
-        """The anomaly score ``name`` for each input (larger = more anomalous)."""
+        """The anomaly score ``name`` for each input (larger = more anomalous). ``combined``
+        needs its calibration: :meth:`apd.checkpoint.AnomalyCalibration.scores`."""
         name = ScoreName(name)
         if name is ScoreName.MAX_PROBABILITY:
             return 1.0 - self.probabilities.max(axis=1)
+        if name is ScoreName.COMBINED:
+            raise ValueError("the combined score needs its calibration (AnomalyCalibration.scores)")
+        if name is ScoreName.DATA_SUPPORT and self.data_support is None:
+            raise ValueError("no data-support score: the checkpoint has no data-support fit")
         return np.asarray(getattr(self, name.value))
 
 
@@ -117,6 +139,14 @@ def summarize(member_probs: FloatArray) -> PredictiveSummary:
     acc = PredictiveAccumulator()
     acc.add(member_probs)
     return acc.summary()
+
+
+def is_flagged(scores: FloatArray, threshold: float) -> NDArray[np.bool_]:
+    """``score > threshold``, failing closed: a NaN or infinite score is always flagged (a
+    network or input that produces one is not something to trust)."""
+    s = np.asarray(scores, dtype=np.float64)
+    out: NDArray[np.bool_] = ~(s <= threshold) | ~np.isfinite(s)
+    return out
 
 
 def calibrate_threshold(in_distribution_scores: FloatArray, target_fpr: float) -> float:

@@ -63,7 +63,7 @@ from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.networks import get_spec
-from apd.uncertainty import PredictiveSummary, ScoreName
+from apd.uncertainty import PredictiveSummary
 from training.cli import main as apd_main
 from training.data import MNIST, OOD_SETS, load_mnist, load_ood
 from training.distillation import toy_posterior
@@ -122,20 +122,27 @@ def service_checks(
     student_test: PredictiveSummary,
     student_ood: dict[str, PredictiveSummary],
     y: NDArray[np.int64],
+    inputs: dict[str, NDArray[np.float32]],
 ) -> dict[str, Any]:
-    """What the service does with this checkpoint at its stored thresholds."""
+    """What the service does with this checkpoint at its stored thresholds (``inputs``: the
+    test and OOD inputs, for the data-support score where the checkpoint has one)."""
     a = ckpt.meta.anomaly
+    support = ckpt.data_support
+    if support is not None:
+        student_test = replace(student_test, data_support=support.score(inputs["mnist_test"]))
+        student_ood = {
+            n: replace(p, data_support=support.score(inputs[n])) for n, p in student_ood.items()
+        }
     out: dict[str, Any] = {
         "test_accuracy": accuracy(student_test.probabilities, y),
         "default_score": a.default_score.value,
         "target_fpr": a.target_fpr,
         "flag_rate": {},
     }
-    for s in ScoreName:
-        t = a.thresholds[s]
+    for s in a.thresholds:
         out["flag_rate"][s.value] = {
-            "mnist_test": float((student_test.score(s) > t).mean()),
-            **{n: float((p.score(s) > t).mean()) for n, p in student_ood.items()},
+            "mnist_test": float(a.flags(student_test, s)[1].mean()),
+            **{n: float(a.flags(p, s)[1].mean()) for n, p in student_ood.items()},
         }
     d = out["flag_rate"][a.default_score.value]
     out["pass_accuracy"] = out["test_accuracy"] >= SERVICE_ACCURACY_MIN
@@ -176,7 +183,9 @@ def bench_arch(
         "best_step": ckpt.meta.metrics.get("best_step"),
         "residual_scale": ckpt.meta.metrics.get("residual_scale"),
         "fidelity": fidelity,
-        "service": service_checks(ckpt, s_pred.test, s_pred.ood, mnist.test_y),
+        "service": service_checks(
+            ckpt, s_pred.test, s_pred.ood, mnist.test_y, {"mnist_test": mnist.test_x, **ood}
+        ),
     }
     return out
 

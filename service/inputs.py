@@ -345,6 +345,11 @@ class InputSchema:
                 )
             self._check_nested(item, sub, here)
 
+    @property
+    def integral(self) -> bool:
+        """Whether values must be whole numbers: ``uint8`` data (integer grey levels)."""
+        return self.convention.dtype == "uint8"
+
     def _check_values(self, inputs: list[Any], x: NDArray[np.float64]) -> None:
         finite = np.isfinite(x)
         if self.checks_range:
@@ -352,6 +357,8 @@ class InputSchema:
             bad = ~finite | (x < lo) | (x > hi)
         else:
             bad = ~finite | (np.abs(x) > FLOAT32_MAX)
+        if self.integral:
+            bad |= finite & (x != np.round(x))
         if not bad.any():
             return
         i, p = (int(v) for v in np.argwhere(bad)[0])
@@ -369,6 +376,20 @@ class InputSchema:
                 where=_where(loc),
                 value=str(value),
                 values=self._values,
+                total=total,
+            )
+        if self.integral and self.value_range[0] <= value <= self.value_range[1]:
+            raise _error(
+                "integer_value",
+                "inputs{where} is {value}: this model's {values} are whole numbers in {range} "
+                "(uint8, e.g. grey levels 0-255, not pixel / 255) ({total} bad value(s) in "
+                "this request)",
+                loc,
+                value,
+                where=_where(loc),
+                value=value,
+                values=self._values,
+                range=self._range_text(),
                 total=total,
             )
         if self.checks_range:
@@ -416,6 +437,8 @@ class InputSchema:
             ok = bool(x.min() >= lo and x.max() <= hi)  # False for NaN too
         else:
             ok = bool(np.abs(x).max() <= FLOAT32_MAX)  # False for NaN too
+        if ok and self.integral:
+            ok = bool((x == np.round(x)).all())
         return CheckedInputs(x.astype(np.float32)) if ok else None
 
     # ---- image files -------------------------------------------------------------------

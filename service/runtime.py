@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import anyio
@@ -285,6 +285,19 @@ class ServiceRuntime:
             summary = await anyio.to_thread.run_sync(
                 summarize_materialised, self.checkpoint, plan, x, limiter=self.limiter
             )
+        support = self.checkpoint.data_support
+        if support is not None:
+            summary = replace(summary, data_support=support.score(x))
         self.metrics.inference_duration.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.networks_sampled.inc(num_samples)
         return summary
+
+    def flags(
+        self, summary: PredictiveSummary, name: ScoreName
+    ) -> tuple[NDArray[np.float64], NDArray[np.bool_], float]:
+        """``(scores, flags, threshold)`` of score ``name`` as the checkpoint's calibration
+        flags them (:meth:`apd.checkpoint.AnomalyCalibration.flags`: a NaN score is flagged),
+        counted in the flags metric."""
+        scores, flags, threshold = self.checkpoint.meta.anomaly.flags(summary, name)
+        self.metrics.anomaly_flags.labels(score=name.value).inc(int(flags.sum()))
+        return scores, flags, threshold

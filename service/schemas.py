@@ -159,6 +159,12 @@ class Uncertainty(BaseModel):
     model_variance: float = Field(
         description="mean over classes of the variance of p_k(c|x) across the K networks"
     )
+    data_support: float | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="How atypical the input is of the training inputs (higher = farther; "
+        "about 0 in distribution); absent when the checkpoint has no data-support fit",
+    )
 
 
 class AnomalyFlag(BaseModel):
@@ -317,8 +323,22 @@ class AnomalyInfo(BaseModel):
     target_fpr: float
     thresholds: dict[ScoreName, float]
     calibration_set: str
-    calibration_size: int
+    calibration_size: int = Field(description="Held-out inputs the thresholds were set on")
     calibration_num_samples: int
+    flagged_on_calibration: dict[ScoreName, int] = Field(
+        description="Calibration inputs above each threshold (empty for older checkpoints)"
+    )
+    fpr_interval: dict[ScoreName, tuple[float, float]] = Field(
+        description="95 % Clopper-Pearson interval of each threshold's false-positive rate, "
+        "from calibration_size inputs: wide when they were few"
+    )
+    combined: dict[str, Any] | None = Field(
+        description="The combined flag's rule: the epistemic score and data_support, each "
+        "above its threshold here at the per-test rate (null without a data-support fit)"
+    )
+    data_support: dict[str, Any] | None = Field(
+        description="The data-support fit: rank, residual variance, centre, training rows"
+    )
 
 
 class InputInfo(BaseModel):

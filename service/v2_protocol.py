@@ -270,6 +270,11 @@ class ModelInput:
     checks_range: bool
     uint8: Literal["raw", "pixel"] | None
 
+    @property
+    def integral(self) -> bool:
+        """Whether FP32 values must be whole numbers (``uint8`` data: integer grey levels)."""
+        return self.uint8 == "raw"
+
     @classmethod
     def of(cls, schema: InputSchema) -> ModelInput:
         """The input tensor of a model whose inputs are ``schema``'s."""
@@ -367,6 +372,9 @@ def decode_input(
     else:
         bad = ~np.isfinite(x)  # float32: JSON numbers past its range are inf here
         rule = "finite float32 numbers"
+    if model.integral:
+        bad |= x != np.round(x)
+        rule += " and whole (this model's data is uint8: grey levels 0-255, not pixel / 255)"
     if bad.any():
         first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), shape))
         value = float(values.reshape(-1)[int(np.argmax(bad))])

@@ -34,7 +34,7 @@ from apd.checkpoint import (
     save_checkpoint,
 )
 from apd.networks import MLPSpec, forward_probs
-from apd.uncertainty import ScoreName, calibrate_threshold, summarize
+from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, calibrate_threshold, summarize
 
 TARGET_SIZES = (784, 32, 10)
 Design = Literal["subspace", "paper"]
@@ -99,7 +99,7 @@ def make_checkpoint(
         basis_dtype=basis_dtype,
         design=design,
     )
-    placeholder = {s: 1.0 for s in ScoreName}
+    placeholder = {s: 1.0 for s in PREDICTIVE_SCORES}
     meta = CheckpointMeta(
         model_id=model_id,
         version=f"test-{seed}",
@@ -123,7 +123,7 @@ def make_checkpoint(
     eps = rng.standard_normal((50, p), dtype=np.float32)
     theta = ckpt.generate(z, eps if ckpt.meta.generator.has_residual else None)
     summary = summarize(forward_probs(spec, theta, random_images(64, seed + 1)))
-    thresholds = {s: calibrate_threshold(summary.score(s), 0.5) for s in ScoreName}
+    thresholds = {s: calibrate_threshold(summary.score(s), 0.5) for s in PREDICTIVE_SCORES}
     anomaly = meta.anomaly.model_copy(update={"thresholds": thresholds})
     save_checkpoint(path, meta.model_copy(update={"anomaly": anomaly}), tensors)
     return path

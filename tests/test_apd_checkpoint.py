@@ -39,7 +39,7 @@ from apd.checkpoint import (
     round_basis,
 )
 from apd.networks import MLPSpec, build_spec, get_spec
-from apd.uncertainty import ScoreName
+from apd.uncertainty import PREDICTIVE_SCORES
 from training.distillation.calibrate import calibrate
 from training.distillation.gan import Generator, WGANGPConfig
 from training.distillation.offline import build_subspace_generator
@@ -109,7 +109,7 @@ def test_round_trip_generates_the_same_networks(
     ckpt = load_checkpoint(_write(tmp_path / "m.safetensors", gen, design, basis_dtype))
     assert ckpt.meta.generator.design is design
     assert ckpt.meta.generator.basis_dtype == basis_dtype
-    assert set(ckpt.meta.anomaly.thresholds) == set(ScoreName)
+    assert set(ckpt.meta.anomaly.thresholds) == set(PREDICTIVE_SCORES)
     assert ckpt.meta.provenance.code_revision  # a sha or "unknown"
     rng = np.random.default_rng(2)
     z = rng.standard_normal((16, 3)).astype(np.float32)

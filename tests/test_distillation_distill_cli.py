@@ -70,7 +70,14 @@ def test_distill_writes_a_complete_checkpoint(
     # Three chains: two fixed front layers select the component in front of the 3x100 MLP.
     assert meta.generator.hidden_sizes[2:] == [100, 100, 100]
     assert set(meta.anomaly.thresholds) == set(ScoreName)
-    assert meta.anomaly.default_score is ScoreName.MUTUAL_INFORMATION
+    assert meta.anomaly.default_score is ScoreName.COMBINED
+    # the data-support score fitted on the training split, the combined rule, honest intervals
+    assert meta.data_support is not None and ckpt.data_support is not None
+    assert meta.anomaly.combined is not None
+    assert 0.025 <= meta.anomaly.combined.rate <= 0.05
+    for name, (lo, hi) in meta.anomaly.fpr_interval.items():
+        assert lo <= meta.anomaly.flagged[name] / 10_000 <= hi
+    assert meta.probes is not None  # load_checkpoint recomputed them
     assert meta.anomaly.calibration_size == 10_000
     assert meta.anomaly.target_fpr == 0.05
     prov = meta.provenance

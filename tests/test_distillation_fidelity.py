@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apd.uncertainty import ScoreName, summarize
-from training.distillation.calibrate import flag_rate, thresholds_for
+from apd.uncertainty import PREDICTIVE_SCORES, summarize
+from training.distillation.calibrate import calibrate_summary, flag_rate
 from training.distillation.fidelity import Predictions, compare
 
 
@@ -46,10 +46,11 @@ def test_compare_passes_a_copy_and_fails_a_degraded_student() -> None:
 def test_thresholds_flag_at_most_the_target_rate() -> None:
     rng = np.random.default_rng(3)
     s = summarize(_probs(rng, 30, 1000, temp=2.0))
+    x = np.zeros((len(s.probabilities), 3), np.float32)
     for fpr in (0.01, 0.05, 0.2):
-        th = thresholds_for(s, fpr)
-        assert set(th) == set(ScoreName)
-        for name, t in th.items():
-            rate = flag_rate(s, name, t)
+        a, _ = calibrate_summary(s, x, 30, fpr, None, "synthetic", None)
+        assert set(a.thresholds) == set(PREDICTIVE_SCORES)
+        for name in a.thresholds:
+            rate = flag_rate(a, s, name)
             assert rate <= fpr
             assert rate >= fpr - 0.002  # the quantile is tight on continuous scores

@@ -20,7 +20,7 @@ from service_support import TARGET_SIZES, make_checkpoint, make_client, random_i
 
 from apd.checkpoint import BASIS, BASIS_SCALE, Checkpoint, load_checkpoint
 from apd.networks import forward_probs
-from apd.uncertainty import ScoreName, summarize
+from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
 from service.config import Settings
 from service.main import create_app
 from service.posterior_pool import Stream, block_noise
@@ -167,7 +167,7 @@ def test_an_int8_checkpoint_is_served_as_the_basis_it_stores(tmp_path: Path) -> 
     np.testing.assert_allclose(got, ref["mutual_information"], rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("score", list(ScoreName))
+@pytest.mark.parametrize("score", PREDICTIVE_SCORES)
 def test_anomaly_score_matches_reference_and_threshold(
     client: Any, ckpt: Checkpoint, score: ScoreName
 ) -> None:
@@ -333,7 +333,8 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         "/anomaly-score",
         body(inputs=[GOOD], score="entropy"),
         422,
-        "'mutual_information', 'predictive_entropy', 'model_variance' or 'max_probability'",
+        "'mutual_information', 'predictive_entropy', 'model_variance', 'max_probability', "
+        "'data_support' or 'combined'",
     ),
     ("not JSON", "/predict", raw("inputs=0.5"), 422, "body is not valid JSON"),
     ("truncated JSON", "/predict", raw('{"inputs": [[0.5, 0.5'), 422, "body is not valid JSON"),
@@ -670,6 +671,7 @@ def test_openapi_is_the_contract(client: Any) -> None:
         "expected_entropy",
         "mutual_information",
         "model_variance",
+        "data_support",  # absent from answers of checkpoints without a data-support fit
     }
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from apd.uncertainty import ScoreName, summarize
+from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
 
 # Rounding slack: entropies are sums of C ~ 10 float64 terms of magnitude <= log C.
 ATOL = 1e-9
@@ -112,7 +112,7 @@ def test_scores_invariant_under_permuting_networks(p: np.ndarray, data: st.DataO
     perm = np.array(data.draw(st.permutations(range(p.shape[0]))), dtype=np.intp)
     a, b = summarize(p), summarize(p[perm])
     np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-12)
-    for name in ScoreName:
+    for name in PREDICTIVE_SCORES:
         np.testing.assert_allclose(a.score(name), b.score(name), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(a.expected_entropy, b.expected_entropy, rtol=1e-9, atol=1e-12)
 

@@ -1,4 +1,4 @@
-"""``apd train | distill | export | evaluate``: the training side of the ``apd`` command.
+"""``apd train | distill | calibrate | export | evaluate``: the ``apd`` command's training side.
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so ``apd train --help`` stays quick.
@@ -18,6 +18,10 @@ from training.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train SGD, MC-Dropout or SGLD on MNIST or your own data"),
     "distill": ("training.distillation.distill", "distil SGLD samples into a generator checkpoint"),
+    "calibrate": (
+        "training.distillation.recalibrate",
+        "calibrate a checkpoint again: data-support score, thresholds, probes",
+    ),
     "export": ("training.distillation.export", "export a checkpoint's generator to ONNX"),
     "evaluate": ("training.evaluation.cli", "run the evaluation suite and write a report"),
 }

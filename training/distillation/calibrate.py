@@ -1,36 +1,90 @@
 """Anomaly thresholds for a generator, calibrated on held-out in-distribution data.
 
 For each score ``s`` of :class:`apd.uncertainty.ScoreName` the threshold ``tau_s`` is the
-empirical ``(1 - alpha)`` quantile of ``s`` over the held-out inputs (the MNIST validation
-split, never the test set), each scored with K networks drawn from the generator, so that
-flagging ``s(x) > tau_s`` flags at most a fraction ``alpha`` (the target false-positive rate)
-of in-distribution inputs like those (:func:`apd.uncertainty.calibrate_threshold`).
+empirical ``(1 - alpha)`` quantile of ``s`` over the held-out inputs (the validation split,
+never the test set), each scored with K networks drawn from the generator, so that flagging
+``s(x) > tau_s`` flags at most a fraction ``alpha`` (the target false-positive rate) of
+in-distribution inputs like those (:func:`apd.uncertainty.calibrate_threshold`).
 
-The default score is mutual information, ``I[y; theta | x] = H[p] - E_theta H[p_theta]``
-(BALD): it is the epistemic part of the uncertainty, which grows when the sampled networks
-disagree, as they do away from the training data, while predictive entropy also rises on
-ambiguous but perfectly in-distribution digits (aleatoric uncertainty) and so spends part of
-the false-positive budget on them. This reasoning needs no validation data.
+The epistemic score is mutual information, ``I[y; theta | x] = H[p] - E_theta H[p_theta]``
+(BALD): it grows when the sampled networks disagree, as they do away from the training data,
+while predictive entropy also rises on ambiguous but perfectly in-distribution inputs
+(aleatoric uncertainty) and so spends part of the false-positive budget on them.
+
+Far from the data the networks can agree again (a ReLU network's logits grow linearly away
+from it), so the default flag is ``combined``: mutual information above its threshold *or*
+the data-support score (:mod:`apd.support`, fitted here on the training inputs) above its own,
+each test at the per-test rate ``beta`` for which the union flags ``alpha`` of the
+calibration split (:func:`combined_rule`; ``alpha / 2 <= beta <= alpha``: at least
+Bonferroni's split, more where the two tests flag the same inputs).
+
+A threshold set on few inputs is uncertain: each score records how many calibration inputs
+it flags and the 95 % Clopper-Pearson interval of the false-positive rate that implies.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from scipy.stats import beta as beta_dist
 
-from apd.checkpoint import AnomalyCalibration
+from apd.checkpoint import AnomalyCalibration, CombinedRule, DataSupportRecord
 from apd.networks import NetworkSpec
-from apd.uncertainty import PredictiveSummary, ScoreName, calibrate_threshold, summarize
+from apd.support import DataSupport
+from apd.uncertainty import (
+    PREDICTIVE_SCORES,
+    PredictiveSummary,
+    ScoreName,
+    calibrate_threshold,
+    is_flagged,
+    summarize,
+)
 from training.torch_ops import member_probs
 
-DEFAULT_SCORE = ScoreName.MUTUAL_INFORMATION
+DEFAULT_SCORE = ScoreName.COMBINED
+EPISTEMIC_SCORE = ScoreName.MUTUAL_INFORMATION
 DEFAULT_TARGET_FPR = 0.05
+# Below this many calibration inputs a threshold's false-positive rate is uncertain by more
+# than about +-2 points at alpha = 5 %: `apd distill` warns.
+FEW_CALIBRATION_INPUTS = 500
 
 
-def thresholds_for(summary: PredictiveSummary, target_fpr: float) -> dict[ScoreName, float]:
-    """``tau_s`` for every score from an in-distribution summary (module docstring)."""
-    return {s: calibrate_threshold(summary.score(s), target_fpr) for s in ScoreName}
+def fpr_interval(flagged: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of a rate from ``flagged`` of ``n`` inputs."""
+    tail = (1.0 - level) / 2
+    lo = 0.0 if flagged == 0 else float(beta_dist.ppf(tail, flagged, n - flagged + 1))
+    hi = 1.0 if flagged == n else float(beta_dist.ppf(1 - tail, flagged + 1, n - flagged))
+    return lo, hi
+
+
+def combined_rule(
+    summary: PredictiveSummary, target_fpr: float, epistemic: ScoreName = EPISTEMIC_SCORE
+) -> CombinedRule:
+    """The per-test rate ``beta`` (bisection on the calibration split) at which the union of
+    the epistemic and data-support tests flags at most ``target_fpr`` of ``summary``'s inputs,
+    and the two thresholds at that rate."""
+    parts = (summary.score(epistemic), summary.score(ScoreName.DATA_SUPPORT))
+
+    def rule(rate: float) -> CombinedRule:
+        names = (epistemic, ScoreName.DATA_SUPPORT)
+        # a threshold of 0 would make the ratio undefined; scores are non-negative
+        cuts = {
+            n: max(calibrate_threshold(s, rate), 1e-12) for n, s in zip(names, parts, strict=True)
+        }
+        return CombinedRule(epistemic=epistemic, rate=rate, thresholds=cuts)
+
+    def union_rate(r: CombinedRule) -> float:
+        flags = [is_flagged(s, t) for s, t in zip(parts, r.thresholds.values(), strict=True)]
+        return float((flags[0] | flags[1]).mean())
+
+    lo, hi = target_fpr / 2, target_fpr
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if union_rate(rule(mid)) <= target_fpr else (lo, mid)
+    return rule(lo)
 
 
 def calibrate(
@@ -38,22 +92,88 @@ def calibrate(
     theta: torch.Tensor,
     x: NDArray[np.float32],
     target_fpr: float = DEFAULT_TARGET_FPR,
-    default_score: ScoreName = DEFAULT_SCORE,
+    default_score: ScoreName | None = None,
     calibration_set: str = "mnist-validation",
+    data_support: DataSupport | None = None,
 ) -> tuple[AnomalyCalibration, PredictiveSummary]:
-    """Thresholds for networks ``theta (K, P)`` on held-out inputs ``x``, and their summary."""
+    """Thresholds for networks ``theta (K, P)`` on held-out inputs ``x``, and their summary
+    (with ``data_support``'s scores when given: then ``data_support`` and ``combined`` are
+    calibrated too, and ``combined`` is the default score unless ``default_score`` says)."""
     summary = summarize(member_probs(spec, theta, x).numpy())
-    anomaly = AnomalyCalibration(
+    return calibrate_summary(
+        summary, x, int(theta.shape[0]), target_fpr, default_score, calibration_set, data_support
+    )
+
+
+def calibrate_summary(
+    summary: PredictiveSummary,
+    x: NDArray[np.float32],
+    num_samples: int,
+    target_fpr: float,
+    default_score: ScoreName | None,
+    calibration_set: str,
+    data_support: DataSupport | None,
+) -> tuple[AnomalyCalibration, PredictiveSummary]:
+    """:func:`calibrate` from a summary already computed on ``x``. The default score is
+    ``combined`` with a data-support fit, else mutual information."""
+    if default_score is None:
+        default_score = DEFAULT_SCORE if data_support is not None else EPISTEMIC_SCORE
+    scores = list(PREDICTIVE_SCORES)
+    combined = None
+    if data_support is not None:
+        summary = replace(summary, data_support=data_support.score(x))
+        scores.append(ScoreName.DATA_SUPPORT)
+        combined = combined_rule(summary, target_fpr)
+    elif default_score in (ScoreName.DATA_SUPPORT, ScoreName.COMBINED):
+        raise ValueError(f"default score {default_score.value} needs a data-support fit")
+    thresholds = {s: calibrate_threshold(summary.score(s), target_fpr) for s in scores}
+    if combined is not None:
+        thresholds[ScoreName.COMBINED] = 1.0
+    draft = AnomalyCalibration(
         default_score=default_score,
         target_fpr=target_fpr,
-        thresholds=thresholds_for(summary, target_fpr),
+        thresholds=thresholds,
         calibration_set=calibration_set,
         calibration_size=len(x),
-        num_samples=int(theta.shape[0]),
+        num_samples=num_samples,
+        combined=combined,
     )
-    return anomaly, summary
+    n = len(x)
+    flagged = {s: int(draft.flags(summary, s)[1].sum()) for s in thresholds}
+    return draft.model_copy(
+        update={
+            "flagged": flagged,
+            "fpr_interval": {s: fpr_interval(m, n) for s, m in flagged.items()},
+        }
+    ), summary
 
 
-def flag_rate(summary: PredictiveSummary, score: ScoreName, threshold: float) -> float:
-    """Fraction of inputs whose score exceeds ``threshold`` (flagged as anomalous)."""
-    return float((summary.score(score) > threshold).mean())
+def support_record(fit: DataSupport, fitted_on: str, rows: int, held: float) -> DataSupportRecord:
+    """The metadata of a data-support fit (:class:`apd.checkpoint.DataSupportRecord`)."""
+    return DataSupportRecord(
+        rank=fit.rank,
+        residual_variance=fit.residual_variance,
+        center=fit.center,
+        variance_held=held,
+        fitted_on=fitted_on,
+        fit_rows=rows,
+    )
+
+
+def threshold_warning(anomaly: AnomalyCalibration) -> str | None:
+    """A one-line warning when the thresholds were set on fewer than
+    :data:`FEW_CALIBRATION_INPUTS` inputs, with the default score's interval; else None."""
+    n = anomaly.calibration_size
+    if n >= FEW_CALIBRATION_INPUTS:
+        return None
+    lo, hi = anomaly.fpr_interval.get(anomaly.default_score, (0.0, 1.0))
+    return (
+        f"warning: thresholds set on only {n} validation inputs: the {anomaly.default_score.value} "
+        f"flag's false-positive rate (target {anomaly.target_fpr:g}) lies in "
+        f"[{lo:.3f}, {hi:.3f}] (95 %); {FEW_CALIBRATION_INPUTS}+ inputs narrow it"
+    )
+
+
+def flag_rate(anomaly: AnomalyCalibration, summary: PredictiveSummary, score: ScoreName) -> float:
+    """Fraction of ``summary``'s inputs flagged by ``score`` (as the service flags them)."""
+    return float(anomaly.flags(summary, score)[1].mean())

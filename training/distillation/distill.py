@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from apd.checkpoint import BasisDtype, Design, load_checkpoint
 from apd.networks import NetworkSpec, build_spec
+from apd.support import DEFAULT_VARIANCE_HELD, MAX_FIT_ROWS, DataSupport
 from apd.uncertainty import ScoreName
 from training.datasets import (
     Dataset,
@@ -51,7 +52,14 @@ from training.metrics import accuracy
 from training.sample_store import SampleStore
 from training.train import check_arch, sgld_defaults
 
-from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
+from .calibrate import (
+    DEFAULT_SCORE,
+    DEFAULT_TARGET_FPR,
+    calibrate,
+    flag_rate,
+    support_record,
+    threshold_warning,
+)
 from .fidelity import ValidationMonitor
 from .gan import Generator
 from .offline import (
@@ -119,7 +127,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cal = parser.add_argument_group("calibration")
     cal.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)
     cal.add_argument(
-        "--default-score", choices=[s.value for s in ScoreName], default=DEFAULT_SCORE.value
+        "--default-score",
+        choices=[s.value for s in ScoreName],
+        default=DEFAULT_SCORE.value,
+        help="the flag /predict reports (default: combined, mutual information or the data's "
+        "distance, apd.support)",
     )
     cal.add_argument("--num-samples", type=int, default=100, help="networks per prediction")
     onl = parser.add_argument_group("online SGLD (--algorithm online)")
@@ -349,14 +361,25 @@ def run(args: argparse.Namespace) -> int:
     generator: Generator = result.generator
     rng = torch.Generator(device=args.device).manual_seed(config.seed + 1)
     theta = generator.sample(args.num_samples, rng)
-    anomaly, val_summary = calibrate(
-        spec,
-        theta,
-        data.val_x,
-        args.target_fpr,
-        ScoreName(args.default_score),
-        calibration_set=f"{data.name}-validation",
+    support = DataSupport.fit(data.train_x, seed=config.seed)
+    record = support_record(
+        support, f"{data.name}-train", min(len(data.train_x), MAX_FIT_ROWS), DEFAULT_VARIANCE_HELD
     )
+    try:
+        anomaly, val_summary = calibrate(
+            spec,
+            theta,
+            data.val_x,
+            args.target_fpr,
+            ScoreName(args.default_score),
+            calibration_set=f"{data.name}-validation",
+            data_support=support,
+        )
+    except ValueError as exc:
+        raise UserError(f"calibration: {exc}") from None
+    warning = threshold_warning(anomaly)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     best = result.summary()["best_validation"]
     final = next(
         (r for r in result.residual_search if r["residual_scale"] == result.residual_scale), None
@@ -365,9 +388,7 @@ def run(args: argparse.Namespace) -> int:
         "validation": {
             "accuracy": accuracy(val_summary.probabilities, data.val_y),
             "selected": final or best,
-            "flag_rate": {
-                s.value: flag_rate(val_summary, s, anomaly.thresholds[s]) for s in ScoreName
-            },
+            "flag_rate": {s.value: flag_rate(anomaly, val_summary, s) for s in anomaly.thresholds},
         },
         "teacher_validation": teacher_info,
         "distill_seconds": round(seconds, 1),
@@ -401,6 +422,8 @@ def run(args: argparse.Namespace) -> int:
         distillation=distillation,
         metrics=metrics,
         num_samples_default=args.num_samples,
+        data_support=(support, record),
+        probes=data.val_x,
     )
     ckpt = load_checkpoint(out)  # re-read: what the service will see
     fidelity_path = out.with_name(out.name.removesuffix(".safetensors") + ".fidelity.json")

@@ -16,13 +16,16 @@ from apd.checkpoint import (
     BasisDtype,
     Checkpoint,
     CheckpointMeta,
+    DataSupportRecord,
     Design,
     InputConvention,
     Provenance,
     TargetNetwork,
     save_checkpoint,
+    with_probes,
 )
 from apd.networks import NetworkSpec
+from apd.support import DataSupport
 
 from .gan import Generator
 
@@ -70,9 +73,13 @@ def write_checkpoint(
     distillation: dict[str, Any],
     metrics: dict[str, Any],
     num_samples_default: int = 100,
+    data_support: tuple[DataSupport, DataSupportRecord] | None = None,
+    probes: NDArray[np.float32] | None = None,
 ) -> tuple[str, CheckpointMeta]:
     """Validate and write the checkpoint; returns its sha256 and metadata. The input
-    convention is the training data's (:attr:`training.datasets.Dataset.convention`)."""
+    convention is the training data's (:attr:`training.datasets.Dataset.convention`);
+    with ``probes`` (validation inputs), :func:`probe_set` of them is stored with the written
+    generator's answers (:class:`apd.checkpoint.Probes`)."""
     if generator.num_params != spec.num_params:
         raise ValueError(
             f"generator makes {generator.num_params} weights, {spec.name} has {spec.num_params}"
@@ -93,20 +100,31 @@ def write_checkpoint(
             distillation=distillation,
         ),
         metrics=metrics,
+        data_support=None if data_support is None else data_support[1],
     )
-    sha = save_checkpoint(path, meta, generator.checkpoint_tensors(basis_dtype))
+    tensors: dict[str, NDArray[Any]] = dict(generator.checkpoint_tensors(basis_dtype))
+    if data_support is not None:
+        tensors |= data_support[0].tensors()
+    if probes is not None:
+        x, kinds = probe_set(probes)
+        meta, tensors = with_probes(meta, tensors, x, kinds)
+    sha = save_checkpoint(path, meta, tensors)
     return sha, meta
 
 
 def generator_noise(ckpt: Checkpoint, k: int, seed: int) -> dict[str, NDArray[np.float32]]:
-    """Standard normal noise for ``k`` networks from NumPy seed ``seed``: ``z (k, noise_dim)``
-    and, when the generator adds residual noise, ``eps (k, P)``; named as the arguments of
-    :meth:`Checkpoint.generate` and the inputs of the ONNX graph."""
-    rng = np.random.default_rng(seed)
-    noise = {"z": rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)}
-    if ckpt.meta.generator.has_residual:
-        noise["eps"] = rng.standard_normal((k, ckpt.num_params), dtype=np.float32)
-    return noise
+    """The contract's noise for ``k`` networks from NumPy seed ``seed``
+    (:meth:`Checkpoint.noise`): ``z`` and, with residual noise, ``eps``."""
+    return ckpt.noise(k, seed)
+
+
+def probe_set(val_x: NDArray[np.float32], rows: int = 4) -> tuple[NDArray[np.float32], list[str]]:
+    """Network inputs whose answers a checkpoint stores for loading to check
+    (:class:`apd.checkpoint.Probes`): ``rows`` validation inputs, the first of them times 20
+    (far from the data), and zeros."""
+    x = np.asarray(val_x[:rows], dtype=np.float32).reshape(min(rows, len(val_x)), -1)
+    probes = np.concatenate([x, 20 * x[:1], np.zeros_like(x[:1])])
+    return probes, [*(["validation"] * len(x)), "validation x20", "zeros"]
 
 
 def sample_networks(ckpt: Checkpoint, k: int, seed: int) -> NDArray[np.float32]:

@@ -105,22 +105,23 @@ async def _predict(
 ) -> PredictResponse:
     summary, k = await _summarize(runtime, raw, num_samples, seed, endpoint)
     name = runtime.default_score
-    threshold = runtime.thresholds[name]
-    scores = summary.score(name)
-    flags = scores > threshold
-    runtime.metrics.anomaly_flags.labels(score=name.value).inc(int(flags.sum()))
+    scores, flags, threshold = runtime.flags(summary, name)
     class_names = runtime.checkpoint.meta.input.class_names
     # Built without re-validation (model_construct): every value comes from the summary's
     # arrays, already of the declared types; 3 x N validations were ~5% of a batch-64 request.
     labels = summary.labels.tolist()
     probabilities = summary.probabilities.tolist()
+    support = (
+        [None] * len(labels) if summary.data_support is None else summary.data_support.tolist()
+    )
     columns = zip(
         summary.predictive_entropy.tolist(),
         summary.expected_entropy.tolist(),
         summary.mutual_information.tolist(),
         summary.model_variance.tolist(),
-        np.asarray(scores, dtype=np.float64).tolist(),
+        scores.tolist(),
         flags.tolist(),
+        support,
         strict=True,
     )
     predictions = [
@@ -129,13 +130,17 @@ async def _predict(
             label_name=class_names[labels[i]] if class_names else None,
             probabilities=probabilities[i],
             uncertainty=Uncertainty.model_construct(
-                predictive_entropy=h, expected_entropy=e, mutual_information=mi, model_variance=v
+                predictive_entropy=h,
+                expected_entropy=e,
+                mutual_information=mi,
+                model_variance=v,
+                data_support=ds,
             ),
             anomaly=AnomalyFlag.model_construct(
                 score=score, is_anomaly=flag, threshold=threshold, score_name=name
             ),
         )
-        for i, (h, e, mi, v, score, flag) in enumerate(columns)
+        for i, (h, e, mi, v, score, flag, ds) in enumerate(columns)
     ]
     return PredictResponse(
         model=_model_ref(runtime), num_samples=k, seed=seed, predictions=predictions
@@ -225,10 +230,7 @@ async def predict_image(
 async def anomaly_score(body: AnomalyScoreRequest, runtime: RuntimeDep) -> AnomalyScoreResponse:
     name = _score_name(runtime, body.score)
     summary, k = await _summarize(runtime, body.raw, body.num_samples, body.seed, "/anomaly-score")
-    threshold = runtime.thresholds[name]
-    scores = np.asarray(summary.score(name), dtype=np.float64)
-    flags = scores > threshold
-    runtime.metrics.anomaly_flags.labels(score=name.value).inc(int(flags.sum()))
+    scores, flags, threshold = runtime.flags(summary, name)
     return AnomalyScoreResponse(
         score_name=name,
         threshold=threshold,

@@ -34,7 +34,9 @@ async def model_info(runtime: RuntimeDep, schema: InputSchemaDep) -> ModelInfo:
         target=meta.target.model_dump(mode="json"),
         parameter_count=meta.target.num_params,
         generator=meta.generator.model_dump(mode="json"),
-        generator_parameter_count=sum(int(t.size) for t in ckpt.tensors.values()),
+        generator_parameter_count=sum(
+            int(t.size) for n, t in ckpt.tensors.items() if n.startswith("generator.")
+        ),
         input=InputInfo(
             shape=list(convention.shape),
             size=convention.input_dim,
@@ -57,6 +59,12 @@ async def model_info(runtime: RuntimeDep, schema: InputSchemaDep) -> ModelInfo:
             calibration_set=anomaly.calibration_set,
             calibration_size=anomaly.calibration_size,
             calibration_num_samples=anomaly.num_samples,
+            flagged_on_calibration=dict(anomaly.flagged),
+            fpr_interval=dict(anomaly.fpr_interval),
+            combined=None if anomaly.combined is None else anomaly.combined.model_dump(mode="json"),
+            data_support=None
+            if meta.data_support is None
+            else meta.data_support.model_dump(mode="json"),
         ),
         provenance=meta.provenance.model_dump(mode="json"),
         metrics=dict(meta.metrics),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from numpy.typing import NDArray
@@ -62,7 +61,16 @@ OUTPUTS: Final[dict[str, Datatype]] = {
     "model_variance": "FP32",
     "anomaly_score": "FP32",
     "is_anomaly": "BOOL",
+    # the inputs' data-support score (apd.support), for checkpoints that have one
+    "data_support": "FP32",
 }
+
+
+def _outputs(runtime: ServiceRuntime) -> list[str]:
+    """The output tensors this model serves: ``data_support`` only where it has the score."""
+    has_support = runtime.checkpoint.data_support is not None
+    return [out for out in OUTPUTS if out != "data_support" or has_support]
+
 
 _ERROR: Final = {"model": V2Error}
 _LIMIT_ERROR: Final = {
@@ -144,7 +152,8 @@ async def model_metadata(
             shape=[-1, classes] if out == "probabilities" else [-1],
             parameters=names if out in ("probabilities", "label") else None,
         )
-        for out, dtype in OUTPUTS.items()
+        for out in _outputs(served)
+        for dtype in [OUTPUTS[out]]
     ]
     return ModelMetadata(
         name=meta.model_id,
@@ -231,7 +240,7 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
         params = parameters(req)
         k = _num_samples(served, params.num_samples)
         score = _score(served, params.score)
-        outputs = requested_outputs(req, list(OUTPUTS))
+        outputs = requested_outputs(req, _outputs(served))
     except ProtocolError as exc:
         return _fail(exc)
     summary = await served.infer(x, k, params.seed, INFER_PATH)
@@ -287,10 +296,9 @@ def _output_tensors(
     runtime: ServiceRuntime, summary: PredictiveSummary, score: ScoreName
 ) -> dict[str, NDArray[Any]]:
     """Every output tensor; flags and their metric as ``/predict`` and ``/anomaly-score``."""
-    scores = np.asarray(summary.score(score), dtype=np.float64)
-    flags = scores > runtime.thresholds[score]
-    runtime.metrics.anomaly_flags.labels(score=score.value).inc(int(flags.sum()))
-    return {
+    scores, flags, _ = runtime.flags(summary, score)
+    support = {} if summary.data_support is None else {"data_support": summary.data_support}
+    return support | {
         "probabilities": summary.probabilities,
         "label": summary.labels,
         "predictive_entropy": summary.predictive_entropy,
