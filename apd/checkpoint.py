@@ -317,21 +317,27 @@ class GeneratorConfig(_Strict):
 
 class CombinedRule(_Strict):
     """The ``combined`` flag: the union of two tests, the epistemic score above its threshold
-    or the data-support score above its own, each at the per-test rate ``rate`` chosen on the
-    calibration split so that the union flags ``target_fpr`` of it (between ``target_fpr / 2``,
-    Bonferroni's split, and ``target_fpr``). Its score is the larger of the two scores, each
-    divided by its threshold here, so its own threshold is 1."""
+    or the data-support score above its own. ``rates`` are each test's false-positive rate on
+    the calibration split: the data-support test's a fixed share of the target, the epistemic
+    test's whatever brings the union to the target (``training.distillation.calibrate``). Its
+    score is the larger of the two scores, each divided by its threshold here, so its own
+    threshold is 1."""
 
     epistemic: ScoreName
-    rate: float = Field(gt=0, lt=1)
+    rates: dict[ScoreName, float]
     thresholds: dict[ScoreName, float]
 
     @model_validator(mode="after")
     def _two_tests(self) -> CombinedRule:
         if self.epistemic not in PREDICTIVE_SCORES:
             raise ValueError(f"combined: {self.epistemic.value} is not an epistemic score")
-        if set(self.thresholds) != {self.epistemic, ScoreName.DATA_SUPPORT}:
-            raise ValueError("combined: thresholds for the epistemic score and data_support")
+        tests = {self.epistemic, ScoreName.DATA_SUPPORT}
+        if set(self.thresholds) != tests or set(self.rates) != tests:
+            raise ValueError(
+                "combined: rates and thresholds of the epistemic score and data_support"
+            )
+        if not all(0.0 < r < 1.0 for r in self.rates.values()):
+            raise ValueError("combined: rates must lie in (0, 1)")
         if not all(math.isfinite(t) and t > 0 for t in self.thresholds.values()):
             raise ValueError("combined: thresholds must be finite and positive")
         return self

@@ -142,13 +142,13 @@ def request_examples(example: JsonValue) -> dict[str, list[JsonValue]]:
 # examples (the first MNIST test image, num_samples 100, seed 7), numbers to 4 significant
 # digits; tests/test_api_doc.py answers the request with that checkpoint and compares. The
 # OpenAPI document shows them when that checkpoint is served (service/main.py).
-SHIPPED_SHA256: Final = "4b578f2ea54126d05d92be65567d8d296817677c103b9536795aae8ba900ba35"
-_SHIPPED_THRESHOLD: Final = 0.23540170376774533  # mutual_information, 5% FPR
+SHIPPED_SHA256: Final = "6943aebdf987ba34b824de7e3d92b8b368285816f78e5a2d6714fb2b87670912"
+_SHIPPED_THRESHOLD: Final = 0.23626839907848557  # mutual_information, 5% FPR
 
 
 class ModelRef(BaseModel):
     id: str = Field(examples=["mnist-fcnn1"])
-    version: str = Field(examples=["2026.11.23-fcnn1"])
+    version: str = Field(examples=["2026.12.06-fcnn1"])
     checkpoint_sha256: str = Field(examples=[SHIPPED_SHA256])
 
 
@@ -190,7 +190,7 @@ class Prediction(BaseModel):
 
 _EXAMPLE_MODEL: dict[str, JsonValue] = {
     "id": "mnist-fcnn1",
-    "version": "2026.11.23-fcnn1",
+    "version": "2026.12.06-fcnn1",
     "checkpoint_sha256": SHIPPED_SHA256,
 }
 _EXAMPLE_PREDICTION: dict[str, JsonValue] = {
@@ -212,12 +212,13 @@ _EXAMPLE_PREDICTION: dict[str, JsonValue] = {
         "expected_entropy": 0.001014,
         "mutual_information": 0.000428,
         "model_variance": 1.443e-07,
+        "data_support": 0.2667,
     },
     "anomaly": {
-        "score": 0.000428,
+        "score": 0.2296,
         "is_anomaly": False,
-        "threshold": _SHIPPED_THRESHOLD,
-        "score_name": "mutual_information",
+        "threshold": 1.0,
+        "score_name": "combined",
     },
 }
 

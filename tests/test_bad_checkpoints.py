@@ -388,3 +388,49 @@ def test_apd_serve_refuses_bad_checkpoints(good: Path, tmp_path: Path) -> None:
         assert len(lines) == 1, f"{kind}: expected one line on stderr, got:\n{stderr}"
         assert reason in lines[0], f"{kind}: {lines[0]!r} does not give the reason {reason!r}"
         assert proc.returncode == 1, f"{kind}: exit code {proc.returncode} (1: bad checkpoint)"
+
+
+# ---- a checkpoint proves itself: probes, and finite answers without them ----------------
+
+
+def _shipped_raw() -> tuple[Tensors, str]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
+    with safe_open(str(path), framework="np") as f:
+        meta = (f.metadata() or {})[META_KEY]
+    return load_file(str(path)), meta
+
+
+def _last_generator_weight(tensors: Tensors) -> str:
+    return max(
+        (k for k in tensors if k.startswith("generator.layers.") and k.endswith(".weight")),
+        key=lambda k: int(k.split(".")[2]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("factor", "why"), [(1e30, "not finite"), (1.5, "differ from the stored answer")]
+)
+def test_a_diverged_or_altered_shipped_checkpoint_is_refused(
+    tmp_path: Path, factor: float, why: str
+) -> None:
+    """The shipped model's last generator weight scaled (the digest recomputed, as anyone who
+    can write the file can): its probes no longer answer as stored, so it is refused."""
+    tensors, meta = _shipped_raw()
+    name = _last_generator_weight(tensors)
+    tensors[name] = (tensors[name].astype(np.float64) * factor).astype(np.float32)
+    assert np.isfinite(tensors[name]).all()  # every tensor is finite: the old check passed
+    _refused(_write_raw(tmp_path / "bad.safetensors", tensors, meta), "probe", why)
+
+
+def test_a_diverged_checkpoint_without_probes_is_refused(tmp_path: Path) -> None:
+    """A checkpoint written before probes existed must still give finite answers."""
+    record = tiny_meta(residual=False)
+    meta = json.loads(record.model_dump_json())
+    tensors = tiny_tensors(record)
+    name = _last_generator_weight(tensors)
+    tensors[name] = tensors[name] * np.float32(1e30)
+    tensors[BASIS] = tensors[BASIS] * np.float32(1e30)
+    _refused(_write_raw(tmp_path / "bad.safetensors", tensors, meta), "non-finite", "diverged")

@@ -16,6 +16,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -494,6 +495,55 @@ def test_wine_features_in_their_own_units(wine_checkpoint: Path) -> None:
         body["inputs"][0]["datatype"] = "UINT8"
         r = client.post(f"/v2/models/{name}/infer", json=body)
         assert r.status_code == 400 and "UINT8" in r.json()["error"]
+
+
+def test_wine_far_from_the_data_is_flagged_by_the_default_flag(wine_checkpoint: Path) -> None:
+    """The tabular model made by the documented commands flags, by its default (combined)
+    flag, rows far from its data: every row x20, all-zero rows, and rows with one feature at
+    100x its training range; its own rows at about the calibrated rate; the combined score
+    and the data-support score are also answered by /anomaly-score and V2, and /v1/model
+    says how few inputs set the thresholds."""
+    from sklearn.datasets import load_wine
+
+    x = load_wine().data
+    ckpt = load_checkpoint(wine_checkpoint)
+    anomaly = ckpt.meta.anomaly
+    assert anomaly.default_score.value == "combined" and ckpt.data_support is not None
+    span = x.max(0) - x.min(0)
+    one_feature = np.repeat(x[:13], 1, axis=0).copy()
+    one_feature[np.arange(13), np.arange(13)] = x.min(0) + 100 * span
+    cases = {"x20": 20 * x[:64], "zeros": np.zeros((8, 13)), "one feature 100x": one_feature}
+    with served(wine_checkpoint) as client:
+        for what, rows in cases.items():
+            answer = post(client, "/predict", inputs=rows.tolist(), seed=SEED)
+            flags = [p["anomaly"]["is_anomaly"] for p in answer["predictions"]]
+            assert np.mean(flags) >= 0.95, what
+            assert all(p["uncertainty"]["data_support"] > 0 for p in answer["predictions"])
+        own = post(client, "/anomaly-score", inputs=x[:128].tolist(), seed=SEED)
+        assert own["score_name"] == "combined" and own["threshold"] == 1.0
+        assert np.mean(own["is_anomaly"]) <= 0.12
+        reference = seeded_reference(ckpt, x[:128])
+        _, flags, _ = anomaly.flags(
+            replace(
+                reference, data_support=ckpt.data_support.score(ckpt.meta.input.preprocess(x[:128]))
+            ),
+            anomaly.default_score,
+        )
+        assert own["is_anomaly"] == flags.tolist()
+        body = {
+            "inputs": [
+                {"name": "input", "shape": [2, 13], "datatype": "FP32", "data": x[:2].tolist()}
+            ],
+            "outputs": [{"name": "data_support"}, {"name": "is_anomaly"}],
+        }
+        r = client.post(f"/v2/models/{ckpt.meta.model_id}/infer", json=body)
+        assert r.status_code == 200, r.text
+        assert [o["name"] for o in r.json()["outputs"]] == ["data_support", "is_anomaly"]
+        info = client.get("/v1/model").json()["anomaly"]
+        n = info["calibration_size"]
+        assert n < 500  # wine's validation split is a few dozen rows
+        lo, hi = info["fpr_interval"]["combined"]
+        assert lo <= info["flagged_on_calibration"]["combined"] / n <= hi and hi - lo > 0.1
 
 
 def test_image_folder_cnn_served_from_json_and_files(folder: tuple[Path, Path]) -> None:

@@ -205,8 +205,8 @@ def test_apd_help_lists_exactly_the_commands_that_run(capsys: pytest.CaptureFixt
         except SystemExit as exc:  # argparse's --help
             code = exc.code
         assert code in (0, None), command
-    assert apd_cli.main(["calibrate"]) == 2
-    assert "unknown command 'calibrate'" in capsys.readouterr().err
+    assert apd_cli.main(["calibrated"]) == 2
+    assert "unknown command 'calibrated'" in capsys.readouterr().err
 
 
 def test_apd_help_works_without_the_training_code() -> None:
