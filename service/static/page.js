@@ -405,12 +405,10 @@
     $("error").textContent = "";
   }
 
-  /** The message of an error answer: 422 {message, detail: [...]}, {detail: str}, {error}. */
+  /** The message of an error answer: {message, detail: [...]} (docs/api.md), or V2's {error}. */
   function errorText(body) {
     if (!body || typeof body !== "object") return "";
     if (typeof body.message === "string") return body.message;
-    if (typeof body.detail === "string") return body.detail;
-    if (Array.isArray(body.detail)) return body.detail.map((d) => d.msg).join("; ");
     if (typeof body.error === "string") return body.error;
     return JSON.stringify(body);
   }
