@@ -23,10 +23,12 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -93,7 +95,8 @@ def browser() -> Iterator[Any]:
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     ):
         options.add_argument(arg)
-    options.set_capability("goog:loggingOptions", {"browser": "ALL"})
+    # performance: every request the browser makes (Network.requestWillBeSent events)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     service = webdriver.ChromeService(executable_path=driver_exe)
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(WAIT_S)
@@ -352,6 +355,50 @@ def test_page_and_assets_are_served_by_the_app_alone(server: ServeProcess) -> No
     assert httpx.get(base + "/page/index.html", timeout=10).status_code == 404
     assert httpx.get(base + "/page/..%2Fpage.py", timeout=10).status_code == 404
     assert "/" not in httpx.get(base + "/openapi.json", timeout=10).json()["paths"]
+
+
+def requested_urls(driver: Any) -> list[str]:
+    """The URLs the browser requested since the performance log was last read."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(str(message["params"]["request"]["url"]))
+    return urls
+
+
+# Each page the app serves, and an element that shows it has rendered (its script has run).
+RENDERED = {
+    "/": "body[data-ready='true']",
+    "/docs": ".swagger-ui .info .title",
+    "/redoc": ".menu-content",
+}
+
+
+@pytest.mark.parametrize("path", list(RENDERED))
+def test_no_request_leaves_the_machine(browser: Any, server: ServeProcess, path: str) -> None:
+    """Chrome's own record of every request a page made (its performance log): all go to
+    this server; none to a CDN, font host or validator, though they would fail here anyway."""
+    from selenium.webdriver.common.by import By
+
+    browser.get_log("performance")  # drop what earlier tests left
+    browser.get(server.base_url + path)
+    wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, RENDERED[path]),
+        f"{path} to render",
+    )
+    time.sleep(1.0)  # what a page fetches once rendered (ReDoc's logo) is requested by now
+    urls = requested_urls(browser)
+    own = [u for u in urls if u.startswith(server.base_url)]
+    assert own, f"the performance log shows no request to the server: {urls}"
+    remote = [
+        u
+        for u in urls
+        if urlsplit(u).scheme not in {"data", "blob", "about", "chrome"}
+        and urlsplit(u).hostname not in {"127.0.0.1", "localhost", "::1"}
+    ]
+    assert not remote, f"{path} made requests off this machine: {remote}"
 
 
 def test_uploaded_digit(browser: Any, server: ServeProcess, tmp_path: Path) -> None:
