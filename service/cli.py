@@ -105,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except SettingsError as exc:
-        return _fail(str(exc).splitlines()[0], 2)
+        return _fail(f"{str(exc).splitlines()[0]} (see: {PROG} --help)", 2)
     except ValidationError as exc:
-        return _fail(describe_validation_error(exc), 2)
+        return _fail(f"{describe_validation_error(exc)} (see: {PROG} --help)", 2)
 
     from service.runtime import load_servable
 

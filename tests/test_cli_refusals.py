@@ -163,6 +163,21 @@ def test_distill_reads_the_recorded_csv_from_its_new_place(tmp_path: Path) -> No
         recorded_data(run, args)
 
 
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [(["--bogus"], "unrecognized arguments: --bogus"), (["--port", "abc"], "port: Input")],
+)
+def test_serve_usage_errors_are_one_line_pointing_at_help(
+    argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main as serve_main
+
+    assert serve_main(argv) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith("apd serve: error: ") and problem in err
+    assert err.endswith("(see: apd serve --help)")
+
+
 def test_serve_on_a_busy_port_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     from service.cli import main as serve_main
 
