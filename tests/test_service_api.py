@@ -414,6 +414,27 @@ def test_bad_input_is_a_4xx_naming_the_problem(
     assert client.post("/predict", json={"inputs": [GOOD], "num_samples": 1}).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [
+        ("GET", "/predict", 405, "GET is not allowed on /predict; use POST"),
+        ("GET", "/nowhere", 404, "no endpoint at /nowhere; the API is listed at /docs"),
+        ("GET", "/page/x.js", 404, "no page asset 'x.js'"),
+    ],
+)
+def test_every_error_has_the_documented_shape(
+    client: Any, method: str, path: str, status: int, message: str
+) -> None:
+    r = client.request(method, path)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"detail", "message"} and body["message"].startswith(message)
+    assert [d["msg"] for d in body["detail"]] == [body["message"]]
+    assert client.get("/v2/nowhere").json() == {
+        "error": "no endpoint at /v2/nowhere; the API is listed at /docs (or /openapi.json)"
+    }
+
+
 def _png(pixels: NDArray[np.uint8], fmt: str = "PNG") -> bytes:
     from PIL import Image
 

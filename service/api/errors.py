@@ -168,10 +168,17 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
         return JSONResponse(status_code=422, content={"detail": detail, "message": message})
     if not isinstance(exc.detail, str) or exc.status_code < 400:
         return await http_exception_handler(request, exc)
+    message = exc.detail
+    path = request.url.path
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed":  # routing's own words
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
+        message = f"{request.method} is not allowed on {path}; use {allowed or 'another method'}"
+    elif exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"no endpoint at {path}; the API is listed at /docs (or /openapi.json)"
     loc: tuple[str, ...] = ("body",) if exc.status_code in (408, 413, 415) else ()
     return JSONResponse(
         status_code=exc.status_code,
-        content=error_content(request.url.path, exc.status_code, exc.detail, loc),
+        content=error_content(path, exc.status_code, message, loc),
         headers=exc.headers,
     )
 
