@@ -7,6 +7,16 @@ SERVE_VENV := .venv-serve
 SERVE_BIN  := $(SERVE_VENV)/bin
 # The serving dependencies, exact and hash-checked: the versions the tests run with.
 LOCK   := requirements/serve.lock
+# PyTorch's CPU build, pinned: from a local wheel folder where pip's configuration names one
+# holding it (find-links, as on the team's machines), else from PyTorch's CPU wheel index
+# (an extra index: the exact version "+cpu" is only there, so no CUDA build can be chosen).
+TORCH_VERSION   := 2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+PIP_FIND_LINKS_DIRS = $(subst file://,,$(PIP_FIND_LINKS) \
+	$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+TORCH_LOCAL_WHEEL = $(firstword $(foreach d,$(PIP_FIND_LINKS_DIRS),\
+	$(wildcard $(d)/torch-$(TORCH_VERSION)-*.whl)))
+TORCH_SOURCE = $(if $(TORCH_LOCAL_WHEEL),,--extra-index-url $(TORCH_CPU_INDEX))
 # Datasets: ../shared/data on the team's machines, ./data elsewhere (MNIST downloads there).
 APD_DATA_DIR ?= $(if $(wildcard ../shared/data/mnist),$(abspath ../shared/data),$(CURDIR)/data)
 export APD_DATA_DIR
@@ -20,7 +30,7 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 	# The serving closure at its locked versions (tests/test_packaging.py holds the two equal).
 	$(BIN)/pip install -q --require-hashes -r $(LOCK)
 	# The CPU build of torch first, pinned, so no dependency pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q 'torch==$(TORCH_VERSION)' $(TORCH_SOURCE)
 	$(BIN)/pip install -q -e '.[serve,train,dev,eval]'
 	# laplace-torch's torchvision: unused, and PyPI's CUDA build breaks the CPU torch (pyproject).
 	$(BIN)/pip uninstall -q -y torchvision

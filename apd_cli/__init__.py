@@ -37,9 +37,12 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        print("apd: error: a command is needed (see: apd --help)", file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if args else 2
+        return 0
     command, rest = args[0], args[1:]
     if command == "serve":
         from service.cli import main as serve_main
@@ -57,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    print(f"apd: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    known = ", ".join(["serve", *_training_commands()])
+    print(f"apd: unknown command {command!r}; commands: {known} (see: apd --help)", file=sys.stderr)
     return 2
 
 

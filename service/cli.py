@@ -4,7 +4,7 @@ Flags mirror :class:`service.config.Settings` (``--checkpoint``, ``--host``, ``-
 ``--workers``, ``--redis-url``, ...; ``apd serve --help`` lists them all) and
 win over the ``APD_*`` environment. Before anything is served, this process validates the
 settings and loads and checks the checkpoint; a problem is one line on stderr and a non-zero
-exit code (2: bad settings, 1: a checkpoint that cannot be served).
+exit code (2: bad settings, 1: a checkpoint that cannot be served or a port already in use).
 
 NumPy's BLAS reads its thread count once, when NumPy loads, so this module sets
 ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` from ``--num-threads``
@@ -25,7 +25,9 @@ object (``--log-format text`` for plain lines), in this process and in every wor
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -47,6 +49,27 @@ DEFAULT_NUM_THREADS: Final = 2
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound (as uvicorn binds it: ``SO_REUSEADDR``), or None."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"--host {host}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"--port {port}: {host}:{port} is in use (another server?); stop it or "
+                    "pass another --port"
+                )
+            return f"--host {host} --port {port}: cannot listen there: {exc.strerror}"
+    return None
 
 
 def limit_blas_threads(argv: Sequence[str]) -> None:
@@ -82,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except SettingsError as exc:
-        return _fail(str(exc).splitlines()[0], 2)
+        return _fail(f"{str(exc).splitlines()[0]} (see: {PROG} --help)", 2)
     except ValidationError as exc:
-        return _fail(describe_validation_error(exc), 2)
+        return _fail(f"{describe_validation_error(exc)} (see: {PROG} --help)", 2)
 
     from service.runtime import load_servable
 
@@ -92,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = load_servable(settings)
     except CheckpointError as exc:
         return _fail(str(exc), 1)
+
+    busy = port_in_use(settings.host, settings.port)
+    if busy is not None:  # one line, before uvicorn's three log lines and exit code 3
+        return _fail(busy, 1)
 
     import uvicorn
 

@@ -100,6 +100,7 @@ class InputSchema:
     convention: InputConvention
     example: list[JsonValue] = field(repr=False)
     example_source: str
+    mnist: bool = False  # an MNIST model: image files are laid out as MNIST's digits
 
     @classmethod
     def of(cls, meta: CheckpointMeta) -> InputSchema:
@@ -120,7 +121,7 @@ class InputSchema:
             digit: list[JsonValue] = [*bytes.fromhex(MNIST_TEST_0)]
             pixels: list[JsonValue] = [*mnist_example()]
             raw = digit if c.dtype == "uint8" else pixels
-            return cls(c, raw, "the first MNIST test image (a 7)")
+            return cls(c, raw, "the first MNIST test image (a 7)", mnist=True)
         lo, hi = c.value_range
         dim = c.input_dim
         scale = np.broadcast_to(np.asarray(c.scale, np.float64), (dim,))
@@ -444,9 +445,16 @@ class InputSchema:
     # ---- image files -------------------------------------------------------------------
 
     def image_to_raw(self, data: bytes) -> NDArray[np.float32]:
-        """An image file -> one example, flat, float32 in the model's raw units (the
-        checkpoint's :meth:`~apd.checkpoint.InputConvention.image_to_raw`). ``ValueError`` for
-        what is not a readable image."""
+        """An image file -> one example, flat, float32 in the model's raw units: for MNIST
+        models laid out as MNIST's digits (:func:`service.images.mnist_input`: a light
+        background inverted, the strokes cropped and centred), for others the checkpoint's
+        :meth:`~apd.checkpoint.InputConvention.image_to_raw`. ``ValueError`` for what is not a
+        readable image."""
+        if self.mnist:
+            from service.images import mnist_input
+
+            raw = mnist_input(data)
+            return raw if self.convention.dtype == "float32" else np.round(raw * 255)
         raw = self.convention.image_to_raw(data)
         return np.asarray(raw, dtype=np.float32).reshape(self.size)
 

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_content
 from service.logging_config import bind_request, unbind_request
 from service.telemetry import Metrics
 
@@ -197,14 +198,14 @@ class BodyLimitMiddleware:
                 f"request headers hold {header_bytes} bytes; the limit is "
                 f"{self.max_header_bytes} (max_header_bytes)"
             )
-            response = JSONResponse({"detail": message}, status_code=431, headers=CLOSE)
+            content = error_content(str(scope.get("path", "")), 431, message)
+            response = JSONResponse(content, status_code=431, headers=CLOSE)
             await response(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            # The Open Inference Protocol's error body is {"error": ...} (docs/api.md).
-            key = "error" if str(scope.get("path", "")).startswith("/v2/") else "detail"
-            response = JSONResponse({key: self.message}, status_code=413, headers=CLOSE)
+            content = error_content(str(scope.get("path", "")), 413, self.message, ("body",))
+            response = JSONResponse(content, status_code=413, headers=CLOSE)
             await response(scope, receive, send)
             return
         received = 0

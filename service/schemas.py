@@ -295,9 +295,10 @@ class ValidationIssue(BaseModel):
     ctx: dict[str, Any] | None = None
 
 
-class ValidationErrorBody(BaseModel):
-    """A 422: FastAPI's ``detail`` list (offending inputs not echoed, at most 20) and one line
-    that says what is wrong."""
+class ErrorBody(BaseModel):
+    """Every error of the service's own routes: FastAPI's ``detail`` list (a 422's first 20
+    problems, offending inputs not echoed; one item for any other status) and one line that
+    says what is wrong and what to do."""
 
     detail: list[ValidationIssue]
     message: str = Field(
@@ -306,10 +307,6 @@ class ValidationErrorBody(BaseModel):
             "in this request)"
         ]
     )
-
-
-class ErrorMessage(BaseModel):
-    detail: str = Field(examples=["request body is larger than the limit of 8388608 bytes"])
 
 
 class Limits(BaseModel):

@@ -153,7 +153,7 @@ def test_concurrent_worst_case_requests_queue_or_get_503_and_memory_stays_bounde
         assert statuses.count(200) >= 2, statuses
         for r in responses:
             if r.status_code == 503:
-                assert int(r.headers["retry-after"]) >= 1 and "budget" in r.json()["detail"]
+                assert int(r.headers["retry-after"]) >= 1 and "budget" in r.json()["message"]
             else:
                 assert len(r.json()["predictions"]) == 256
         metrics = httpx.get(srv.base_url + "/metrics", timeout=10).text

@@ -92,7 +92,8 @@ def test_distill_writes_a_complete_checkpoint(
         assert rate <= 0.05
     history = json.loads((tmp_path / "m.fidelity.json").read_text())
     assert [h["step"] for h in history["history"]] == [3, 6]
-    assert "wrote" in capsys.readouterr().out
+    # The summary names each file with its folder.
+    assert f"and {tmp_path / 'm.fidelity.json'}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def test_missing_sample_store_is_a_user_error(
         str(tmp_path / "m.safetensors"),
     ]
     assert main(args) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "--samples" in (err := capsys.readouterr().err) and "no such folder" in err
 
 
 def test_default_preset_steps_follow_the_target_network() -> None:

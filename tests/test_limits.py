@@ -142,7 +142,7 @@ def test_body_413_is_json_naming_the_limit(server: ServeProcess) -> None:
         r = c.post("/predict", content=b"[" + b"0," * MAX_BODY + b"0]")
     assert r.status_code == 413
     assert r.headers.get("content-type", "").startswith("application/json"), r.text[:200]
-    assert str(MAX_BODY) in r.json()["detail"], r.text[:200]
+    assert str(MAX_BODY) in r.json()["message"], r.text[:200]
 
 
 def test_streamed_body_over_limit_is_cut_off(server: ServeProcess) -> None:
@@ -217,7 +217,8 @@ def test_slow_clients_do_not_starve_others(server: ServeProcess) -> None:
         for _ in range(60):
             s = _connect(server, timeout=5.0)
             s.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n{"
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n{"
             )
             stalled.append(s)
             t = _connect(server, timeout=5.0)
@@ -379,7 +380,7 @@ def test_oversized_body_413_reaches_every_client(
     headers = {k.lower(): v for k, v in headers.items()}
     assert headers.get("connection", "").lower() == "close", headers
     assert headers.get("content-type", "").startswith("application/json"), headers
-    assert str(MAX_BODY) in json.loads(payload)["detail"], payload[:300]
+    assert str(MAX_BODY) in json.loads(payload)["message"], payload[:300]
     _healthy(server)
 
 

@@ -246,3 +246,45 @@ def test_wheel_carries_the_model_and_an_install_serves_it(tmp_path: Path) -> Non
     with TestClient(create_app(Settings(checkpoint=SHIPPED, redis_url=None))) as client:
         source = client.post("/predict", json=request).json()
     assert answer.json() == source
+
+
+def _setup_plan(env: dict[str, str]) -> list[str]:
+    """`make setup`'s commands, not run (``make -n``; ``-B``: also where .venv is set up)."""
+    out = subprocess.run(
+        ["make", "-n", "-B", "setup"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def _torch_line(plan: list[str]) -> str:
+    [line] = [x for x in plan if re.search(r"pip install .*'torch==", x)]
+    return line
+
+
+def test_setup_installs_the_pinned_cpu_torch_from_pytorchs_index_without_local_wheels(
+    tmp_path: Path,
+) -> None:
+    """An ordinary machine (no pip configuration, no wheel folder): the exact CPU build, from
+    PyTorch's CPU wheel index, before anything else can pull a CUDA build."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env |= {"PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
+    plan = _setup_plan(env)
+    line = _torch_line(plan)
+    pinned = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["train"]
+    [torch_pin] = [r for r in pinned if r.startswith("torch==")]
+    assert f"'{torch_pin}+cpu'" in line, (line, torch_pin)
+    assert line.endswith("--extra-index-url https://download.pytorch.org/whl/cpu"), line
+    # torch comes before the extras that depend on it
+    extras = next(i for i, x in enumerate(plan) if "-e '.[serve,train" in x)
+    assert plan.index(line) < extras
+
+
+def test_setup_takes_torch_from_a_local_wheel_folder_when_pip_has_one(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env |= {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": str(wheels), "HOME": str(tmp_path)}
+    line = _torch_line(_setup_plan(env))
+    assert "'torch==2.13.0+cpu'" in line and "index-url" not in line, line

@@ -3,9 +3,12 @@ through chromium-driver, against a live ``apd serve`` of the shipped checkpoint 
 
 Each test uses the page as a person would (uploads a PNG, draws with the mouse, types K and a
 seed, presses Predict) and reads the answer off the page; the numbers shown must be those of a
-direct ``POST /predict`` of the same request (same seed), to display precision. What the page
-sends is checked against independent references: an MNIST test digit, uploaded large and
-black on white, must come back as that digit (white on black, 28x28, in [0, 1]).
+direct ``POST /predict/image`` of the same image file (same K and seed), to display precision.
+The page sends the image file as it is (an upload's bytes unchanged, a drawing as a PNG) and
+the server makes the model's input (service/images.py, tested in tests/test_images.py); here
+what it makes of what the page sent is checked against independent references: an MNIST test
+digit, uploaded large and black on white, must come back as that digit (white on black, 28x28,
+in [0, 1]).
 
 Without chromium the browser tests skip locally and fail in CI (``CI=true`` or
 ``REQUIRE_BROWSER=1``; ``.ci/run`` installs chromium and chromium-driver). With
@@ -23,10 +26,12 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -34,6 +39,8 @@ import pytest
 from harness import ROOT, ServeProcess, apd_serve
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
+
+from service.images import mnist_input
 
 SHIPPED = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
 MAX_K = 200
@@ -43,6 +50,7 @@ WAIT_S = 30.0
 SCREENSHOT_ENV = "APD_PAGE_SCREENSHOT"
 SCREENSHOT_INDEX = 115  # an MNIST test 4 that could be a 9 (the shipped model hesitates)
 SIDE = 28
+SPLIT_MIN_SHARE = 0.02  # page.js: below this share of ln C the uncertainty is not split
 # Not a host the page loads: the SVG namespace its script names when it creates elements.
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 
@@ -93,7 +101,8 @@ def browser() -> Iterator[Any]:
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     ):
         options.add_argument(arg)
-    options.set_capability("goog:loggingOptions", {"browser": "ALL"})
+    # performance: every request the browser makes (Network.requestWillBeSent events)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     service = webdriver.ChromeService(executable_path=driver_exe)
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(WAIT_S)
@@ -228,7 +237,13 @@ def shown_answer(driver: Any) -> dict[str, Any]:
     terms = driver.find_elements(By.CSS_SELECTOR, "#uncertainty-values dt")
     values = driver.find_elements(By.CSS_SELECTOR, "#uncertainty-values dd")
     flag = driver.find_element(By.ID, "flag")
+    preview = str(driver.find_element(By.ID, "preview").get_attribute("src"))
+    assert preview.startswith("data:") and ";base64," in preview, preview[:60]
     return {
+        "sent": base64.b64decode(preview.split(",", 1)[1]),
+        "sent_name": json.loads(text("request-json"))["files"][0],
+        "split": driver.find_element(By.ID, "uncertainty").get_attribute("data-split"),
+        "percentages": "%" in text("uncertainty-values"),
         "label": text("label"),
         "table": table,
         "bars": {
@@ -254,10 +269,16 @@ def shown_answer(driver: Any) -> dict[str, Any]:
 
 
 def check_against_api(server: ServeProcess, shown: dict[str, Any]) -> dict[str, Any]:
-    """The page's numbers are a direct ``POST /predict`` of the request it sent."""
+    """The page's numbers are a direct ``POST /predict/image`` of the file it sent."""
     request = shown["request"]
     assert request["num_samples"] == K and request["seed"] == SEED
-    res = httpx.post(server.base_url + "/predict", json=request, timeout=30)
+    assert request["files"] == [shown["sent_name"]]
+    res = httpx.post(
+        server.base_url + "/predict/image",
+        files={"files": (shown["sent_name"], shown["sent"])},
+        data={"num_samples": str(K), "seed": str(SEED)},
+        timeout=30,
+    )
     assert res.status_code == 200, res.text
     answer = res.json()
     pred = answer["predictions"][0]
@@ -286,9 +307,8 @@ def check_against_api(server: ServeProcess, shown: dict[str, Any]) -> dict[str, 
 
 
 def sent_image(shown: dict[str, Any]) -> NDArray[np.float64]:
-    inputs = shown["request"]["inputs"]
-    assert len(inputs) == 1 and len(inputs[0]) == SIDE * SIDE
-    image = np.asarray(inputs[0], dtype=np.float64).reshape(SIDE, SIDE)
+    """The model's input that the server makes of the image file the page sent."""
+    image = mnist_input(shown["sent"]).astype(np.float64).reshape(SIDE, SIDE)
     assert image.min() >= 0.0 and image.max() <= 1.0
     return image
 
@@ -354,6 +374,50 @@ def test_page_and_assets_are_served_by_the_app_alone(server: ServeProcess) -> No
     assert "/" not in httpx.get(base + "/openapi.json", timeout=10).json()["paths"]
 
 
+def requested_urls(driver: Any) -> list[str]:
+    """The URLs the browser requested since the performance log was last read."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(str(message["params"]["request"]["url"]))
+    return urls
+
+
+# Each page the app serves, and an element that shows it has rendered (its script has run).
+RENDERED = {
+    "/": "body[data-ready='true']",
+    "/docs": ".swagger-ui .info .title",
+    "/redoc": ".menu-content",
+}
+
+
+@pytest.mark.parametrize("path", list(RENDERED))
+def test_no_request_leaves_the_machine(browser: Any, server: ServeProcess, path: str) -> None:
+    """Chrome's own record of every request a page made (its performance log): all go to
+    this server; none to a CDN, font host or validator, though they would fail here anyway."""
+    from selenium.webdriver.common.by import By
+
+    browser.get_log("performance")  # drop what earlier tests left
+    browser.get(server.base_url + path)
+    wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, RENDERED[path]),
+        f"{path} to render",
+    )
+    time.sleep(1.0)  # what a page fetches once rendered (ReDoc's logo) is requested by now
+    urls = requested_urls(browser)
+    own = [u for u in urls if u.startswith(server.base_url)]
+    assert own, f"the performance log shows no request to the server: {urls}"
+    remote = [
+        u
+        for u in urls
+        if urlsplit(u).scheme not in {"data", "blob", "about", "chrome"}
+        and urlsplit(u).hostname not in {"127.0.0.1", "localhost", "::1"}
+    ]
+    assert not remote, f"{path} made requests off this machine: {remote}"
+
+
 def test_uploaded_digit(browser: Any, server: ServeProcess, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -367,18 +431,21 @@ def test_uploaded_digit(browser: Any, server: ServeProcess, tmp_path: Path) -> N
     set_field(browser, "seed", str(SEED))
     browser.find_element(By.ID, "file").send_keys(str(png))
     wait_for_preview(browser, png.name)
-    # Black on white: the page inverts, as the model reads white strokes on black.
-    assert browser.find_element(By.ID, "invert").is_selected()
-    assert "Light background detected" in browser.find_element(By.ID, "invert-hint").text
     assert predict(browser) == "done"
     shown = shown_answer(browser)
-    check_against_api(server, shown)
+    # The page sends the file as it is; the server inverts it (black on white), crops and
+    # centres it: what it makes is the digit MNIST itself made.
+    assert shown["sent"] == png.read_bytes()
+    answer = check_against_api(server, shown)
     sent = sent_image(shown)
-    # The page's MNIST-style preprocessing gives back the digit MNIST itself made.
     corr = np.corrcoef(sent.ravel(), digit.ravel())[0, 1]
     assert corr > 0.9, f"the image sent is not the digit uploaded (correlation {corr:.3f})"
     assert shown["label"] == "7"
     assert shown["flag"] == "false"
+    # A confident 7: almost no uncertainty, so no split of it into aleatoric and epistemic.
+    total = answer["predictions"][0]["uncertainty"]["predictive_entropy"]
+    assert total < SPLIT_MIN_SHARE * np.log(10), total
+    assert shown["split"] == "false" and not shown["percentages"]
     assert_no_console_errors(browser)
     screenshot = os.environ.get(SCREENSHOT_ENV)
     if screenshot:
@@ -420,9 +487,7 @@ def test_drawn_digit_in_a_narrow_window(browser: Any, server: ServeProcess) -> N
         for (ax, ay), (bx, by) in itertools.pairwise(pixels):
             chain.move_by_offset(bx - ax, by - ay)
         chain.release().perform()
-        wait_for_preview(browser, "the drawing")
-        # The pad is white on black already: nothing to invert.
-        assert not browser.find_element(By.ID, "invert").is_selected()
+        wait_for_preview(browser, "drawing.png")
         set_field(browser, "k", str(K))
         set_field(browser, "seed", str(SEED))
         assert predict(browser) == "done"
@@ -461,8 +526,9 @@ def test_api_errors_are_shown(browser: Any, server: ServeProcess, tmp_path: Path
     assert error.is_displayed()
     # The API's own 422 message, naming the field and the server's limit.
     direct = httpx.post(
-        server.base_url + "/predict",
-        json={"inputs": [[0.0] * SIDE * SIDE], "num_samples": MAX_K + 1},
+        server.base_url + "/predict/image",
+        files={"files": (png.name, png.read_bytes())},
+        data={"num_samples": str(MAX_K + 1)},
         timeout=30,
     )
     assert direct.status_code == 422
@@ -473,3 +539,33 @@ def test_api_errors_are_shown(browser: Any, server: ServeProcess, tmp_path: Path
     set_field(browser, "k", str(K))
     assert predict(browser) == "done"
     assert not error.is_displayed()
+
+
+def test_an_uncertain_input_shows_the_split(
+    browser: Any, server: ServeProcess, tmp_path: Path
+) -> None:
+    """Where there is uncertainty to split (an X, like no digit), the page shows its
+    aleatoric and epistemic shares, as the API's numbers give them."""
+    from selenium.webdriver.common.by import By
+
+    img = Image.new("L", (200, 200), 0)
+    pen = ImageDraw.Draw(img)
+    pen.line([(30, 30), (170, 170)], fill=255, width=20)
+    pen.line([(170, 30), (30, 170)], fill=255, width=20)
+    path = tmp_path / "cross.png"
+    img.save(path)
+    open_page(browser, server)
+    set_field(browser, "k", str(K))
+    set_field(browser, "seed", str(SEED))
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    wait_for_preview(browser, path.name)
+    assert predict(browser) == "done"
+    shown = shown_answer(browser)
+    answer = check_against_api(server, shown)
+    u = answer["predictions"][0]["uncertainty"]
+    assert u["predictive_entropy"] >= SPLIT_MIN_SHARE * np.log(10), u
+    assert shown["split"] == "true" and shown["percentages"]
+    share = u["expected_entropy"] / (u["expected_entropy"] + u["mutual_information"])
+    values = str(browser.find_element(By.ID, "uncertainty-values").text)
+    assert f"({100 * share:.0f}%)" in values, (values, share)
+    assert_no_console_errors(browser)

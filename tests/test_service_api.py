@@ -296,7 +296,7 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("long image", "/predict", body(inputs=[[0.5] * 785]), 422, "inputs[0] has 785 items"),
     ("short row", "/predict", body(inputs=[ROWS_27]), 422, "inputs[0][27] has 27 values"),
     ("27 rows", "/predict", body(inputs=[[[0.1] * 28] * 27]), 422, "inputs[0] has 27 items"),
-    ("3-d image", "/predict", body(inputs=[[[[0.1]] * 28] * 28]), 422, "inputs[0].nested[0][0]"),
+    ("3-d image", "/predict", body(inputs=[[[[0.1]] * 28] * 28]), 422, "inputs[0][0][0]"),
     ("image not a list", "/predict", body(inputs=["abc"]), 422, "inputs[0] must be a list"),
     ("inputs not a list", "/predict", body(inputs=5), 422, "inputs: Input should be a valid list"),
     ("empty batch", "/predict", body(inputs=[]), 422, "inputs: List should have at least 1"),
@@ -313,7 +313,15 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         422,
         "Input should be a valid number",
     ),
-    ("bool pixel", "/predict", body(inputs=[[True, *GOOD[1:]]]), 422, "inputs[0].flat[0]"),
+    ("bool pixel", "/predict", body(inputs=[[True, *GOOD[1:]]]), 422, "inputs[0][0]"),
+    ("string NaN", "/predict", body(inputs=[["NaN", *GOOD[1:]]]), 422, "inputs[0][0]: Input"),
+    (
+        "nested string",
+        "/predict",
+        body(inputs=[[[0.1] * 28] * 27 + [["x"] * 28]]),
+        422,
+        "inputs[0][27][0]: Input",
+    ),
     ("num_samples 0", "/predict", body(inputs=[GOOD], num_samples=0), 422, "num_samples"),
     ("num_samples 1001", "/predict", body(inputs=[GOOD], num_samples=1001), 422, "num_samples"),
     (
@@ -343,8 +351,39 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         "text/plain body",
         "/predict",
         {"content": b'{"inputs": []}', "headers": {"content-type": "text/plain"}},
-        422,
-        "valid dictionary",
+        415,
+        "body is text/plain; this endpoint takes application/json",
+    ),
+    (
+        "no content type",
+        "/anomaly-score",
+        {"content": b'{"inputs": []}'},
+        415,
+        "body has no Content-Type; this endpoint takes application/json",
+    ),
+    (
+        "curl -d's default form type",
+        "/predict",
+        {
+            "content": b'{"inputs": []}',
+            "headers": {"content-type": "application/x-www-form-urlencoded"},
+        },
+        415,
+        "Content-Type: application/json",
+    ),
+    (
+        "multipart to /predict",
+        "/predict",
+        {"files": {"files": ("digit.png", b"\x89PNG")}},
+        415,
+        "body is multipart/form-data; this endpoint takes application/json",
+    ),
+    (
+        "JSON to /predict/image",
+        "/predict/image",
+        body(inputs=[GOOD]),
+        415,
+        "body is application/json; this endpoint takes multipart/form-data",
     ),
     ("batch over max_batch", "/predict", body(inputs=[GOOD] * (MAX_BATCH + 1)), 413, "max_batch"),
     ("body over max_body_bytes", "/predict", raw(" " * (MAX_BODY + 1)), 413, str(MAX_BODY)),
@@ -361,16 +400,40 @@ def test_bad_input_is_a_4xx_naming_the_problem(
 ) -> None:
     response = client.post(path, **request_kwargs)
     assert response.status_code == status, response.text
-    assert message in response.text
-    if status == 422:
-        payload = response.json()
-        assert payload["detail"] and all(
-            {"loc", "msg", "type"} <= set(d) for d in payload["detail"]
-        )
-        assert len(response.content) < 20_000  # errors are summarised, inputs not echoed
+    payload = response.json()
+    assert message in payload["message"]
+    # Every 4xx has one shape (docs/api.md): a one-line message and FastAPI's detail list.
+    assert set(payload) == {"detail", "message"} and "\n" not in payload["message"]
+    assert payload["detail"] and all({"loc", "msg", "type"} <= set(d) for d in payload["detail"])
+    assert payload["message"].startswith(payload["detail"][0]["msg"]) or status == 422
+    # Locations are the client's names: no pydantic union tags.
+    assert not any({"flat", "nested"} & set(d["loc"]) for d in payload["detail"])
+    assert ".flat" not in response.text and ".nested" not in response.text
+    assert len(response.content) < 20_000  # errors are summarised, inputs not echoed
     # The process stays healthy and keeps answering.
     assert client.get("/healthz").status_code == 200
     assert client.post("/predict", json={"inputs": [GOOD], "num_samples": 1}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [
+        ("GET", "/predict", 405, "GET is not allowed on /predict; use POST"),
+        ("GET", "/nowhere", 404, "no endpoint at /nowhere; the API is listed at /docs"),
+        ("GET", "/page/x.js", 404, "no page asset 'x.js'"),
+    ],
+)
+def test_every_error_has_the_documented_shape(
+    client: Any, method: str, path: str, status: int, message: str
+) -> None:
+    r = client.request(method, path)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"detail", "message"} and body["message"].startswith(message)
+    assert [d["msg"] for d in body["detail"]] == [body["message"]]
+    assert client.get("/v2/nowhere").json() == {
+        "error": "no endpoint at /v2/nowhere; the API is listed at /docs (or /openapi.json)"
+    }
 
 
 def _png(pixels: NDArray[np.uint8], fmt: str = "PNG") -> bytes:
@@ -411,7 +474,13 @@ BAD_FILES: list[tuple[str, dict[str, Any], int, str]] = [
         422,
         "files[0] ('t.png') cannot be read",
     ),
-    ("no files", {"data": {"seed": "1"}}, 422, "files: Field required"),
+    ("no files", {"files": {"seed": (None, "1")}}, 422, "files: Field required"),
+    (
+        "a form, not multipart",
+        {"data": {"seed": "1"}},
+        415,
+        "body is application/x-www-form-urlencoded; this endpoint takes multipart/form-data",
+    ),
     ("too many", {"files": [("files", ("a.png", b"x"))] * (MAX_BATCH + 1)}, 413, "max_batch"),
     (
         "num_samples 0",
@@ -437,14 +506,19 @@ BAD_FILES: list[tuple[str, dict[str, Any], int, str]] = [
         422,
         "samples: Extra inputs",
     ),
-    ("a string for a file", {"data": {"files": "abc"}}, 422, "files[0]"),
+    ("a string for a file", {"files": {"files": (None, "abc")}}, 422, "files[0]"),
     (
         "broken multipart",
         {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}},
         422,
         "not a valid multipart form",
     ),
-    ("JSON body", {"json": {"inputs": [GOOD]}}, 422, "files: Field required"),
+    (
+        "JSON body",
+        {"json": {"inputs": [GOOD]}},
+        415,
+        "body is application/json; this endpoint takes multipart/form-data",
+    ),
 ]
 
 
@@ -458,7 +532,7 @@ def test_bad_image_uploads_are_a_4xx_naming_the_problem(
 ) -> None:
     r = client.post("/predict/image", **request_kwargs)
     assert r.status_code == status, r.text
-    assert message in r.text, r.text
+    assert message in r.json()["message"], r.text
 
 
 def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client: Any) -> None:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from service_support import make_checkpoint
 
-from service.api.docs import ASSETS_URL, DOCS_URL, REDOC_URL
+from service.api.docs import ASSETS_URL, DOCS_URL, REDOC_OFFLINE_URL, REDOC_URL
 from service.config import Settings
 from service.main import create_app
 
@@ -86,22 +86,30 @@ def test_every_asset_a_docs_page_loads_is_served(client: TestClient, page: str) 
     assert client.get("/openapi.json").json()["openapi"].startswith("3.")
     assets = [u for u in urls if u != "/openapi.json"]
     for url in assets:
-        assert url.startswith(ASSETS_URL + "/"), url
+        assert url.startswith(ASSETS_URL + "/") or url == REDOC_OFFLINE_URL, url
         r = client.get(url)
         assert r.status_code == 200, url
         ctype = r.headers["content-type"].split(";")[0]
         assert ctype in CONTENT_TYPES[Path(url).suffix], (url, ctype)
         assert len(r.content) > 1000, url
-    names = {Path(u).name for u in assets}
+    names = {Path(u).name: u for u in assets}
     for name, marker in PAGE_ASSETS[page].items():
         assert name in names, f"{page} does not load {name}"
-        assert marker in client.get(f"{ASSETS_URL}/{name}").text, name
+        assert marker in client.get(names[name]).text, name
     assert "favicon.png" in names
 
 
 def test_swagger_ui_online_validator_is_off(client: TestClient) -> None:
     # Swagger UI would otherwise send the document's URL to validator.swagger.io.
     assert '"validatorUrl": null' in client.get(DOCS_URL).text
+
+
+def test_redoc_is_served_without_its_remote_logo(client: TestClient) -> None:
+    """ReDoc's bundle fetches the Redocly logo from cdn.redoc.ly; the app serves it without."""
+    [url] = [u for u in page_urls(client.get(REDOC_URL).text) if u.endswith(".js")]
+    bundle = client.get(url).text
+    assert "Redoc" in bundle and "cdn.redoc.ly" not in bundle
+    assert "cdn.redoc.ly" in client.get(f"{ASSETS_URL}/redoc.standalone.js").text  # control
 
 
 def test_docs_urls_follow_root_path(app: FastAPI) -> None:

@@ -316,6 +316,26 @@ def _json_request(x: NDArray[Any], **extra: Any) -> dict[str, Any]:
     return {"inputs": [tensor], "parameters": {"num_samples": K, "seed": SEED}, **extra}
 
 
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain; charset=utf-8"])
+def test_a_body_of_another_media_type_is_415_naming_json(
+    http: httpx.Client, content_type: str | None
+) -> None:
+    """JSON, or a body without Content-Type (the protocol names none), is read; a text body
+    is 415 naming what to send. Binary bodies are read (test_binary_*)."""
+    body = json.dumps(_json_request(random_images(1, seed=2))).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    r = http.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers)
+    if content_type is None or content_type == "application/json":
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 415, r.text
+    assert r.json() == {
+        "error": "body is text/plain; this endpoint takes application/json (or "
+        "application/octet-stream with the Inference-Header-Content-Length header, the binary "
+        "tensor data extension)"
+    }
+
+
 def test_plain_json_request_and_answer(http: httpx.Client) -> None:
     x = random_images(3, seed=9)
     want = expected_outputs(predict(http, x, num_samples=K, seed=SEED))

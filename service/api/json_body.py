@@ -14,10 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
 
 from service.api.deps import get_input_schema
+from service.api.errors import (
+    FORM_MEDIA_TYPE,
+    JSON_MEDIA_TYPE,
+    is_json_media_type,
+    media_type,
+    unsupported_media_type,
+)
 from service.inputs import InputSchema, parse_json_body, serving
 
 
@@ -38,8 +45,20 @@ class InputBatchRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
+        form = isinstance(getattr(self.body_field, "field_info", None), params.Form)
+
+        def check_media_type(request: Request) -> None:
+            """415 for a body of another media type than the route's (JSON, or a form)."""
+            content_type = request.headers.get("content-type")
+            if form and media_type(content_type) != FORM_MEDIA_TYPE:
+                hint = "send the images as files, e.g. curl -F files=@digit.png"
+                raise unsupported_media_type(content_type, FORM_MEDIA_TYPE, hint)
+            if not form and not is_json_media_type(content_type):
+                hint = "send the JSON body with Content-Type: application/json"
+                raise unsupported_media_type(content_type, JSON_MEDIA_TYPE, hint)
 
         async def handle_input_batch(request: Request) -> Response:
+            check_media_type(request)
             if getattr(request.app.state, "input_schema", None) is None:
                 await request.body()  # its limits answer first (413, 408), as on every route
             schema = get_input_schema(request)  # 503 until the checkpoint is loaded

@@ -1,249 +1,24 @@
-// The try-the-model page: an image (a file or a drawing) becomes the model's input on the
-// client, is sent to POST /predict, and the answer is drawn as SVG. Plain JavaScript, no
-// dependencies; every URL is relative, so the page also works behind a path prefix.
-// What the model expects (shape, value range, class names) is read from GET /v1/model.
+// The try-the-model page: an image (a file or a drawing) is sent as it is to
+// POST /predict/image, where the server makes the model's input from it (service/images.py: the
+// one preparation, the API's and this page's), and the answer is drawn as SVG. Plain
+// JavaScript, no dependencies; every URL is relative, so the page also works behind a path
+// prefix. What the model expects (shape, image mode, class names) is read from GET /v1/model.
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
   const SVG_NS = "http://www.w3.org/2000/svg";
-  // MNIST's convention: the digit's bounding box is scaled to fit 20x20 of the 28x28 image
-  // and the digit is placed with its centre of mass at the centre.
-  const BOX_FRACTION = 20 / 28;
-  const INK_THRESHOLD = 0.1; // of the strongest stroke: what counts as ink when cropping
-  const MIN_CONTRAST = 0.05; // below this between ink and background the image is blank
-  const MAX_SIDE = 1024; // larger files are scaled down before any processing
   const STROKE_FRACTION = 22 / 280; // pen width relative to the drawing pad
-  const DECIMALS = 4; // of each value sent
+  // Below this share of the most uncertain (ln C nats), the total uncertainty is too small for
+  // its split into aleatoric and epistemic parts to mean anything: the split is not shown.
+  const SPLIT_MIN_SHARE = 0.02;
 
   const state = {
     model: null, // the answer of GET /v1/model
-    layout: null, // {height, width, channels, order} of one input
-    range: [0, 1],
     classes: [],
-    expectDark: null, // true: light strokes on dark, false: the reverse, null: unknown
-    images: { upload: null, draw: null }, // {planes: [r, g, b], width, height}
-    sent: null, // the values of the current input, as sent
+    images: { upload: null, draw: null }, // {blob, name, url (a data: URL of the file sent)}
     shown: null, // [answer, request] on the page, drawn again when the width changes
   };
-
-  // ---------- pixels ----------
-
-  /** RGB planes in [0, 1] of an image or canvas; transparency is flattened onto the
-   * background that contrasts with the opaque pixels. */
-  function readPixels(source, width, height) {
-    const s = Math.min(1, MAX_SIDE / Math.max(width, height));
-    const w = Math.max(1, Math.round(width * s));
-    const h = Math.max(1, Math.round(height * s));
-    const canvas = document.createElement("canvas");
-    canvas.width = w;
-    canvas.height = h;
-    const ctx = canvas.getContext("2d", { willReadFrequently: true });
-    ctx.imageSmoothingQuality = "high";
-    ctx.drawImage(source, 0, 0, w, h);
-    const data = ctx.getImageData(0, 0, w, h).data;
-    const n = w * h;
-    const planes = [new Float32Array(n), new Float32Array(n), new Float32Array(n)];
-    let transparent = false;
-    let opaqueLum = 0;
-    let opaque = 0;
-    for (let i = 0; i < n; i++) {
-      const a = data[4 * i + 3] / 255;
-      if (a < 1) transparent = true;
-      if (a > 0.5) {
-        opaqueLum += luminance(data[4 * i], data[4 * i + 1], data[4 * i + 2]) / 255;
-        opaque += 1;
-      }
-    }
-    // Dark strokes on a transparent background go on white, light ones on black.
-    const bg = transparent && opaque > 0 && opaqueLum / opaque < 0.5 ? 1 : 0;
-    for (let i = 0; i < n; i++) {
-      const a = transparent ? data[4 * i + 3] / 255 : 1;
-      for (let c = 0; c < 3; c++) planes[c][i] = a * (data[4 * i + c] / 255) + (1 - a) * bg;
-    }
-    return { planes, width: w, height: h };
-  }
-
-  function luminance(r, g, b) {
-    return 0.299 * r + 0.587 * g + 0.114 * b;
-  }
-
-  function grey(img) {
-    const [r, g, b] = img.planes;
-    const out = new Float32Array(r.length);
-    for (let i = 0; i < out.length; i++) out[i] = luminance(r[i], g[i], b[i]);
-    return out;
-  }
-
-  /** Mean of a plane over its outer ring (4% of the shorter side, at least one pixel). */
-  function borderMean(plane, w, h) {
-    const ring = Math.max(1, Math.round(0.04 * Math.min(w, h)));
-    let sum = 0;
-    let n = 0;
-    for (let y = 0; y < h; y++) {
-      for (let x = 0; x < w; x++) {
-        if (x < ring || y < ring || x >= w - ring || y >= h - ring) {
-          sum += plane[y * w + x];
-          n += 1;
-        }
-      }
-    }
-    return n ? sum / n : 0;
-  }
-
-  /** Area-average resampling weights: for each of m outputs, [[input index, weight], ...]. */
-  function weights(n, m) {
-    const step = n / m;
-    const out = [];
-    for (let i = 0; i < m; i++) {
-      const a = i * step;
-      const b = Math.min(n, (i + 1) * step);
-      const list = [];
-      let total = 0;
-      for (let j = Math.floor(a); j < Math.ceil(b); j++) {
-        const w = Math.min(b, j + 1) - Math.max(a, j);
-        if (w > 0) {
-          list.push([j, w]);
-          total += w;
-        }
-      }
-      out.push(list.map(([j, w]) => [j, w / total]));
-    }
-    return out;
-  }
-
-  /** The (x0, y0, w, h) window of ``plane`` (row stride ``stride``) resampled to tw x th. */
-  function resample(plane, stride, x0, y0, w, h, tw, th) {
-    const wx = weights(w, tw);
-    const wy = weights(h, th);
-    const rows = new Float32Array(h * tw);
-    for (let y = 0; y < h; y++) {
-      const base = (y0 + y) * stride + x0;
-      for (let x = 0; x < tw; x++) {
-        let v = 0;
-        for (const [j, w] of wx[x]) v += w * plane[base + j];
-        rows[y * tw + x] = v;
-      }
-    }
-    const out = new Float32Array(th * tw);
-    for (let y = 0; y < th; y++) {
-      for (const [j, w] of wy[y]) {
-        for (let x = 0; x < tw; x++) out[y * tw + x] += w * rows[j * tw + x];
-      }
-    }
-    return out;
-  }
-
-  /** MNIST-style: background to 0, strongest ink to 1, the ink's bounding box scaled into
-   * the central box and placed by its centre of mass. */
-  function cropAndCentre(plane, w, h, tw, th) {
-    const out = new Float32Array(tw * th);
-    const bg = borderMean(plane, w, h);
-    let max = 0;
-    for (const v of plane) max = Math.max(max, v);
-    if (max - bg < MIN_CONTRAST) return out;
-    const level = new Float32Array(plane.length);
-    for (let i = 0; i < plane.length; i++) {
-      level[i] = Math.min(1, Math.max(0, (plane[i] - bg) / (max - bg)));
-    }
-    let [x0, y0, x1, y1] = [w, h, -1, -1];
-    for (let y = 0; y < h; y++) {
-      for (let x = 0; x < w; x++) {
-        if (level[y * w + x] > INK_THRESHOLD) {
-          x0 = Math.min(x0, x);
-          x1 = Math.max(x1, x);
-          y0 = Math.min(y0, y);
-          y1 = Math.max(y1, y);
-        }
-      }
-    }
-    const cw = x1 - x0 + 1;
-    const ch = y1 - y0 + 1;
-    const scale = (BOX_FRACTION * Math.min(tw, th)) / Math.max(cw, ch);
-    const bw = Math.max(1, Math.min(tw, Math.round(cw * scale)));
-    const bh = Math.max(1, Math.min(th, Math.round(ch * scale)));
-    const patch = resample(level, w, x0, y0, cw, ch, bw, bh);
-    let mass = 0;
-    let mx = 0;
-    let my = 0;
-    for (let y = 0; y < bh; y++) {
-      for (let x = 0; x < bw; x++) {
-        const v = patch[y * bw + x];
-        mass += v;
-        mx += v * x;
-        my += v * y;
-      }
-    }
-    const cx = mass > 0 ? mx / mass : (bw - 1) / 2;
-    const cy = mass > 0 ? my / mass : (bh - 1) / 2;
-    // MNIST's centres of mass lie at (14, 14) in pixel indices on average: (W / 2, H / 2).
-    const ox = clamp(Math.round(tw / 2 - cx), 0, tw - bw);
-    const oy = clamp(Math.round(th / 2 - cy), 0, th - bh);
-    for (let y = 0; y < bh; y++) {
-      for (let x = 0; x < bw; x++) out[(oy + y) * tw + ox + x] = patch[y * bw + x];
-    }
-    return out;
-  }
-
-  /** The whole image, cropped to the input's aspect ratio around its centre, resampled. */
-  function cover(plane, w, h, tw, th) {
-    let cw = w;
-    let ch = h;
-    if (w * th > h * tw) cw = Math.max(1, Math.round((h * tw) / th));
-    else ch = Math.max(1, Math.round((w * th) / tw));
-    return resample(plane, w, Math.floor((w - cw) / 2), Math.floor((h - ch) / 2), cw, ch, tw, th);
-  }
-
-  function clamp(v, lo, hi) {
-    return Math.min(hi, Math.max(lo, v));
-  }
-
-  /** The input as planes in [0, 1] (1: bright), one per channel the model reads. */
-  function toInput(img, layout, invert, centre) {
-    let planes = layout.channels === 1 ? [grey(img)] : img.planes;
-    if (invert) planes = planes.map((p) => p.map((v) => 1 - v));
-    const { width: tw, height: th } = layout;
-    if (centre && layout.channels === 1) {
-      return [cropAndCentre(planes[0], img.width, img.height, tw, th)];
-    }
-    return planes.map((p) => cover(p, img.width, img.height, tw, th));
-  }
-
-  /** Planes in [0, 1] -> the flat list of values sent, in the model's layout and range. */
-  function flatten(planes, layout) {
-    const [lo, hi] = state.range;
-    const n = layout.width * layout.height;
-    const out = [];
-    const push = (t) => {
-      const v = Number((lo + t * (hi - lo)).toFixed(DECIMALS));
-      out.push(clamp(v, lo, hi));
-    };
-    if (layout.order === "hwc") {
-      for (let i = 0; i < n; i++) for (const p of planes) push(p[i]);
-    } else {
-      for (const p of planes) for (let i = 0; i < n; i++) push(p[i]);
-    }
-    return out;
-  }
-
-  /** The model's input as an image: [H, W], [1|3, H, W], [H, W, 1|3] or a square [H*W]. */
-  function inputLayout(shape) {
-    if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d > 0)) return null;
-    if (shape.length === 2) return { height: shape[0], width: shape[1], channels: 1, order: "hw" };
-    if (shape.length === 3 && (shape[0] === 1 || shape[0] === 3)) {
-      return { height: shape[1], width: shape[2], channels: shape[0], order: "chw" };
-    }
-    if (shape.length === 3 && (shape[2] === 1 || shape[2] === 3)) {
-      return { height: shape[0], width: shape[1], channels: shape[2], order: "hwc" };
-    }
-    if (shape.length === 1) {
-      const side = Math.round(Math.sqrt(shape[0]));
-      if (side > 1 && side * side === shape[0]) {
-        return { height: side, width: side, channels: 1, order: "hw" };
-      }
-    }
-    return null;
-  }
 
   // ---------- input ----------
 
@@ -251,94 +26,81 @@
     return document.querySelector('input[name="source"]:checked').value;
   }
 
-  /** Sets the invert box from the image's background against what the model expects. */
-  function autoInvert(img) {
-    const hint = $("invert-hint");
-    if (state.expectDark === null) {
-      hint.textContent = "";
-      return;
-    }
-    const light = borderMean(grey(img), img.width, img.height) > 0.5;
-    const invert = light === state.expectDark;
-    $("invert").checked = invert;
-    const want = state.expectDark ? "light strokes on a dark background" : "dark on light";
-    hint.textContent = `${light ? "Light" : "Dark"} background detected: colours ${
-      invert ? "inverted" : "kept"
-    } (the model expects ${want}).`;
+  function current() {
+    return state.images[mode()];
   }
 
   function updatePreview() {
-    const img = state.images[mode()];
-    const layout = state.layout;
+    const img = current();
     const caption = $("preview-caption");
     const preview = $("preview");
-    const ctx = preview.getContext("2d");
-    if (!layout) return;
-    preview.width = layout.width;
-    preview.height = layout.height;
-    ctx.fillStyle = "#000";
-    ctx.fillRect(0, 0, preview.width, preview.height);
     if (!img) {
-      state.sent = null;
+      preview.hidden = true;
+      preview.removeAttribute("src");
       caption.textContent = "What is sent: nothing yet.";
       updateSubmit();
       return;
     }
-    const planes = toInput(img, layout, $("invert").checked, $("centre").checked);
-    state.sent = flatten(planes, layout);
-    const pixels = ctx.createImageData(layout.width, layout.height);
-    for (let i = 0; i < layout.width * layout.height; i++) {
-      for (let c = 0; c < 3; c++) {
-        pixels.data[4 * i + c] = Math.round(255 * planes[planes.length === 1 ? 0 : c][i]);
-      }
-      pixels.data[4 * i + 3] = 255;
-    }
-    ctx.putImageData(pixels, 0, 0);
-    const [lo, hi] = state.range;
-    const kind = layout.channels === 1 ? "grayscale" : "RGB";
+    preview.src = img.url; // the very bytes sent, as a data: URL
+    preview.hidden = false;
+    const input = (state.model && state.model.input) || {};
+    const shape = Array.isArray(input.shape) ? input.shape.join("\u00d7") : "?";
     caption.textContent =
-      `What is sent, from ${img.name}: ${layout.width}\u00d7${layout.height} ${kind}, ` +
-      `${state.sent.length} values in [${lo}, ${hi}], brighter = higher.`;
+      `What is sent, from ${img.name}: the image file as it is (${img.blob.type || "image"}, ` +
+      `${img.blob.size} bytes). The server makes the model's input (${shape}, ` +
+      `${input.image_mode === "RGB" ? "RGB" : "grayscale"}) from it, as for any upload to ` +
+      "POST /predict/image.";
     updateSubmit();
   }
 
   function updateSubmit() {
-    $("submit").disabled = !(state.model && state.sent);
+    $("submit").disabled = !(state.model && current());
   }
 
   function setMode() {
     const draw = mode() === "draw";
     $("draw-box").hidden = !draw;
     $("upload-box").hidden = draw;
-    const img = state.images[mode()];
-    if (img) autoInvert(img);
     updatePreview();
   }
 
-  function loadFile() {
+  function dataUrl(blob) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result));
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(blob);
+    });
+  }
+
+  /** Whether the browser can show ``url`` as an image (the server decides what it can read). */
+  function loads(url) {
+    return new Promise((resolve) => {
+      const img = new Image();
+      img.onload = () => resolve(true);
+      img.onerror = () => resolve(false);
+      img.src = url;
+    });
+  }
+
+  async function loadFile() {
     const file = $("file").files[0];
     if (!file) return;
     hideError();
-    const url = URL.createObjectURL(file);
-    const img = new Image();
-    img.onload = () => {
-      URL.revokeObjectURL(url);
-      state.images.upload = { ...readPixels(img, img.naturalWidth, img.naturalHeight), name: file.name };
-      autoInvert(state.images.upload);
-      updatePreview();
-    };
-    img.onerror = () => {
-      URL.revokeObjectURL(url);
+    const url = await dataUrl(file);
+    if (!(await loads(url))) {
       state.images.upload = null;
       updatePreview();
       showError(`${file.name} could not be read as an image (PNG or JPEG expected).`);
-    };
-    img.src = url;
+      return;
+    }
+    state.images.upload = { blob: file, name: file.name, url };
+    updatePreview();
   }
 
   function setUpPad() {
     const pad = $("pad");
-    const ctx = pad.getContext("2d", { willReadFrequently: true });
+    const ctx = pad.getContext("2d");
     const clear = () => {
       ctx.fillStyle = "#000";
       ctx.fillRect(0, 0, pad.width, pad.height);
@@ -379,9 +141,11 @@
     const end = () => {
       if (!last) return;
       last = null;
-      state.images.draw = { ...readPixels(pad, pad.width, pad.height), name: "the drawing" };
-      autoInvert(state.images.draw);
-      updatePreview();
+      pad.toBlob(async (blob) => {
+        if (!blob) return;
+        state.images.draw = { blob, name: "drawing.png", url: await dataUrl(blob) };
+        updatePreview();
+      }, "image/png");
     };
     pad.addEventListener("pointerup", end);
     pad.addEventListener("pointercancel", end);
@@ -405,12 +169,10 @@
     $("error").textContent = "";
   }
 
-  /** The message of an error answer: 422 {message, detail: [...]}, {detail: str}, {error}. */
+  /** The message of an error answer: {message, detail: [...]} (docs/api.md), or V2's {error}. */
   function errorText(body) {
     if (!body || typeof body !== "object") return "";
     if (typeof body.message === "string") return body.message;
-    if (typeof body.detail === "string") return body.detail;
-    if (Array.isArray(body.detail)) return body.detail.map((d) => d.msg).join("; ");
     if (typeof body.error === "string") return body.error;
     return JSON.stringify(body);
   }
@@ -424,15 +186,23 @@
 
   async function submit(event) {
     event.preventDefault();
-    if (!state.sent) return;
+    const img = current();
+    if (!img) return;
     hideError();
-    let body;
+    const form = new FormData();
+    const shown = { files: [img.name] };
     try {
-      body = { inputs: [state.sent] };
+      form.append("files", img.blob, img.name);
       const k = integerField("k", "K");
       const seed = integerField("seed", "The seed");
-      if (k !== undefined) body.num_samples = k;
-      if (seed !== undefined) body.seed = seed;
+      if (k !== undefined) {
+        form.append("num_samples", String(k));
+        shown.num_samples = k;
+      }
+      if (seed !== undefined) {
+        form.append("seed", String(seed));
+        shown.seed = seed;
+      }
     } catch (err) {
       showError(err.message);
       return;
@@ -442,10 +212,10 @@
     result.dataset.state = "pending";
     $("submit").disabled = true;
     try {
-      const res = await fetch("predict", {
+      const res = await fetch("predict/image", {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify(body),
+        headers: { Accept: "application/json" },
+        body: form, // multipart/form-data, its boundary set by the browser
       });
       let answer = null;
       try {
@@ -459,7 +229,7 @@
         result.dataset.state = "error";
         return;
       }
-      render(answer, body);
+      render(answer, shown);
       result.dataset.state = "done";
     } catch (err) {
       showNoResult();
@@ -564,8 +334,9 @@
   }
 
   /** Two bars: the total on its scale (0 to the entropy of the uniform distribution), split
-   * into its aleatoric and epistemic parts; and the same split as shares of the total, which
-   * stays readable when the total is tiny. */
+   * into its aleatoric and epistemic parts; and the same split as shares of the total. Where
+   * the total is under SPLIT_MIN_SHARE of its scale there is no uncertainty to split (shares
+   * of almost nothing mean nothing): the total alone is drawn, and no shares. */
   function uncertaintyBar(u, classes) {
     const W = chartWidth($("uncertainty"));
     const H = 92;
@@ -576,29 +347,39 @@
     const total = u.predictive_entropy;
     const ale = Math.max(0, u.expected_entropy);
     const epi = Math.max(0, u.mutual_information);
-    const share = ale + epi > 0 ? ale / (ale + epi) : null;
-    const label =
-      `Total uncertainty ${fmt(total)} nats of at most ${max.toFixed(3)}: aleatoric ` +
-      `${fmt(u.expected_entropy)} plus epistemic ${fmt(u.mutual_information)}` +
-      (share === null ? "" : ` (${percent(share)} and ${percent(1 - share)})`);
+    const split = total >= SPLIT_MIN_SHARE * max && ale + epi > 0;
+    const share = split ? ale / (ale + epi) : null;
+    $("uncertainty").dataset.split = String(split);
+    const label = split
+      ? `Total uncertainty ${fmt(total)} nats of at most ${max.toFixed(3)}: aleatoric ` +
+        `${fmt(u.expected_entropy)} plus epistemic ${fmt(u.mutual_information)} ` +
+        `(${percent(share)} and ${percent(1 - share)})`
+      : `Total uncertainty ${fmt(total)} nats of at most ${max.toFixed(3)}: too little to split`;
     const box = chartBox($("uncertainty"), W, H, label);
     const scale = (v) => (Math.max(0, Math.min(v, max)) / max) * span;
     box.appendChild(svg("text", { x: x0, y: y1 - 4, class: "small" }, "Total, from 0 to the most uncertain"));
     const maxLabel = `ln ${classes} = ${max.toFixed(3)}`;
     box.appendChild(svg("text", { x: x1, y: y1 - 4, "text-anchor": "end", class: "small" }, maxLabel));
     box.appendChild(svg("rect", { class: "track", x: x0, y: y1, width: span, height: h }));
-    const wa = scale(ale);
-    box.appendChild(svg("rect", { class: "aleatoric", x: x0, y: y1, width: wa, height: h }));
-    const we = Math.min(scale(epi), span - wa);
-    box.appendChild(svg("rect", { class: "epistemic", x: x0 + wa, y: y1, width: we, height: h }));
+    if (split) {
+      const wa = scale(ale);
+      box.appendChild(svg("rect", { class: "aleatoric", x: x0, y: y1, width: wa, height: h }));
+      const we = Math.min(scale(epi), span - wa);
+      box.appendChild(svg("rect", { class: "epistemic", x: x0 + wa, y: y1, width: we, height: h }));
+    } else {
+      box.appendChild(svg("rect", { class: "total", x: x0, y: y1, width: scale(total), height: h }));
+    }
     const end = x0 + scale(total);
     box.appendChild(svg("line", { class: "threshold", x1: end, x2: end, y1: y1 - 2, y2: y1 + h + 2 }));
-    box.appendChild(svg("text", { x: x0, y: y2 - 4, class: "small" }, "Split of the total"));
-    box.appendChild(svg("rect", { class: "track", x: x0, y: y2, width: span, height: h }));
-    if (share !== null) {
-      const split = share * span;
-      box.appendChild(svg("rect", { class: "aleatoric", x: x0, y: y2, width: split, height: h }));
-      const rest = { class: "epistemic", x: x0 + split, y: y2, width: span - split, height: h };
+    if (!split) {
+      const note = `Too little uncertainty to split: under ${percent(SPLIT_MIN_SHARE)} of ln ${classes}`;
+      box.appendChild(svg("text", { x: x0, y: y2 + 13, class: "small" }, note));
+    } else {
+      box.appendChild(svg("text", { x: x0, y: y2 - 4, class: "small" }, "Split of the total"));
+      box.appendChild(svg("rect", { class: "track", x: x0, y: y2, width: span, height: h }));
+      const cut = share * span;
+      box.appendChild(svg("rect", { class: "aleatoric", x: x0, y: y2, width: cut, height: h }));
+      const rest = { class: "epistemic", x: x0 + cut, y: y2, width: span - cut, height: h };
       box.appendChild(svg("rect", rest));
       const labels = [
         [share, x0 + 4, "start", `aleatoric ${percent(share)}`],
@@ -619,7 +400,7 @@
     const items = [];
     for (const [name, value, swatch] of rows) {
       const dt = document.createElement("dt");
-      if (swatch) {
+      if (swatch && split) {
         const s = document.createElement("span");
         s.className = `swatch ${swatch}`;
         s.setAttribute("aria-hidden", "true");
@@ -724,24 +505,10 @@
     return Array.from({ length: n }, (_, i) => String(i));
   }
 
-  /** Whether the model reads light strokes on a dark background, from its input metadata. */
-  function polarity(input) {
-    if (input.background === "dark") return true;
-    if (input.background === "light") return false;
-    const text = String(input.description || "").toLowerCase();
-    if (/(white|light) (strokes )?on (a )?(black|dark)/.test(text)) return true;
-    if (/(black|dark) (strokes )?on (a )?(white|light)/.test(text)) return false;
-    return null;
-  }
-
   function init(info) {
     state.model = info;
     const input = info.input || {};
-    state.layout = inputLayout(input.shape);
-    const range = input.value_range;
-    state.range = Array.isArray(range) && range.length === 2 ? range.map(Number) : [0, 1];
     state.classes = classNames(info);
-    state.expectDark = polarity(input);
     const k = $("k");
     k.value = info.default_num_samples;
     if (info.limits && info.limits.max_num_samples) k.max = info.limits.max_num_samples;
@@ -749,7 +516,7 @@
     $("model-line").textContent =
       `Model ${info.id} ${info.version}. Input: ${input.description || shape}. ` +
       `${state.classes.length} classes; ${info.default_num_samples} posterior networks by default.`;
-    if (!state.layout) {
+    if (!input.image_mode) {
       const notice = $("unsupported");
       notice.textContent =
         `This model's input (shape ${JSON.stringify(input.shape)}) is not an image, so this ` +
@@ -758,7 +525,6 @@
       $("input-controls").hidden = true;
       return;
     }
-    $("centre").checked = state.layout.channels === 1;
     updatePreview();
     document.body.dataset.ready = "true";
   }
@@ -796,8 +562,6 @@
     radio.addEventListener("change", setMode);
   }
   $("file").addEventListener("change", loadFile);
-  $("invert").addEventListener("change", updatePreview);
-  $("centre").addEventListener("change", updatePreview);
   $("predict-form").addEventListener("submit", submit);
   let resizing = null;
   window.addEventListener("resize", () => {

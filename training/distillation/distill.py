@@ -94,6 +94,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "architecture, data and sampler settings, other seeds) are merged",
     )
     io.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
+    io.add_argument(
+        "--force", action="store_true", help="overwrite --out (and its .fidelity.json) if it exists"
+    )
     io.add_argument("--data-dir", default=None, help="MNIST's folder (default: $APD_DATA_DIR)")
     io.add_argument("--model-id", default=None, help="model id (default: <data>-<arch>)")
     io.add_argument("--version", default=None, help="model version (default: UTC date-time)")
@@ -160,9 +163,43 @@ def _say(msg: str) -> None:
     tqdm.write(f"apd distill: {msg}", file=sys.stderr)
 
 
+TRAIN_SGLD = "apd train sgld --arch ARCH --out RUN_DIR"
+
+
 def _samples_dir(arg: str) -> Path:
+    """The sample store of one ``--samples`` argument: a run folder of ``apd train sgld`` (or
+    its ``samples/``). Anything else is refused in one line that says what to pass instead."""
     p = Path(arg)
-    return p / "samples" if (p / "samples").is_dir() else p
+    if not p.exists():
+        raise UserError(
+            f"--samples {arg}: no such folder; pass the folder that `{TRAIN_SGLD}` wrote"
+        )
+    if not p.is_dir():
+        raise UserError(
+            f"--samples {arg} is a file, not a run folder; pass the folder that `{TRAIN_SGLD}` "
+            "wrote (it holds samples/)"
+        )
+    if (p / "samples").is_dir():
+        return p / "samples"
+    config = p / "config.json"
+    if config.is_file():
+        try:
+            method = json.loads(config.read_text()).get("method")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            method = None
+        if isinstance(method, str) and method != "sgld":
+            raise UserError(
+                f"--samples {arg} is an {method.upper()} run, not an SGLD run: distillation "
+                f"needs SGLD samples; make them with `{TRAIN_SGLD}`"
+            )
+        if not (p / "READY").exists():
+            raise UserError(f"--samples {arg}: the run is not finished (no READY file yet)")
+    if not (p / "meta.json").is_file():
+        raise UserError(
+            f"--samples {arg} is not an SGLD run folder (no samples/ in it); pass the folder "
+            f"that `{TRAIN_SGLD}` wrote"
+        )
+    return p
 
 
 def open_samples(runs: list[str]) -> SampleStore:
@@ -177,8 +214,9 @@ def recorded_data(store: SampleStore, args: argparse.Namespace) -> Dataset:
     file's new place if given; its fingerprint must be the samples'."""
     record = store.meta.get("data")
     spec = DataSpec() if record is None else DataSpec.from_dict(record)
-    if args.dataset != "mnist":
-        spec = DataSpec.from_dict({**spec.to_dict(), "source": data_spec_from_args(args).source})
+    if args.dataset != "mnist":  # the file's new place; how to read it is the run's record
+        moved = str(Path(args.dataset).expanduser().resolve())
+        spec = DataSpec.from_dict({**spec.to_dict(), "source": moved})
     elif spec.source != "mnist" and not Path(spec.source).exists():
         raise UserError(
             f"{store.path} was sampled on {spec.source}, which no longer exists; pass "
@@ -194,9 +232,19 @@ def recorded_data(store: SampleStore, args: argparse.Namespace) -> Dataset:
     return data
 
 
+def fidelity_path_for(out: Path) -> Path:
+    """The validation record written beside checkpoint ``out``."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".fidelity.json")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if not str(args.out).endswith(".safetensors"):
         raise UserError(f"--out must name a .safetensors file, got {args.out}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the checkpoint file to write in it")
+    if out.exists() and not args.force:
+        raise UserError(f"--out {out} exists; pass --force to overwrite it, or another --out")
     if not 0.0 < args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must lie in (0, 1), got {args.target_fpr}")
     if not 1 <= args.num_samples <= 1000:
@@ -426,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
         probes=data.val_x,
     )
     ckpt = load_checkpoint(out)  # re-read: what the service will see
-    fidelity_path = out.with_name(out.name.removesuffix(".safetensors") + ".fidelity.json")
+    fidelity_path = fidelity_path_for(out)
     fidelity_path.write_text(
         json.dumps(
             {
@@ -443,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {out} ({ckpt.size_bytes / 1e6:.2f} MB, sha256 {sha[:12]}) "
-        f"and {fidelity_path.name}\n"
+        f"and {fidelity_path}\n"
         f"  validation accuracy {metrics['validation']['accuracy']:.4f}, "
         f"best step {result.best_step}, residual scale {result.residual_scale:g}, "
         f"{seconds:.0f} s\n"

@@ -21,7 +21,7 @@ from service.schemas import (
     AnomalyFlag,
     AnomalyScoreRequest,
     AnomalyScoreResponse,
-    ErrorMessage,
+    ErrorBody,
     ImageForm,
     ModelRef,
     Prediction,
@@ -198,7 +198,11 @@ def _file_error(i: int, message: str) -> RequestValidationError:
     response_model=PredictResponse,
     responses={
         **ERROR_RESPONSES,
-        415: {"model": ErrorMessage, "description": "This model's inputs are not images"},
+        415: {
+            "model": ErrorBody,
+            "description": "A body that is not multipart/form-data, or a model whose inputs "
+            "are not images",
+        },
     },
     summary="As /predict, for image files (PNG, JPEG, ...) converted with the model's convention",
 )

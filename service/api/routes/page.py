@@ -1,10 +1,10 @@
 """``GET /``: a page to try the model in a browser (``service/static/``).
 
-An image, uploaded or drawn, is turned into the model's input on the client (the shape, value
-range and class names come from ``GET /v1/model``) and sent to ``POST /predict``; the answer is
-drawn by the page's own script. Plain HTML, CSS and JavaScript served from here, with a
-Content-Security-Policy that lets the page load and connect to nothing but this server, so it
-works offline and behind a path prefix (its URLs are relative).
+An image, uploaded or drawn, is sent as it is to ``POST /predict/image``, where the server
+makes the model's input from it (:mod:`service.images`, the one preparation of the page and
+the API); the answer is drawn by the page's own script. Plain HTML, CSS and JavaScript served
+from here, with a Content-Security-Policy that lets the page load and connect to nothing but
+this server, so it works offline and behind a path prefix (its URLs are relative).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from starlette.exceptions import HTTPException
 import apd
 from apd.uncertainty import PredictiveSummary, ScoreName
 from service.api.deps import MaybeRuntimeDep
+from service.api.errors import JSON_MEDIA_TYPE, body_is, is_json_media_type, media_type
 from service.inputs import InputSchema
 from service.runtime import ServiceRuntime
-from service.schemas import ErrorMessage
 from service.v2_protocol import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -74,10 +74,10 @@ def _outputs(runtime: ServiceRuntime) -> list[str]:
 
 _ERROR: Final = {"model": V2Error}
 _LIMIT_ERROR: Final = {
-    "model": V2Error | ErrorMessage,
-    "description": "Body over max_body_bytes (answered {'detail': ...} when its "
-    "Content-Length says so, before routing) or batch over max_batch",
+    "model": V2Error,
+    "description": "Body over max_body_bytes or batch over max_batch",
 }
+OCTET_STREAM: Final = "application/octet-stream"
 _STARTING: Final = {"model": V2Error, "description": "The service is starting"}
 
 
@@ -223,6 +223,7 @@ _INFER_OPENAPI: Final[dict[str, Any]] = {
         404: _ERROR,
         408: {"model": V2Error, "description": "The body arrived too slowly"},
         413: _LIMIT_ERROR,
+        415: {"model": V2Error, "description": "A body that is neither JSON nor binary tensors"},
         503: _STARTING,
     },
     openapi_extra=_INFER_OPENAPI,
@@ -230,6 +231,7 @@ _INFER_OPENAPI: Final[dict[str, Any]] = {
 )
 async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Response:
     try:
+        _check_media_type(request)
         served = _model(runtime, name)
         try:
             body = await request.body()
@@ -266,6 +268,22 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
         content,
         media_type="application/octet-stream",
         headers={HEADER_LENGTH: str(header_length)},
+    )
+
+
+def _check_media_type(request: Request) -> None:
+    """415 unless the body is JSON (or has no Content-Type, as the protocol allows) or the
+    binary extension's JSON header plus tensors (``application/octet-stream``, or any type
+    with ``Inference-Header-Content-Length``)."""
+    content_type = request.headers.get("content-type")
+    if is_json_media_type(content_type) or HEADER_LENGTH in request.headers:
+        return
+    if media_type(content_type) in ("", OCTET_STREAM):  # the protocol names no media type
+        return
+    raise ProtocolError(
+        f"{body_is(content_type)}; this endpoint takes {JSON_MEDIA_TYPE} (or "
+        f"{OCTET_STREAM} with the {HEADER_LENGTH} header, the binary tensor data extension)",
+        415,
     )
 
 
