@@ -400,7 +400,6 @@ class DataSupportRecord(_Strict):
 
     rank: int = Field(gt=0)
     residual_variance: float = Field(gt=0)
-    center: float = Field(gt=0)
     variance_held: float = Field(gt=0, le=1)
     fitted_on: str
     fit_rows: int = Field(gt=1)
@@ -639,7 +638,7 @@ class Checkpoint:
         record = self.meta.data_support
         if record is None:
             return None
-        return DataSupport.from_tensors(self.tensors, record.residual_variance, record.center)
+        return DataSupport.from_tensors(self.tensors, record.residual_variance)
 
     def noise(self, k: int, seed: int) -> dict[str, NDArray[np.float32]]:
         """Standard normal noise for ``k`` networks from NumPy seed ``seed``: ``z (k,

@@ -14,17 +14,18 @@ variance ``sigma^2`` (the mean of the other eigenvalues) for the remaining ``D -
     d(x) = 1/D [ sum_i (u_i . (x - mu))^2 / lambda_i
                  + ( ||x - mu||^2 - sum_i (u_i . (x - mu))^2 ) / sigma^2 ]
 
-In distribution ``d`` is about 1 (its expectation under the fitted Gaussian is exactly 1).
-With ``r = D`` (small feature counts) it is the full-covariance Mahalanobis distance.
-Eigenvalues are floored at ``1e-6`` of the largest so that a direction in which the training
-inputs never varied (MNIST's border pixels) is very sensitive but finite.
+``d`` is the score: about 1 for inputs like the training inputs (its expectation under the
+fitted Gaussian is exactly 1), larger farther from them; its threshold is calibrated on
+held-out inputs like every other score. With ``r = D`` (small feature counts) it is the
+full-covariance Mahalanobis distance. Eigenvalues are floored at ``1e-6`` of the largest so
+that a direction in which the training inputs never varied (MNIST's border pixels) is very
+sensitive but finite.
 
-The score is two-sided, ``|ln(d(x) / c)|`` with ``c`` the median of ``d`` over the training
-inputs: in many dimensions a Gaussian's mass lies in a shell around the mean, and an input
-inside the shell is as atypical as one outside it (the typicality test of Nalisnick et al.,
-2019). A blank image or a faint digit lies near MNIST's mean pixel values, far inside the
-shell; rows multiplied by 20 lie far outside. Larger is farther either way, and the threshold
-is calibrated on held-out inputs like every other score.
+It is one-sided on purpose. In many dimensions a Gaussian's mass lies in a shell, so an input
+much *closer* to the mean than the training inputs (a blank image) is atypical too (Nalisnick
+et al., 2019); but so is a smooth digit resampled from a photograph, which loses the
+high-frequency detail of MNIST's strokes, and flagging those would flag the inputs the page
+exists for. Constant images are refused by the service instead (nothing to classify).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class DataSupport:
     components: NDArray[np.float32]
     variances: NDArray[np.float32]
     residual_variance: float
-    center: float  # the median of d over the training inputs
 
     @property
     def dim(self) -> int:
@@ -105,24 +105,13 @@ class DataSupport:
             components=np.ascontiguousarray(eigvec[:, :r].T, dtype=np.float32),
             variances=eigval[:r].astype(np.float32),
             residual_variance=max(sigma2, floor),
-            center=1.0,
         )
-        # the centre as a checkpoint will serve it (directions rounded to float16)
-        served = cls.from_tensors(fitted.tensors(), fitted.residual_variance, 1.0)
-        center = float(np.median(served.distance(a)))
-        return cls.from_tensors(fitted.tensors(), fitted.residual_variance, max(center, 1e-12))
+        # as a checkpoint stores it (directions rounded to float16)
+        return cls.from_tensors(fitted.tensors(), fitted.residual_variance)
 
     def score(self, x: NDArray[np.floating]) -> NDArray[np.float64]:
-        """``|ln(d(x) / c)|`` for network inputs ``x (N, D)`` (module docstring): larger is
-        less typical of the training inputs, closer to their mean than they lie as well as
-        farther."""
-        d = np.maximum(self.distance(x), np.finfo(np.float64).tiny)
-        out: NDArray[np.float64] = np.abs(np.log(d / self.center))
-        return out
-
-    def distance(self, x: NDArray[np.floating]) -> NDArray[np.float64]:
         """``d(x)`` for network inputs ``x (N, D)``: the squared Mahalanobis distance per
-        dimension (module docstring)."""
+        dimension (module docstring); about 1 in distribution, larger farther."""
         dx = np.asarray(x, dtype=np.float64) - self.mean
         proj = dx @ self.components.T.astype(np.float64)
         inside = (proj * proj / self.variances).sum(axis=1)
@@ -140,14 +129,13 @@ class DataSupport:
 
     @classmethod
     def from_tensors(
-        cls, tensors: Mapping[str, NDArray[Any]], residual_variance: float, center: float
+        cls, tensors: Mapping[str, NDArray[Any]], residual_variance: float
     ) -> DataSupport:
-        """The score a checkpoint stores (:meth:`tensors`, and the two numbers its metadata
-        records)."""
+        """The score a checkpoint stores (:meth:`tensors`, and the residual variance its
+        metadata records)."""
         return cls(
             mean=np.ascontiguousarray(tensors[MEAN], dtype=np.float32),
             components=np.ascontiguousarray(tensors[COMPONENTS], dtype=np.float32),
             variances=np.ascontiguousarray(tensors[VARIANCES], dtype=np.float32),
             residual_variance=float(residual_variance),
-            center=float(center),
         )

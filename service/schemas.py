@@ -142,7 +142,7 @@ def request_examples(example: JsonValue) -> dict[str, list[JsonValue]]:
 # examples (the first MNIST test image, num_samples 100, seed 7), numbers to 4 significant
 # digits; tests/test_api_doc.py answers the request with that checkpoint and compares. The
 # OpenAPI document shows them when that checkpoint is served (service/main.py).
-SHIPPED_SHA256: Final = "6943aebdf987ba34b824de7e3d92b8b368285816f78e5a2d6714fb2b87670912"
+SHIPPED_SHA256: Final = "a67e1efc836f26db549d073029751b5f1f0f6aca1e78cfb1fab43659376ea770"
 _SHIPPED_THRESHOLD: Final = 0.23626839907848557  # mutual_information, 5% FPR
 
 
@@ -162,8 +162,9 @@ class Uncertainty(BaseModel):
     data_support: float | None = Field(
         default=None,
         exclude_if=lambda v: v is None,
-        description="How atypical the input is of the training inputs (higher = farther; "
-        "about 0 in distribution); absent when the checkpoint has no data-support fit",
+        description="How far the input lies from the training inputs (a squared Mahalanobis "
+        "distance per dimension: about 1 for inputs like them, larger farther); absent when "
+        "the checkpoint has no data-support fit",
     )
 
 
@@ -212,10 +213,10 @@ _EXAMPLE_PREDICTION: dict[str, JsonValue] = {
         "expected_entropy": 0.001014,
         "mutual_information": 0.000428,
         "model_variance": 1.443e-07,
-        "data_support": 0.2667,
+        "data_support": 0.7305,
     },
     "anomaly": {
-        "score": 0.2296,
+        "score": 0.2968,
         "is_anomaly": False,
         "threshold": 1.0,
         "score_name": "combined",

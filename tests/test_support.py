@@ -41,13 +41,13 @@ def test_distance_is_ppca_mahalanobis(d: int, rank: int) -> None:
     dx = new - pca.mean_
     reference = np.einsum("nd,de,ne->n", dx, pca.get_precision(), dx) / d
     # the directions are stored as float16
-    np.testing.assert_allclose(fit.distance(new), reference, rtol=2e-2)
+    np.testing.assert_allclose(fit.score(new), reference, rtol=2e-2)
 
 
-def test_score_is_two_sided_and_calibrates() -> None:
-    """In distribution the score is small; far outside (x20) and at the mean (inside the
-    typical shell of many dimensions) it is large; its threshold flags the target rate of new
-    in-distribution inputs, within their binomial spread."""
+def test_score_flags_far_inputs_and_calibrates() -> None:
+    """In distribution the score is about 1; far outside (x20, or one feature at 100 times its
+    spread) it is large, and near the mean it is small (one-sided: not flagged); its threshold
+    flags the target rate of new in-distribution inputs, within their binomial spread."""
     x = _gaussian(6000, 60, seed=3)
     fit = DataSupport.fit(x[:4000])
     val, test = fit.score(x[4000:5000]), fit.score(x[5000:])
@@ -55,10 +55,13 @@ def test_score_is_two_sided_and_calibrates() -> None:
     rate = float(is_flagged(test, threshold).mean())
     lo, hi = binomtest(50, 1000).proportion_ci(0.999, method="exact")
     assert lo <= rate <= hi
+    assert np.mean(val) == pytest.approx(1.0, abs=0.1)
     far = fit.score(20 * x[5000:5100])
+    one = x[5000:5060].copy()
+    one[np.arange(60), np.arange(60)] += 100 * x[:4000].std(0)[np.arange(60)]
     at_mean = fit.score(fit.mean[None, :].astype(np.float64))
-    assert is_flagged(far, threshold).all()
-    assert is_flagged(at_mean, threshold).all()
+    assert is_flagged(far, threshold).all() and is_flagged(fit.score(one), threshold).all()
+    assert not is_flagged(at_mean, threshold).any()
 
 
 def test_nan_scores_fail_closed() -> None:

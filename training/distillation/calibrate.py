@@ -163,7 +163,6 @@ def support_record(fit: DataSupport, fitted_on: str, rows: int, held: float) -> 
     return DataSupportRecord(
         rank=fit.rank,
         residual_variance=fit.residual_variance,
-        center=fit.center,
         variance_held=held,
         fitted_on=fitted_on,
         fit_rows=rows,

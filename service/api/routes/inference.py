@@ -15,7 +15,7 @@ from apd.uncertainty import PredictiveSummary, ScoreName
 from service.api.deps import InputSchemaDep, RuntimeDep
 from service.api.errors import ERROR_RESPONSES, validation_error
 from service.api.json_body import InputBatchRoute
-from service.inputs import InputSchema
+from service.inputs import InputSchema, constant_rows
 from service.runtime import ServiceRuntime
 from service.schemas import (
     AnomalyFlag,
@@ -184,6 +184,12 @@ def _images_to_raw(schema: InputSchema, files: list[tuple[str, bytes]]) -> NDArr
             raw[i] = schema.image_to_raw(data)
         except ValueError as exc:
             raise _file_error(i, f"{where} cannot be decoded: {exc}") from None
+    for i in constant_rows(raw).tolist():
+        raise _file_error(
+            i,
+            f"files[{i}] ({files[i][0]!r}) is blank: every pixel is {raw[i, 0]:g} after "
+            "conversion, nothing to classify",
+        )
     return raw
 
 
