@@ -79,9 +79,10 @@ def _error(
 
 
 def constant_rows(x: NDArray[np.floating]) -> NDArray[np.intp]:
-    """Indices of the examples ``x (N, D)`` whose values are all equal: for image models, a
-    blank or constant image, which carries nothing to classify and is refused (the
-    data-support score is one-sided and does not flag a blank MNIST image: ``apd.support``)."""
+    """Indices of the examples ``x (N, D)`` whose values are all equal: an image file that
+    becomes one (a blank page) is refused by ``/predict/image``, as there is nothing to
+    classify; a JSON client's constant example is answered (and a constant grey or white
+    image is flagged by the data-support score; a blank MNIST image is not: ``apd.support``)."""
     a = np.asarray(x)
     out: NDArray[np.intp] = np.flatnonzero(a.max(axis=1) == a.min(axis=1))
     return out
@@ -370,19 +371,6 @@ class InputSchema:
         if self.integral:
             bad |= finite & (x != np.round(x))
         if not bad.any():
-            blank = constant_rows(x) if self._images else np.empty(0, np.intp)
-            if len(blank):
-                i = int(blank[0])
-                raise _error(
-                    "constant_image",
-                    "inputs[{index}] is a constant image (every pixel {value}): there is "
-                    "nothing to classify ({total} such image(s) in this request)",
-                    (i,),
-                    None,
-                    index=i,
-                    value=float(x[i, 0]),
-                    total=len(blank),
-                )
             return
         i, p = (int(v) for v in np.argwhere(bad)[0])
         index = np.unravel_index(p, self.shape) if self.form(inputs[i]) == "nested" else (p,)
@@ -462,8 +450,6 @@ class InputSchema:
             ok = bool(np.abs(x).max() <= FLOAT32_MAX)  # False for NaN too
         if ok and self.integral:
             ok = bool((x == np.round(x)).all())
-        if ok and self._images:
-            ok = not len(constant_rows(x))
         return CheckedInputs(x.astype(np.float32)) if ok else None
 
     # ---- image files -------------------------------------------------------------------

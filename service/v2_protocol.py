@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, ValidationError
 
 from apd.uncertainty import ScoreName
-from service.inputs import InputSchema, constant_rows
+from service.inputs import InputSchema
 from service.schemas import NumSamples, Seed
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
@@ -269,7 +269,6 @@ class ModelInput:
     value_range: tuple[float, float]
     checks_range: bool
     uint8: Literal["raw", "pixel"] | None
-    images: bool = False  # a constant example is refused (:func:`service.inputs.constant_rows`)
 
     @property
     def integral(self) -> bool:
@@ -283,14 +282,7 @@ class ModelInput:
             uint8: Literal["raw", "pixel"] | None = "raw"
         else:
             uint8 = "pixel" if schema.image_mode is not None else None
-        return cls(
-            schema.shape,
-            schema.size,
-            schema.value_range,
-            schema.checks_range,
-            uint8,
-            images=schema.image_mode is not None,
-        )
+        return cls(schema.shape, schema.size, schema.value_range, schema.checks_range, uint8)
 
     @property
     def datatypes(self) -> tuple[str, ...]:
@@ -371,7 +363,7 @@ def decode_input(
         values = _json_values(tensor, where, shape, count)
     if tensor.datatype == "UINT8":
         x = values.reshape(n, model.dim).astype(np.float32)
-        return _not_blank(model, where, x / np.float32(PIXEL_MAX) if model.uint8 == "pixel" else x)
+        return x / np.float32(PIXEL_MAX) if model.uint8 == "pixel" else x
     x = values.reshape(n, model.dim).astype(np.float32)  # a copy: aligned and writable
     lo, hi = model.value_range
     if model.checks_range:
@@ -389,18 +381,6 @@ def decode_input(
         raise ProtocolError(
             f"{where}: element {list(first)} is {value}: FP32 values must be {rule} "
             f"({int(bad.sum())} bad value(s) in this request)"
-        )
-    return _not_blank(model, where, x)
-
-
-def _not_blank(model: ModelInput, where: str, x: NDArray[np.float32]) -> NDArray[np.float32]:
-    """``x``, unless an image model is sent a constant image (nothing to classify)."""
-    blank = constant_rows(x) if model.images else np.empty(0, np.intp)
-    if len(blank):
-        i = int(blank[0])
-        raise ProtocolError(
-            f"{where}: example {i} is a constant image (every pixel {float(x[i, 0]):g}): "
-            f"there is nothing to classify ({len(blank)} such image(s) in this request)"
         )
     return x
 
