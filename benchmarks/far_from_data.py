@@ -94,7 +94,9 @@ def mnist_part(path: Path) -> dict[str, Any]:
         "checkpoint": str(path),
         "checkpoint_sha256": ckpt.sha256,
         "calibration_size": a.calibration_size,
-        "combined_rate": None if a.combined is None else a.combined.rate,
+        "combined_rates": None
+        if a.combined is None
+        else {s.value: r for s, r in a.combined.rates.items()},
         "rows": rows,
     }
 
@@ -190,7 +192,9 @@ def main() -> None:
         f"## MNIST: `{mnist['checkpoint']}` (sha256 {mnist['checkpoint_sha256'][:12]})",
         "",
         f"Calibrated on {mnist['calibration_size']:,} validation digits; the combined flag's "
-        f"per-test rate is {mnist['combined_rate']:.4f}.",
+        "tests' rates there: "
+        + ", ".join(f"{s} {r:.4f}" for s, r in mnist["combined_rates"].items())
+        + ".",
         "",
         *_table(mnist["rows"]),
     ]

@@ -366,6 +366,11 @@ BAD_DIGITS: list[tuple[str, Any, str]] = [
         [[[0] * 8] * 2 + [[0, -1] + [0] * 6] + [[0] * 8] * 5],
         "inputs[0][2][1] is -1.0",
     ),
+    (
+        "pixel / 255 sent to integer grey levels",
+        [[0.5] * 64],
+        "inputs[0][0] is 0.5: this model's pixels are whole numbers in [0, 255]",
+    ),
 ]
 
 
@@ -422,6 +427,16 @@ def test_digits_v2_and_image_files(digits_checkpoint: Path) -> None:
         assert "files[0] ('notes.txt') is not an image file" in bad.json()["message"]
         truncated = client.post("/predict/image", files=[("files", ("t.png", png(raw[0])[:40]))])
         assert truncated.status_code == 422 and "files[0] ('t.png')" in truncated.json()["message"]
+        # the same whole numbers, as FP32 in V2, must be whole too
+        halves = {
+            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]
+        }
+        r = client.post(f"/v2/models/{name}/infer", json=halves)
+        assert r.status_code == 400 and "whole" in r.json()["error"], r.text
+        blank = client.post(
+            "/predict/image", files=[("files", ("blank.png", png(np.zeros((8, 8), np.uint8))))]
+        )
+        assert blank.status_code == 422 and "files[0] ('blank.png') is blank" in blank.text
 
 
 def test_wine_features_in_their_own_units(wine_checkpoint: Path) -> None:
