@@ -119,6 +119,14 @@ def summarize(member_probs: FloatArray) -> PredictiveSummary:
     return acc.summary()
 
 
+def flag_anomalies(scores: FloatArray, threshold: float) -> NDArray[np.bool_]:
+    """Whether each input is an anomaly: its score exceeds ``threshold``. A score that is
+    not a number (NaN) counts as an anomaly: an answer that cannot be trusted fails closed."""
+    s = np.asarray(scores, dtype=np.float64)
+    flags: NDArray[np.bool_] = ~(s <= threshold)  # NaN compares false: flagged
+    return flags
+
+
 def calibrate_threshold(in_distribution_scores: FloatArray, target_fpr: float) -> float:
     """Smallest threshold flagging at most ``target_fpr`` of in-distribution scores.
 

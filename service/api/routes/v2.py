@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,7 +20,7 @@ from numpy.typing import NDArray
 from starlette.exceptions import HTTPException
 
 import apd
-from apd.uncertainty import PredictiveSummary, ScoreName
+from apd.uncertainty import PredictiveSummary, ScoreName, flag_anomalies
 from service.api.deps import MaybeRuntimeDep
 from service.inputs import InputSchema
 from service.runtime import ServiceRuntime
@@ -214,6 +215,7 @@ _INFER_OPENAPI: Final[dict[str, Any]] = {
         404: _ERROR,
         408: {"model": V2Error, "description": "The body arrived too slowly"},
         413: _LIMIT_ERROR,
+        500: {"model": V2Error, "description": "The model computed a non-finite answer"},
         503: _STARTING,
     },
     openapi_extra=_INFER_OPENAPI,
@@ -226,8 +228,12 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
             body = await request.body()
         except HTTPException as exc:  # the body limit (413) or deadline (408) middleware
             raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
-        req, raw = parse_request(body, request.headers.get(HEADER_LENGTH))
-        x = decode_input(req, raw, _model_input(request), served.settings.max_batch)
+        # In a thread: health checks are answered meanwhile (its cost is bounded before, by
+        # service.admission, which refuses a JSON header of more values than a request holds)
+        req, x = await anyio.to_thread.run_sync(
+            _read_request, body, request.headers.get(HEADER_LENGTH), _model_input(request),
+            served.settings.max_batch,
+        )  # fmt: skip
         params = parameters(req)
         k = _num_samples(served, params.num_samples)
         score = _score(served, params.score)
@@ -260,6 +266,13 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
     )
 
 
+def _read_request(
+    body: bytes, header_length: str | None, model: ModelInput, max_batch: int
+) -> tuple[InferRequest, NDArray[np.float32]]:
+    req, raw = parse_request(body, header_length)
+    return req, decode_input(req, raw, model, max_batch)
+
+
 def _num_samples(runtime: ServiceRuntime, requested: int | None) -> int:
     if requested is None:
         return runtime.default_num_samples
@@ -288,7 +301,7 @@ def _output_tensors(
 ) -> dict[str, NDArray[Any]]:
     """Every output tensor; flags and their metric as ``/predict`` and ``/anomaly-score``."""
     scores = np.asarray(summary.score(score), dtype=np.float64)
-    flags = scores > runtime.thresholds[score]
+    flags = flag_anomalies(scores, runtime.thresholds[score])
     runtime.metrics.anomaly_flags.labels(score=score.value).inc(int(flags.sum()))
     return {
         "probabilities": summary.probabilities,
