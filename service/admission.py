@@ -41,6 +41,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.middleware import declared_length
 from service.telemetry import Metrics
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class MemoryBudget:
         wait_s: float,
         metrics: Metrics,
         max_queue: int = 64,
-        max_queue_per_client: int = 4,
+        max_queue_per_client: int = 8,
     ) -> None:
         if capacity_bytes < 1:
             raise ValueError("the memory budget must be positive")
@@ -267,10 +268,8 @@ class MemoryBudget:
 
 def _json_part(body: bytes, headers: Headers) -> bytes | memoryview:
     """The JSON text of a body: all of it, or a V2 binary request's header."""
-    declared = headers.get(V2_HEADER_LENGTH)
-    if declared is not None and declared.isascii() and declared.isdigit():
-        return memoryview(body)[: int(declared)]
-    return body
+    declared = declared_length(headers.get(V2_HEADER_LENGTH))
+    return memoryview(body)[:declared] if declared >= 0 else body
 
 
 def request_cost(runtime: ServiceRuntime, body: bytes, headers: Headers) -> int:

@@ -370,7 +370,8 @@ class RedisBlockStore:
         """Values of ``keys`` in one round trip, each read up to ``max_bytes + 1`` bytes
         (``GETRANGE``): a value planted larger than an entry costs that much, and its length
         shows it is not one. None where absent, a ``str`` saying what is wrong for a key that
-        holds no string; None for all if Redis failed or is unavailable."""
+        holds no string; None for all if Redis failed or is unavailable. (``EXISTS`` beside
+        each read: an empty value is not an absent one.)"""
         from redis.exceptions import RedisError, ResponseError
 
         if not self.available or not keys:
@@ -378,21 +379,24 @@ class RedisBlockStore:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
+                    pipe.exists(key)  # GETRANGE answers "" for an absent key and an empty one
                     pipe.getrange(key, 0, max_bytes)
                 values = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "get")
             return None
         out: list[bytes | str | None] = []
-        for v in values:
+        for exists, v in zip(values[::2], values[1::2], strict=True):
+            for answer in (exists, v):
+                if isinstance(answer, Exception) and not isinstance(answer, ResponseError):
+                    self._failed(answer, "get")  # a connection error mid-pipeline
+                    return None
             if isinstance(v, ResponseError):
                 out.append(f"not a string value ({v})")
-            elif isinstance(v, Exception):  # a connection error mid-pipeline
-                self._failed(v, "get")
-                return None
+            elif not exists:
+                out.append(None)
             else:
-                raw = v if isinstance(v, bytes) else str(v).encode()
-                out.append(raw or None)
+                out.append(v if isinstance(v, bytes) else str(v).encode())
         return out
 
     async def set_many(self, items: Mapping[str, bytes], ttl_s: int) -> bool:

@@ -257,11 +257,11 @@ class Settings(BaseSettings):
         description="requests waiting for memory budget at once per worker; more: 503 at once",
     )
     admission_queue_per_client: int = Field(
-        default=4,
+        default=8,
         ge=0,
         le=100_000,
         description="requests from one client address waiting for memory budget at once; "
-        "more: 503 at once",
+        "more: 503 at once (behind a proxy every client has its address: raise it)",
     )
     forward_chunk_mb: float = Field(
         default=8.0,

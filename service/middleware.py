@@ -38,8 +38,9 @@ _ASCII_DIGITS: Final = re.compile(r"[0-9]{1,18}")
 
 
 def declared_length(value: str | None) -> int:
-    """A ``Content-Length`` header's value, -1 when absent or not ASCII digits (h11 already
-    refuses such a header; ``str.isdigit`` alone would accept "²", which ``int`` refuses)."""
+    """A byte count in a header (``Content-Length``, ``Inference-Header-Content-Length``),
+    -1 when absent or not 1 to 18 ASCII digits (``str.isdigit`` alone would accept "²",
+    which ``int`` refuses, and ``int`` refuses more than 4,300 digits)."""
     if value is None or not _ASCII_DIGITS.fullmatch(value):
         return -1
     return int(value)
