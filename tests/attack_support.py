@@ -25,7 +25,8 @@ def _fill(head: bytes, item: bytes, tail: bytes, size: int, sep: bytes = b",") -
 def hostile_bodies(size: int = 8 * MB - 4096) -> dict[str, bytes]:
     """JSON bodies of about ``size`` bytes whose parse would cost far more than their size:
     an object of ~700,000 keys, a list of ~2.7 M empty lists, nesting ~4 M deep, one long
-    string, ~4 M numbers in one example."""
+    string, ~4 M numbers in one example; and one that passes the scan (as many values as a
+    valid request, each a 36-character string: 7.9 MB whatever ``size``)."""
     keys = b"{" + b",".join(b'"%d":0' % i for i in range(size // 12)) + b"}"
     return {
         "object of 700k keys": keys[:size].rpartition(b",")[0] + b"}",
@@ -33,6 +34,9 @@ def hostile_bodies(size: int = 8 * MB - 4096) -> dict[str, bytes]:
         "deep nesting": b'{"inputs":' + b"[" * (size // 2 - 8) + b"]" * (size // 2 - 8) + b"}",
         "one long string": b'{"inputs":"' + b"a" * (size - 16) + b'"}',
         "4M numbers": _fill(b'{"inputs":[[', b"0", b"]]}", size),
+        "200k strings": b'{"inputs":['
+        + b",".join([b"[" + b",".join([b'"' + b"a" * 36 + b'"'] * 784) + b"]"] * 256)
+        + b"]}",
     }
 
 
