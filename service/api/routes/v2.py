@@ -215,7 +215,6 @@ _INFER_OPENAPI: Final[dict[str, Any]] = {
         404: _ERROR,
         408: {"model": V2Error, "description": "The body arrived too slowly"},
         413: _LIMIT_ERROR,
-        500: {"model": V2Error, "description": "The model computed a non-finite answer"},
         503: _STARTING,
     },
     openapi_extra=_INFER_OPENAPI,
