@@ -279,7 +279,9 @@ def test_costly_bodies_leave_liveness_fast_and_memory_bounded(server: ServeProce
         watcher.join()
     assert statuses == [413, 413, 413, 422]  # the string parses at the cost of its size
     assert max(live) < FAST_S, max(live)
-    assert peak[0] - base < 160 * 2**20, (base, peak[0])
+    # issue 24 measured 1,049 MB for one 700,000-key body before the scan; now: the bodies
+    # and one string parse each
+    assert peak[0] - base < 256 * 2**20, (base, peak[0])
 
 
 def test_sigterm_with_a_stalled_client_exits_at_once(
