@@ -161,7 +161,9 @@ class Metrics:
         )
         self.admission_rejected = Counter(
             "apd_admission_rejected_total",
-            "Requests answered 503 because the memory budget stayed full for admission_wait_s",
+            "Requests answered 503 by admission (Retry-After), by stage: body (a body arriving "
+            "when the memory budget is full) or request (the budget stayed full for "
+            "admission_wait_s, the request needs more than all of it, or the queue is full)",
             ["stage"],
             registry=r,
         )
