@@ -137,6 +137,23 @@ def test_non_ascii_digits_in_the_v2_header_length_are_a_400(client: Any, value: 
     assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
 
 
+# ---- slow bodies ----------------------------------------------------------------------
+
+
+def test_a_body_may_take_the_grace_then_must_keep_its_rate_within_the_total() -> None:
+    from service.middleware import BodyTimeoutMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not called")
+
+    m = BodyTimeoutMiddleware(app, timeout_s=30, min_rate=8192, grace_s=5)
+    assert m.allowed_s(0) == 5  # nothing sent: cut off after the grace
+    assert m.allowed_s(8192 * 5) == 5
+    assert m.allowed_s(8192 * 12) == 12  # 12 s worth at the minimum rate: 12 s
+    assert m.allowed_s(100 << 20) == 30  # never past the total
+    assert BodyTimeoutMiddleware(app, timeout_s=30, min_rate=0).allowed_s(0) == 30
+
+
 # ---- answers that are not numbers --------------------------------------------------------
 
 
