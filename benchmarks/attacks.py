@@ -17,7 +17,7 @@ latency of ``GET /v2/health/live`` every 50 ms, and a bystander that sends a sma
 2. 100 connections that send a request's headers and no body, then 30 small ``/predict``;
 3. 200 clients sending a body at 1 KB/s each (for at most 12 s);
 4. huge-pixel PNGs on ``/predict/image``: one of 16,777,216 x 1 pixels (16 KB), and 256
-   solid 4096 x 4096 ones (4 MB);
+   solid 4096 x 4096 ones (6.5 MB);
 5. values of 80 MiB planted in Redis under the keys of three seeds' first blocks, then two
    requests for each seed;
 6. SIGTERM while a large request computes and three clients are stalled mid-body: time to

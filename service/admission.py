@@ -9,13 +9,13 @@ cuts it off by its rate), so it delays no one.
 
 **The body's parse cost is bounded before it is parsed.** Once the body is complete its JSON
 (all of it, or a V2 binary request's JSON header) is scanned (:meth:`JsonShape.scan`, a few
-byte counts at C speed: about 3 ms for 8 MB). Every container, key, string or value that
-parsing can make is marked in the text by a ``[``/``{``, ``:``, ``"`` or ``,``, so the counts
-bound what parsing makes whatever the body's shape (bytes inside strings are counted too: an
-upper bound). A body holding more than a valid request of this model can hold
-(:class:`ParseLimits`: ``max_batch`` examples of the input shape, flat or nested, and a few
-hundred keys) is refused with 413 naming the limit, unparsed: an 8 MB object of 700,000 keys or
-``{"inputs":[[],[],...]}`` costs a scan, not a gigabyte. A multipart upload is charged its
+byte counts at C speed). Every container, key, string or value that parsing can make is
+marked in the text by a ``[``/``{``, ``:``, ``"`` or ``,``, so the counts bound what parsing
+makes whatever the body's shape (bytes inside strings are counted too: an upper bound). A
+body holding more than a valid request of this model can hold (:class:`ParseLimits`:
+``max_batch`` examples of the input shape, flat or nested, and a few hundred keys) is refused
+with 413 naming the limit, unparsed: an 8 MB object of 700,000 keys or
+``{"inputs":[[],[],...]}`` costs a scan, not its parse. A multipart upload is charged its
 decoded pixels' limit (``max_image_pixels``; the route refuses images past it before
 decoding them).
 
