@@ -23,6 +23,10 @@ latency of ``GET /v2/health/live`` every 50 ms, and a bystander that sends a sma
 6. SIGTERM while a large request computes and three clients are stalled mid-body: time to
    exit, and the large request's status.
 
+Beside them, in this process, what parsing and checking a body of 256 examples of 784 values
+of each shape costs (Python's allocations, ``tracemalloc`` peak), against the bound that
+admission reserves for it (:meth:`service.admission.ParseLimits.parse_bytes`).
+
 Writes ``benchmarks/results/attacks.json`` and ``attacks.md`` (command, code revision, date,
 load averages).
 """
@@ -146,6 +150,51 @@ class Probes:
             "bystander_p50_ms": round(statistics.median(by_ms), 1) if by_ms else None,
             "bystander_max_ms": round(max(by_ms), 1) if by_ms else None,
         }
+
+
+def parse_costs() -> list[dict[str, Any]]:
+    """Peak Python allocations of parsing and validating a ``/predict`` body of each shape
+    (as the route does: :func:`service.inputs.parse_json_body`, then the request model),
+    beside :meth:`ParseLimits.parse_bytes` for it."""
+    import tracemalloc
+
+    from pydantic import ValidationError
+
+    from service.admission import JsonShape, ParseLimits
+    from service.inputs import DEFAULT_INPUT, parse_json_body, serving
+    from service.schemas import PredictRequest
+
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 784))
+    shapes: dict[str, Any] = {
+        "floats, 4 digits": x.round(4).tolist(),
+        "floats, 17 digits": x.tolist(),
+        "floats, nested 28 x 28": x.reshape(256, 28, 28).round(3).tolist(),
+        "nulls": [[None] * 784] * 256,
+        "true": [[True] * 784] * 256,
+        "1-character strings": [["a"] * 784] * 256,
+        "36-character strings": [["a" * 36] * 784] * 256,
+        "one flat list of 200,694 floats": [[0.5] * (256 * 784 - 10)],
+    }
+    rows = []
+    for name, inputs in shapes.items():
+        body = json.dumps({"inputs": inputs}).encode()
+        found = JsonShape.scan(body)
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        with serving(DEFAULT_INPUT), contextlib.suppress(ValidationError):
+            PredictRequest.model_validate(parse_json_body(body))
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rows.append({
+            "shape": name, "body_mb": round(len(body) / 1e6, 2), "values": found.values,
+            "peak_mb": round(peak / 1e6, 1),
+            "bound_mb": round(ParseLimits.parse_bytes(found, len(body)) / 1e6, 1),
+            "seconds": round(seconds, 3),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def post_many(url: str, bodies: list[bytes], headers: dict[str, str]) -> list[int]:
@@ -413,6 +462,21 @@ def write(record: dict[str, Any]) -> None:
         f"{stop['in_flight_status']} after {stop['in_flight_s']} s.",
         "",
     ]
+    lines += [
+        "Parsing and checking a `/predict` body of 256 examples of 784 values (the most a "
+        "body may hold with `max_batch` 256), in process: peak of Python's allocations "
+        "(`tracemalloc`) against what admission reserves for it (`ParseLimits.parse_bytes`: "
+        "128 bytes a value + 12 x the body).",
+        "",
+        "| shape | body MB | values | peak MB | reserved MB | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in record["parse_costs"]:
+        lines.append(
+            f"| {c['shape']} | {c['body_mb']} | {c['values']} | {c['peak_mb']} "
+            f"| {c['bound_mb']} | {c['seconds']} |"
+        )
+    lines.append("")
     (RESULTS / "attacks.md").write_text("\n".join(lines))
 
 
@@ -446,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     record["attacks"] = attacks
     record["sigterm"] = attack_sigterm(COMPOSE_ENV | {"APD_REDIS_URL": ""}, ckpt)
+    record["parse_costs"] = parse_costs()
     record["loadavg_end"] = os.getloadavg()
     if not args.quick:
         write(record)

@@ -47,19 +47,18 @@ from service.telemetry import Metrics
 if TYPE_CHECKING:
     from service.runtime import ServiceRuntime
 
-# What parsing costs: 256 examples of 784 values, parsed and checked (orjson, then Python's
-# parser for an invalid body, then pydantic's errors for its first invalid example) peaked at
-# 20 to 113 bytes per value beyond 8 x the body (4-digit and 17-digit floats, nulls, short
-# strings, empty lists and objects) and 273 for 40-character strings, whose bytes are copied
-# twice: at most 128 per value plus 12 x the body in every case measured.
+# What parsing costs: 256 examples of 784 values of every shape, parsed and checked (orjson,
+# then Python's parser for an invalid body, then pydantic's errors for its first invalid
+# example), stay under 128 bytes per value plus 12 x the body (benchmarks/attacks.py records
+# each shape's peak beside this bound, in benchmarks/results/attacks.md).
 PARSE_BYTES_PER_VALUE: Final = 128
 PARSE_BYTES_PER_BODY_BYTE: Final = 12
 # Keys a valid request holds: V2's id, parameters, one input and its outputs' are a few dozen.
 MAX_KEYS: Final = 256
 # Containers and values beyond the examples: the request object, its parameters and outputs.
 SLACK: Final = 256
-# Bytes one decoded pixel may hold while an image is decoded, converted and resized: a PNG of
-# 4,194,000 x 1 pixels took 12 per pixel (RSS), the widest shape, which decodes row buffers.
+# Bytes one decoded pixel may hold while an image is decoded, converted and resized (the
+# widest images, one row of millions of pixels, take the most: the decoder's row buffers).
 DECODE_BYTES_PER_PIXEL: Final = 20
 MULTIPART: Final = "multipart/form-data"
 V2_HEADER_LENGTH: Final = "inference-header-content-length"
