@@ -7,7 +7,8 @@ materialised network is 318 KB. Lookup order for the blocks of a request:
 1. the in-process LRU (:class:`LocalBlockCache`, bounded in bytes), which also keeps each
    block's tails when the architecture's are small (:class:`NetworkBlock`);
 2. Redis (:class:`RedisBlockStore`), key ``{prefix}:codes:{checkpoint_sha256}:{stream}:{block}``,
-   one pipelined ``MGET``-style round trip for all of a request's blocks, with a TTL;
+   one pipelined round trip for all of a request's blocks, each read only up to one entry's
+   length plus a byte (``GETRANGE``), with a TTL;
 3. the generator, for whatever is still missing, in one pass over all missing blocks; the
    new blocks are written back to Redis.
 
@@ -21,8 +22,13 @@ format version, checkpoint sha256, stream tag, block index, rows, code length), 
 little-endian float32 codes, and an HMAC-SHA256 over header and codes with the secret
 ``cache_hmac_key``. On read, :func:`decode_block` checks the MAC first (so an entry forged by
 anyone who can write to Redis but does not hold the key is refused), then every header field
-and that every value is finite; an entry that fails is deleted, counted
-(``apd_cache_corrupt_entries_total``), regenerated and rewritten, and never served.
+and that every value is finite; an entry that fails (a value of another length or type
+planted under the key included: 80 MiB of it costs a read of one entry's length) is deleted,
+counted (``apd_cache_corrupt_entries_total``), regenerated and rewritten, and never served:
+it costs once.
+
+A password configured for a Redis that accepts clients without one is a warning at start
+(the password protects nothing there), not silently accepted.
 
 Redis being unreachable never fails a request. Every Redis call has a short socket timeout;
 the first connection error or timeout marks the store unavailable (``apd_cache_degraded`` =
@@ -269,7 +275,36 @@ class RedisBlockStore:
 
     async def start(self) -> None:
         await self.ping()
+        if self.available:
+            await self.warn_if_password_unneeded()
         self._monitor = asyncio.create_task(self._watch(), name="apd-redis-monitor")
+
+    async def warn_if_password_unneeded(self) -> bool:
+        """Log a warning (and return True) when a password is configured but this Redis
+        answers a client that sends none: the password then protects nothing."""
+        from redis.asyncio import ConnectionPool, Redis
+        from redis.exceptions import RedisError
+
+        pool = self._client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        if not kwargs.get("password"):
+            return False
+        kwargs.pop("password")
+        kwargs.pop("username", None)
+        probe: Redis = Redis(connection_pool=ConnectionPool(pool.connection_class, **kwargs))
+        try:
+            await probe.ping()
+        except (TimeoutError, RedisError, OSError):
+            return False  # it requires authentication (NOAUTH), as configured
+        finally:
+            await probe.aclose()
+        log.warning(
+            "Redis %s accepts clients without a password, but one is configured: the "
+            "password protects nothing there (set requirepass on the server, or remove "
+            "the password from the settings)",
+            self._safe_url,
+        )
+        return True
 
     async def close(self) -> None:
         if self._monitor is not None:
@@ -329,19 +364,40 @@ class RedisBlockStore:
                 delay = min(delay * 2, self._retry_max_s)
             await self.ping()
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """Values of ``keys`` (None where absent) in one round trip; None if Redis failed or
-        is unavailable."""
-        from redis.exceptions import RedisError
+    async def get_many(
+        self, keys: Sequence[str], max_bytes: int
+    ) -> list[bytes | str | None] | None:
+        """Values of ``keys`` in one round trip, each read up to ``max_bytes + 1`` bytes
+        (``GETRANGE``): a value planted larger than an entry costs that much, and its length
+        shows it is not one. None where absent, a ``str`` saying what is wrong for a key that
+        holds no string; None for all if Redis failed or is unavailable. (``EXISTS`` beside
+        each read: an empty value is not an absent one.)"""
+        from redis.exceptions import RedisError, ResponseError
 
         if not self.available or not keys:
             return None
         try:
-            values = await self._client.mget(keys)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)  # GETRANGE answers "" for an absent key and an empty one
+                    pipe.getrange(key, 0, max_bytes)
+                values = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "get")
             return None
-        return [v if v is None or isinstance(v, bytes) else v.encode() for v in values]
+        out: list[bytes | str | None] = []
+        for exists, v in zip(values[::2], values[1::2], strict=True):
+            for answer in (exists, v):
+                if isinstance(answer, Exception) and not isinstance(answer, ResponseError):
+                    self._failed(answer, "get")  # a connection error mid-pipeline
+                    return None
+            if isinstance(v, ResponseError):
+                out.append(f"not a string value ({v})")
+            elif not exists:
+                out.append(None)
+            else:
+                out.append(v if isinstance(v, bytes) else str(v).encode())
+        return out
 
     async def set_many(self, items: Mapping[str, bytes], ttl_s: int) -> bool:
         from redis.exceptions import RedisError
@@ -359,12 +415,13 @@ class RedisBlockStore:
         return True
 
     async def delete(self, *keys: str) -> None:
+        """Remove ``keys`` (``UNLINK``: Redis frees a large value in the background)."""
         from redis.exceptions import RedisError
 
         if not self.available or not keys:
             return
         try:
-            await self._client.delete(*keys)
+            await self._client.unlink(*keys)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "delete")
 
@@ -430,14 +487,16 @@ class NetworkCache:
     async def _read_redis(self, stream: Stream, blocks: list[int]) -> dict[int, FloatArray]:
         if self.redis is None or not self.redis.available:
             return {}
-        raws = await self.redis.get_many([self.key(stream, b) for b in blocks])
+        raws = await self.redis.get_many(
+            [self.key(stream, b) for b in blocks], self.layout.entry_bytes
+        )
         if raws is None:
             return {}
+        found = dict(zip(blocks, raws, strict=True))
         out, corrupt = decode_blocks(
-            self.layout,
-            stream,
-            {b: raw for b, raw in zip(blocks, raws, strict=True) if raw is not None},
+            self.layout, stream, {b: raw for b, raw in found.items() if isinstance(raw, bytes)}
         )
+        corrupt |= {b: CorruptEntry(raw) for b, raw in found.items() if isinstance(raw, str)}
         for b, exc in corrupt.items():
             log.warning("discarding corrupt cache entry %s: %s", self.key(stream, b), exc)
         self._metrics.cache_corrupt.inc(len(corrupt))

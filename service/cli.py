@@ -82,7 +82,7 @@ def limit_blas_threads(argv: Sequence[str]) -> None:
             value = argv[i + 1]
         elif arg.startswith("--num-threads="):
             value = arg.split("=", 1)[1]
-    if value.isdigit() and int(value) > 0:
+    if value.isascii() and value.isdigit() and int(value) > 0:
         for var in BLAS_THREAD_VARS:
             os.environ.setdefault(var, value)
 
@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "limit_concurrency": settings.limit_concurrency,
         "timeout_keep_alive": settings.timeout_keep_alive_s,
         "server_header": False,
+        # SIGTERM: stop accepting, let requests in flight finish for at most this long, then
+        # cancel them and exit (bodies still arriving are closed at once, BoundedH11Protocol)
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         # h11 bounds header size while headers stream in (httptools buffers any header
         # whole); this subclass bounds the time they may take and how much of a refused

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         "cores). With several workers, cores / workers",
     )
     compute_concurrency: int = Field(
-        default=1,
+        default=2,
         ge=1,
         le=64,
         description="forward computations running at once per worker (each with num_threads)",
@@ -138,6 +138,21 @@ class Settings(BaseSettings):
     body_timeout_s: Seconds = Field(
         default=30.0, description="a request body not fully received by then gets 408"
     )
+    min_body_rate_bytes_s: int = Field(
+        default=8192,
+        ge=0,
+        le=1 << 30,
+        description="a body that, after body_grace_s, has arrived at fewer bytes per second "
+        "than this on average gets 408 (0: only body_timeout_s)",
+    )
+    body_grace_s: Seconds = Field(
+        default=5.0, description="time a body may take before min_body_rate_bytes_s applies"
+    )
+    shutdown_grace_s: Seconds = Field(
+        default=20.0,
+        description="on SIGTERM: stop accepting, finish the requests in flight for at most "
+        "this long, then close what is left and exit (under Kubernetes' 30 s)",
+    )
 
     # Request limits.
     default_num_samples: int | None = Field(
@@ -159,6 +174,13 @@ class Settings(BaseSettings):
         default=8 * 1024 * 1024, ge=1024, le=1 << 30, description="largest request body (413 above)"
     )
 
+    max_image_pixels: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1 << 30,
+        description="decoded pixels of all the images of one /predict/image request, resize "
+        "work included (413 above, before any is decoded)",
+    )
     max_header_bytes: int = Field(
         default=16 * 1024, ge=1024, le=1 << 20, description="largest request headers (431 above)"
     )
@@ -227,6 +249,19 @@ class Settings(BaseSettings):
     admission_wait_s: Seconds = Field(
         default=5.0,
         description="how long work waits for memory budget before 503 with Retry-After",
+    )
+    admission_queue: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="requests waiting for memory budget at once per worker; more: 503 at once",
+    )
+    admission_queue_per_client: int = Field(
+        default=8,
+        ge=0,
+        le=100_000,
+        description="requests from one client address waiting for memory budget at once; "
+        "more: 503 at once (behind a proxy every client has its address: raise it)",
     )
     forward_chunk_mb: float = Field(
         default=8.0,

@@ -1,5 +1,5 @@
-"""uvicorn's h11 HTTP protocol with two bounds: on the time a request's headers may take, and
-on how much of a refused request body is read.
+"""uvicorn's h11 HTTP protocol with three bounds: on the time a request's headers may take, on
+how much of a refused request body is read, and on what a stalled body can do to a shutdown.
 
 **Header deadline.** uvicorn arms no timer while a request's headers are still arriving: a
 client that sends part of its headers and then trickles or stalls (slowloris) keeps its
@@ -21,6 +21,10 @@ connection alive, as uvicorn does without ``Connection: close``, reads and disca
 body, however large (11 GB in 10 s, measured), to reach the next request. A client that has
 sent its body (or that waits for ``100 Continue``) reads the 413; one that is still sending
 after the linger gets a reset then, as from nginx.
+
+**Shutdown.** On SIGTERM uvicorn stops accepting and lets requests in flight finish (for at
+most ``timeout_graceful_shutdown``, ``--shutdown-grace-s``); a request whose body is still
+arriving is not waited for: its connection is closed at once (:meth:`shutdown`).
 
 The h11 parser (not httptools) is used on purpose: with ``h11_max_incomplete_event_size`` it
 also bounds the size of headers while they stream in; httptools buffers any header whole. This
@@ -162,6 +166,20 @@ class BoundedH11Protocol(H11Protocol):
             self._linger_deadline = None
         self.lingering = False
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server is stopping (SIGTERM): a connection whose request body is still
+        arriving is closed now (its request has nothing to finish; the client may retry
+        elsewhere), so a stalled client cannot hold the shutdown; requests whose bodies are
+        in finish (bounded by ``--shutdown-grace-s``); idle connections close."""
+        if (
+            self.cycle is not None
+            and not self.cycle.response_complete
+            and self.conn.their_state is h11.SEND_BODY
+        ):
+            self._socket_transport.close()
+            return
+        super().shutdown()
 
     # --- closing ---------------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
@@ -32,7 +33,7 @@ from service.middleware import (
     MetricsMiddleware,
     RequestIdMiddleware,
 )
-from service.runtime import ServiceRuntime, load_servable
+from service.runtime import NonFiniteAnswer, ServiceRuntime, load_servable
 from service.schemas import SHIPPED_SHA256, request_examples
 from service.telemetry import Metrics, mark_worker_exited
 
@@ -118,6 +119,14 @@ def _state_model(doc: dict[str, Any], ckpt: Checkpoint, schema: InputSchema) -> 
     )
 
 
+async def nonfinite_answer_handler(request: Request, exc: Exception) -> Response:
+    """500 naming the problem (counted in ``apd_nonfinite_answers_total``): a NaN or an
+    infinite number is never sent as an answer, and never as bare ``NaN`` in JSON."""
+    key = "error" if request.url.path.startswith("/v2/") else "detail"
+    log.error("%s", exc)
+    return JSONResponse({key: str(exc)}, status_code=500)
+
+
 def create_app(
     settings: Settings | None = None, checkpoint: Checkpoint | None = None
 ) -> APDService:
@@ -157,17 +166,24 @@ def create_app(
     app.state.metrics = metrics
     app.state.runtime = None
     app.state.input_schema = None
-    # Outermost last: metrics see every answer, including the limits' 413 and 408.
-    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
+    # Outermost last: metrics see every answer, including the limits' 413 and 408; admission
+    # reads bodies through the size limit and the deadline.
+    app.add_middleware(AdmissionMiddleware)
+    app.add_middleware(
+        BodyTimeoutMiddleware,
+        timeout_s=settings.body_timeout_s,
+        min_rate=settings.min_body_rate_bytes_s,
+        grace_s=settings.body_grace_s,
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )
-    app.add_middleware(AdmissionMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(NonFiniteAnswer, nonfinite_answer_handler)
     app.include_router(api_router)
     add_offline_docs(app)
     return app

@@ -35,6 +35,16 @@ from service.telemetry import Metrics
 KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REQUEST_ID_HEADER: Final = b"x-request-id"
 _USABLE_REQUEST_ID: Final = re.compile(rb"[!-~]{1,128}")
+_ASCII_DIGITS: Final = re.compile(r"[0-9]{1,18}")
+
+
+def declared_length(value: str | None) -> int:
+    """A byte count in a header (``Content-Length``, ``Inference-Header-Content-Length``),
+    -1 when absent or not 1 to 18 ASCII digits (``str.isdigit`` alone would accept "²",
+    which ``int`` refuses, and ``int`` refuses more than 4,300 digits)."""
+    if value is None or not _ASCII_DIGITS.fullmatch(value):
+        return -1
+    return int(value)
 
 
 def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
@@ -139,33 +149,57 @@ class MetricsMiddleware:
 
 
 class BodyTimeoutMiddleware:
-    """A request body not received in full within ``timeout_s`` of the request's start
-    gets 408, so a slow client cannot hold a request open indefinitely."""
+    """A request body must arrive by its rate and in time, or it gets 408 (the connection is
+    then closed): after ``grace_s`` it must have come at ``min_rate`` bytes per second or
+    more on average, and all of it within ``timeout_s`` of the request's start. A client that
+    stalls, or trickles a few bytes a second, is cut off after ``grace_s``, not after the
+    whole ``timeout_s``; a fast one has all of ``timeout_s``. ``min_rate`` 0: only the total.
+    """
 
-    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+    def __init__(
+        self, app: ASGIApp, timeout_s: float, min_rate: int = 0, grace_s: float = 5.0
+    ) -> None:
         self.app = app
         self.timeout_s = timeout_s
+        self.min_rate = min_rate
+        self.grace_s = grace_s
+
+    def allowed_s(self, received: int) -> float:
+        """Seconds from the request's start that a body with ``received`` bytes in may take
+        before its next bytes arrive."""
+        if not self.min_rate:
+            return self.timeout_s
+        return min(self.timeout_s, max(self.grace_s, received / self.min_rate))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        start = loop.time()
+        received = 0
         body_done = False
 
         async def receive_by_deadline() -> Message:
-            nonlocal body_done
+            nonlocal body_done, received
             if body_done:
                 return await receive()
+            allowed = self.allowed_s(received)
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(start + allowed):
                     message = await receive()
             except TimeoutError:
-                raise HTTPException(
-                    status_code=408,
-                    detail=f"request body not received within body_timeout_s={self.timeout_s:g} s",
-                ) from None
+                if allowed >= self.timeout_s:
+                    detail = f"request body not received within body_timeout_s={self.timeout_s:g} s"
+                else:
+                    detail = (
+                        f"request body arrived too slowly: {received} bytes in {allowed:.1f} s, "
+                        f"under min_body_rate_bytes_s={self.min_rate} after "
+                        f"body_grace_s={self.grace_s:g} s"
+                    )
+                raise HTTPException(status_code=408, detail=detail) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
@@ -203,7 +237,7 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared_length(declared) > self.max_bytes:
             content = error_content(str(scope.get("path", "")), 413, self.message, ("body",))
             response = JSONResponse(content, status_code=413, headers=CLOSE)
             await response(scope, receive, send)

@@ -27,7 +27,7 @@ from apd.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from apd.factored import AffinePosterior
 from apd.networks import forward_probs
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, ScoreName
-from service.admission import BODY_EXPANSION, MemoryBudget
+from service.admission import MemoryBudget, ParseLimits
 from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
 from service.config import Settings
 from service.posterior_pool import (
@@ -41,6 +41,12 @@ from service.posterior_pool import (
 from service.telemetry import Metrics
 
 FloatArray = NDArray[np.float32]
+
+
+class NonFiniteAnswer(Exception):
+    """The computed answer holds a NaN or an infinite number: it is never sent (500)."""
+
+
 log = logging.getLogger("apd.service")
 
 # Tails (the layers after the first) are kept beside the codes of seeded requests' networks
@@ -228,7 +234,13 @@ class ServiceRuntime:
             pool=pool,
             redis=redis,
             limiter=limiter,
-            budget=MemoryBudget(settings.memory_budget_bytes, settings.admission_wait_s, metrics),
+            budget=MemoryBudget(
+                settings.memory_budget_bytes,
+                settings.admission_wait_s,
+                metrics,
+                max_queue=settings.admission_queue,
+                max_queue_per_client=settings.admission_queue_per_client,
+            ),
             default_num_samples=settings.default_num_samples or ckpt.meta.num_samples_default,
         )
 
@@ -254,16 +266,10 @@ class ServiceRuntime:
     def default_score(self) -> ScoreName:
         return self.checkpoint.meta.anomaly.default_score
 
-    def request_bytes(self, body_bytes: int | None) -> int:
-        """Memory one request may hold while it is served (docs/limits.md): its body parsed
-        (``BODY_EXPANSION`` times its size; the body limit when it declares none) and the
-        forward's peak for as many inputs as such a body can hold
-        (:meth:`apd.factored.AffinePosterior.peak_bytes`)."""
-        settings = self.settings
-        size = settings.max_body_bytes if body_bytes is None else body_bytes
-        # The smallest example a body can carry is D one-digit numbers with separators.
-        inputs = min(settings.max_batch, size // (2 * self.posterior.spec.input_dim) + 1)
-        return size * BODY_EXPANSION + self.posterior.peak_bytes(inputs)
+    @property
+    def parse_limits(self) -> ParseLimits:
+        """What the JSON of a valid request to this model can hold (service.admission)."""
+        return ParseLimits.of(tuple(self.checkpoint.meta.input.shape), self.settings.max_batch)
 
     async def infer(
         self, inputs: FloatArray, num_samples: int, seed: int | None, endpoint: str
@@ -290,6 +296,12 @@ class ServiceRuntime:
             summary = replace(summary, data_support=support.score(x))
         self.metrics.inference_duration.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.networks_sampled.inc(num_samples)
+        if not all(np.isfinite(a).all() for a in vars(summary).values()):
+            self.metrics.nonfinite_answers.labels(endpoint=endpoint).inc()
+            raise NonFiniteAnswer(
+                f"the model computed a non-finite answer for this request (checkpoint "
+                f"{self.checkpoint.sha256[:12]}): not sent; the served checkpoint is broken"
+            )
         return summary
 
     def flags(

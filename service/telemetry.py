@@ -106,6 +106,13 @@ class Metrics:
             "Networks drawn from the generator (cache misses times the block size)",
             registry=r,
         )
+        self.nonfinite_answers = Counter(
+            "apd_nonfinite_answers_total",
+            "Requests whose computed answer held a NaN or infinite number: answered 500, "
+            "never sent (a broken or diverged checkpoint)",
+            ["endpoint"],
+            registry=r,
+        )
         self.cache_hits = Counter(
             "apd_cache_hits_total",
             "Network blocks found in a cache tier: memory (in-process LRU) or redis",
@@ -154,7 +161,9 @@ class Metrics:
         )
         self.admission_rejected = Counter(
             "apd_admission_rejected_total",
-            "Requests answered 503 because the memory budget stayed full for admission_wait_s",
+            "Requests answered 503 by admission (Retry-After), by stage: body (a body arriving "
+            "when the memory budget is full) or request (the budget stayed full for "
+            "admission_wait_s, the request needs more than all of it, or the queue is full)",
             ["stage"],
             registry=r,
         )
@@ -225,7 +234,7 @@ def _forget_process(marker: Path) -> None:
     """Remove a process's marker and, for a worker, its live gauges' files."""
     role, _, pid = marker.name.removesuffix(PROCESS_MARKER).rpartition("_")
     marker.unlink(missing_ok=True)
-    if role == "worker" and pid.isdigit():
+    if role == "worker" and pid.isascii() and pid.isdigit():
         with suppress(FileNotFoundError):  # another worker's scrape removing them too
             prometheus_multiprocess.mark_process_dead(int(pid), str(marker.parent))
 
@@ -250,7 +259,7 @@ class ServerProcessesCollector(Collector):
                 started = marker.read_text().strip()
             except OSError:  # removed meanwhile
                 continue
-            if not pid.isdigit() or _start_ticks(pid) != started:
+            if not (pid.isascii() and pid.isdigit()) or _start_ticks(pid) != started:
                 _forget_process(marker)
                 continue
             for family in ProcessCollector(pid=partial(str, pid), registry=None).collect():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
@@ -30,6 +31,9 @@ from service.inputs import InputSchema
 from service.schemas import NumSamples, Seed
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
+# A byte count in a header: ASCII digits only. ``str.isdigit`` also accepts superscripts and
+# other scripts' digits ("²", "٣"), which ``int`` then refuses or reads as a number.
+_BYTE_COUNT: Final = re.compile(r"[0-9]{1,18}")
 INPUT_NAME: Final = "input"
 EXTENSIONS: Final = ("binary_tensor_data",)
 PIXEL_MAX: Final = 255
@@ -219,7 +223,7 @@ def parse_request(
     if header_length is None:
         size = len(body)
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not _BYTE_COUNT.fullmatch(header_length) or int(header_length) > len(body):
             raise ProtocolError(
                 f"{HEADER_LENGTH} is {header_length!r}: it must be the byte length of the JSON "
                 f"header, at most the body's {len(body)} bytes"
@@ -454,7 +458,9 @@ def encode_response(
         else:
             tensor["data"] = wire.reshape(-1).tolist()
         tensors.append(tensor)
-    text = json.dumps({**header, "outputs": tensors}, separators=(",", ":")).encode()
+    # allow_nan=False: a bare NaN is not JSON (the runtime refuses non-finite answers first)
+    answer = {**header, "outputs": tensors}
+    text = json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return text, None
     return b"".join([text, *chunks]), len(text)

@@ -169,6 +169,18 @@ def test_dependents_start_when_dependencies_are_healthy(
             del pending[n]
 
 
+def test_api_outlasts_its_shutdown_grace(services: dict[str, dict[str, Any]]) -> None:
+    """Docker SIGKILLs a container stop_grace_period after SIGTERM (10 s by default): the api
+    must be given longer than the service's shutdown grace (5 s of margin)."""
+    from service.config import Settings
+
+    api = services["api"]
+    grace = float(api["environment"].get("APD_SHUTDOWN_GRACE_S", Settings().shutdown_grace_s))
+    period = str(api.get("stop_grace_period", "10s"))
+    assert period.endswith("s") and period[:-1].isdigit(), period
+    assert int(period[:-1]) >= grace + 5, (period, grace)
+
+
 def test_api_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
     api = services["api"]
     assert "container_name" not in api, "container_name stops `--scale api=N`"

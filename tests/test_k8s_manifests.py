@@ -810,3 +810,24 @@ def test_indexed_job_runs_one_sgld_run_per_index(
         assert Path(env["APD_DATA_DIR"]) in {Path(m) for m in mounts}
         seen.add(out)
     assert len(seen) == spec["completions"], "two indexes write the same run folder"
+
+
+def test_api_pods_outlast_the_services_shutdown_grace(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """On SIGTERM the service finishes requests in flight for up to APD_SHUTDOWN_GRACE_S, then
+    exits: every pod that runs it waits longer than that (5 s of margin) before SIGKILL."""
+    from service.config import Settings
+
+    default = Settings.model_fields["shutdown_grace_s"].default
+    checked = 0
+    for where, _doc, spec in _workloads(rendered):
+        for c in spec["containers"]:
+            if c["image"] != API_IMAGE:
+                continue
+            env = _expand(c.get("env", []), {})
+            grace = float(env.get("APD_SHUTDOWN_GRACE_S", default))
+            period = spec.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+            assert period >= grace + 5, f"{where}: SIGKILL at {period} s, grace {grace} s"
+            checked += 1
+    assert checked

@@ -427,3 +427,54 @@ def _approx(a: Any, b: Any, rel: float = 1e-6) -> bool:
     if type(a) is float and type(b) is float:
         return abs(a - b) <= max(rel * max(abs(a), abs(b)), 1e-12)
     return bool(a == b) and type(a) is type(b)
+
+
+def test_planted_oversized_and_wrong_type_values_cost_once_and_are_deleted(
+    ckpt_path: Path, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Values planted under the service's keys that are not entries (8 MiB of bytes, a list)
+    are read only up to one entry's length, refused, deleted, redrawn and rewritten: the
+    next request that lands on them reads valid entries; Redis never goes degraded."""
+    import redis
+
+    ckpt = load_checkpoint(ckpt_path)
+    key = f"{prefix}:codes:{ckpt.sha256}:seed-41:{{}}".format
+    client = redis.Redis.from_url(redis_url)
+    client.set(key(0), b"\0" * (8 << 20))
+    client.rpush(key(1), b"not", b"a", b"string")
+    request = {"inputs": random_images(2, seed=9).tolist(), "num_samples": 20, "seed": 41}
+    with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as a:
+        caplog.set_level("WARNING", logger="apd.service.cache")
+        assert a.post("/predict", json=request).status_code == 200
+        assert sample(a, "apd_cache_corrupt_entries_total") == 2
+        assert sample(a, "apd_cache_errors_total", {"kind": "timeout"}) == 0
+        assert a.get("/readyz").json()["redis"] == "ok"
+    assert "expected" in caplog.text and "not a string value" in caplog.text
+    layout = BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode())
+    for b in range(2):  # rewritten as valid entries: the planted values cost once
+        raw = client.get(key(b))
+        assert isinstance(raw, bytes) and len(raw) == layout.entry_bytes
+    with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as b2:
+        assert b2.post("/predict", json=request).status_code == 200
+        assert sample(b2, "apd_cache_corrupt_entries_total") == 0
+        assert sample(b2, "apd_cache_hits_total", {"tier": "redis"}) == 2
+    client.close()
+
+
+def test_a_password_for_a_redis_that_needs_none_is_a_warning(
+    ckpt_path: Path, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis
+
+    if redis.Redis.from_url(redis_url).config_get("requirepass").get("requirepass"):
+        pytest.skip("the test Redis requires a password")
+    caplog.set_level("WARNING", logger="apd.service.cache")
+    settings = redis_settings(ckpt_path, redis_url, prefix, redis_password="not-needed")
+    with make_client(create_app(settings)) as a:
+        # Redis accepts (and ignores) the password; the service says so once, at start
+        assert a.get("/readyz").json()["redis"] == "ok"
+    assert "accepts clients without a password" in caplog.text
+    caplog.clear()
+    with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))):
+        pass
+    assert "without a password" not in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import anyio.to_thread
 from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
 
@@ -35,7 +36,8 @@ class InputBatchRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = parse_json_body(await self.body(), self.schema)
+            body = await self.body()
+            self._json = await anyio.to_thread.run_sync(parse_json_body, body, self.schema)
         return self._json
 
 

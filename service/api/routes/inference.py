@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Annotated, Final
+from typing import Annotated
 
 import anyio.to_thread
 import numpy as np
@@ -31,10 +31,6 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["inference"], route_class=InputBatchRoute)
-
-# Image files larger than this (width x height) are refused before they are decoded: a 16
-# megapixel RGB image takes 48 MB once decoded, whatever its file size.
-MAX_IMAGE_PIXELS: Final = 4096 * 4096
 
 
 def _model_ref(runtime: ServiceRuntime) -> ModelRef:
@@ -157,16 +153,27 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     return await _predict(runtime, body.raw, body.num_samples, body.seed, "/predict")
 
 
-def _images_to_raw(schema: InputSchema, files: list[tuple[str, bytes]]) -> NDArray[np.float32]:
+def decoded_pixels(width: int, height: int, target: tuple[int, ...]) -> int:
+    """Pixels that decoding a ``width x height`` image and resizing it to ``target``
+    (``(..., H, W)``) hold: the image, and the resize's first (horizontal) pass, ``W x
+    height``. A 16,777,216 x 1 PNG of 16 KB decodes to 16 M pixels."""
+    return width * height + target[-1] * height
+
+
+def _images_to_raw(
+    schema: InputSchema, files: list[tuple[str, bytes]], max_pixels: int
+) -> NDArray[np.float32]:
     """Image files -> examples ``(N, D)`` with the checkpoint's convention; a 422 naming the
-    file that is not an image, or one that cannot be decoded, a 413 for one too large."""
+    file that is not an image, or one that cannot be decoded; a 413, before any is decoded,
+    when they hold more than ``max_pixels`` decoded pixels in all (:func:`decoded_pixels`,
+    from their headers)."""
     from PIL import Image, UnidentifiedImageError
 
-    raw = np.empty((len(files), schema.size), dtype=np.float32)
+    total = 0
     for i, (name, data) in enumerate(files):
         where = f"files[{i}] ({name!r})"
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
                 width, height = im.size
         except UnidentifiedImageError:
             raise _file_error(
@@ -174,16 +181,20 @@ def _images_to_raw(schema: InputSchema, files: list[tuple[str, bytes]]) -> NDArr
             ) from None
         except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
             raise _file_error(i, f"{where} cannot be read as an image: {exc}") from None
-        if width * height > MAX_IMAGE_PIXELS:
+        total += decoded_pixels(width, height, schema.shape)
+        if total > max_pixels:
             raise HTTPException(
                 status_code=413,
-                detail=f"{where} is {width}x{height} pixels; the limit is "
-                f"{MAX_IMAGE_PIXELS} pixels per image",
+                detail=f"{where} is {width}x{height} pixels: with the files before it, "
+                f"{total} decoded pixels; the limit is max_image_pixels={max_pixels} per "
+                "request (refused before decoding)",
             )
+    raw = np.empty((len(files), schema.size), dtype=np.float32)
+    for i, (name, data) in enumerate(files):
         try:
             raw[i] = schema.image_to_raw(data)
         except ValueError as exc:
-            raise _file_error(i, f"{where} cannot be decoded: {exc}") from None
+            raise _file_error(i, f"files[{i}] ({name!r}) cannot be decoded: {exc}") from None
     for i in constant_rows(raw).tolist():
         raise _file_error(
             i,
@@ -227,7 +238,9 @@ async def predict_image(
     _check_batch(runtime, len(form.files), "files", "images")
     _num_samples(runtime, form.num_samples)  # the limits first, before any decoding
     files = [(f.filename or "", await f.read()) for f in form.files]
-    raw = await anyio.to_thread.run_sync(_images_to_raw, schema, files, limiter=runtime.limiter)
+    raw = await anyio.to_thread.run_sync(
+        _images_to_raw, schema, files, runtime.settings.max_image_pixels, limiter=runtime.limiter
+    )
     return await _predict(runtime, raw, form.num_samples, form.seed, "/predict/image")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import anyio.to_thread
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from numpy.typing import NDArray
@@ -237,8 +239,12 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
             body = await request.body()
         except HTTPException as exc:  # the body limit (413) or deadline (408) middleware
             raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
-        req, raw = parse_request(body, request.headers.get(HEADER_LENGTH))
-        x = decode_input(req, raw, _model_input(request), served.settings.max_batch)
+        # In a thread: health checks are answered meanwhile (its cost is bounded before, by
+        # service.admission, which refuses a JSON header of more values than a request holds)
+        req, x = await anyio.to_thread.run_sync(
+            _read_request, body, request.headers.get(HEADER_LENGTH), _model_input(request),
+            served.settings.max_batch,
+        )  # fmt: skip
         params = parameters(req)
         k = _num_samples(served, params.num_samples)
         score = _score(served, params.score)
@@ -285,6 +291,13 @@ def _check_media_type(request: Request) -> None:
         f"{OCTET_STREAM} with the {HEADER_LENGTH} header, the binary tensor data extension)",
         415,
     )
+
+
+def _read_request(
+    body: bytes, header_length: str | None, model: ModelInput, max_batch: int
+) -> tuple[InferRequest, NDArray[np.float32]]:
+    req, raw = parse_request(body, header_length)
+    return req, decode_input(req, raw, model, max_batch)
 
 
 def _num_samples(runtime: ServiceRuntime, requested: int | None) -> int:
