@@ -300,7 +300,7 @@ def attack_pixels(srv: ServeProcess, quick: bool) -> list[dict[str, Any]]:
                 "statuses": [r.status_code],
                 "answer_ms": round((time.perf_counter() - t0) * 1e3, 1),
                 "body_bytes": len(body),
-                "detail": r.json().get("detail"),
+                "detail": r.json().get("message"),
             }
 
         rows.append(measure(srv, name, "/predict/image", run))

@@ -296,7 +296,7 @@ class ServiceRuntime:
             summary = replace(summary, data_support=support.score(x))
         self.metrics.inference_duration.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.networks_sampled.inc(num_samples)
-        if not all(np.isfinite(a).all() for a in vars(summary).values()):
+        if not all(a is None or np.isfinite(a).all() for a in vars(summary).values()):
             self.metrics.nonfinite_answers.labels(endpoint=endpoint).inc()
             raise NonFiniteAnswer(
                 f"the model computed a non-finite answer for this request (checkpoint "

@@ -234,7 +234,7 @@ def test_images_past_the_decoded_pixel_limit_are_refused_before_decoding(
     monkeypatch.setattr(type(schema), "image_to_raw", lambda self, data: never(data))
     data, ctype = multipart([png(*sizes)] * count)
     r = client.post("/predict/image", content=data, headers={"content-type": ctype})
-    assert r.status_code == 413 and "max_image_pixels" in r.json()["detail"], r.text
+    assert r.status_code == 413 and "max_image_pixels" in r.json()["message"], r.text
 
 
 # ---- live ----------------------------------------------------------------------------
