@@ -12,6 +12,11 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     generator that cannot place the chains' modes in a round's few GAN steps predicts far
     below the chains it distils: the figures behind the default.
 
+``mc-dropout``
+    The MC-Dropout learner at Gal, Islam & Ghahramani (2017)'s protocol beside SGLD, each
+    with BALD and with random acquisition (seed 0, rounds 0-5): a short check that the
+    reference learner learns and that its BALD ranks, not the 50-round result.
+
 Writes ``benchmarks/results/al_probe-PROBE.{json,md}``.
 
     python benchmarks/al_probe.py PROBE [--arch lenet5] [--rounds R] [--test 2000]
@@ -34,7 +39,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from apd.networks import get_spec
+from apd.networks import MNIST_INPUT_SHAPE, get_spec
 from training.data import load_mnist
 from training.distillation.package import code_revision
 from training.evaluation.active_learning import (
@@ -58,9 +63,20 @@ def moment_init(base: ActiveLearningSettings) -> Variants:
     ]
 
 
+def mc_dropout(base: ActiveLearningSettings) -> Variants:
+    s = replace(
+        base,
+        seeds=(0,),
+        learners=(Learner.DROPOUT, Learner.SGLD),
+        acquisitions=(Acquisition.BALD, Acquisition.RANDOM),
+    )
+    return [("MC-Dropout and SGLD, BALD and random", s)]
+
+
 PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int, int]]] = {
     # name: (variants, default rounds, default test_every)
     "moment-init": (moment_init, 6, 1),
+    "mc-dropout": (mc_dropout, 5, 1),
 }
 
 
@@ -96,6 +112,7 @@ def main() -> None:
             np.asarray(data.test_y),
             settings,
             workers=args.workers,
+            image_shape=MNIST_INPUT_SHAPE,
         )
         variants.append(
             {

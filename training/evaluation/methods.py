@@ -65,7 +65,7 @@ class MemberNetworks:
 
     spec: NetworkSpec
     theta: torch.Tensor
-    dropout: float = 0.0
+    dropout: torch_ops.DropoutRate = 0.0
     passes: int = 1
 
     def __post_init__(self) -> None:
@@ -73,18 +73,22 @@ class MemberNetworks:
             raise ValueError(
                 f"expected theta (M, {self.spec.num_params}), got {tuple(self.theta.shape)}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout rate must lie in [0, 1), got {self.dropout}")
-        if self.dropout > 0 and (self.theta.shape[0] != 1 or self.passes < 1):
+        torch_ops.dropout_rates(self.spec, self.dropout)  # checks the rates
+        if self.stochastic and (self.theta.shape[0] != 1 or self.passes < 1):
             raise ValueError("MC-Dropout members need one network and at least one pass")
 
     @property
+    def stochastic(self) -> bool:
+        """Whether the members are dropout passes of one network."""
+        return torch_ops.has_dropout(self.dropout)
+
+    @property
     def num_members(self) -> int:
-        return self.passes if self.dropout > 0 else int(self.theta.shape[0])
+        return self.passes if self.stochastic else int(self.theta.shape[0])
 
     def logits(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x (N, D) -> (K, N, C)``, differentiable in ``x`` (the attacks use this)."""
-        if self.dropout == 0:
+        if not self.stochastic:
             return torch_ops.forward_logits(self.spec, self.theta, x)
         return torch_ops.mc_dropout_logits(
             self.spec, self.theta, x, self.dropout, self.passes, generator
@@ -98,7 +102,7 @@ class MemberNetworks:
             self.theta,
             x,
             dropout=self.dropout,
-            passes=self.passes if self.dropout > 0 else 1,
+            passes=self.passes if self.stochastic else 1,
             generator=torch.Generator().manual_seed(seed),
             chunk=max(1, _ACTIVATION_BUDGET // (self.num_members * widest)),
         )

@@ -216,10 +216,24 @@ def _al_fits(st: ActiveLearningSettingsRecord) -> str:
         if start
         else ""
     )
-    return (
+    text = (
         f"{fits} Online APD runs the same chains with {st['gan_steps']} GAN steps interleaved "
         f"(subspace rank {st['apd_rank']} refitted each round, buffer {st['buffer_size']}{init}), "
         "selecting its generator by KL to the chains on unlabelled pool images."
+    )
+    return f"{text} {_al_dropout(st)}" if "dropout" in st["learners"] else text
+
+
+def _al_dropout(st: ActiveLearningSettingsRecord) -> str:
+    """The MC-Dropout learner's sentence (Gal et al. 2017's protocol)."""
+    rates = ", ".join(f"{r:g}" for r in st.get("dropout_rates", []))
+    layers = st.get("dropout_arch", "").removeprefix("cnn:").replace(",", ", ")
+    return (
+        f"MC-Dropout (Gal, Islam & Ghahramani 2017's protocol) trains their CNN ({layers}; "
+        f"dropout {rates} on the dense layers' inputs) from scratch every round: Adam (rate "
+        f"{st.get('dropout_lr', 0):g}), minibatches of {st.get('dropout_batch_size')}, "
+        f"{st.get('dropout_epochs')} epochs, L2 {st.get('dropout_weight_decay', 0):g} / N on "
+        f"the first dense layer's weights; K = {st.get('dropout_passes')} dropout passes."
     )
 
 
@@ -385,7 +399,7 @@ def plot_active_learning(results: EvaluationResults, path: Path) -> None:
         sharey=True,
         layout="constrained",
     )
-    colors = {"sgld": METHOD_COLORS["sgld"], "apd": METHOD_COLORS["apd"]}
+    colors = {k: METHOD_COLORS[k] for k in ("sgld", "apd", "dropout")}
     for ax, acq in zip(axes[0], acqs, strict=True):
         for s in summary:
             if s["acquisition"] != acq:

@@ -77,8 +77,8 @@ class AttackSettingsRecord(TypedDict):
 
 @with_config(_CLOSED)
 class ActiveLearningSettingsRecord(TypedDict):
-    """The ``NotRequired`` fields came with warm starts and candidate subsets; the settings
-    recorded in reports written before (which ran no active learning) lack them."""
+    """The ``NotRequired`` fields came with warm starts, candidate subsets and the MC-Dropout
+    learner; the settings recorded in reports written before lack them."""
 
     seeds: list[int]
     rounds: int
@@ -108,6 +108,13 @@ class ActiveLearningSettingsRecord(TypedDict):
     warm_start: NotRequired[bool]
     sgld_steps_first_round: NotRequired[int]
     sgld_steps_per_round: int
+    dropout_arch: NotRequired[str]
+    dropout_rates: NotRequired[list[float]]
+    dropout_weight_decay: NotRequired[float]
+    dropout_lr: NotRequired[float]
+    dropout_batch_size: NotRequired[int]
+    dropout_epochs: NotRequired[int]
+    dropout_passes: NotRequired[int]
 
 
 @with_config(_CLOSED)

@@ -24,7 +24,7 @@ from typing import Final
 import numpy as np
 import torch
 
-from apd.networks import NetworkSpec, get_spec
+from apd.networks import MNIST_INPUT_SHAPE, NetworkSpec, get_spec
 from training import metrics
 from training.distillation.offline import torch_threads
 from training.errors import UserError
@@ -425,6 +425,7 @@ def run_suite(
                 s,
                 cfg.progress,
                 workers=cfg.threads,
+                image_shape=MNIST_INPUT_SHAPE,
             )
         results["active_learning"] = al.to_dict()
         seconds["active_learning"] = round(time.perf_counter() - t0, 1)
