@@ -40,8 +40,6 @@ import numpy as np
 import torch
 
 from apd.networks import MNIST_INPUT_SHAPE, get_spec
-from training.data import load_mnist
-from training.distillation.package import code_revision
 from training.evaluation.active_learning import (
     Acquisition,
     ActiveLearningSettings,
@@ -49,6 +47,8 @@ from training.evaluation.active_learning import (
     run_active_learning,
     summarize_curves,
 )
+from training.mnist import load_mnist
+from training.revision import code_revision
 
 RESULTS: Final = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

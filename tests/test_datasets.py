@@ -1,4 +1,4 @@
-"""training/datasets.py: the user's data read, split, preprocessed and fingerprinted, and every
+"""training/own_data.py: the user's data read, split, preprocessed and fingerprinted, and every
 kind of bad data refused with one line naming the file and the problem, nothing written."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from own_data_support import (
 )
 
 from training.cli import main
-from training.data import DataError
-from training.datasets import (
+from training.mnist import DataError
+from training.own_data import (
     DataSpec,
     Preprocess,
     add_data_arguments,

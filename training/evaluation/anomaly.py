@@ -2,7 +2,7 @@
 
 Anomaly detection follows Wang et al. (2018) and their reference code: the in-distribution
 inputs are the MNIST test images, the out-of-distribution (OOD) inputs one of the OOD sets of
-:mod:`training.data`, and each uncertainty score of the posterior predictive
+:mod:`training.mnist`, and each uncertainty score of the posterior predictive
 (:class:`apd.uncertainty.ScoreName`, larger = more anomalous) ranks them; we report AUROC,
 AUPR-in and AUPR-out (:func:`training.metrics.detection_metrics`).
 

@@ -41,15 +41,14 @@ from apd.checkpoint import Checkpoint
 from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, summarize
 from training import torch_ops
+from training.defaults import DROPOUT_PASSES
 from training.distillation.package import sample_networks
 from training.errors import UserError
 from training.evaluation.results import Provenance
+from training.run_layout import CONFIG_FILE, SAMPLES_DIR, WEIGHTS_FILE
 
 F32 = NDArray[np.float32]
 
-WEIGHTS_FILE: Final = "weights.safetensors"
-SAMPLES_DIR: Final = "samples"
-DEFAULT_DROPOUT_PASSES: Final = 200
 # Elements of the largest hidden activation tensor held at once when predicting (~80 MB).
 _ACTIVATION_BUDGET: Final = 20_000_000
 
@@ -568,7 +567,7 @@ class GeneratorPosterior:
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """``config.json`` of a run directory (empty when there is none)."""
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         return {}
     try:
@@ -652,7 +651,7 @@ def load_sgd(run_dir: Path, spec: NetworkSpec) -> FixedNetworks:
 
 
 def load_dropout(
-    run_dir: Path, spec: NetworkSpec, passes: int = DEFAULT_DROPOUT_PASSES
+    run_dir: Path, spec: NetworkSpec, passes: int = DROPOUT_PASSES
 ) -> tuple[MCDropout, int]:
     """The MC-Dropout method of a run and the number of passes it predicts with."""
     theta, meta = load_point_weights(run_dir, spec)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +25,6 @@ import torch
 
 from apd.networks import MNIST_INPUT_SHAPE, NetworkSpec, get_spec
 from training import metrics
-from training.distillation.offline import torch_threads
 from training.errors import UserError
 from training.evaluation import anomaly, methods
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
@@ -36,7 +34,6 @@ from training.evaluation.laplace_peer import LaplaceFlavour, LaplaceSettings, fi
 from training.evaluation.results import (
     AccuracyNLL,
     ClassificationAndAnomaly,
-    CodeState,
     EvaluationResults,
     GaussianDiagnostics,
     Meta,
@@ -45,6 +42,9 @@ from training.evaluation.results import (
     spec_record,
 )
 from training.evaluation.toy2d import ToyResult, ToySettings
+from training.revision import code_revision, uncommitted_changes
+from training.run_layout import is_finished
+from training.threads import torch_threads
 
 EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
 # Active learning at the paper's protocol takes hours on a CPU (docs/results/
@@ -147,28 +147,6 @@ class SuiteConfig:
         }
 
 
-def code_state(repo: Path | None = None) -> CodeState:
-    """The git revision of this code and whether the working tree had local changes."""
-    from training.distillation.package import code_revision
-
-    where = repo or Path(__file__).resolve().parents[2]
-    rev = code_revision(where)
-    dirty: bool | None = None
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        dirty = bool(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"code_revision": rev, "uncommitted_changes": dirty}
-
-
 def machine_description(threads: int) -> str:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -215,7 +193,7 @@ def load_methods(
 
     attempt("dropout", dropout)
     # finished runs only: `apd train` writes READY last
-    dirs = [d for d in cfg.ensemble_dirs() if (d / "READY").is_file()]
+    dirs = [d for d in cfg.ensemble_dirs() if is_finished(d)]
     attempt("ensemble", lambda: methods.load_ensemble(dirs, spec))
     attempt("sgld", lambda: methods.load_sgld(cfg.run_dir("sgld"), spec))
     checkpoint = cfg.checkpoint
@@ -311,7 +289,7 @@ def run_suite(
     """Run the configured experiments (see the module docstring); ``command`` is the command
     line recorded in the report (default: this process's)."""
     say: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr))
-    from training.data import OOD_SETS, dataset_fingerprint, describe_ood, load_mnist, load_ood
+    from training.mnist import OOD_SETS, dataset_fingerprint, describe_ood, load_mnist, load_ood
 
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -328,7 +306,8 @@ def run_suite(
         "arch": cfg.arch,
         "spec": spec_record(spec.to_dict()),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **code_state(),
+        "code_revision": code_revision(),
+        "uncommitted_changes": uncommitted_changes(),
         "command": command if command is not None else " ".join(["apd", *sys.argv[1:]]),
         "machine": machine_description(cfg.threads),
         "data_sha256": dataset_fingerprint(mnist),
