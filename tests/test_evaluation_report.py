@@ -31,7 +31,8 @@ from training.evaluation.active_learning import (
     select,
 )
 from training.evaluation.methods import MemberNetworks
-from training.evaluation.report import SCORE_LABELS, main, render_markdown, write_report
+from training.evaluation.report import SCORE_LABELS, render_markdown, write_report
+from training.evaluation.report.__main__ import main
 from training.evaluation.results import EvaluationResults, Provenance, load_results, spec_record
 from training.evaluation.suite import (
     SuiteConfig,
@@ -419,8 +420,46 @@ def test_the_fair_peers_have_rows_in_every_table(tmp_path: Path) -> None:
 )
 def test_results_record_any_network_and_the_report_names_its_layers(arch: str, named: str) -> None:
     from apd.networks import get_spec
-    from training.evaluation.report import _network
+    from training.evaluation.report.sections import _network
 
     record = spec_record(get_spec(arch).to_dict())
     assert record["num_params"] == get_spec(arch).num_params
     assert _network(record) == named
+
+
+def test_every_committed_report_renders_again_from_its_results_without_torch() -> None:
+    """``python -m training.evaluation.report --check`` renders every report under
+    docs/results/ from its results.json, byte for byte the committed report.md, in a process
+    that never imports torch (the report needs only the JSON)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['report', '--check']\n"
+        "try:\n"
+        "    runpy.run_module('training.evaluation.report', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'laplace', 'sklearn.neural_network') "
+        "if m in sys.modules)\n"
+        "print('IMPORTED', heavy)\n"
+        "sys.exit(code)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "IMPORTED []" in done.stdout
+    assert len(list((root / "docs" / "results").glob("*/results.json"))) >= 4
+
+
+def test_the_check_fails_on_a_report_that_differs(tmp_path: Path) -> None:
+    src = Path(__file__).resolve().parents[1] / "docs" / "results" / "fcnn1"
+    (tmp_path / "results.json").write_text((src / "results.json").read_text())
+    (tmp_path / "report.md").write_text((src / "report.md").read_text() + "edited\n")
+    assert main([str(tmp_path / "results.json"), "--check"]) == 1
+    assert main([str(tmp_path / "results.json")]) == 0  # renders it again
+    assert main([str(tmp_path / "results.json"), "--check"]) == 0
+    assert (tmp_path / "report.md").read_text() == (src / "report.md").read_text()

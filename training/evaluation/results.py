@@ -27,6 +27,10 @@ _CLOSED: Final = ConfigDict(extra="forbid")
 # --------------------------------------------------------------------------- meta
 
 
+EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
+"""The experiments an evaluation runs, each a section of ``results.json`` and of the report."""
+
+
 @with_config(_CLOSED)
 class MLPSpecRecord(TypedDict):
     """:meth:`apd.networks.MLPSpec.to_dict`."""

@@ -32,6 +32,7 @@ from training.evaluation.adversarial import AttackSettings, run_adversarial
 from training.evaluation.cost import measure_cost
 from training.evaluation.laplace_peer import LaplaceFlavour, LaplaceSettings, fit_laplace
 from training.evaluation.results import (
+    EXPERIMENTS,
     AccuracyNLL,
     ClassificationAndAnomaly,
     EvaluationResults,
@@ -46,7 +47,6 @@ from training.revision import code_revision, uncommitted_changes
 from training.run_layout import is_finished
 from training.threads import torch_threads
 
-EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
 # Active learning at the paper's protocol takes hours on a CPU (docs/results/
 # lenet5-active-learning): asked for by name, never by default.
 DEFAULT_EXPERIMENTS: Final = tuple(e for e in EXPERIMENTS if e != "active_learning")
