@@ -10,10 +10,10 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from harness import apd_serve, make_tiny_checkpoint, rss_bytes
 
 from service.admission import BODY_EXPANSION, MemoryBudget, Overloaded
 from service.telemetry import Metrics
+from tests.harness import apd_serve, make_tiny_checkpoint, rss_bytes
 
 
 def budget(capacity: int, wait_s: float = 0.2) -> MemoryBudget:

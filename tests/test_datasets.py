@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from own_data_support import (
+
+from tests.own_data_support import (
     FOLDER_CLASSES,
     digits_images,
     write_digits_npz,
     write_image_folder,
     write_wine_csv,
 )
-
 from training.cli import main
 from training.mnist import DataError
 from training.own_data import (

@@ -35,7 +35,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from deploy_support import (
+
+from tests.deploy_support import (
     API_JOB,
     COMPOSE,
     COMPOSE_SCHEMA,

@@ -23,10 +23,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from deploy_support import PYPROJECT, ROOT, installed_closure, normalise, project_requirements
 
 from service.config import DEFAULT_CHECKPOINT, SHIPPED_CHECKPOINT, installed_copy
 from service.examples import mnist_example
+from tests.deploy_support import PYPROJECT, ROOT, installed_closure, normalise, project_requirements
 
 LOCK = ROOT / "requirements" / "serve.lock"
 SHIPPED = ROOT / SHIPPED_CHECKPOINT

@@ -31,9 +31,10 @@ from typing import Any, NoReturn
 import httpx
 import numpy as np
 import pytest
-from harness import ROOT, ServeProcess, apd_serve
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
+
+from tests.harness import ROOT, ServeProcess, apd_serve
 
 SHIPPED = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
 MAX_K = 200
