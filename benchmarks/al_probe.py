@@ -45,7 +45,6 @@ from training.evaluation.active_learning import (
     ActiveLearningSettings,
     Learner,
     run_active_learning,
-    summarize_curves,
 )
 from training.mnist import load_mnist
 from training.revision import code_revision
@@ -118,8 +117,8 @@ def main() -> None:
             {
                 "name": name,
                 "settings": settings.to_dict(),
-                "seconds": result.seconds,
-                "curves": summarize_curves(result.curves),
+                "seconds": result["seconds"],
+                "curves": result["summary"],
             }
         )
     record = {

@@ -66,14 +66,18 @@ def test_curves_follow_the_protocol_and_parallel_equals_serial(
     parallel = run_active_learning(
         SPEC, *digits, TINY, progress=False, workers=2, image_shape=IMAGE
     )
-    assert len(serial.curves) == 3 * 2  # learners x acquisitions, one seed
-    for a, b in zip(serial.curves, parallel.curves, strict=True):
-        assert (a.learner, a.acquisition, a.seed) == (b.learner, b.acquisition, b.seed)
+    assert len(serial["curves"]) == 3 * 2  # learners x acquisitions, one seed
+    for a, b in zip(serial["curves"], parallel["curves"], strict=True):
+        assert (a["learner"], a["acquisition"], a["seed"]) == (
+            b["learner"],
+            b["acquisition"],
+            b["seed"],
+        )
         # tested at rounds 0, 2 and the last (3): 20, 30 and 35 labels
-        assert a.labels == b.labels == [20, 30, 35]
-        np.testing.assert_allclose(a.accuracy, b.accuracy, atol=1e-12)
-        assert all(0.0 <= acc <= 1.0 for acc in a.accuracy)
-    record = serial.to_dict()
+        assert a["labels"] == b["labels"] == [20, 30, 35]
+        np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-12)
+        assert all(0.0 <= acc <= 1.0 for acc in a["accuracy"])
+    record = serial
     assert record["settings"]["pool_size"] is None and record["settings"]["warm_start"]
     assert {(s["learner"], s["acquisition"]) for s in record["summary"]} == {
         (learner.value, acq.value)
@@ -104,8 +108,8 @@ def test_random_acquisition_draws_the_same_labels_for_both_learners(
     curves then differ only by the learner. (Same first round: same initial labels.)"""
     s = replace(TINY, acquisitions=(Acquisition.RANDOM,), test_every=1)
     result = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
-    sgld, apd, dropout = result.curves
-    assert sgld.labels == apd.labels == dropout.labels == [20, 25, 30, 35]
+    sgld, apd, dropout = result["curves"]
+    assert sgld["labels"] == apd["labels"] == dropout["labels"] == [20, 25, 30, 35]
 
 
 def test_a_warm_start_continues_the_chains(

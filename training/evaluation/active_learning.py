@@ -52,7 +52,7 @@ import math
 import multiprocessing
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,7 @@ from training.evaluation.results import (
     ActiveLearningSettingsRecord,
     CurveRecord,
     CurveSummary,
+    as_record,
 )
 
 
@@ -170,94 +171,41 @@ class ActiveLearningSettings:
         return r % self.test_every == 0 or r == self.rounds
 
     def to_dict(self) -> ActiveLearningSettingsRecord:
-        return {
-            "seeds": list(self.seeds),
-            "rounds": self.rounds,
-            "acquire": self.acquire,
-            "initial_per_class": self.initial_per_class,
-            "pool_size": self.pool_size,
-            "candidates": self.candidates,
-            "test_size": self.test_size,
-            "test_every": self.test_every,
-            "num_samples": self.num_samples,
-            "learners": [v.value for v in self.learners],
-            "acquisitions": [v.value for v in self.acquisitions],
-            "chains": self.chains,
-            "sgld_lr": self.sgld_lr,
-            "temperature": self.temperature,
-            "prior_std": self.prior_std,
-            "batch_size": self.batch_size,
-            "first_burn_in": self.first_burn_in,
-            "burn_in": self.burn_in,
-            "thinning": self.thinning,
-            "buffer_size": self.buffer_size,
-            "warmup_samples": self.warmup_samples,
-            "gan_steps": self.gan_steps,
-            "apd_rank": self.apd_rank,
-            "moment_init_steps": self.moment_init_steps,
-            "selection_inputs": self.selection_inputs,
-            "warm_start": self.warm_start,
-            "sgld_steps_first_round": self.sgld_steps(first=True),
-            "sgld_steps_per_round": self.sgld_steps(first=False),
-            "dropout_arch": self.dropout_arch,
-            "dropout_rates": list(self.dropout_rates),
-            "dropout_weight_decay": self.dropout_weight_decay,
-            "dropout_lr": self.dropout_lr,
-            "dropout_batch_size": self.dropout_batch_size,
-            "dropout_epochs": self.dropout_epochs,
-            "dropout_passes": self.dropout_passes,
-        }
+        return as_record(
+            self,
+            ActiveLearningSettingsRecord,
+            sgld_steps_first_round=self.sgld_steps(first=True),
+            sgld_steps_per_round=self.sgld_steps(first=False),
+        )
 
 
-@dataclass(frozen=True)
-class Curve:
-    learner: str
-    acquisition: str
-    seed: int
-    labels: list[int]
-    accuracy: list[float]
-    seconds: float
-
-    def to_dict(self) -> CurveRecord:
-        return {
-            "learner": self.learner,
-            "acquisition": self.acquisition,
-            "seed": self.seed,
-            "labels": list(self.labels),
-            "accuracy": list(self.accuracy),
-            "seconds": self.seconds,
-        }
+def active_learning_section(
+    s: ActiveLearningSettings, curves: list[CurveRecord], seconds: float
+) -> ActiveLearningSection:
+    """``results.json``'s active-learning section: the settings, every curve, the wall time
+    and the summary over seeds."""
+    return {
+        "settings": s.to_dict(),
+        "curves": curves,
+        "seconds": seconds,
+        "summary": summarize_curves(curves),
+    }
 
 
-@dataclass(frozen=True)
-class ActiveLearningResult:
-    settings: ActiveLearningSettings
-    curves: list[Curve] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> ActiveLearningSection:
-        return {
-            "settings": self.settings.to_dict(),
-            "curves": [c.to_dict() for c in self.curves],
-            "seconds": self.seconds,
-            "summary": summarize_curves(self.curves),
-        }
-
-
-def summarize_curves(curves: list[Curve]) -> list[CurveSummary]:
+def summarize_curves(curves: list[CurveRecord]) -> list[CurveSummary]:
     """Mean and min/max over seeds of accuracy at each label count, per learner x acquisition."""
-    groups: dict[tuple[str, str], list[Curve]] = {}
+    groups: dict[tuple[str, str], list[CurveRecord]] = {}
     for c in curves:
-        groups.setdefault((c.learner, c.acquisition), []).append(c)
+        groups.setdefault((c["learner"], c["acquisition"]), []).append(c)
     out: list[CurveSummary] = []
     for (learner, acq), cs in groups.items():
-        acc = np.array([c.accuracy for c in cs])
+        acc = np.array([c["accuracy"] for c in cs])
         out.append(
             {
                 "learner": learner,
                 "acquisition": acq,
                 "seeds": len(cs),
-                "labels": cs[0].labels,
+                "labels": cs[0]["labels"],
                 "mean": acc.mean(axis=0).tolist(),
                 "min": acc.min(axis=0).tolist(),
                 "max": acc.max(axis=0).tolist(),
@@ -461,7 +409,7 @@ def run_curve(
     acquisition: Acquisition,
     seed: int,
     s: ActiveLearningSettings,
-) -> Curve:
+) -> CurveRecord:
     """One learning curve; ``spec`` is the learner's network (for ``dropout``, the one
     :func:`dropout_spec` builds)."""
     t0 = time.perf_counter()
@@ -505,9 +453,14 @@ def run_curve(
             summary = members.summary(pool_x[candidates], seed=fit_seed + 1)
             new = select(summary, acquisition, candidates, s.acquire, rng)
         labelled = np.sort(np.concatenate([labelled, new]))
-    return Curve(
-        learner.value, acquisition.value, seed, labels, accs, round(time.perf_counter() - t0, 1)
-    )
+    return {
+        "learner": learner.value,
+        "acquisition": acquisition.value,
+        "seed": seed,
+        "labels": labels,
+        "accuracy": accs,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def run_active_learning(
@@ -520,7 +473,7 @@ def run_active_learning(
     progress: bool = True,
     workers: int = 1,
     image_shape: Sequence[int] | None = None,
-) -> ActiveLearningResult:
+) -> ActiveLearningSection:
     """Every learner x acquisition x seed. The pool is the training split (or a random
     ``pool_size`` subset of it, fixed per seed), the test set likewise with ``test_size``.
     SGLD and online APD fit ``spec``; MC-Dropout its own CNN on ``image_shape`` (one
@@ -548,7 +501,7 @@ def run_active_learning(
     bar = tqdm(
         total=len(jobs), desc="active learning", disable=not progress, unit="curve", miniters=1
     )
-    curves: list[Curve] = []
+    curves: list[CurveRecord] = []
     if workers <= 1:
         data = (train_x, train_y, test_x, test_y)
         for job in jobs:
@@ -564,9 +517,9 @@ def run_active_learning(
             for curve in procs.imap_unordered(_worker_curve, jobs):
                 curves.append(curve)
                 bar.update()
-    curves.sort(key=lambda c: order[(c.learner, c.acquisition, c.seed)])
+    curves.sort(key=lambda c: order[(c["learner"], c["acquisition"], c["seed"])])
     bar.close()
-    return ActiveLearningResult(s, curves, round(time.perf_counter() - t0, 1))
+    return active_learning_section(s, curves, round(time.perf_counter() - t0, 1))
 
 
 _Data = tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], NDArray[np.int64]]
@@ -583,7 +536,7 @@ def _job_curve(
     learner: Learner,
     acquisition: Acquisition,
     seed: int,
-) -> Curve:
+) -> CurveRecord:
     """One curve on the ``pool`` / ``test`` rows of ``data`` (train x, y, test x, y)."""
     train_x, train_y, test_x, test_y = data
     px, py = np.ascontiguousarray(train_x[pool]), np.asarray(train_y[pool], np.int64)
@@ -597,7 +550,7 @@ def _worker_init(data: _Data, s: ActiveLearningSettings) -> None:
     _WORKER.update(data=data, settings=s)
 
 
-def _worker_curve(job: _Job) -> Curve:
+def _worker_curve(job: _Job) -> CurveRecord:
     w = _WORKER
     return _job_curve(w["data"], w["settings"], *job)
 

@@ -34,12 +34,15 @@ from training.evaluation.laplace_peer import LaplaceFlavour, LaplaceSettings, fi
 from training.evaluation.results import (
     EXPERIMENTS,
     AccuracyNLL,
+    AnomalyRecord,
     ClassificationAndAnomaly,
+    ClassificationRecord,
     EvaluationResults,
     GaussianDiagnostics,
     Meta,
     MethodRecord,
     SuiteConfigRecord,
+    as_record,
     spec_record,
 )
 from training.evaluation.toy2d import ToyResult, ToySettings
@@ -125,26 +128,16 @@ class SuiteConfig:
         return [self.run_dir("sgd"), *extra]
 
     def to_dict(self) -> SuiteConfigRecord:
-        return {
-            "arch": self.arch,
-            "runs": str(self.runs),
-            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
-            "name": self.name,
-            "num_samples": self.num_samples,
-            "dropout_passes": self.dropout_passes,
-            "gaussian_rank": self.gaussian_rank,
-            "mixture_rank": self.mixture_rank,
-            "laplace_fit_inputs": self.laplace_fit_inputs,
-            "ood_size": self.ood_size,
-            "test_size": self.test_size,
-            "scales": list(self.scales),
-            "attacks": self.attacks.to_dict(),
-            "active_learning": self.active_learning.to_dict(),
-            "toy": self.toy.to_dict(),
-            "experiments": list(self.experiments),
-            "seed": self.seed,
-            "threads": self.threads,
-        }
+        """The record: the settings that shape the results (not the run folders named one
+        by one, nor the progress bars)."""
+        return as_record(
+            self,
+            SuiteConfigRecord,
+            exclude=("data_dir", "sgld_run", "sgd_run", "dropout_run", "ensemble_runs", "progress"),
+            attacks=self.attacks.to_dict(),
+            active_learning=self.active_learning.to_dict(),
+            toy=self.toy.to_dict(),
+        )
 
 
 def machine_description(threads: int) -> str:
@@ -360,7 +353,7 @@ def run_suite(
         results["adversarial"] = {
             "settings": cfg.attacks.to_dict(),
             "inputs": f"{n} MNIST test images (seeded random subset)",
-            "rows": [r.to_dict() for r in rows],
+            "rows": rows,
         }
         seconds["adversarial"] = round(time.perf_counter() - t0, 1)
     if "cost" in wants:
@@ -370,8 +363,7 @@ def run_suite(
         results["cost"] = {
             "batch_size": len(batch),
             "rows": [
-                measure_cost(m, batch, _num_members(m, cfg), seed=cfg.seed).to_dict()
-                for m in found.values()
+                measure_cost(m, batch, _num_members(m, cfg), seed=cfg.seed) for m in found.values()
             ],
             "sgld_store_bytes": (
                 sgld_m.store_bytes() if isinstance(sgld_m, methods.SGLDSamples) else None
@@ -406,7 +398,7 @@ def run_suite(
                 workers=cfg.threads,
                 image_shape=MNIST_INPUT_SHAPE,
             )
-        results["active_learning"] = al.to_dict()
+        results["active_learning"] = al
         seconds["active_learning"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     return SuiteResult(results, toy)
@@ -467,8 +459,8 @@ def classification_and_anomaly(
     ``ood`` holds each OOD set's images, ``ood_sets`` its description for the report."""
     from tqdm import tqdm
 
-    classification = []
-    rows: list[anomaly.AnomalyRow] = []
+    classification: list[ClassificationRecord] = []
+    rows: list[AnomalyRecord] = []
     in_summaries = {}
     bar = tqdm(
         total=len(members) * (1 + len(ood) * len(scales)),
@@ -490,13 +482,13 @@ def classification_and_anomaly(
     out: ClassificationAndAnomaly = {
         "classification": {
             "inputs": f"{len(test_x)} MNIST test images",
-            "rows": [c.to_dict() for c in classification],
+            "rows": classification,
         },
         "anomaly": {
             "in_distribution": f"{len(test_x)} MNIST test images (never scaled)",
             "ood_size": {k: len(v) for k, v in ood.items()},
             "scales": list(scales),
-            "rows": [r.to_dict() for r in rows],
+            "rows": rows,
             "ood_sets": {name: ood_sets[name] for name in ood},
         },
     }
@@ -506,12 +498,12 @@ def classification_and_anomaly(
         out["fidelity"] = {
             "teacher": "sgld",
             "student": "apd",
-            "classification": cls_fid.to_dict(),
-            "anomaly": [f.to_dict() for f in fid],
+            "classification": cls_fid,
+            "anomaly": fid,
             "anomaly_rows": len(fid),
-            "anomaly_rows_within": sum(f.within for f in fid),
-            "issue_score_rows": sum(f.issue_target for f in fid),
-            "issue_score_rows_within": sum(f.within for f in fid if f.issue_target),
+            "anomaly_rows_within": sum(f["within_target"] for f in fid),
+            "issue_score_rows": sum(f["issue_target"] for f in fid),
+            "issue_score_rows_within": sum(f["within_target"] for f in fid if f["issue_target"]),
         }
     if "sgld" in members and "gaussian" in members:
         fid_g = anomaly.fidelity_rows(rows, student="gaussian")
@@ -519,8 +511,8 @@ def classification_and_anomaly(
             in_summaries["sgld"], in_summaries["gaussian"], test_y
         )
         out["fidelity_gaussian"] = {
-            "anomaly": [f.to_dict() for f in fid_g],
-            "classification": cls_g.to_dict(),
+            "anomaly": fid_g,
+            "classification": cls_g,
         }
     if "sgld" in members and "mixture" in members:
         fid_m = anomaly.fidelity_rows(rows, student="mixture")
@@ -528,7 +520,7 @@ def classification_and_anomaly(
             in_summaries["sgld"], in_summaries["mixture"], test_y
         )
         out["fidelity_mixture"] = {
-            "anomaly": [f.to_dict() for f in fid_m],
-            "classification": cls_m.to_dict(),
+            "anomaly": fid_m,
+            "classification": cls_m,
         }
     return out
