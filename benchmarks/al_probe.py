@@ -95,6 +95,7 @@ def main() -> None:
         ap.error("--rounds, --test, --test-every and --workers must be positive")
     torch.set_num_threads(1)  # the serial path's one process (workers run one thread each)
     load_start = round(os.getloadavg()[0], 2)
+    revision = code_revision()  # the code that runs, whatever is committed meanwhile
     spec = get_spec(args.arch)
     data = load_mnist()
     base = replace(
@@ -124,7 +125,7 @@ def main() -> None:
     record = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/al_probe.py", *sys.argv[1:]]),
-        "code_revision": code_revision(),
+        "code_revision": revision,
         "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
         "arch": args.arch,
         "probe": args.probe,
