@@ -224,3 +224,26 @@ def test_dropout_settings_that_do_not_fit_the_network_are_refused() -> None:
         dropout_spec(SPEC, replace(GAL, dropout_rates=(0.25, 1.0)), IMAGE)
     with pytest.raises(ValueError, match="dropout_passes must be positive"):
         ActiveLearningSettings(dropout_passes=0)
+
+
+def test_the_dropout_learner_is_recorded_and_described_in_the_report(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """The section the suite writes passes results.json's strict check after a JSON round
+    trip, and the report's protocol paragraph describes the MC-Dropout learner's recipe."""
+    import json
+
+    from pydantic import TypeAdapter
+
+    from training.evaluation.report.sections import _al_fits
+    from training.evaluation.results import ActiveLearningSection
+
+    s = replace(TINY, rounds=1, acquisitions=(Acquisition.RANDOM,))
+    section = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
+    loaded = TypeAdapter(ActiveLearningSection).validate_json(json.dumps(section), strict=True)
+    assert loaded["settings"]["dropout_rates"] == [0.25, 0.5]
+    assert [c["learner"] for c in loaded["curves"]] == ["sgld", "apd", "dropout"]
+    text = _al_fits(loaded["settings"])
+    assert "MC-Dropout (Gal, Islam & Ghahramani 2017's protocol)" in text
+    assert "conv4x3, pool2, fc8" in text and "dropout 0.25, 0.5" in text
+    assert "K = 6 dropout passes" in text and "L2 3.5 / N" in text
