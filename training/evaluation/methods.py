@@ -55,7 +55,8 @@ _ACTIVATION_BUDGET: Final = 20_000_000
 
 @dataclass(frozen=True)
 class MemberNetworks:
-    """K networks to predict with: ``theta (M, P)`` float32 and, for MC-Dropout, a rate.
+    """K networks to predict with: ``theta (M, P)`` float32 and, for MC-Dropout, its rate(s)
+    (:data:`training.torch_ops.DropoutRate`).
 
     Without dropout the K = M rows are the networks. With ``dropout > 0`` there is one
     network (M = 1) and the members are ``passes`` stochastic forward passes of it, each with
