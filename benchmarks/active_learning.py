@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from training.cli import main as apd_main
-from training.distillation.package import code_revision
 from training.evaluation.results import CurveSummary, load_results
+from training.revision import code_revision
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS: Final = ROOT / "benchmarks" / "results"

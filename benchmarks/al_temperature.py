@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from apd.networks import get_spec
 from apd.uncertainty import ScoreName
-from training.data import load_mnist
-from training.distillation.package import code_revision
 from training.evaluation.active_learning import ActiveLearningSettings, fit_sgld, initial_labels
 from training.evaluation.methods import MemberNetworks
 from training.metrics import accuracy
+from training.mnist import load_mnist
+from training.revision import code_revision
 
 RESULTS: Final = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

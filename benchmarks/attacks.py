@@ -74,7 +74,7 @@ from tests.harness import (  # noqa: E402
     redis_server,
     rss_bytes,
 )
-from training.distillation.package import code_revision  # noqa: E402
+from training.revision import code_revision  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 COMPOSE_ENV = {

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from harness import apd_command, free_port, make_tiny_checkpoint, serve_env  # noqa: E402
-from test_bad_checkpoints import _bad_files  # noqa: E402
+from tests.harness import apd_command, free_port, make_tiny_checkpoint, serve_env  # noqa: E402
+from tests.test_bad_checkpoints import _bad_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

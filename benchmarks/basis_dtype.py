@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from training.cli import main as apd_main
-from training.distillation.package import code_revision
+from training.revision import code_revision
+from training.run_layout import is_finished
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS: Final = ROOT / "benchmarks" / "results"
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "sgld-fcnn1")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
     args = ap.parse_args()
-    if not (args.run / "READY").is_file():
+    if not is_finished(args.run):
         ap.error(f"--run {args.run}: not a finished SGLD run (no READY file)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     load_start = round(os.getloadavg()[0], 2)

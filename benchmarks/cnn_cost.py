@@ -26,7 +26,7 @@ import torch
 
 from apd.networks import get_spec
 from training.baselines import init_theta
-from training.distillation.package import code_revision
+from training.revision import code_revision
 from training.torch_ops import forward_logits
 
 RESULTS: Final = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

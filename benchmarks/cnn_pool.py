@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from apd.networks import get_spec
 from training import torch_ops
 from training.baselines import init_theta
-from training.distillation.package import code_revision
+from training.revision import code_revision
 
 RESULTS: Final = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

@@ -65,12 +65,13 @@ from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.networks import get_spec
 from apd.uncertainty import PredictiveSummary
 from training.cli import main as apd_main
-from training.data import MNIST, OOD_SETS, load_mnist, load_ood
 from training.distillation import toy_posterior
 from training.distillation.fidelity import compare, predict
 from training.distillation.offline import distill_offline, preset
-from training.distillation.package import code_revision, sample_networks
+from training.distillation.package import sample_networks
 from training.metrics import accuracy
+from training.mnist import MNIST, OOD_SETS, load_mnist, load_ood
+from training.revision import code_revision
 from training.sample_store import SampleStore
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -194,8 +195,8 @@ def online_arch(arch: str, steps: int | None = None) -> dict[str, Any]:
     """Online APD on ``arch`` with the offline teacher's sampler, against its own chains;
     ``steps``: generator steps on the complete buffer after the chains stop (default: the
     preset's steps for ``arch``, what offline APD trains)."""
+    from training.defaults import check_arch, sgld_defaults
     from training.distillation.online import distill_online, sampler_like_offline
-    from training.train import check_arch, sgld_defaults
 
     torch.set_num_threads(1)
     mnist = load_mnist()

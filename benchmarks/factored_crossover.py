@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, str(args.threads))
 
     import numpy as np
-    from service_support import make_checkpoint
 
     from apd.checkpoint import load_checkpoint
     from apd.factored import AffinePosterior, FirstLayer, ForwardPlan
     from apd.uncertainty import PredictiveAccumulator
+    from tests.service_support import make_checkpoint
 
     fcnn2 = make_checkpoint(
         Path(tempfile.mkdtemp()) / "fcnn2.safetensors",

@@ -43,8 +43,8 @@ from numpy.typing import NDArray
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.uncertainty import PredictiveSummary, ScoreName
 from training.cli import main as apd_main
-from training.data import load_mnist, load_ood
-from training.distillation.package import code_revision
+from training.mnist import load_mnist, load_ood
+from training.revision import code_revision
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS: Final = ROOT / "benchmarks" / "results"

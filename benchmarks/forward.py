@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from apd.networks import MLPSpec, forward_probs, get_spec
 from training import torch_ops
-from training.train import device_description
+from training.threads import device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 100

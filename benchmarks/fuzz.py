@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from fuzzkit import run_fuzz, schema_from_url  # noqa: E402
-from harness import RedisServer, apd_serve, make_tiny_checkpoint  # noqa: E402
+from tests.fuzzkit import run_fuzz, schema_from_url  # noqa: E402
+from tests.harness import RedisServer, apd_serve, make_tiny_checkpoint  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -49,15 +49,17 @@ from numpy.typing import NDArray
 from apd.checkpoint import BasisDtype, load_checkpoint
 from apd.networks import NetworkSpec
 from apd.uncertainty import ScoreName, summarize
-from training.data import OOD_SETS, load_mnist, load_ood
-from training.distillation.fidelity import AUROC_TOLERANCE, ood_aurocs
-from training.distillation.package import code_revision, sample_networks
+from training.distillation.fidelity import ood_aurocs
+from training.distillation.package import sample_networks
 from training.distillation.subspace import fit_subspace
 from training.evaluation.anomaly import scaled
 from training.evaluation.methods import spread_indices
+from training.metrics import AUROC_TOLERANCE
+from training.mnist import OOD_SETS, load_mnist, load_ood
+from training.revision import code_revision
+from training.run_layout import SAMPLES_DIR
 from training.sample_store import SampleStore
 from training.torch_ops import member_probs
-from training.train import SAMPLES_DIR
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS: Final = ROOT / "benchmarks" / "results"

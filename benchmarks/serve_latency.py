@@ -40,7 +40,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _threads_flag(argv: Sequence[str]) -> str:
@@ -83,7 +82,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def serve(checkpoint: Path, args: list[str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    from harness import apd_serve
+    from tests.harness import apd_serve
 
     with apd_serve(checkpoint, args=args, timeout=120) as srv:
         yield srv.base_url, srv.proc
@@ -172,7 +171,7 @@ def v2_binary_body(x: np.ndarray, k: int) -> tuple[bytes, dict[str, str]]:
 def checkpoint_for(arch: str, workdir: Path) -> tuple[Path, str]:
     if arch == "fcnn1":
         return SHIPPED, f"the shipped checkpoint ({SHIPPED.relative_to(ROOT)})"
-    from service_support import make_checkpoint
+    from tests.service_support import make_checkpoint
 
     path = make_checkpoint(
         workdir / "random-fcnn2.safetensors",
@@ -371,7 +370,8 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
 
 def memory_under_load(checkpoint: Path) -> dict[str, Any]:
     import httpx
-    from harness import apd_serve, rss_bytes
+
+    from tests.harness import apd_serve, rss_bytes
 
     rng = np.random.default_rng(7)
     bodies = [

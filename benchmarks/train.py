@@ -32,18 +32,12 @@ from safetensors import safe_open
 
 from apd.networks import get_spec
 from training.cli import main as apd_main
-from training.datasets import DataSpec, load_dataset
+from training.defaults import DROPOUT_PASSES, SGLD_EVAL_SAMPLES
 from training.metrics import accuracy, negative_log_likelihood
+from training.own_data import DataSpec, load_dataset
+from training.run_layout import METRICS_FILE, READY_FILE, SAMPLES_DIR, WEIGHTS_FILE
 from training.sample_store import SampleStore
 from training.torch_ops import member_probs
-from training.train import (
-    DROPOUT_PASSES,
-    METRICS_FILE,
-    READY_FILE,
-    SAMPLES_DIR,
-    SGLD_EVAL_SAMPLES,
-    WEIGHTS_FILE,
-)
 
 RESULTS: Final = Path(__file__).resolve().parent / "results"
 METHODS: Final = ("sgd", "dropout", "sgld")

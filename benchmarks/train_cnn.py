@@ -13,7 +13,7 @@ active-learning CNN of Gal et al. 2017, works the same way). This
 4. compares 100 networks drawn from the checkpoint file (NumPy seed 0) with the teacher (the
    100 spread samples) exactly as ``benchmarks/distill.py`` does: MNIST test accuracy (at most
    0.1 points lower), NLL (at most 0.01 higher) and, on each of the five OOD sets (10,000
-   images each as :func:`training.data.load_ood` makes them, seed 0), the AUROC of predictive
+   images each as :func:`training.mnist.load_ood` makes them, seed 0), the AUROC of predictive
    entropy, mutual information and model variance (each at most 0.005 lower).
 
 On the shared 2-core CPU, LeNet-5 (``--arch lenet5``, 61,706 weights) trains in 40 min on
@@ -47,12 +47,14 @@ import torch
 
 from apd.checkpoint import load_checkpoint
 from training.cli import main as apd_main
-from training.data import OOD_SETS, load_mnist, load_ood
+from training.defaults import SGLD_EVAL_SAMPLES
 from training.distillation.fidelity import compare, predict
-from training.distillation.package import code_revision, sample_networks
+from training.distillation.package import sample_networks
 from training.metrics import accuracy, negative_log_likelihood
+from training.mnist import OOD_SETS, load_mnist, load_ood
+from training.revision import code_revision
+from training.run_layout import READY_FILE, SAMPLES_DIR
 from training.sample_store import SampleStore
-from training.train import READY_FILE, SAMPLES_DIR, SGLD_EVAL_SAMPLES
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS: Final = ROOT / "benchmarks" / "results"

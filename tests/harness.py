@@ -1,7 +1,7 @@
 """Test and benchmark harness: a tiny checkpoint, a private redis-server, an ``apd serve`` process.
 
-Shared by the fault, limit and fuzz tests (imported as ``harness``) and by the benchmark
-scripts (imported as ``tests.harness``). Everything binds to 127.0.0.1 only; every process
+Shared by the fault, limit and fuzz tests and by the benchmark scripts (imported as
+``tests.harness``). Everything binds to 127.0.0.1 only; every process
 started here is stopped by the context manager that started it, and every wait is bounded.
 """
 

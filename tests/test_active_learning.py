@@ -11,16 +11,23 @@ import torch
 from sklearn.datasets import load_digits
 
 from apd.networks import build_spec
+from apd.uncertainty import ScoreName
 from training.evaluation.active_learning import (
     Acquisition,
     ActiveLearningSettings,
     Learner,
+    dropout_spec,
+    fit_dropout,
     fit_online_apd,
     fit_sgld,
+    glorot_theta,
     run_active_learning,
+    select,
 )
+from training.evaluation.methods import MemberNetworks
 
 SPEC = build_spec("mlp:16", (64,), 10)
+IMAGE = (8, 8)  # the digits' shape, for the MC-Dropout learner's CNN
 TINY = ActiveLearningSettings(
     seeds=(0,),
     rounds=3,
@@ -38,6 +45,9 @@ TINY = ActiveLearningSettings(
     gan_steps=6,
     apd_rank=3,
     selection_inputs=30,
+    dropout_arch="cnn:conv4x3,pool2,fc8",
+    dropout_epochs=5,
+    dropout_passes=6,
 )
 
 
@@ -52,20 +62,26 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def test_curves_follow_the_protocol_and_parallel_equals_serial(
     digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
-    serial = run_active_learning(SPEC, *digits, TINY, progress=False)
-    parallel = run_active_learning(SPEC, *digits, TINY, progress=False, workers=2)
-    assert len(serial.curves) == 2 * 2  # learners x acquisitions, one seed
-    for a, b in zip(serial.curves, parallel.curves, strict=True):
-        assert (a.learner, a.acquisition, a.seed) == (b.learner, b.acquisition, b.seed)
+    serial = run_active_learning(SPEC, *digits, TINY, progress=False, image_shape=IMAGE)
+    parallel = run_active_learning(
+        SPEC, *digits, TINY, progress=False, workers=2, image_shape=IMAGE
+    )
+    assert len(serial["curves"]) == 3 * 2  # learners x acquisitions, one seed
+    for a, b in zip(serial["curves"], parallel["curves"], strict=True):
+        assert (a["learner"], a["acquisition"], a["seed"]) == (
+            b["learner"],
+            b["acquisition"],
+            b["seed"],
+        )
         # tested at rounds 0, 2 and the last (3): 20, 30 and 35 labels
-        assert a.labels == b.labels == [20, 30, 35]
-        np.testing.assert_allclose(a.accuracy, b.accuracy, atol=1e-12)
-        assert all(0.0 <= acc <= 1.0 for acc in a.accuracy)
-    record = serial.to_dict()
+        assert a["labels"] == b["labels"] == [20, 30, 35]
+        np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-12)
+        assert all(0.0 <= acc <= 1.0 for acc in a["accuracy"])
+    record = serial
     assert record["settings"]["pool_size"] is None and record["settings"]["warm_start"]
     assert {(s["learner"], s["acquisition"]) for s in record["summary"]} == {
         (learner.value, acq.value)
-        for learner in (Learner.SGLD, Learner.APD)
+        for learner in (Learner.SGLD, Learner.APD, Learner.DROPOUT)
         for acq in (Acquisition.BALD, Acquisition.RANDOM)
     }
 
@@ -81,19 +97,19 @@ def test_a_failed_curve_stops_the_parallel_run_and_its_workers(
     wrong = build_spec("mlp:16", (65,), 10)  # the digits have 64 inputs: every fit fails
     many = replace(TINY, seeds=(0, 1, 2, 3), rounds=30)
     with pytest.raises(RuntimeError, match=r"shape|65|64"):
-        run_active_learning(wrong, *digits, many, progress=False, workers=2)
+        run_active_learning(wrong, *digits, many, progress=False, workers=2, image_shape=IMAGE)
     assert set(multiprocessing.active_children()) <= before
 
 
 def test_random_acquisition_draws_the_same_labels_for_both_learners(
     digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
-    """Random acquisition ignores the model, so SGLD and APD label the same images: their
+    """Random acquisition ignores the model, so every learner labels the same images: their
     curves then differ only by the learner. (Same first round: same initial labels.)"""
     s = replace(TINY, acquisitions=(Acquisition.RANDOM,), test_every=1)
-    result = run_active_learning(SPEC, *digits, s, progress=False)
-    sgld, apd = result.curves
-    assert sgld.labels == apd.labels == [20, 25, 30, 35]
+    result = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
+    sgld, apd, dropout = result["curves"]
+    assert sgld["labels"] == apd["labels"] == dropout["labels"] == [20, 25, 30, 35]
 
 
 def test_a_warm_start_continues_the_chains(
@@ -133,3 +149,101 @@ def test_both_learners_fit_a_cnn(
     assert theta.shape == (TINY.num_samples, cnn.num_params)
     theta_apd, _ = fit_online_apd(cnn, x, y, TINY, 1, digits[0][40:70], init=chains)
     assert theta_apd.shape == theta.shape and bool(torch.isfinite(theta_apd).all())
+
+
+# The MC-Dropout learner: Gal et al. (2017)'s recipe, scaled to the 8 x 8 digits (a small CNN
+# with their dropout on both dense layers' inputs, trained long enough to fit 8 x 8 images).
+GAL = replace(
+    TINY,
+    dropout_arch="cnn:conv8x3,pool2,fc32",
+    dropout_epochs=300,
+    dropout_lr=3e-3,
+    dropout_passes=40,
+)
+
+
+@pytest.fixture(scope="module")
+def dropout_members(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> MemberNetworks:
+    spec = dropout_spec(SPEC, GAL, IMAGE)
+    theta = fit_dropout(spec, digits[0][:60], digits[1][:60], GAL, seed=0)
+    return MemberNetworks(spec, theta, GAL.dropout_rates, GAL.dropout_passes)
+
+
+def test_the_dropout_learner_predicts_and_its_passes_differ(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    dropout_members: MemberNetworks,
+) -> None:
+    """60 labels teach the CNN the digits far above chance (10 %), and its K members are
+    K different dropout passes (fresh masks each call), not one network K times."""
+    probs = dropout_members.probs(digits[2], seed=1)
+    assert probs.shape == (GAL.dropout_passes, len(digits[2]), 10)
+    assert float((probs.mean(0).argmax(-1) == digits[3]).mean()) > 0.6
+    spread = probs.std(axis=0).max(axis=-1)  # per input, across passes
+    assert float(np.mean(spread > 1e-3)) > 0.9
+    assert not np.allclose(probs, dropout_members.probs(digits[2], seed=2))
+
+
+def test_bald_on_the_dropout_learner_picks_higher_information_points(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    dropout_members: MemberNetworks,
+) -> None:
+    """The points BALD picks with one set of masks carry more mutual information than random
+    picks under an independent set: the ranking is the network's, not the masks' noise."""
+    candidates = np.arange(200, 700)
+    pool = digits[0][candidates]
+    rng = np.random.default_rng(0)
+    bald = select(dropout_members.summary(pool, seed=1), Acquisition.BALD, candidates, 20, rng)
+    rand = select(None, Acquisition.RANDOM, candidates, 20, rng)
+    mi = dropout_members.summary(pool, seed=2).score(ScoreName.MUTUAL_INFORMATION)
+    assert mi[bald - 200].mean() > 1.15 * mi[rand - 200].mean()
+
+
+def test_the_dropout_weight_decay_shrinks_the_first_dense_layer_only(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """``c / N ||W||^2`` on the first dense layer's weights (Keras's ``l2(c / N)`` in Gal et
+    al.'s code): a large c drives those weights towards 0; the conv, not penalised, keeps
+    the scale of its initialisation (it moves less, as the signal through the dense layer
+    fades, but is not driven to 0)."""
+    spec = dropout_spec(SPEC, GAL, IMAGE)
+    x, y = digits[0][:40], digits[1][:40]
+    loose = fit_dropout(spec, x, y, replace(GAL, dropout_weight_decay=0.0), seed=0)
+    tight = fit_dropout(spec, x, y, replace(GAL, dropout_weight_decay=1e4), seed=0)
+    (conv_w, _), (dense_w, _), _ = spec.offsets()
+    assert float(tight[0, dense_w].abs().mean()) < 0.2 * float(loose[0, dense_w].abs().mean())
+    init = float(glorot_theta(spec, torch.Generator().manual_seed(0))[0, conv_w].abs().mean())
+    assert float(tight[0, conv_w].abs().mean()) > 0.5 * init
+
+
+def test_dropout_settings_that_do_not_fit_the_network_are_refused() -> None:
+    with pytest.raises(ValueError, match="takes 2 dropout rates"):
+        dropout_spec(SPEC, replace(GAL, dropout_rates=(0.5,)), IMAGE)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
+        dropout_spec(SPEC, replace(GAL, dropout_rates=(0.25, 1.0)), IMAGE)
+    with pytest.raises(ValueError, match="dropout_passes must be positive"):
+        ActiveLearningSettings(dropout_passes=0)
+
+
+def test_the_dropout_learner_is_recorded_and_described_in_the_report(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """The section the suite writes passes results.json's strict check after a JSON round
+    trip, and the report's protocol paragraph describes the MC-Dropout learner's recipe."""
+    import json
+
+    from pydantic import TypeAdapter
+
+    from training.evaluation.report.sections import _al_fits
+    from training.evaluation.results import ActiveLearningSection
+
+    s = replace(TINY, rounds=1, acquisitions=(Acquisition.RANDOM,))
+    section = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
+    loaded = TypeAdapter(ActiveLearningSection).validate_json(json.dumps(section), strict=True)
+    assert loaded["settings"]["dropout_rates"] == [0.25, 0.5]
+    assert [c["learner"] for c in loaded["curves"]] == ["sgld", "apd", "dropout"]
+    text = _al_fits(loaded["settings"])
+    assert "MC-Dropout (Gal, Islam & Ghahramani 2017's protocol)" in text
+    assert "conv4x3, pool2, fc8" in text and "dropout 0.25, 0.5" in text
+    assert "K = 6 dropout passes" in text and "L2 3.5 / N" in text

@@ -10,12 +10,12 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from harness import apd_serve, make_tiny_checkpoint, rss_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.admission import JsonShape, MemoryBudget, Overloaded, ParseLimits
 from service.telemetry import Metrics
+from tests.harness import apd_serve, make_tiny_checkpoint, rss_bytes
 
 
 def budget(

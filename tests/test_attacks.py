@@ -25,7 +25,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from attack_support import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from apd.uncertainty import PredictiveSummary, is_flagged
+from service.config import Settings
+from service.main import create_app
+from tests.attack_support import (
     hostile_bodies,
     idle_connections,
     multipart,
@@ -33,14 +39,8 @@ from attack_support import (
     read_status,
     small_predict_body,
 )
-from harness import ServeProcess, apd_serve, make_tiny_checkpoint, rss_bytes
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from service_support import make_checkpoint, make_client, random_images
-
-from apd.uncertainty import PredictiveSummary, is_flagged
-from service.config import Settings
-from service.main import create_app
+from tests.harness import ServeProcess, apd_serve, make_tiny_checkpoint, rss_bytes
+from tests.service_support import make_checkpoint, make_client, random_images
 
 MAX_BATCH = 8
 FAST_S = 1.0  # what "at once" means here, on a shared 2-core machine

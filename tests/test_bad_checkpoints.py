@@ -18,15 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from harness import (
-    ROOT,
-    apd_command,
-    free_port,
-    make_tiny_checkpoint,
-    serve_env,
-    tiny_meta,
-    tiny_tensors,
-)
 from safetensors.numpy import save_file
 
 from apd.checkpoint import (
@@ -38,6 +29,15 @@ from apd.checkpoint import (
     CheckpointError,
     content_digest,
     load_checkpoint,
+)
+from tests.harness import (
+    ROOT,
+    apd_command,
+    free_port,
+    make_tiny_checkpoint,
+    serve_env,
+    tiny_meta,
+    tiny_tensors,
 )
 
 Tensors = dict[str, np.ndarray]

@@ -126,8 +126,8 @@ def test_unknown_command_and_no_command_are_one_line(capsys: pytest.CaptureFixtu
 def test_distill_reads_the_recorded_csv_from_its_new_place(tmp_path: Path) -> None:
     """A run on a CSV records its label column and path; after the file moves, ``--dataset``
     with the new place is all distill needs (no ``--label-column`` again)."""
-    from training.datasets import DataSpec, load_dataset
     from training.distillation.distill import recorded_data
+    from training.own_data import DataSpec, load_dataset
     from training.sample_store import SampleStore
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""training/datasets.py: the user's data read, split, preprocessed and fingerprinted, and every
+"""training/own_data.py: the user's data read, split, preprocessed and fingerprinted, and every
 kind of bad data refused with one line naming the file and the problem, nothing written."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from own_data_support import (
+
+from tests.own_data_support import (
     FOLDER_CLASSES,
     digits_images,
     write_digits_npz,
     write_image_folder,
     write_wine_csv,
 )
-
 from training.cli import main
-from training.data import DataError
-from training.datasets import (
+from training.mnist import DataError
+from training.own_data import (
     DataSpec,
     Preprocess,
     add_data_arguments,

@@ -35,7 +35,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from deploy_support import (
+
+from tests.deploy_support import (
     API_JOB,
     COMPOSE,
     COMPOSE_SCHEMA,
@@ -427,7 +428,7 @@ SERVE_ONLY_PROBE = textwrap.dedent(
 def test_serving_packages_can_serve(tmp_path: Path) -> None:
     """The app answers /predict with only the runtime image's packages importable."""
     pytest.importorskip("service.main")
-    import harness
+    from tests import harness
 
     ckpt = harness.make_tiny_checkpoint(tmp_path / "tiny.safetensors")
     serve = _closure({"serve"})
@@ -610,11 +611,11 @@ def test_dashboard_promql_parses(dashboards: dict[str, dict[str, Any]], tmp_path
 
 def _service_exposition(tmp_path: Path) -> str:
     pytest.importorskip("service.main")
-    import harness
     from fastapi.testclient import TestClient
 
     from service.config import Settings
     from service.main import create_app
+    from tests import harness
 
     ckpt = harness.make_tiny_checkpoint(tmp_path / "tiny.safetensors")
     settings = Settings(checkpoint=ckpt, redis_url=None)

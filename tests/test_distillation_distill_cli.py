@@ -30,7 +30,7 @@ needs_mnist = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.data import dataset_fingerprint, load_mnist
+    from training.mnist import dataset_fingerprint, load_mnist
     from training.sample_store import SampleStore
 
     spec = get_spec("fcnn1")

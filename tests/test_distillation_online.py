@@ -152,9 +152,9 @@ def test_online_config_refuses_what_online_apd_cannot_run() -> None:
 
 
 def test_sampler_like_offline_paces_the_gan_and_adds_the_steps_after() -> None:
+    from training.defaults import sgld_defaults
     from training.distillation.offline import preset
     from training.distillation.online import sampler_like_offline
-    from training.train import sgld_defaults
 
     defaults = sgld_defaults("fcnn2", "mlp", None)  # 4 chains x 5 cycles of 8,000 steps
     distill = preset("default", "fcnn2")

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from service_support import Design, make_checkpoint
 
 from apd.checkpoint import Checkpoint, load_checkpoint
+from tests.service_support import Design, make_checkpoint
 from training.distillation.onnx_graph import OPSET, build_generator_onnx
 
 

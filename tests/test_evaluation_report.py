@@ -10,7 +10,6 @@ JSON, and that a ``results.json`` is checked against its types when it is read b
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +30,15 @@ from training.evaluation.active_learning import (
     select,
 )
 from training.evaluation.methods import MemberNetworks
-from training.evaluation.report import SCORE_LABELS, main, render_markdown, write_report
-from training.evaluation.results import EvaluationResults, Provenance, load_results, spec_record
+from training.evaluation.report import SCORE_LABELS, render_markdown, write_report
+from training.evaluation.report.__main__ import main
+from training.evaluation.results import (
+    AnomalyRecord,
+    EvaluationResults,
+    Provenance,
+    load_results,
+    spec_record,
+)
 from training.evaluation.suite import (
     SuiteConfig,
     SuiteResult,
@@ -221,16 +227,24 @@ def test_a_results_json_with_a_bad_field_gives_one_line(
 
 
 def test_fidelity_rows_mark_drops_against_the_tolerance() -> None:
-    def row(method: str, auroc: float) -> anomaly.AnomalyRow:
-        return anomaly.AnomalyRow(method, "notmnist", 1.0, "mutual_information", auroc, 0, 0)
+    def row(method: str, auroc: float | None) -> AnomalyRecord:
+        return {
+            "method": method,
+            "ood_set": "notmnist",
+            "scale": 1.0,
+            "score": "mutual_information",
+            "auroc": auroc,
+            "aupr_in": 0.0,
+            "aupr_out": 0.0,
+        }
 
     rows = [row("sgld", 0.95), row("apd", 0.9449)]
     (f,) = anomaly.fidelity_rows(rows)
-    assert f.drop == pytest.approx(0.0051) and not f.within
+    assert f["drop"] == pytest.approx(0.0051) and not f["within_target"]
     (g,) = anomaly.fidelity_rows([row("sgld", 0.95), row("apd", 0.946)])
-    assert g.within and g.issue_target
-    nan_row = anomaly.AnomalyRow("apd", "notmnist", 1.0, "mutual_information", math.nan, 0, 0)
-    assert anomaly.fidelity_rows([row("sgld", 0.95), nan_row]) == []
+    assert g["within_target"] and g["issue_target"]
+    undefined = row("apd", None)  # a single network's mutual information
+    assert anomaly.fidelity_rows([row("sgld", 0.95), undefined]) == []
 
 
 def test_acquisition_picks_the_highest_scores_and_initial_labels_are_balanced() -> None:
@@ -343,11 +357,11 @@ def _peer_results(tmp_path: Path) -> EvaluationResults:
     results["adversarial"] = {
         "settings": attacks.to_dict(),
         "inputs": "30 random images",
-        "rows": [r.to_dict() for r in rows],
+        "rows": rows,
     }
     results["cost"] = {
         "batch_size": 10,
-        "rows": [measure_cost(m, test_x[:10], 6, repeats=1).to_dict() for m in found.values()],
+        "rows": [measure_cost(m, test_x[:10], 6, repeats=1) for m in found.values()],
         "sgld_store_bytes": None,
     }
     results["methods"]["apd"]["provenance"] = {
@@ -419,8 +433,46 @@ def test_the_fair_peers_have_rows_in_every_table(tmp_path: Path) -> None:
 )
 def test_results_record_any_network_and_the_report_names_its_layers(arch: str, named: str) -> None:
     from apd.networks import get_spec
-    from training.evaluation.report import _network
+    from training.evaluation.report.sections import _network
 
     record = spec_record(get_spec(arch).to_dict())
     assert record["num_params"] == get_spec(arch).num_params
     assert _network(record) == named
+
+
+def test_every_committed_report_renders_again_from_its_results_without_torch() -> None:
+    """``python -m training.evaluation.report --check`` renders every report under
+    docs/results/ from its results.json, byte for byte the committed report.md, in a process
+    that never imports torch (the report needs only the JSON)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['report', '--check']\n"
+        "try:\n"
+        "    runpy.run_module('training.evaluation.report', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'laplace', 'sklearn.neural_network') "
+        "if m in sys.modules)\n"
+        "print('IMPORTED', heavy)\n"
+        "sys.exit(code)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "IMPORTED []" in done.stdout
+    assert len(list((root / "docs" / "results").glob("*/results.json"))) >= 4
+
+
+def test_the_check_fails_on_a_report_that_differs(tmp_path: Path) -> None:
+    src = Path(__file__).resolve().parents[1] / "docs" / "results" / "fcnn1"
+    (tmp_path / "results.json").write_text((src / "results.json").read_text())
+    (tmp_path / "report.md").write_text((src / "report.md").read_text() + "edited\n")
+    assert main([str(tmp_path / "results.json"), "--check"]) == 1
+    assert main([str(tmp_path / "results.json")]) == 0  # renders it again
+    assert main([str(tmp_path / "results.json"), "--check"]) == 0
+    assert (tmp_path / "report.md").read_text() == (src / "report.md").read_text()

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from service_support import make_checkpoint, random_images
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.factored import FORMING_COST, AffinePosterior, FirstLayer, ForwardPlan
 from apd.networks import forward_probs
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, summarize
+from tests.service_support import make_checkpoint, random_images
 
 FIELDS = ("probabilities", "predictive_entropy", "expected_entropy", "mutual_information")
 

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from harness import (
+
+from tests.harness import (
     ROOT,
     TEST_HMAC_KEY,
     RedisServer,

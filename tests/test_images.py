@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
-from service_support import make_client
 
 from service.config import Settings
 from service.examples import MNIST_TEST_0
 from service.images import mnist_input
 from service.main import create_app
+from tests.service_support import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"

@@ -21,7 +21,6 @@ from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
-from service_support import make_client
 from starlette.exceptions import HTTPException
 
 from apd.checkpoint import InputConvention
@@ -29,6 +28,7 @@ from service.api.errors import http_error_handler, validation_error_handler
 from service.api.json_body import InputBatchRoute
 from service.inputs import DEFAULT_INPUT, CheckedInputs, InputSchema, parse_json_body, serving
 from service.schemas import AnomalyScoreRequest, PredictRequest
+from tests.service_support import make_client
 
 rng = np.random.default_rng(0)
 DIGITS = np.round(rng.random((4, 784)) * (rng.random((4, 784)) < 0.3), 4)

@@ -34,8 +34,17 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from deploy_support import COMPOSE, DEPLOY, DOCKERFILE, ROOT, find_tool, load_json, parse_dockerfile
 from kubernetes_validate import utils as kv
+
+from tests.deploy_support import (
+    COMPOSE,
+    DEPLOY,
+    DOCKERFILE,
+    ROOT,
+    find_tool,
+    load_json,
+    parse_dockerfile,
+)
 
 K8S = DEPLOY / "k8s"
 SCHEMAS = K8S / "schemas"
@@ -285,10 +294,10 @@ def test_custom_resources_validate_against_their_minimal_schemas(
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     pytest.importorskip("service.main")
     from fastapi.testclient import TestClient
-    from service_support import make_checkpoint
 
     from service.config import Settings
     from service.main import create_app
+    from tests.service_support import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path_factory.mktemp("app") / "model.safetensors")
     with TestClient(create_app(Settings(checkpoint=ckpt, redis_url=None))) as client:

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import LOOPBACK, ServeProcess, apd_serve, make_tiny_checkpoint, rss_bytes
 
 from service.http_protocol import LINGER_MAX_BYTES, LINGER_S
+from tests.harness import LOOPBACK, ServeProcess, apd_serve, make_tiny_checkpoint, rss_bytes
 
 MAX_BODY = 256 * 1024
 MAX_BATCH = 8

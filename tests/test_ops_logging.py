@@ -20,8 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import apd_serve, make_tiny_checkpoint
-from service_support import make_client
 
 from service.config import Settings
 from service.logging_config import (
@@ -35,6 +33,8 @@ from service.logging_config import (
 )
 from service.main import create_app
 from service.middleware import request_id_of
+from tests.harness import apd_serve, make_tiny_checkpoint
+from tests.service_support import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -25,16 +25,16 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_support import find_tool
-from harness import apd_serve, make_tiny_checkpoint, rss_bytes
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
-from service_support import make_client
 
 from service import telemetry
 from service.config import Settings
 from service.main import create_app
 from service.telemetry import DURATION_BUCKETS, ServerProcessesCollector, register_process
+from tests.deploy_support import find_tool
+from tests.harness import apd_serve, make_tiny_checkpoint, rss_bytes
+from tests.service_support import make_client
 
 # The buckets before this change, whose p99 the issue measured as up to 49 % too high.
 OLD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -23,15 +23,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from harness import apd_serve
-from own_data_support import (
-    FOLDER_CLASSES,
-    train_and_distill,
-    write_digits_npz,
-    write_image_folder,
-    write_wine_csv,
-)
-from service_support import make_client
 
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.networks import CNNSpec, forward_probs
@@ -39,6 +30,15 @@ from apd.uncertainty import summarize
 from service.config import Settings
 from service.main import create_app
 from service.posterior_pool import Stream, block_noise
+from tests.harness import apd_serve
+from tests.own_data_support import (
+    FOLDER_CLASSES,
+    train_and_distill,
+    write_digits_npz,
+    write_image_folder,
+    write_wine_csv,
+)
+from tests.service_support import make_client
 from training.cli import main
 from training.sample_store import SampleStore
 

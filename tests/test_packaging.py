@@ -23,10 +23,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from deploy_support import PYPROJECT, ROOT, installed_closure, normalise, project_requirements
 
 from service.config import DEFAULT_CHECKPOINT, SHIPPED_CHECKPOINT, installed_copy
 from service.examples import mnist_example
+from tests.deploy_support import PYPROJECT, ROOT, installed_closure, normalise, project_requirements
 
 LOCK = ROOT / "requirements" / "serve.lock"
 SHIPPED = ROOT / SHIPPED_CHECKPOINT
@@ -142,12 +142,12 @@ def _checkout_files() -> list[str]:
 
 @pytest.mark.slow
 def test_wheel_carries_the_model_and_an_install_serves_it(tmp_path: Path) -> None:
-    import harness
     import httpx
     from fastapi.testclient import TestClient
 
     from service.config import Settings
     from service.main import create_app
+    from tests import harness
 
     # Built from a copy of the checkout: setuptools builds in the source tree, and a stale
     # build/ there would leak into the wheel.

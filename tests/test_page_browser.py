@@ -36,11 +36,11 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from harness import ROOT, ServeProcess, apd_serve
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from service.images import mnist_input
+from tests.harness import ROOT, ServeProcess, apd_serve
 
 SHIPPED = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
 MAX_K = 200

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 from safetensors.numpy import load_file
-from service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
 
 from apd.checkpoint import BASIS, BASIS_SCALE, Checkpoint, load_checkpoint
 from apd.networks import forward_probs
@@ -24,6 +23,7 @@ from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
 from service.config import Settings
 from service.main import create_app
 from service.posterior_pool import Stream, block_noise
+from tests.service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
 
 MAX_BATCH = 8
 MAX_BODY = 256 * 1024

@@ -12,14 +12,6 @@ import anyio
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from service_support import (
-    make_checkpoint,
-    make_client,
-    random_images,
-    redis_available,
-    redis_prefix,
-    redis_url_for_tests,
-)
 
 from apd.checkpoint import load_checkpoint
 from service.cache import (
@@ -42,6 +34,14 @@ from service.posterior_pool import (
     block_noise,
     plan_networks,
     truncate,
+)
+from tests.service_support import (
+    make_checkpoint,
+    make_client,
+    random_images,
+    redis_available,
+    redis_prefix,
+    redis_url_for_tests,
 )
 
 P = 50

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_support import free_port, make_checkpoint
 
 from service.cli import BLAS_THREAD_VARS, limit_blas_threads, main, parse_settings
+from tests.service_support import free_port, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

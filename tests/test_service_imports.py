@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from service_support import make_checkpoint
+from tests.service_support import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "service"

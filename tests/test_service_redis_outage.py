@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import redis
-from service_support import free_port, make_checkpoint, make_client, random_images
 
 from apd.checkpoint import load_checkpoint
 from service.config import Settings
 from service.main import create_app
+from tests.service_support import free_port, make_checkpoint, make_client, random_images
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"

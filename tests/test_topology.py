@@ -31,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import harness
 import httpx
 import numpy as np
 import pytest
 import redis
 import yaml
-from deploy_support import (
+
+from apd.checkpoint import file_sha256
+from tests import harness
+from tests.deploy_support import (
     API_JOB,
     COMPOSE,
     GRAFANA_DASHBOARDS,
@@ -49,8 +51,6 @@ from deploy_support import (
     load_yaml,
     loopback_prometheus_config,
 )
-
-from apd.checkpoint import file_sha256
 
 pytestmark = pytest.mark.topology
 

@@ -19,11 +19,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from apd.checkpoint import InputConvention
-from training import train
+from training import defaults, train
 from training.cli import main
-from training.data import DataError
-from training.datasets import MNIST_CLASSES, Dataset, DataSpec
 from training.errors import UserError
+from training.mnist import DataError
+from training.own_data import MNIST_CLASSES, Dataset, DataSpec
 from training.sample_store import SampleStore
 
 SGLD_FAST = ["--steps", "60", "--cycle-steps", "30", "--thinning", "5", "--chains", "2"]
@@ -73,7 +73,7 @@ def test_sgld_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     cfg = json.loads((out / "config.json").read_text())
     # every flag resolved: unset ones carry the architecture's tuned default
     assert cfg["steps"] == 60 and cfg["chains"] == 2
-    for key, value in asdict(train.DEFAULTS["sgld"]["fcnn1"]).items():
+    for key, value in asdict(defaults.DEFAULTS["sgld"]["fcnn1"]).items():
         if key not in ("steps", "cycle_steps", "thinning", "chains"):
             assert cfg[key] == value, key
     assert set(cfg) == {
@@ -206,9 +206,9 @@ def test_generic_defaults_follow_the_steps_and_the_data() -> None:
     assert (cfg.cycle_steps, cfg.thinning, cfg.chains, cfg.lr) == (750, 15, 4, 0.5)
     assert cfg.batch_size == 60
     kept = train.count_retained(3000, 0, 15, train.sgld_settings(cfg, 60).schedule)
-    assert kept == train.SGLD_SAMPLES_PER_CHAIN
+    assert kept == defaults.SGLD_SAMPLES_PER_CHAIN
     cnn = train.resolve_config(_args(["sgld", "--arch", "al-cnn", "--out", "r"]))
-    assert cnn.lr == train.GENERIC_DEFAULTS["cnn"].lr < train.GENERIC_DEFAULTS["mlp"].lr
+    assert cnn.lr == defaults.GENERIC_DEFAULTS["cnn"].lr < defaults.GENERIC_DEFAULTS["mlp"].lr
     # the tuned architectures keep their own
     fcnn1 = train.resolve_config(_args(["sgld", "--arch", "fcnn1", "--out", "r"]), 50_000)
     assert fcnn1.cycle_steps == 10_000 and fcnn1.thinning == 100
@@ -253,7 +253,7 @@ def test_a_small_cnn_trains_with_sgld_on_per_chain_batches(
 @pytest.fixture
 def real_mnist() -> None:
     """The real MNIST for this test (no synthetic stand-in), or a skip."""
-    from training.data import MNIST_FILES, resolve_data_dir
+    from training.mnist import MNIST_FILES, resolve_data_dir
 
     if not all((resolve_data_dir() / "mnist" / f).is_file() for f in MNIST_FILES):
         pytest.skip("MNIST not available (set APD_DATA_DIR)")

@@ -18,13 +18,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from harness import ServeProcess, apd_serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
-from service_support import make_checkpoint, random_images
 
 from apd.checkpoint import load_checkpoint
+from tests.harness import ServeProcess, apd_serve
+from tests.service_support import make_checkpoint, random_images
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -81,7 +81,7 @@ class ClassificationLikelihood:
     spec: NetworkSpec
     x: torch.Tensor  # (N, D) float32
     y: torch.Tensor  # (N,) int64
-    dropout: float = 0.0
+    dropout: torch_ops.DropoutRate = 0.0
     generator: torch.Generator | None = None
 
     def __call__(self, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class ClassificationLikelihood:
     def fast_gradient(self) -> sgld.ValueAndGrad | None:
         """:meth:`value_and_grad` where it applies (an MLP without dropout), else ``None``:
         the sampler then differentiates :meth:`__call__` with autograd (CNNs)."""
-        if isinstance(self.spec, MLPSpec) and self.dropout == 0:
+        if isinstance(self.spec, MLPSpec) and not torch_ops.has_dropout(self.dropout):
             return self.value_and_grad
         return None
 
@@ -113,7 +113,7 @@ class ClassificationLikelihood:
         ``grad b_l = sum_i delta_l``, ``delta_{l-1} = (delta_l W_l^T) ⊙ [h_{l-1} > 0]``.
         MLPs only, and no dropout (MC-Dropout training and CNNs use autograd).
         """
-        if self.dropout > 0 or not isinstance(self.spec, MLPSpec):
+        if torch_ops.has_dropout(self.dropout) or not isinstance(self.spec, MLPSpec):
             raise ValueError("value_and_grad is for MLPs without dropout; use autograd")
         layers = torch_ops.unflatten(self.spec, theta)
         grad = torch.empty_like(theta)

@@ -13,7 +13,7 @@ A run's ``samples/`` folder holds
   by :meth:`SampleStore.close`, so a folder without it is an unfinished run. A CNN's store
   has ``input_shape`` and ``layers`` (:meth:`apd.networks.CNNSpec.to_dict`) instead of
   ``layer_sizes``. Runs of ``apd train`` also record ``data`` (the
-  :class:`training.datasets.DataSpec` the samples were drawn on).
+  :class:`training.own_data.DataSpec` the samples were drawn on).
 
 :meth:`SampleStore.open` checks all of it and raises :class:`SampleStoreError` (a
 :class:`~training.errors.UserError`) with a one-line reason.

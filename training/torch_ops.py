@@ -53,8 +53,35 @@ def unflatten(spec: NetworkSpec, theta: torch.Tensor) -> list[tuple[torch.Tensor
     ]
 
 
+DropoutRate = float | tuple[float, ...]
+"""MC-Dropout's rate: one for every dense layer's input that takes dropout, or one each (in
+order; Gal et al. 2017's CNN drops 0.25 of its pooled features and 0.5 of its hidden units)."""
+
+
+def dropout_rates(spec: NetworkSpec, dropout: DropoutRate) -> tuple[float, ...]:
+    """The rate on the input of each dense layer that takes dropout: every dense layer of a
+    CNN, every dense layer but the first of an MLP. ``ValueError`` for a rate outside
+    [0, 1) or a tuple of the wrong length."""
+    n = len(spec.layer_shapes) - (
+        sum(isinstance(lay, Conv2d) for lay in spec.layers) if isinstance(spec, CNNSpec) else 1
+    )
+    rates = dropout if isinstance(dropout, tuple) else (float(dropout),) * n
+    if len(rates) != n:
+        raise ValueError(f"{spec.name} takes {n} dropout rates (one per dense layer's input)")
+    if not all(0.0 <= r < 1.0 for r in rates):
+        raise ValueError(f"dropout rates must lie in [0, 1), got {dropout}")
+    return rates
+
+
+def has_dropout(dropout: DropoutRate) -> bool:
+    """Whether ``dropout`` drops anything (a network's passes then differ)."""
+    return any(r > 0 for r in dropout) if isinstance(dropout, tuple) else dropout > 0
+
+
 def _dropout(h: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
     """Inverted dropout: each value kept with probability ``1 - rate``, scaled by its inverse."""
+    if rate == 0:
+        return h
     keep = torch.rand(h.shape, device=h.device, generator=generator) >= rate
     return h * keep / (1.0 - rate)
 
@@ -63,27 +90,28 @@ def forward_logits(
     spec: NetworkSpec,
     theta: torch.Tensor,
     x: torch.Tensor,
-    dropout: float = 0.0,
+    dropout: DropoutRate = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Logits of K networks: ``theta (K, P)`` and ``x (N, D)`` shared, or ``x (K, N, D)``
     with a batch per network. Returns ``(K, N, C)``.
 
     ``dropout`` > 0 applies inverted dropout to the input of every dense layer but the
-    network's first (MC-Dropout): for an MLP, to every hidden layer's output.
+    network's first (MC-Dropout): for an MLP, to every hidden layer's output; for a CNN, to
+    every dense layer's input (:func:`dropout_rates`).
     """
+    rates = dropout_rates(spec, dropout)
     if isinstance(spec, CNNSpec):
-        return _cnn_logits(spec, theta, x, dropout, generator)
+        return _cnn_logits(spec, theta, x, rates, generator)
     layers = unflatten(spec, theta)
     w0, b0 = layers[0]
     # A shared batch is broadcast to the K networks as a stride-0 view (no copy); the bias is
     # fused into the batched GEMM (baddbmm), measurably faster than matmul + add on CPU.
     xs = x.unsqueeze(0).expand(theta.shape[0], -1, -1) if x.ndim == 2 else x
     h = torch.baddbmm(b0.unsqueeze(1), xs, w0)
-    for w, b in layers[1:]:
+    for (w, b), rate in zip(layers[1:], rates, strict=True):
         h = torch.relu(h)
-        if dropout > 0:
-            h = _dropout(h, dropout, generator)
+        h = _dropout(h, rate, generator)
         h = torch.baddbmm(b.unsqueeze(1), h, w)
     return h
 
@@ -145,16 +173,15 @@ def _cnn_logits(
     spec: CNNSpec,
     theta: torch.Tensor,
     x: torch.Tensor,
-    dropout: float,
+    rates: tuple[float, ...],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     h = _cnn_features(spec, theta, x)
     dense = unflatten(spec, theta)[sum(isinstance(lay, Conv2d) for lay in spec.layers) :]
-    for i, (w, b) in enumerate(dense):
+    for i, ((w, b), rate) in enumerate(zip(dense, rates, strict=True)):
         if i > 0:
             h = torch.relu(h)
-        if dropout > 0:
-            h = _dropout(h, dropout, generator)
+        h = _dropout(h, rate, generator)
         h = torch.baddbmm(b.unsqueeze(1), h, w)
     return h
 
@@ -163,7 +190,7 @@ def mc_dropout_logits(
     spec: NetworkSpec,
     theta: torch.Tensor,
     x: torch.Tensor,
-    rate: float,
+    rate: DropoutRate,
     passes: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -176,6 +203,7 @@ def mc_dropout_logits(
     """
     if theta.ndim != 2 or theta.shape[0] != 1:
         raise ValueError(f"MC-Dropout takes one network (1, P), got {tuple(theta.shape)}")
+    rates = dropout_rates(spec, rate)
     layers = unflatten(spec, theta)
     if isinstance(spec, CNNSpec):
         first_dense = sum(isinstance(lay, Conv2d) for lay in spec.layers)
@@ -185,10 +213,10 @@ def mc_dropout_logits(
         w0, b0 = layers[0]
         h = (x @ w0[0] + b0[0]).unsqueeze(0).expand(passes, -1, -1)
         dense = layers[1:]
-    for i, (w, b) in enumerate(dense):
+    for i, ((w, b), r) in enumerate(zip(dense, rates, strict=True)):
         if i > 0 or isinstance(spec, MLPSpec):
             h = torch.relu(h)
-        h = _dropout(h, rate, generator)
+        h = _dropout(h, r, generator)
         h = h @ w[0] + b[0]
     return h
 
@@ -210,7 +238,7 @@ def member_probs(
     theta: torch.Tensor | NDArray[np.floating],
     x: torch.Tensor | NDArray[np.floating],
     *,
-    dropout: float = 0.0,
+    dropout: DropoutRate = 0.0,
     passes: int = 1,
     generator: torch.Generator | None = None,
     chunk: int | None = None,
@@ -225,21 +253,21 @@ def member_probs(
     ``theta (1, P)`` and the M = ``passes`` members are its stochastic passes
     (:func:`mc_dropout_logits`), with masks drawn from ``generator`` chunk by chunk.
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout rate must lie in [0, 1), got {dropout}")
+    dropout_rates(spec, dropout)  # checks the rates
+    stochastic = has_dropout(dropout)
     th = _float32_tensor(theta)
-    members = passes if dropout > 0 else th.shape[0]
+    members = passes if stochastic else th.shape[0]
     if chunk is None:
         per_input = 4 * members * spec.max_activations
         chunk = 2000 if isinstance(spec, MLPSpec) else max(1, CNN_CHUNK_BYTES // per_input)
-    if chunk < 1 or passes < 1 or (passes > 1 and dropout == 0):
+    if chunk < 1 or passes < 1 or (passes > 1 and not stochastic):
         raise ValueError(
             f"need chunk >= 1 and passes >= 1 (> 1 only with dropout), got {chunk}, {passes}"
         )
     outs = [torch.empty(members, 0, spec.num_classes)]
     for start in range(0, x.shape[0], chunk):
         xb = _float32_tensor(x[start : start + chunk]).to(th.device)
-        if dropout > 0:
+        if stochastic:
             logits = mc_dropout_logits(spec, th, xb, dropout, passes, generator)
         else:
             logits = forward_logits(spec, th, xb)

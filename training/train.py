@@ -4,12 +4,12 @@ a run directory.
 ``--arch`` is any network of :func:`apd.networks.build_spec` (``fcnn1``, ``fcnn2``,
 ``mlp:W1[,W2...]``, ``al-cnn``, ``lenet5``, ``cnn:...``), fitted to the data's example shape
 and number of classes; ``--dataset`` is MNIST (the default) or the user's data
-(:mod:`training.datasets`).
+(:mod:`training.own_data`).
 
-A run directory holds
+A run directory (:mod:`training.run_layout`) holds
 
 * ``config.json``: every flag, resolved (architecture defaults filled in), plus the data
-  (``data``: the :class:`~training.datasets.DataSpec` that reads it again, ``data_sha256``,
+  (``data``: the :class:`~training.own_data.DataSpec` that reads it again, ``data_sha256``,
   ``input``: the input convention), the network (``network``) and the code version;
 * ``metrics.json``: validation and (when the data has a test split) test accuracy / NLL of the
   method's predictive, wall time and device;
@@ -23,10 +23,12 @@ passes (Gal & Ghahramani 2016); SGLD averages the softmax of 100 samples spread 
 across the chains and across time within each chain
 (:meth:`~training.sample_store.SampleStore.select_spread`).
 
-Every flag left unset takes the tuned default for the architecture (:data:`DEFAULTS`: fcnn1
-and fcnn2 on MNIST, chosen by validation accuracy, see ``docs/training.md``); any other
-network takes :data:`GENERIC_DEFAULTS` for its family, with the cyclical schedule's cycle
-length and the thinning derived from ``--steps`` (:func:`sgld_defaults`), and a minibatch
+Every flag left unset takes the tuned default for the architecture
+(:data:`training.defaults.DEFAULTS`: fcnn1 and fcnn2 on MNIST, chosen by validation accuracy,
+see ``docs/training.md``); any other network takes
+:data:`~training.defaults.GENERIC_DEFAULTS` for its family, with the cyclical schedule's cycle
+length and the thinning derived from ``--steps`` (:func:`~training.defaults.sgld_defaults`),
+and a minibatch
 no larger than the training split. Runs are seeded: the same flags, seed and thread count
 give the same numbers.
 """
@@ -36,11 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,7 +48,7 @@ import torch
 from safetensors.numpy import save_file
 
 from apd import __version__
-from apd.networks import Conv2d, NetworkSpec, build_spec, parse_arch
+from apd.networks import NetworkSpec, build_spec
 from training import sgld
 from training.baselines import (
     ClassificationLikelihood,
@@ -58,128 +57,37 @@ from training.baselines import (
     init_theta,
     train_point_estimate,
 )
-from training.datasets import (
+from training.defaults import (
+    DEFAULTS,
+    DROPOUT_PASSES,
+    DROPOUT_RATE,
+    POINT_DEFAULTS,
+    SGLD_EVAL_SAMPLES,
+    PointDefaults,
+    SGLDDefaults,
+    check_arch,
+    sgld_defaults,
+)
+from training.errors import UserError
+from training.metrics import ClassificationMetrics, accuracy, classification_metrics
+from training.own_data import (
     Dataset,
     add_data_arguments,
     data_spec_from_args,
     load_dataset,
 )
-from training.errors import UserError
-from training.metrics import ClassificationMetrics, accuracy, classification_metrics
+from training.run_layout import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    READY_FILE,
+    SAMPLES_DIR,
+    WEIGHTS_FILE,
+)
 from training.sample_store import SampleStore
+from training.threads import device_description
 from training.torch_ops import member_probs
 
 METHODS: Final = ("sgd", "dropout", "sgld")
-CONFIG_FILE: Final = "config.json"
-METRICS_FILE: Final = "metrics.json"
-WEIGHTS_FILE: Final = "weights.safetensors"
-SAMPLES_DIR: Final = "samples"
-READY_FILE: Final = "READY"
-
-
-@dataclass(frozen=True)
-class PointDefaults:
-    """Tuned defaults of ``apd train sgd`` and ``apd train dropout`` (one per flag)."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-
-
-@dataclass(frozen=True)
-class SGLDDefaults:
-    """Tuned defaults of ``apd train sgld`` (one per flag)."""
-
-    chains: int
-    steps: int
-    batch_size: int
-    lr: float
-    schedule: sgld.ScheduleKind
-    cycle_steps: int
-    explore_fraction: float
-    gamma: float
-    decay_steps: int
-    burn_in: int
-    thinning: int
-    temperature: float
-    prior_std: float
-    preconditioner: sgld.Preconditioner
-
-
-_POINT_DEFAULTS: Final = PointDefaults(
-    epochs=50, batch_size=100, lr=0.1, momentum=0.9, weight_decay=1e-4
-)
-# Tuned per architecture; every field is a flag's default when the flag is not given.
-# SGLD: cyclical step size (Zhang et al. 2020) over C parallel chains, see docs/training.md.
-DEFAULTS: Final[Mapping[str, Mapping[str, PointDefaults | SGLDDefaults]]] = {
-    "sgld": {
-        "fcnn1": SGLDDefaults(
-            chains=8,
-            steps=30_000,
-            batch_size=100,
-            lr=0.5,
-            schedule=sgld.ScheduleKind.CYCLICAL,
-            cycle_steps=10_000,
-            explore_fraction=0.5,
-            gamma=0.55,
-            decay_steps=10_000,
-            burn_in=0,
-            thinning=100,
-            temperature=1.0,
-            prior_std=1.0,
-            preconditioner=sgld.Preconditioner.IDENTITY,
-        ),
-        "fcnn2": SGLDDefaults(
-            chains=4,
-            steps=40_000,
-            batch_size=100,
-            lr=0.5,
-            schedule=sgld.ScheduleKind.CYCLICAL,
-            cycle_steps=8_000,
-            explore_fraction=0.8,
-            gamma=0.55,
-            decay_steps=10_000,
-            burn_in=0,
-            thinning=32,
-            temperature=1.0,
-            prior_std=1.0,
-            preconditioner=sgld.Preconditioner.IDENTITY,
-        ),
-    },
-    "sgd": {"fcnn1": _POINT_DEFAULTS, "fcnn2": _POINT_DEFAULTS},
-    "dropout": {"fcnn1": _POINT_DEFAULTS, "fcnn2": _POINT_DEFAULTS},
-}
-
-# Any other network: one set per family. The cycle length and the thinning follow --steps.
-SGLD_CYCLES: Final = 4
-SGLD_SAMPLES_PER_CHAIN: Final = 100
-_GENERIC_MLP: Final = SGLDDefaults(
-    chains=4,
-    steps=10_000,
-    batch_size=100,
-    lr=0.5,
-    schedule=sgld.ScheduleKind.CYCLICAL,
-    cycle_steps=0,  # derived
-    explore_fraction=0.5,
-    gamma=0.55,
-    decay_steps=10_000,
-    burn_in=0,
-    thinning=0,  # derived
-    temperature=1.0,
-    prior_std=1.0,
-    preconditioner=sgld.Preconditioner.IDENTITY,
-)
-# CNNs: a smaller step. On al-cnn / MNIST (2 chains, constant step) at lr 0.5 one chain stayed
-# at 8-17 % validation accuracy over 300 steps; at 0.1 both learned (93.6 % after 300 steps).
-GENERIC_DEFAULTS: Final[Mapping[str, SGLDDefaults]] = {
-    "mlp": _GENERIC_MLP,
-    "cnn": replace(_GENERIC_MLP, lr=0.1),
-}
-SGLD_EVAL_SAMPLES: Final = 100
-DROPOUT_PASSES: Final = 200
-DROPOUT_RATE: Final = 0.5
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -304,33 +212,6 @@ class SGLDRunConfig(RunConfig):
     device: str
 
 
-def sgld_defaults(arch: str, family: str, steps: int | None) -> SGLDDefaults:
-    """The SGLD defaults of ``arch``: its tuned set, or its family's generic one with
-    ``cycle_steps = steps / SGLD_CYCLES`` and a thinning that keeps about
-    ``SGLD_SAMPLES_PER_CHAIN`` samples per chain over the run's sampling stages."""
-    tuned = DEFAULTS["sgld"].get(arch)
-    if isinstance(tuned, SGLDDefaults):
-        return tuned
-    d = GENERIC_DEFAULTS[family]
-    n = d.steps if steps is None or steps <= 0 else steps
-    sampling = n * (1.0 - d.explore_fraction)
-    return replace(
-        d,
-        cycle_steps=max(1, math.ceil(n / SGLD_CYCLES)),
-        thinning=max(1, int(sampling // SGLD_SAMPLES_PER_CHAIN)),
-    )
-
-
-def check_arch(arch: str) -> str:
-    """``"mlp"`` or ``"cnn"``: the family of ``arch``, or a :class:`UserError` naming the
-    valid spellings (before any data is read)."""
-    try:
-        hidden = parse_arch(arch)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    return "cnn" if isinstance(hidden[0], Conv2d) else "mlp"
-
-
 def resolve_config(
     args: argparse.Namespace, num_train: int | None = None
 ) -> PointRunConfig | SGLDRunConfig:
@@ -345,7 +226,7 @@ def resolve_config(
         defaults = sgld_defaults(arch, family, flags.get("steps"))
     else:
         tuned = DEFAULTS[method].get(arch)
-        defaults = tuned if isinstance(tuned, PointDefaults) else _POINT_DEFAULTS
+        defaults = tuned if isinstance(tuned, PointDefaults) else POINT_DEFAULTS
     for key, value in asdict(defaults).items():
         if flags.get(key) is None:
             flags[key] = value
@@ -417,19 +298,6 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def device_description(threads: int) -> str:
-    """``"cpu: <model name>, N threads (of M cores)"``: what the numbers were measured on."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {threads} torch threads (of {os.cpu_count()} cores)"
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -439,7 +307,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Tensors:
-    """A :class:`~training.datasets.Dataset`'s splits as torch tensors (no copies)."""
+    """A :class:`~training.own_data.Dataset`'s splits as torch tensors (no copies)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor

@@ -14,7 +14,7 @@ lowest validation KL is kept, anomaly thresholds are calibrated on the validatio
 ``<name>.fidelity.json`` (the validation history, residual-noise search and settings).
 The test split is never read.
 
-The data is the run's own: ``apd train`` records how it read it (:class:`~training.datasets.
+The data is the run's own: ``apd train`` records how it read it (:class:`~training.own_data.
 DataSpec`) beside the samples, and the same examples, split and preprocessing are read back
 here (``--dataset`` points at the data if its file moved; runs from before the record are
 MNIST's). Its fingerprint must match the one the samples were drawn on. The checkpoint's input
@@ -40,17 +40,17 @@ from apd.checkpoint import BasisDtype, Design, load_checkpoint
 from apd.networks import NetworkSpec, build_spec
 from apd.support import DEFAULT_VARIANCE_HELD, MAX_FIT_ROWS, DataSupport
 from apd.uncertainty import ScoreName
-from training.datasets import (
+from training.defaults import check_arch, sgld_defaults
+from training.errors import UserError
+from training.metrics import accuracy
+from training.own_data import (
     Dataset,
     DataSpec,
     add_data_arguments,
     data_spec_from_args,
     load_dataset,
 )
-from training.errors import UserError
-from training.metrics import accuracy
 from training.sample_store import SampleStore
-from training.train import check_arch, sgld_defaults
 
 from .calibrate import (
     DEFAULT_SCORE,

@@ -28,7 +28,15 @@ from numpy.typing import NDArray
 
 from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, ScoreName, summarize
-from training.metrics import accuracy, auroc, kl_divergence, negative_log_likelihood
+from training.metrics import (
+    ACCURACY_TOLERANCE,
+    AUROC_TOLERANCE,
+    NLL_TOLERANCE,
+    accuracy,
+    auroc,
+    kl_divergence,
+    negative_log_likelihood,
+)
 from training.torch_ops import member_probs
 
 from .gan import Generator
@@ -38,9 +46,6 @@ FIDELITY_SCORES: Final = (
     ScoreName.MUTUAL_INFORMATION,
     ScoreName.MODEL_VARIANCE,
 )
-ACCURACY_TOLERANCE: Final = 0.001  # 0.1 percentage points
-NLL_TOLERANCE: Final = 0.01
-AUROC_TOLERANCE: Final = 0.005
 TARGETS: Final = {
     "accuracy_drop_max": ACCURACY_TOLERANCE,
     "nll_increase_max": NLL_TOLERANCE,

@@ -25,12 +25,11 @@ dropped, so the full fitted level can blur the predictive more than SGLD's does.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
@@ -40,6 +39,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from apd.checkpoint import Design
+from training.threads import torch_threads
 
 from .fidelity import ValidationMonitor
 from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler, WGANGPConfig
@@ -264,25 +264,6 @@ def uniform_sampler(
         return data[idx], None if onehots is None else onehots[idx]
 
     return sample
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads (``None``: leave as is).
-
-    The subspace GAN's matrices are tiny (100 x 40): on a busy 2-core machine a second
-    thread made a generator step 100x slower (1.5 s instead of 14 ms), while the large
-    forward passes ran as fast on one thread as on two.
-    """
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def train_gan(

@@ -35,7 +35,8 @@ from apd.checkpoint import Design
 from apd.networks import NetworkSpec
 from training import sgld
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
-from training.train import SGLDDefaults
+from training.defaults import SGLDDefaults
+from training.threads import torch_threads
 
 from .fidelity import ValidationMonitor
 from .gan import (
@@ -52,7 +53,6 @@ from .offline import (
     DistillConfig,
     build_subspace_generator,
     choose_residual_scale,
-    torch_threads,
 )
 from .subspace import extend_basis, fit_subspace
 
@@ -331,7 +331,7 @@ def distill_online(
     """Algorithm 2 on training data ``(x, y)``; ``val`` (inputs, labels) enables model
     selection against the chains' samples (see :class:`ValidationMonitor`).
     ``threads``: torch intra-op threads for the run (default: 1 on CPU, see
-    :func:`~training.distillation.offline.torch_threads`). ``init`` ``(C, P)``: the chains'
+    :func:`~training.threads.torch_threads`). ``init`` ``(C, P)``: the chains'
     starting states (default: a fresh initialisation), e.g. the ``final_chains`` of an earlier
     run, as active learning warm-starts each round from the last."""
     dev = torch.device(device)

@@ -3,7 +3,6 @@ networks drawn from such a file."""
 
 from __future__ import annotations
 
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,26 +25,9 @@ from apd.checkpoint import (
 )
 from apd.networks import NetworkSpec
 from apd.support import DataSupport
+from training.revision import code_revision
 
 from .gan import Generator
-
-
-def code_revision(repo: Path | None = None) -> str:
-    """``git rev-parse HEAD`` of the repository holding this code, else ``"unknown"``."""
-    where = repo or Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    rev = out.stdout.strip()
-    return rev if len(rev) == 40 else "unknown"
 
 
 def utc_now() -> str:
@@ -77,7 +59,7 @@ def write_checkpoint(
     probes: NDArray[np.float32] | None = None,
 ) -> tuple[str, CheckpointMeta]:
     """Validate and write the checkpoint; returns its sha256 and metadata. The input
-    convention is the training data's (:attr:`training.datasets.Dataset.convention`);
+    convention is the training data's (:attr:`training.own_data.Dataset.convention`);
     with ``probes`` (validation inputs), :func:`probe_set` of them is stored with the written
     generator's answers (:class:`apd.checkpoint.Probes`)."""
     if generator.num_params != spec.num_params:

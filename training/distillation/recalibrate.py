@@ -26,9 +26,9 @@ from apd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, wi
 from apd.networks import forward_probs
 from apd.support import DEFAULT_VARIANCE_HELD, MAX_FIT_ROWS, DataSupport
 from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
-from training.datasets import DataSpec, load_dataset
 from training.errors import UserError
 from training.metrics import accuracy
+from training.own_data import DataSpec, load_dataset
 
 from .calibrate import (
     DEFAULT_SCORE,

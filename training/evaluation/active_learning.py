@@ -1,4 +1,4 @@
-"""Experiment 4: active learning on MNIST with SGLD and with online APD.
+"""Experiment 4: active learning on MNIST with SGLD, online APD and MC-Dropout.
 
 The protocol of Wang et al. (2018), after Gal et al. (2017): start from 20 labelled training
 digits (2 per class, drawn at random), and in each of 50 rounds fit the posterior to the
@@ -12,15 +12,26 @@ fit). Acquisition functions:
 * ``entropy``  predictive entropy (max-entropy sampling);
 * ``random``   a uniformly random batch (the baseline).
 
-Learners, both warm-started every round from the last round's chain states (as the
-reference code does; ``warm_start=False`` refits from scratch):
+Learners; SGLD and online APD are warm-started every round from the last round's chain states
+(as the reference code does; ``warm_start=False`` refits from scratch):
 
-* ``sgld``  C SGLD chains (:mod:`training.sgld`), K networks spread over the retained samples;
-* ``apd``   online APD (Algorithm 2, :func:`training.distillation.online.distill_online`): the GAN
-            trains alongside the same SGLD chains on a buffer of recent samples, and the K
-            networks are drawn from the generator; no sample outlives the round.
+* ``sgld``     C SGLD chains (:mod:`training.sgld`), K networks spread over the retained
+               samples;
+* ``apd``      online APD (Algorithm 2, :func:`training.distillation.online.distill_online`):
+               the GAN trains alongside the same SGLD chains on a buffer of recent samples, and
+               the K networks are drawn from the generator; no sample outlives the round;
+* ``dropout``  MC-Dropout as the field's reference runs it (Gal, Islam & Ghahramani 2017, their
+               Keras code): the CNN conv 32 4x4, ReLU, conv 32 4x4, ReLU, max-pool 2, dropout
+               0.25, dense 128, ReLU, dropout 0.5, dense 10 (``dropout_arch``,
+               ``dropout_rates``), trained from scratch every round by Adam (rate 1e-3,
+               minibatches of 128, 50 epochs) on the mean cross-entropy plus ``c / N
+               ||W||^2`` on the dense-128 weights (Keras's ``l2(c / N)``, c = 3.5, N the
+               labelled set's size); its K = ``dropout_passes`` (100, as theirs) stochastic
+               passes are the members that BALD, entropy and the test predictive average over.
+               Initialised as Keras does (Glorot uniform weights, zero biases). Not theirs: an
+               epoch of full minibatches (Keras ends an epoch with a partial one).
 
-Both learners run the same number of SGLD steps with the same settings. The posterior is
+SGLD and online APD run the same number of SGLD steps with the same settings. The posterior is
 tempered at T = 0.1, a measured choice (``python benchmarks/al_temperature.py``, LeNet-5,
 4 chains, K = 20, 2,000 test images, benchmarks/results/al_temperature.md): at T = 1 under
 the unit Gaussian prior the posterior predicts at chance with 20 and 120 labels (10.1 % and
@@ -37,9 +48,11 @@ generator's on unlabelled pool images).
 from __future__ import annotations
 
 import enum
+import math
 import multiprocessing
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,15 +60,17 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from apd.networks import NetworkSpec
+from apd.networks import CNNSpec, Conv2d, NetworkSpec, build_spec
 from apd.uncertainty import PredictiveSummary, ScoreName
-from training import metrics, sgld
+from training import metrics, sgld, torch_ops
+from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
 from training.evaluation.methods import MemberNetworks, spread_indices
 from training.evaluation.results import (
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
     CurveRecord,
     CurveSummary,
+    as_record,
 )
 
 
@@ -68,6 +83,7 @@ class Acquisition(enum.StrEnum):
 class Learner(enum.StrEnum):
     SGLD = "sgld"
     APD = "apd"
+    DROPOUT = "dropout"
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,7 @@ class ActiveLearningSettings:
     test_size: int | None = None
     test_every: int = 10
     num_samples: int = 20
-    learners: tuple[Learner, ...] = (Learner.SGLD, Learner.APD)
+    learners: tuple[Learner, ...] = (Learner.SGLD, Learner.APD, Learner.DROPOUT)
     acquisitions: tuple[Acquisition, ...] = (
         Acquisition.BALD,
         Acquisition.ENTROPY,
@@ -104,15 +120,33 @@ class ActiveLearningSettings:
     moment_init_steps: int = 300
     selection_inputs: int = 500
     warm_start: bool = True
+    dropout_arch: str = "cnn:conv32x4,conv32x4,pool2,fc128"
+    dropout_rates: tuple[float, ...] = (0.25, 0.5)
+    dropout_weight_decay: float = 3.5
+    dropout_lr: float = 1e-3
+    dropout_batch_size: int = 128
+    dropout_epochs: int = 50
+    dropout_passes: int = 100
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.acquire <= 0 or self.initial_per_class <= 0:
             raise ValueError("rounds must be >= 0, acquire and initial_per_class positive")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
-        for name in ("candidates", "test_every", "num_samples", "chains", "batch_size"):
+        for name in (
+            "candidates",
+            "test_every",
+            "num_samples",
+            "chains",
+            "batch_size",
+            "dropout_batch_size",
+            "dropout_epochs",
+            "dropout_passes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not (self.dropout_lr > 0 and self.dropout_weight_decay >= 0):
+            raise ValueError("dropout_lr must be positive and dropout_weight_decay >= 0")
         if self.candidates < self.acquire:
             raise ValueError("candidates must be at least acquire")
         if (
@@ -137,87 +171,41 @@ class ActiveLearningSettings:
         return r % self.test_every == 0 or r == self.rounds
 
     def to_dict(self) -> ActiveLearningSettingsRecord:
-        return {
-            "seeds": list(self.seeds),
-            "rounds": self.rounds,
-            "acquire": self.acquire,
-            "initial_per_class": self.initial_per_class,
-            "pool_size": self.pool_size,
-            "candidates": self.candidates,
-            "test_size": self.test_size,
-            "test_every": self.test_every,
-            "num_samples": self.num_samples,
-            "learners": [v.value for v in self.learners],
-            "acquisitions": [v.value for v in self.acquisitions],
-            "chains": self.chains,
-            "sgld_lr": self.sgld_lr,
-            "temperature": self.temperature,
-            "prior_std": self.prior_std,
-            "batch_size": self.batch_size,
-            "first_burn_in": self.first_burn_in,
-            "burn_in": self.burn_in,
-            "thinning": self.thinning,
-            "buffer_size": self.buffer_size,
-            "warmup_samples": self.warmup_samples,
-            "gan_steps": self.gan_steps,
-            "apd_rank": self.apd_rank,
-            "moment_init_steps": self.moment_init_steps,
-            "selection_inputs": self.selection_inputs,
-            "warm_start": self.warm_start,
-            "sgld_steps_first_round": self.sgld_steps(first=True),
-            "sgld_steps_per_round": self.sgld_steps(first=False),
-        }
+        return as_record(
+            self,
+            ActiveLearningSettingsRecord,
+            sgld_steps_first_round=self.sgld_steps(first=True),
+            sgld_steps_per_round=self.sgld_steps(first=False),
+        )
 
 
-@dataclass(frozen=True)
-class Curve:
-    learner: str
-    acquisition: str
-    seed: int
-    labels: list[int]
-    accuracy: list[float]
-    seconds: float
-
-    def to_dict(self) -> CurveRecord:
-        return {
-            "learner": self.learner,
-            "acquisition": self.acquisition,
-            "seed": self.seed,
-            "labels": list(self.labels),
-            "accuracy": list(self.accuracy),
-            "seconds": self.seconds,
-        }
+def active_learning_section(
+    s: ActiveLearningSettings, curves: list[CurveRecord], seconds: float
+) -> ActiveLearningSection:
+    """``results.json``'s active-learning section: the settings, every curve, the wall time
+    and the summary over seeds."""
+    return {
+        "settings": s.to_dict(),
+        "curves": curves,
+        "seconds": seconds,
+        "summary": summarize_curves(curves),
+    }
 
 
-@dataclass(frozen=True)
-class ActiveLearningResult:
-    settings: ActiveLearningSettings
-    curves: list[Curve] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> ActiveLearningSection:
-        return {
-            "settings": self.settings.to_dict(),
-            "curves": [c.to_dict() for c in self.curves],
-            "seconds": self.seconds,
-            "summary": summarize_curves(self.curves),
-        }
-
-
-def summarize_curves(curves: list[Curve]) -> list[CurveSummary]:
+def summarize_curves(curves: list[CurveRecord]) -> list[CurveSummary]:
     """Mean and min/max over seeds of accuracy at each label count, per learner x acquisition."""
-    groups: dict[tuple[str, str], list[Curve]] = {}
+    groups: dict[tuple[str, str], list[CurveRecord]] = {}
     for c in curves:
-        groups.setdefault((c.learner, c.acquisition), []).append(c)
+        groups.setdefault((c["learner"], c["acquisition"]), []).append(c)
     out: list[CurveSummary] = []
     for (learner, acq), cs in groups.items():
-        acc = np.array([c.accuracy for c in cs])
+        acc = np.array([c["accuracy"] for c in cs])
         out.append(
             {
                 "learner": learner,
                 "acquisition": acq,
                 "seeds": len(cs),
-                "labels": cs[0].labels,
+                "labels": cs[0]["labels"],
                 "mean": acc.mean(axis=0).tolist(),
                 "min": acc.min(axis=0).tolist(),
                 "max": acc.max(axis=0).tolist(),
@@ -271,8 +259,6 @@ def fit_sgld(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K networks spread over the SGLD samples retained after the burn-in, and the chains'
     final states. ``init`` ``(C, P)``: states to continue from (default: a fresh start)."""
-    from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
-
     n = len(x)
     settings = sgld.SGLDSettings(
         num_data=n,
@@ -350,6 +336,69 @@ def fit_online_apd(
     return theta, result.final_chains
 
 
+def dropout_spec(
+    spec: NetworkSpec, s: ActiveLearningSettings, image_shape: Sequence[int] | None = None
+) -> NetworkSpec:
+    """The MC-Dropout learner's network (``s.dropout_arch``) for the inputs and classes of
+    ``spec``, the other learners' network: on ``image_shape`` (one example's shape) where
+    given, else on ``spec``'s input (a CNN's image; an MLP's flat vector)."""
+    if image_shape is None:
+        image_shape = spec.input_shape if isinstance(spec, CNNSpec) else (spec.layer_sizes[0],)
+    dspec = build_spec(s.dropout_arch, image_shape, spec.num_classes)
+    torch_ops.dropout_rates(dspec, s.dropout_rates)  # refuses rates that do not fit it
+    return dspec
+
+
+def glorot_theta(spec: NetworkSpec, generator: torch.Generator) -> torch.Tensor:
+    """One network ``(1, P)`` initialised as Keras initialises Gal et al.'s: every weight
+    ``~ U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))`` (Glorot & Bengio 2010; a conv's fans
+    are ``C_in k k`` and ``O k k``), biases 0."""
+    theta = torch.zeros(1, spec.num_params)
+    for (w_shape, _), (ws, _) in zip(spec.layer_shapes, spec.offsets(), strict=True):
+        if len(w_shape) == 4:
+            o, c, k, _ = w_shape
+            fans = c * k * k + o * k * k
+        else:
+            fans = w_shape[0] + w_shape[1]
+        a = math.sqrt(6.0 / fans)
+        theta[:, ws] = torch.rand(1, ws.stop - ws.start, generator=generator) * (2 * a) - a
+    return theta
+
+
+def fit_dropout(
+    spec: NetworkSpec,
+    x: NDArray[np.float32],
+    y: NDArray[np.int64],
+    s: ActiveLearningSettings,
+    seed: int,
+) -> torch.Tensor:
+    """One network ``(1, P)`` trained from scratch with dropout, as Gal et al. (2017) train
+    theirs (module docstring): Adam on ``-1/B sum_i log p(y_i | x_i, theta, masks) +
+    c / N ||W_d||^2``, ``W_d`` the weights of the first dense layer (an MLP's first layer),
+    from :func:`glorot_theta`, for ``dropout_epochs`` epochs of ``ceil(N / B)`` minibatches
+    of ``B = min(128, N)``."""
+    n = len(x)
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y))
+    likelihood = ClassificationLikelihood(spec, xt, yt, s.dropout_rates, gen)
+    convs = sum(isinstance(lay, Conv2d) for lay in spec.layers) if isinstance(spec, CNNSpec) else 0
+    decayed = spec.offsets()[convs][0]
+    decay = s.dropout_weight_decay / n
+    batch = min(s.dropout_batch_size, n)
+    stream = MinibatchStream(n, batch, 1, gen)
+    theta = glorot_theta(spec, gen).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=s.dropout_lr)
+    with torch.enable_grad():
+        for _ in range(s.dropout_epochs * math.ceil(n / batch)):
+            opt.zero_grad(set_to_none=True)
+            loss = -likelihood(theta, next(stream)).sum() + decay * theta[:, decayed].square().sum()
+            loss.backward()
+            opt.step()
+    if not bool(torch.isfinite(theta).all()):
+        raise FloatingPointError(f"MC-Dropout training diverged; lower dropout_lr ({s.dropout_lr})")
+    return theta.detach()
+
+
 def run_curve(
     spec: NetworkSpec,
     pool_x: NDArray[np.float32],
@@ -360,10 +409,12 @@ def run_curve(
     acquisition: Acquisition,
     seed: int,
     s: ActiveLearningSettings,
-) -> Curve:
+) -> CurveRecord:
+    """One learning curve; ``spec`` is the learner's network (for ``dropout``, the one
+    :func:`dropout_spec` builds)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    # streams of their own, so that both learners draw the same random acquisitions from rng
+    # streams of their own, so that all learners draw the same random acquisitions from rng
     selection_rng = np.random.default_rng(seed + 1_000_003)
     candidate_rng = np.random.default_rng(seed + 2_000_003)
     labelled = initial_labels(pool_y, s.initial_per_class, rng)
@@ -373,19 +424,25 @@ def run_curve(
         x, y = pool_x[labelled], pool_y[labelled]
         fit_seed = seed * 1000 + r
         unlabelled = np.setdiff1d(np.arange(len(pool_x)), labelled)
-        if learner is Learner.SGLD:
+        if learner is Learner.DROPOUT:
+            members = MemberNetworks(
+                spec, fit_dropout(spec, x, y, s, fit_seed), s.dropout_rates, s.dropout_passes
+            )
+        elif learner is Learner.SGLD:
             theta, chains = fit_sgld(spec, x, y, s, fit_seed, chains)
+            members = MemberNetworks(spec, theta)
         else:
             sel = selection_rng.choice(
                 unlabelled, size=min(s.selection_inputs, len(unlabelled)), replace=False
             )
             theta, chains = fit_online_apd(spec, x, y, s, fit_seed, pool_x[sel], chains)
+            members = MemberNetworks(spec, theta)
         if not s.warm_start:
             chains = None
-        members = MemberNetworks(spec, theta)
         if s.tested(r):
             labels.append(len(labelled))
-            accs.append(metrics.accuracy(members.summary(test_x).probabilities, test_y))
+            probs = members.summary(test_x, seed=fit_seed).probabilities
+            accs.append(metrics.accuracy(probs, test_y))
         if r == s.rounds:
             break
         if acquisition is Acquisition.RANDOM:
@@ -393,12 +450,17 @@ def run_curve(
         else:
             size = min(s.candidates, len(unlabelled))
             candidates = np.sort(candidate_rng.choice(unlabelled, size=size, replace=False))
-            summary = members.summary(pool_x[candidates])
+            summary = members.summary(pool_x[candidates], seed=fit_seed + 1)
             new = select(summary, acquisition, candidates, s.acquire, rng)
         labelled = np.sort(np.concatenate([labelled, new]))
-    return Curve(
-        learner.value, acquisition.value, seed, labels, accs, round(time.perf_counter() - t0, 1)
-    )
+    return {
+        "learner": learner.value,
+        "acquisition": acquisition.value,
+        "seed": seed,
+        "labels": labels,
+        "accuracy": accs,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def run_active_learning(
@@ -410,14 +472,21 @@ def run_active_learning(
     s: ActiveLearningSettings,
     progress: bool = True,
     workers: int = 1,
-) -> ActiveLearningResult:
+    image_shape: Sequence[int] | None = None,
+) -> ActiveLearningSection:
     """Every learner x acquisition x seed. The pool is the training split (or a random
     ``pool_size`` subset of it, fixed per seed), the test set likewise with ``test_size``.
+    SGLD and online APD fit ``spec``; MC-Dropout its own CNN on ``image_shape`` (one
+    example's shape; see :func:`dropout_spec`).
 
     The curves are independent: ``workers`` > 1 runs them in that many processes, each on
     one torch thread (on a CPU, two single-threaded processes do twice the work of one
     two-threaded one: these networks are too small for intra-op threads to pay)."""
     t0 = time.perf_counter()
+    specs = {
+        learner: dropout_spec(spec, s, image_shape) if learner is Learner.DROPOUT else spec
+        for learner in s.learners
+    }
     jobs: list[_Job] = []
     for seed in s.seeds:
         rng = np.random.default_rng(10_000 + seed)
@@ -425,49 +494,49 @@ def run_active_learning(
         test = _subset(len(test_x), s.test_size, rng)
         for learner in s.learners:
             for acquisition in s.acquisitions:
-                jobs.append((pool, test, learner, acquisition, seed))
-    order = {(j[2].value, j[3].value, j[4]): i for i, j in enumerate(jobs)}
+                jobs.append((specs[learner], pool, test, learner, acquisition, seed))
+    order = {(j[3].value, j[4].value, j[5]): i for i, j in enumerate(jobs)}
     # Run the longest (online APD's) first, so that no long curve starts last on its own.
-    jobs.sort(key=lambda j: j[2] is not Learner.APD)
+    jobs.sort(key=lambda j: j[3] is not Learner.APD)
     bar = tqdm(
         total=len(jobs), desc="active learning", disable=not progress, unit="curve", miniters=1
     )
-    curves: list[Curve] = []
+    curves: list[CurveRecord] = []
     if workers <= 1:
         data = (train_x, train_y, test_x, test_y)
         for job in jobs:
-            bar.set_postfix_str(f"{job[2].value}/{job[3].value} seed {job[4]}", refresh=False)
-            curves.append(_job_curve(spec, data, s, *job))
+            bar.set_postfix_str(f"{job[3].value}/{job[4].value} seed {job[5]}", refresh=False)
+            curves.append(_job_curve(data, s, *job))
             bar.update()
     else:
         ctx = multiprocessing.get_context("spawn")
-        init = (spec, (train_x, train_y, test_x, test_y), s)
+        init = ((train_x, train_y, test_x, test_y), s)
         # Leaving the block terminates the workers: the first failed curve stops the run
         # instead of waiting for the curves still running.
         with ctx.Pool(workers, _worker_init, init) as procs:
             for curve in procs.imap_unordered(_worker_curve, jobs):
                 curves.append(curve)
                 bar.update()
-    curves.sort(key=lambda c: order[(c.learner, c.acquisition, c.seed)])
+    curves.sort(key=lambda c: order[(c["learner"], c["acquisition"], c["seed"])])
     bar.close()
-    return ActiveLearningResult(s, curves, round(time.perf_counter() - t0, 1))
+    return active_learning_section(s, curves, round(time.perf_counter() - t0, 1))
 
 
 _Data = tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], NDArray[np.int64]]
-_Job = tuple[NDArray[np.int64], NDArray[np.int64], Learner, Acquisition, int]
+_Job = tuple[NetworkSpec, NDArray[np.int64], NDArray[np.int64], Learner, Acquisition, int]
 _WORKER: dict[str, Any] = {}
 
 
 def _job_curve(
-    spec: NetworkSpec,
     data: _Data,
     s: ActiveLearningSettings,
+    spec: NetworkSpec,
     pool: NDArray[np.int64],
     test: NDArray[np.int64],
     learner: Learner,
     acquisition: Acquisition,
     seed: int,
-) -> Curve:
+) -> CurveRecord:
     """One curve on the ``pool`` / ``test`` rows of ``data`` (train x, y, test x, y)."""
     train_x, train_y, test_x, test_y = data
     px, py = np.ascontiguousarray(train_x[pool]), np.asarray(train_y[pool], np.int64)
@@ -475,15 +544,15 @@ def _job_curve(
     return run_curve(spec, px, py, tx, ty, learner, acquisition, seed, s)
 
 
-def _worker_init(spec: NetworkSpec, data: _Data, s: ActiveLearningSettings) -> None:
+def _worker_init(data: _Data, s: ActiveLearningSettings) -> None:
     """Each worker process receives the data once and runs single-threaded."""
     torch.set_num_threads(1)
-    _WORKER.update(spec=spec, data=data, settings=s)
+    _WORKER.update(data=data, settings=s)
 
 
-def _worker_curve(job: _Job) -> Curve:
+def _worker_curve(job: _Job) -> CurveRecord:
     w = _WORKER
-    return _job_curve(w["spec"], w["data"], w["settings"], *job)
+    return _job_curve(w["data"], w["settings"], *job)
 
 
 def _subset(n: int, size: int | None, rng: np.random.Generator) -> NDArray[np.int64]:

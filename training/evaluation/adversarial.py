@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -31,12 +31,16 @@ from training import metrics
 from training.evaluation.anomaly import ANOMALY_SCORES, is_constant_score, score_defined
 from training.evaluation.attacks import fgsm, pgd
 from training.evaluation.methods import MemberNetworks
-from training.evaluation.results import AdversarialRecord, AttackSettingsRecord
+from training.evaluation.results import AdversarialRecord, AttackSettingsRecord, as_record
 
 WHITE_BOX: Final = "white-box"
 DEFAULT_EPS: Final = (0.05, 0.1, 0.2, 0.3)
 # Elements of the widest activation tensor per attack chunk (the backward pass keeps a few).
 _ATTACK_BUDGET: Final = 12_000_000
+
+
+PGD_STEP_SIZE: Final = "2.5 * eps / steps, random start"
+"""How :func:`~training.evaluation.attacks.pgd` steps by default, as the record states it."""
 
 
 class AttackKind(enum.StrEnum):
@@ -50,7 +54,7 @@ class AttackSettings:
     eps: tuple[float, ...] = DEFAULT_EPS
     pgd_steps: int = 20
     num_inputs: int = 1000
-    source: str = "sgd"  # the method transfer attacks are crafted on
+    transfer_source: str = "sgd"  # the method transfer attacks are crafted on
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,15 +64,7 @@ class AttackSettings:
             raise ValueError("pgd_steps and num_inputs must be positive")
 
     def to_dict(self) -> AttackSettingsRecord:
-        return {
-            "kinds": [k.value for k in self.kinds],
-            "eps": list(self.eps),
-            "pgd_steps": self.pgd_steps,
-            "pgd_step_size": "2.5 * eps / steps, random start",
-            "num_inputs": self.num_inputs,
-            "transfer_source": self.source,
-            "seed": self.seed,
-        }
+        return as_record(self, AttackSettingsRecord, pgd_step_size=PGD_STEP_SIZE)
 
 
 def craft(
@@ -100,28 +96,6 @@ def craft(
     return out
 
 
-@dataclass(frozen=True)
-class AdversarialRow:
-    method: str
-    attack: str
-    eps: float
-    crafted_on: str  # "white-box" or the transfer source method
-    accuracy: float
-    clean_accuracy: float
-    auroc: dict[str, float | None] = field(default_factory=dict)  # score -> clean vs attacked
-
-    def to_dict(self) -> AdversarialRecord:
-        return {
-            "method": self.method,
-            "attack": self.attack,
-            "eps": self.eps,
-            "crafted_on": self.crafted_on,
-            "accuracy": self.accuracy,
-            "clean_accuracy": self.clean_accuracy,
-            "auroc": dict(self.auroc),
-        }
-
-
 def _row(
     method: str,
     kind: AttackKind,
@@ -131,7 +105,7 @@ def _row(
     attacked: PredictiveSummary,
     y: NDArray[np.integer],
     num_members: int,
-) -> AdversarialRow:
+) -> AdversarialRecord:
     aurocs: dict[str, float | None] = {}
     for score in ANOMALY_SCORES:
         s_clean, s_adv = clean.score(score), attacked.score(score)
@@ -140,7 +114,7 @@ def _row(
             if not score_defined(score, num_members) or is_constant_score(s_clean, s_adv)
             else metrics.auroc(s_clean, s_adv)
         )
-    return AdversarialRow(
+    return AdversarialRecord(
         method=method,
         attack=kind.value,
         eps=eps,
@@ -158,11 +132,11 @@ def run_adversarial(
     settings: AttackSettings,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
-) -> list[AdversarialRow]:
-    """White-box rows for every method, then transfer rows from ``settings.source``."""
+) -> list[AdversarialRecord]:
+    """White-box rows for every method, then transfer rows from ``settings.transfer_source``."""
     jobs = [(k, e) for k in settings.kinds for e in settings.eps]
     clean = {m: mem.summary(x, settings.seed) for m, mem in members.items()}
-    rows: list[AdversarialRow] = []
+    rows: list[AdversarialRecord] = []
     transfer: dict[tuple[AttackKind, float], NDArray[np.float32]] = {}
     total = len(members) * len(jobs)
     bar = tqdm(total=total, desc="attacks", disable=not progress, unit="attack")
@@ -170,7 +144,7 @@ def run_adversarial(
         for kind, eps in jobs:
             bar.set_postfix_str(f"{method} {kind.value} eps={eps:g}", refresh=False)
             adv = craft(mem, x, y, kind, eps, settings.pgd_steps, settings.seed)
-            if method == settings.source:
+            if method == settings.transfer_source:
                 transfer[(kind, eps)] = adv
             attacked = mem.summary(adv, settings.seed + 1)
             rows.append(
@@ -178,12 +152,12 @@ def run_adversarial(
             )
             bar.update()
         if log is not None:
-            worst = min(r.accuracy for r in rows if r.method == method)
+            worst = min(r["accuracy"] for r in rows if r["method"] == method)
             log(f"adversarial: {method} white-box done (lowest accuracy {worst:.3f})")
     bar.close()
-    if settings.source in members:
+    if settings.transfer_source in members:
         for method, mem in members.items():
-            if method == settings.source:
+            if method == settings.transfer_source:
                 continue
             for kind, eps in jobs:
                 attacked = mem.summary(transfer[(kind, eps)], settings.seed + 1)
@@ -192,7 +166,7 @@ def run_adversarial(
                         method,
                         kind,
                         eps,
-                        settings.source,
+                        settings.transfer_source,
                         clean[method],
                         attacked,
                         y,

@@ -2,7 +2,7 @@
 
 Anomaly detection follows Wang et al. (2018) and their reference code: the in-distribution
 inputs are the MNIST test images, the out-of-distribution (OOD) inputs one of the OOD sets of
-:mod:`training.data`, and each uncertainty score of the posterior predictive
+:mod:`training.mnist`, and each uncertainty score of the posterior predictive
 (:class:`apd.uncertainty.ScoreName`, larger = more anomalous) ranks them; we report AUROC,
 AUPR-in and AUPR-out (:func:`training.metrics.detection_metrics`).
 
@@ -12,14 +12,13 @@ scale 5 is the reference code's default (``ood_scale: 5``), kept for comparabili
 paper's tables. Brighter-than-possible inputs are much easier to flag.
 
 APD's fidelity target (the distillation issue): on every OOD set and score, its AUROC may be
-at most :data:`training.distillation.fidelity.AUROC_TOLERANCE` below SGLD's. :func:`fidelity_rows`
+at most :data:`training.metrics.AUROC_TOLERANCE` below SGLD's. :func:`fidelity_rows`
 checks it on *every* anomaly row (all scales and all four scores, max-probability included).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -27,19 +26,14 @@ from numpy.typing import NDArray
 
 from apd.uncertainty import PredictiveSummary, ScoreName
 from training import metrics
-from training.distillation.fidelity import (
-    ACCURACY_TOLERANCE,
-    AUROC_TOLERANCE,
-    FIDELITY_SCORES,
-    NLL_TOLERANCE,
-)
+from training.distillation.fidelity import FIDELITY_SCORES
 from training.evaluation.results import (
     AnomalyRecord,
     ClassificationFidelityRecord,
     ClassificationRecord,
     FidelityRecord,
 )
-from training.metrics import ClassificationMetrics, ReliabilityDiagram
+from training.metrics import ACCURACY_TOLERANCE, AUROC_TOLERANCE, NLL_TOLERANCE
 
 ANOMALY_SCORES: Final = (
     ScoreName.MAX_PROBABILITY,
@@ -50,34 +44,12 @@ ANOMALY_SCORES: Final = (
 DEFAULT_SCALES: Final = (1.0, 5.0)
 
 
-@dataclass(frozen=True)
-class ClassificationResult:
-    method: str
-    num_members: int
-    metrics: ClassificationMetrics
-    reliability: ReliabilityDiagram
-
-    def to_dict(self) -> ClassificationRecord:
-        m, rel = self.metrics, self.reliability
-        return {
-            "method": self.method,
-            "num_members": self.num_members,
-            "accuracy": m.accuracy,
-            "nll": m.nll,
-            "brier": m.brier,
-            "ece": m.ece,
-            "reliability": {
-                "edges": rel.edges.tolist(),
-                "count": rel.count.tolist(),
-                "confidence": _nan_to_none(rel.confidence.tolist()),
-                "accuracy": _nan_to_none(rel.accuracy.tolist()),
-                "ece": rel.expected_calibration_error,
-            },
-        }
-
-
 def _nan_to_none(values: list[float]) -> list[float | None]:
     return [None if math.isnan(v) else v for v in values]
+
+
+def _defined(v: float) -> float | None:
+    return None if math.isnan(v) else v
 
 
 def classify(
@@ -86,43 +58,26 @@ def classify(
     labels: NDArray[np.integer],
     num_members: int,
     n_bins: int = metrics.DEFAULT_ECE_BINS,
-) -> ClassificationResult:
+) -> ClassificationRecord:
+    """Accuracy, NLL, Brier, ECE and the reliability diagram of ``method``'s predictive."""
     probs = summary.probabilities
-    return ClassificationResult(
-        method=method,
-        num_members=num_members,
-        metrics=metrics.classification_metrics(probs, labels, n_bins),
-        reliability=metrics.reliability_diagram(probs, labels, n_bins),
-    )
-
-
-@dataclass(frozen=True)
-class AnomalyRow:
-    """One (method, OOD set, scale, score): NaN metrics when the score is undefined (mutual
-    information or model variance of a single network) or constant (cannot rank anything)."""
-
-    method: str
-    ood_set: str
-    scale: float
-    score: str
-    auroc: float
-    aupr_in: float
-    aupr_out: float
-
-    @property
-    def defined(self) -> bool:
-        return not math.isnan(self.auroc)
-
-    def to_dict(self) -> AnomalyRecord:
-        return {
-            "method": self.method,
-            "ood_set": self.ood_set,
-            "scale": self.scale,
-            "score": self.score,
-            "auroc": None if math.isnan(self.auroc) else self.auroc,
-            "aupr_in": None if math.isnan(self.aupr_in) else self.aupr_in,
-            "aupr_out": None if math.isnan(self.aupr_out) else self.aupr_out,
-        }
+    m = metrics.classification_metrics(probs, labels, n_bins)
+    rel = metrics.reliability_diagram(probs, labels, n_bins)
+    return {
+        "method": method,
+        "num_members": num_members,
+        "accuracy": m.accuracy,
+        "nll": m.nll,
+        "brier": m.brier,
+        "ece": m.ece,
+        "reliability": {
+            "edges": rel.edges.tolist(),
+            "count": rel.count.tolist(),
+            "confidence": _nan_to_none(rel.confidence.tolist()),
+            "accuracy": _nan_to_none(rel.accuracy.tolist()),
+            "ece": rel.expected_calibration_error,
+        },
+    }
 
 
 def is_constant_score(a: NDArray[np.floating], b: NDArray[np.floating]) -> bool:
@@ -147,15 +102,27 @@ def anomaly_rows(
     scale: float,
     num_members: int,
     scores: tuple[ScoreName, ...] = ANOMALY_SCORES,
-) -> list[AnomalyRow]:
-    rows = []
+) -> list[AnomalyRecord]:
+    """One row per score: ``None`` metrics where the score is undefined (mutual information
+    or model variance of a single network) or constant (it cannot rank anything)."""
+    rows: list[AnomalyRecord] = []
     for score in scores:
         s_in, s_out = in_summary.score(score), out_summary.score(score)
         if not score_defined(score, num_members) or is_constant_score(s_in, s_out):
             d = metrics.DetectionMetrics(math.nan, math.nan, math.nan)
         else:
             d = metrics.detection_metrics(s_in, s_out)
-        rows.append(AnomalyRow(method, ood_set, scale, score.value, d.auroc, d.aupr_in, d.aupr_out))
+        rows.append(
+            {
+                "method": method,
+                "ood_set": ood_set,
+                "scale": scale,
+                "score": score.value,
+                "auroc": _defined(d.auroc),
+                "aupr_in": _defined(d.aupr_in),
+                "aupr_out": _defined(d.aupr_out),
+            }
+        )
     return rows
 
 
@@ -164,107 +131,64 @@ def scaled(x: NDArray[np.float32], scale: float) -> NDArray[np.float32]:
     return x if scale == 1.0 else (x * np.float32(scale)).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class FidelityRow:
-    """APD's AUROC against SGLD's on one anomaly row."""
-
-    ood_set: str
-    scale: float
-    score: str
-    teacher_auroc: float
-    student_auroc: float
-    tolerance: float
-    issue_target: bool  # one of the three scores the distillation issue names
-
-    @property
-    def drop(self) -> float:
-        return self.teacher_auroc - self.student_auroc
-
-    @property
-    def within(self) -> bool:
-        return self.drop <= self.tolerance
-
-    def to_dict(self) -> FidelityRecord:
-        return {
-            "ood_set": self.ood_set,
-            "scale": self.scale,
-            "score": self.score,
-            "teacher_auroc": self.teacher_auroc,
-            "student_auroc": self.student_auroc,
-            "tolerance": self.tolerance,
-            "issue_target": self.issue_target,
-            "drop": self.drop,
-            "within_target": self.within,
-        }
-
-
 def fidelity_rows(
-    rows: list[AnomalyRow],
+    rows: list[AnomalyRecord],
     teacher: str = "sgld",
     student: str = "apd",
     tolerance: float = AUROC_TOLERANCE,
-) -> list[FidelityRow]:
-    """Every (set, scale, score) where both methods have a defined AUROC, in table order."""
-    by_key = {(r.method, r.ood_set, r.scale, r.score): r for r in rows}
+) -> list[FidelityRecord]:
+    """The student's AUROC against the teacher's on every (set, scale, score) where both are
+    defined, in table order: ``drop = teacher - student``, within target when ``drop <=
+    tolerance``; ``issue_target`` marks the three scores the distillation issue names."""
+    by_key = {(r["method"], r["ood_set"], r["scale"], r["score"]): r for r in rows}
     targeted = {s.value for s in FIDELITY_SCORES}
-    out = []
+    out: list[FidelityRecord] = []
     for r in rows:
-        if r.method != teacher:
+        if r["method"] != teacher:
             continue
-        s = by_key.get((student, r.ood_set, r.scale, r.score))
-        if s is None or not (r.defined and s.defined):
+        s = by_key.get((student, r["ood_set"], r["scale"], r["score"]))
+        t_auroc, s_auroc = r["auroc"], None if s is None else s["auroc"]
+        if t_auroc is None or s_auroc is None:
             continue
+        drop = t_auroc - s_auroc
         out.append(
-            FidelityRow(
-                r.ood_set, r.scale, r.score, r.auroc, s.auroc, tolerance, r.score in targeted
-            )
+            {
+                "ood_set": r["ood_set"],
+                "scale": r["scale"],
+                "score": r["score"],
+                "teacher_auroc": t_auroc,
+                "student_auroc": s_auroc,
+                "tolerance": tolerance,
+                "issue_target": r["score"] in targeted,
+                "drop": drop,
+                "within_target": drop <= tolerance,
+            }
         )
     return out
-
-
-@dataclass(frozen=True)
-class ClassificationFidelity:
-    teacher_accuracy: float
-    student_accuracy: float
-    teacher_nll: float
-    student_nll: float
-    mean_kl: float  # KL(teacher || student) averaged over the test set
-
-    @property
-    def accuracy_within(self) -> bool:
-        return self.teacher_accuracy - self.student_accuracy <= ACCURACY_TOLERANCE + 1e-12
-
-    @property
-    def nll_within(self) -> bool:
-        return self.student_nll - self.teacher_nll <= NLL_TOLERANCE
-
-    def to_dict(self) -> ClassificationFidelityRecord:
-        return {
-            "teacher_accuracy": self.teacher_accuracy,
-            "student_accuracy": self.student_accuracy,
-            "teacher_nll": self.teacher_nll,
-            "student_nll": self.student_nll,
-            "mean_kl": self.mean_kl,
-            "accuracy_within_target": self.accuracy_within,
-            "nll_within_target": self.nll_within,
-            "targets": {
-                "accuracy_drop_max": ACCURACY_TOLERANCE,
-                "nll_increase_max": NLL_TOLERANCE,
-                "auroc_drop_max": AUROC_TOLERANCE,
-            },
-        }
 
 
 def classification_fidelity(
     teacher: PredictiveSummary,
     student: PredictiveSummary,
     labels: NDArray[np.integer],
-) -> ClassificationFidelity:
+) -> ClassificationFidelityRecord:
+    """The student's accuracy and NLL against the teacher's, with the mean KL(teacher ||
+    student) over the inputs, each held against the fidelity targets."""
     pt, ps = teacher.probabilities, student.probabilities
-    return ClassificationFidelity(
-        teacher_accuracy=metrics.accuracy(pt, labels),
-        student_accuracy=metrics.accuracy(ps, labels),
-        teacher_nll=metrics.negative_log_likelihood(pt, labels),
-        student_nll=metrics.negative_log_likelihood(ps, labels),
-        mean_kl=float(metrics.kl_divergence(pt, ps).mean()),
-    )
+    t_acc, s_acc = metrics.accuracy(pt, labels), metrics.accuracy(ps, labels)
+    t_nll = metrics.negative_log_likelihood(pt, labels)
+    s_nll = metrics.negative_log_likelihood(ps, labels)
+    return {
+        "teacher_accuracy": t_acc,
+        "student_accuracy": s_acc,
+        "teacher_nll": t_nll,
+        "student_nll": s_nll,
+        "mean_kl": float(metrics.kl_divergence(pt, ps).mean()),
+        "accuracy_within_target": t_acc - s_acc <= ACCURACY_TOLERANCE + 1e-12,
+        "nll_within_target": s_nll - t_nll <= NLL_TOLERANCE,
+        "targets": {
+            "accuracy_drop_max": ACCURACY_TOLERANCE,
+            "nll_increase_max": NLL_TOLERANCE,
+            "auroc_drop_max": AUROC_TOLERANCE,
+        },
+    }

@@ -17,33 +17,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from training.evaluation.methods import PosteriorMethod
 from training.evaluation.results import CostRecord
-
-
-@dataclass(frozen=True)
-class CostRow:
-    method: str
-    stored_bytes: int
-    num_members: int
-    batch_size: int
-    draw_seconds: float
-    predict_seconds: float
-
-    def to_dict(self) -> CostRecord:
-        return {
-            "method": self.method,
-            "stored_bytes": self.stored_bytes,
-            "num_members": self.num_members,
-            "batch_size": self.batch_size,
-            "draw_seconds": self.draw_seconds,
-            "predict_seconds": self.predict_seconds,
-        }
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -62,12 +41,12 @@ def measure_cost(
     num_samples: int = 100,
     repeats: int = 5,
     seed: int = 0,
-) -> CostRow:
+) -> CostRecord:
     """Bytes, draw time and predict time of ``method`` for K = ``num_samples`` networks."""
     members = method.draw(num_samples, seed)
     draw_s = _median_seconds(lambda: method.draw(num_samples, seed), repeats)
     predict_s = _median_seconds(lambda: members.summary(x_batch, seed), repeats)
-    return CostRow(
+    return CostRecord(
         method=method.key,
         stored_bytes=method.stored_bytes(),
         num_members=members.num_members,

@@ -163,13 +163,6 @@ class LaplacePosterior:
         return self.flavour.value
 
     @property
-    def prior_structure(self) -> str:
-        """One prior precision per parameter tensor where laplace-torch allows it (KFAC over
-        all layers), one for the whole last layer otherwise (its last-layer classes take a
-        scalar or a diagonal prior only)."""
-        return "scalar" if self is LaplaceFlavour.LAST_LAYER else "layerwise"
-
-    @property
     def label(self) -> str:
         return self.flavour.label
 

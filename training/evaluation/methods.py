@@ -41,22 +41,22 @@ from apd.checkpoint import Checkpoint
 from apd.networks import NetworkSpec
 from apd.uncertainty import PredictiveSummary, summarize
 from training import torch_ops
+from training.defaults import DROPOUT_PASSES
 from training.distillation.package import sample_networks
 from training.errors import UserError
 from training.evaluation.results import Provenance
+from training.run_layout import CONFIG_FILE, SAMPLES_DIR, WEIGHTS_FILE
 
 F32 = NDArray[np.float32]
 
-WEIGHTS_FILE: Final = "weights.safetensors"
-SAMPLES_DIR: Final = "samples"
-DEFAULT_DROPOUT_PASSES: Final = 200
 # Elements of the largest hidden activation tensor held at once when predicting (~80 MB).
 _ACTIVATION_BUDGET: Final = 20_000_000
 
 
 @dataclass(frozen=True)
 class MemberNetworks:
-    """K networks to predict with: ``theta (M, P)`` float32 and, for MC-Dropout, a rate.
+    """K networks to predict with: ``theta (M, P)`` float32 and, for MC-Dropout, its rate(s)
+    (:data:`training.torch_ops.DropoutRate`).
 
     Without dropout the K = M rows are the networks. With ``dropout > 0`` there is one
     network (M = 1) and the members are ``passes`` stochastic forward passes of it, each with
@@ -65,7 +65,7 @@ class MemberNetworks:
 
     spec: NetworkSpec
     theta: torch.Tensor
-    dropout: float = 0.0
+    dropout: torch_ops.DropoutRate = 0.0
     passes: int = 1
 
     def __post_init__(self) -> None:
@@ -73,18 +73,22 @@ class MemberNetworks:
             raise ValueError(
                 f"expected theta (M, {self.spec.num_params}), got {tuple(self.theta.shape)}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout rate must lie in [0, 1), got {self.dropout}")
-        if self.dropout > 0 and (self.theta.shape[0] != 1 or self.passes < 1):
+        torch_ops.dropout_rates(self.spec, self.dropout)  # checks the rates
+        if self.stochastic and (self.theta.shape[0] != 1 or self.passes < 1):
             raise ValueError("MC-Dropout members need one network and at least one pass")
 
     @property
+    def stochastic(self) -> bool:
+        """Whether the members are dropout passes of one network."""
+        return torch_ops.has_dropout(self.dropout)
+
+    @property
     def num_members(self) -> int:
-        return self.passes if self.dropout > 0 else int(self.theta.shape[0])
+        return self.passes if self.stochastic else int(self.theta.shape[0])
 
     def logits(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x (N, D) -> (K, N, C)``, differentiable in ``x`` (the attacks use this)."""
-        if self.dropout == 0:
+        if not self.stochastic:
             return torch_ops.forward_logits(self.spec, self.theta, x)
         return torch_ops.mc_dropout_logits(
             self.spec, self.theta, x, self.dropout, self.passes, generator
@@ -98,7 +102,7 @@ class MemberNetworks:
             self.theta,
             x,
             dropout=self.dropout,
-            passes=self.passes if self.dropout > 0 else 1,
+            passes=self.passes if self.stochastic else 1,
             generator=torch.Generator().manual_seed(seed),
             chunk=max(1, _ACTIVATION_BUDGET // (self.num_members * widest)),
         )
@@ -564,7 +568,7 @@ class GeneratorPosterior:
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """``config.json`` of a run directory (empty when there is none)."""
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         return {}
     try:
@@ -648,7 +652,7 @@ def load_sgd(run_dir: Path, spec: NetworkSpec) -> FixedNetworks:
 
 
 def load_dropout(
-    run_dir: Path, spec: NetworkSpec, passes: int = DEFAULT_DROPOUT_PASSES
+    run_dir: Path, spec: NetworkSpec, passes: int = DROPOUT_PASSES
 ) -> tuple[MCDropout, int]:
     """The MC-Dropout method of a run and the number of passes it predicts with."""
     theta, meta = load_point_weights(run_dir, spec)

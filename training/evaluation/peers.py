@@ -26,8 +26,8 @@ from typing import Final
 
 import numpy as np
 
-from training.distillation.fidelity import ACCURACY_TOLERANCE, AUROC_TOLERANCE, NLL_TOLERANCE
 from training.evaluation.results import ClassificationRecord, CostRecord, EvaluationResults
+from training.metrics import ACCURACY_TOLERANCE, AUROC_TOLERANCE, NLL_TOLERANCE
 
 # The fair peers of the issue; SGD (one network) and the one-Gaussian illustration are in
 # the tables but are not peers.

@@ -1,11 +1,12 @@
 """The layout of ``results.json``: what :func:`~training.evaluation.suite.run_suite` produces and
 :mod:`training.evaluation.report` reads, as TypedDicts.
 
-Each experiment's record is declared here once; the producers' ``to_dict`` methods return these
-types and the report reads them, so mypy catches a misspelt key on either side. Fields are
-declared in the order the producers write them, which is the order of the keys in
-``results.json``. :func:`load_results` reads a ``results.json`` back and validates it against
-these types (pydantic, strict: no extra, missing or mistyped field passes).
+Each experiment's record is declared here once. The experiments build their rows as these
+types (mypy catches a misspelt key on either side); a settings dataclass becomes its record
+through :func:`as_record`, serialised by pydantic and checked against the record on the way.
+The order of the fields here is the order of the keys in ``results.json``.
+:func:`load_results` reads a ``results.json`` back and validates it against these types
+(pydantic, strict: no extra, missing or mistyped field passes).
 
 In memory an undefined metric is NaN; ``results.json`` holds ``null`` there (strict JSON), so
 the fields that can be undefined are ``float | None``.
@@ -13,8 +14,9 @@ the fields that can be undefined are ``float | None``.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Final, NotRequired
+from typing import Any, Final, NotRequired, TypeVar, cast
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from 3.12
@@ -25,6 +27,10 @@ _CLOSED: Final = ConfigDict(extra="forbid")
 
 
 # --------------------------------------------------------------------------- meta
+
+
+EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
+"""The experiments an evaluation runs, each a section of ``results.json`` and of the report."""
 
 
 @with_config(_CLOSED)
@@ -77,8 +83,8 @@ class AttackSettingsRecord(TypedDict):
 
 @with_config(_CLOSED)
 class ActiveLearningSettingsRecord(TypedDict):
-    """The ``NotRequired`` fields came with warm starts and candidate subsets; the settings
-    recorded in reports written before (which ran no active learning) lack them."""
+    """The ``NotRequired`` fields came with warm starts, candidate subsets and the MC-Dropout
+    learner; the settings recorded in reports written before lack them."""
 
     seeds: list[int]
     rounds: int
@@ -108,6 +114,13 @@ class ActiveLearningSettingsRecord(TypedDict):
     warm_start: NotRequired[bool]
     sgld_steps_first_round: NotRequired[int]
     sgld_steps_per_round: int
+    dropout_arch: NotRequired[str]
+    dropout_rates: NotRequired[list[float]]
+    dropout_weight_decay: NotRequired[float]
+    dropout_lr: NotRequired[float]
+    dropout_batch_size: NotRequired[int]
+    dropout_epochs: NotRequired[int]
+    dropout_passes: NotRequired[int]
 
 
 @with_config(_CLOSED)
@@ -155,19 +168,13 @@ class SuiteConfigRecord(TypedDict):
 
 
 @with_config(_CLOSED)
-class CodeState(TypedDict):
-    code_revision: str
-    uncommitted_changes: bool | None  # None: git could not tell
-
-
-@with_config(_CLOSED)
 class Meta(TypedDict):
     name: str
     arch: str
     spec: SpecRecord
     created_at: str
     code_revision: str
-    uncommitted_changes: bool | None
+    uncommitted_changes: bool | None  # None: git could not tell
     command: str
     machine: str
     data_sha256: str
@@ -512,6 +519,26 @@ class EvaluationResults(TypedDict):
 
 _RESULTS: Final = TypeAdapter(EvaluationResults)
 _SPEC: Final = TypeAdapter(SpecRecord)
+R = TypeVar("R")
+
+
+_ADAPTERS: Final[dict[object, TypeAdapter[Any]]] = {}
+
+
+def _adapter(cls: Any) -> TypeAdapter[Any]:
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
+
+
+def as_record(obj: Any, record: type[R], exclude: Collection[str] = (), **extra: Any) -> R:
+    """The dataclass ``obj`` as its ``record``: serialised by pydantic (enums as values,
+    tuples as lists, paths as strings), less the fields in ``exclude``, plus ``extra``
+    (values derived from the fields, or nested records), and validated against ``record``
+    (strict), so a field the record lacks, or lacks a field of, fails here and not in the
+    report."""
+    data = _adapter(type(obj)).dump_python(obj, mode="json", exclude=set(exclude))
+    return cast(R, _adapter(record).validate_python({**data, **extra}, strict=True))
 
 
 def spec_record(spec_dict: dict[str, object]) -> SpecRecord:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -24,9 +23,8 @@ from typing import Final
 import numpy as np
 import torch
 
-from apd.networks import NetworkSpec, get_spec
+from apd.networks import MNIST_INPUT_SHAPE, NetworkSpec, get_spec
 from training import metrics
-from training.distillation.offline import torch_threads
 from training.errors import UserError
 from training.evaluation import anomaly, methods
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
@@ -34,19 +32,24 @@ from training.evaluation.adversarial import AttackSettings, run_adversarial
 from training.evaluation.cost import measure_cost
 from training.evaluation.laplace_peer import LaplaceFlavour, LaplaceSettings, fit_laplace
 from training.evaluation.results import (
+    EXPERIMENTS,
     AccuracyNLL,
+    AnomalyRecord,
     ClassificationAndAnomaly,
-    CodeState,
+    ClassificationRecord,
     EvaluationResults,
     GaussianDiagnostics,
     Meta,
     MethodRecord,
     SuiteConfigRecord,
+    as_record,
     spec_record,
 )
 from training.evaluation.toy2d import ToyResult, ToySettings
+from training.revision import code_revision, uncommitted_changes
+from training.run_layout import is_finished
+from training.threads import torch_threads
 
-EXPERIMENTS: Final = ("classification", "anomaly", "adversarial", "active_learning", "toy", "cost")
 # Active learning at the paper's protocol takes hours on a CPU (docs/results/
 # lenet5-active-learning): asked for by name, never by default.
 DEFAULT_EXPERIMENTS: Final = tuple(e for e in EXPERIMENTS if e != "active_learning")
@@ -125,48 +128,16 @@ class SuiteConfig:
         return [self.run_dir("sgd"), *extra]
 
     def to_dict(self) -> SuiteConfigRecord:
-        return {
-            "arch": self.arch,
-            "runs": str(self.runs),
-            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
-            "name": self.name,
-            "num_samples": self.num_samples,
-            "dropout_passes": self.dropout_passes,
-            "gaussian_rank": self.gaussian_rank,
-            "mixture_rank": self.mixture_rank,
-            "laplace_fit_inputs": self.laplace_fit_inputs,
-            "ood_size": self.ood_size,
-            "test_size": self.test_size,
-            "scales": list(self.scales),
-            "attacks": self.attacks.to_dict(),
-            "active_learning": self.active_learning.to_dict(),
-            "toy": self.toy.to_dict(),
-            "experiments": list(self.experiments),
-            "seed": self.seed,
-            "threads": self.threads,
-        }
-
-
-def code_state(repo: Path | None = None) -> CodeState:
-    """The git revision of this code and whether the working tree had local changes."""
-    from training.distillation.package import code_revision
-
-    where = repo or Path(__file__).resolve().parents[2]
-    rev = code_revision(where)
-    dirty: bool | None = None
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
+        """The record: the settings that shape the results (not the run folders named one
+        by one, nor the progress bars)."""
+        return as_record(
+            self,
+            SuiteConfigRecord,
+            exclude=("data_dir", "sgld_run", "sgd_run", "dropout_run", "ensemble_runs", "progress"),
+            attacks=self.attacks.to_dict(),
+            active_learning=self.active_learning.to_dict(),
+            toy=self.toy.to_dict(),
         )
-        dirty = bool(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"code_revision": rev, "uncommitted_changes": dirty}
 
 
 def machine_description(threads: int) -> str:
@@ -215,7 +186,7 @@ def load_methods(
 
     attempt("dropout", dropout)
     # finished runs only: `apd train` writes READY last
-    dirs = [d for d in cfg.ensemble_dirs() if (d / "READY").is_file()]
+    dirs = [d for d in cfg.ensemble_dirs() if is_finished(d)]
     attempt("ensemble", lambda: methods.load_ensemble(dirs, spec))
     attempt("sgld", lambda: methods.load_sgld(cfg.run_dir("sgld"), spec))
     checkpoint = cfg.checkpoint
@@ -311,7 +282,7 @@ def run_suite(
     """Run the configured experiments (see the module docstring); ``command`` is the command
     line recorded in the report (default: this process's)."""
     say: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr))
-    from training.data import OOD_SETS, dataset_fingerprint, describe_ood, load_mnist, load_ood
+    from training.mnist import OOD_SETS, dataset_fingerprint, describe_ood, load_mnist, load_ood
 
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -328,7 +299,8 @@ def run_suite(
         "arch": cfg.arch,
         "spec": spec_record(spec.to_dict()),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **code_state(),
+        "code_revision": code_revision(),
+        "uncommitted_changes": uncommitted_changes(),
         "command": command if command is not None else " ".join(["apd", *sys.argv[1:]]),
         "machine": machine_description(cfg.threads),
         "data_sha256": dataset_fingerprint(mnist),
@@ -381,7 +353,7 @@ def run_suite(
         results["adversarial"] = {
             "settings": cfg.attacks.to_dict(),
             "inputs": f"{n} MNIST test images (seeded random subset)",
-            "rows": [r.to_dict() for r in rows],
+            "rows": rows,
         }
         seconds["adversarial"] = round(time.perf_counter() - t0, 1)
     if "cost" in wants:
@@ -391,8 +363,7 @@ def run_suite(
         results["cost"] = {
             "batch_size": len(batch),
             "rows": [
-                measure_cost(m, batch, _num_members(m, cfg), seed=cfg.seed).to_dict()
-                for m in found.values()
+                measure_cost(m, batch, _num_members(m, cfg), seed=cfg.seed) for m in found.values()
             ],
             "sgld_store_bytes": (
                 sgld_m.store_bytes() if isinstance(sgld_m, methods.SGLDSamples) else None
@@ -425,8 +396,9 @@ def run_suite(
                 s,
                 cfg.progress,
                 workers=cfg.threads,
+                image_shape=MNIST_INPUT_SHAPE,
             )
-        results["active_learning"] = al.to_dict()
+        results["active_learning"] = al
         seconds["active_learning"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     return SuiteResult(results, toy)
@@ -487,8 +459,8 @@ def classification_and_anomaly(
     ``ood`` holds each OOD set's images, ``ood_sets`` its description for the report."""
     from tqdm import tqdm
 
-    classification = []
-    rows: list[anomaly.AnomalyRow] = []
+    classification: list[ClassificationRecord] = []
+    rows: list[AnomalyRecord] = []
     in_summaries = {}
     bar = tqdm(
         total=len(members) * (1 + len(ood) * len(scales)),
@@ -510,13 +482,13 @@ def classification_and_anomaly(
     out: ClassificationAndAnomaly = {
         "classification": {
             "inputs": f"{len(test_x)} MNIST test images",
-            "rows": [c.to_dict() for c in classification],
+            "rows": classification,
         },
         "anomaly": {
             "in_distribution": f"{len(test_x)} MNIST test images (never scaled)",
             "ood_size": {k: len(v) for k, v in ood.items()},
             "scales": list(scales),
-            "rows": [r.to_dict() for r in rows],
+            "rows": rows,
             "ood_sets": {name: ood_sets[name] for name in ood},
         },
     }
@@ -526,12 +498,12 @@ def classification_and_anomaly(
         out["fidelity"] = {
             "teacher": "sgld",
             "student": "apd",
-            "classification": cls_fid.to_dict(),
-            "anomaly": [f.to_dict() for f in fid],
+            "classification": cls_fid,
+            "anomaly": fid,
             "anomaly_rows": len(fid),
-            "anomaly_rows_within": sum(f.within for f in fid),
-            "issue_score_rows": sum(f.issue_target for f in fid),
-            "issue_score_rows_within": sum(f.within for f in fid if f.issue_target),
+            "anomaly_rows_within": sum(f["within_target"] for f in fid),
+            "issue_score_rows": sum(f["issue_target"] for f in fid),
+            "issue_score_rows_within": sum(f["within_target"] for f in fid if f["issue_target"]),
         }
     if "sgld" in members and "gaussian" in members:
         fid_g = anomaly.fidelity_rows(rows, student="gaussian")
@@ -539,8 +511,8 @@ def classification_and_anomaly(
             in_summaries["sgld"], in_summaries["gaussian"], test_y
         )
         out["fidelity_gaussian"] = {
-            "anomaly": [f.to_dict() for f in fid_g],
-            "classification": cls_g.to_dict(),
+            "anomaly": fid_g,
+            "classification": cls_g,
         }
     if "sgld" in members and "mixture" in members:
         fid_m = anomaly.fidelity_rows(rows, student="mixture")
@@ -548,7 +520,7 @@ def classification_and_anomaly(
             in_summaries["sgld"], in_summaries["mixture"], test_y
         )
         out["fidelity_mixture"] = {
-            "anomaly": [f.to_dict() for f in fid_m],
-            "classification": cls_m.to_dict(),
+            "anomaly": fid_m,
+            "classification": cls_m,
         }
     return out

@@ -40,6 +40,7 @@ from training.evaluation.results import (
     ToyNumbers,
     ToySection,
     ToySettingsRecord,
+    as_record,
 )
 
 TOY_SPEC: Final = MLPSpec("toy2d", (2, 50, 2))
@@ -67,23 +68,7 @@ class ToySettings:
     seed: int = 0
 
     def to_dict(self) -> ToySettingsRecord:
-        return {
-            "points_per_class": self.points_per_class,
-            "sgld_chains": self.sgld_chains,
-            "sgld_steps": self.sgld_steps,
-            "sgld_burn_in": self.sgld_burn_in,
-            "sgld_thinning": self.sgld_thinning,
-            "sgld_lr": self.sgld_lr,
-            "prior_std": self.prior_std,
-            "apd_steps": self.apd_steps,
-            "apd_rank": self.apd_rank,
-            "dropout": self.dropout,
-            "dropout_epochs": self.dropout_epochs,
-            "num_samples": self.num_samples,
-            "dropout_passes": self.dropout_passes,
-            "grid_size": self.grid_size,
-            "seed": self.seed,
-        }
+        return as_record(self, ToySettingsRecord)
 
 
 @dataclass(frozen=True)
@@ -206,6 +191,7 @@ class ToyResult:
     numbers: ToyNumbers
 
     def to_dict(self) -> ToySection:
+        """The record: the settings, then :class:`ToyNumbers`."""
         return {"settings": self.settings.to_dict(), **self.numbers}
 
 

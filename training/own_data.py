@@ -4,7 +4,7 @@ CSV file, as network inputs plus the input convention that makes them from raw e
 ``--dataset`` names the source (:class:`DataSpec`):
 
 * ``mnist`` (the default): MNIST with the paper's 50,000 / 10,000 / 10,000 split
-  (:func:`training.data.load_mnist`); raw examples are 28 x 28 float pixels in [0, 1].
+  (:func:`training.mnist.load_mnist`); raw examples are 28 x 28 float pixels in [0, 1].
 * ``PATH.npz``: arrays ``x_train``, ``y_train`` and optionally ``x_val`` / ``y_val``,
   ``x_test`` / ``y_test`` and ``class_names`` (strings). ``x`` holds one example per row of
   any shape: features ``(N, D)``, images ``(N, H, W)`` or ``(N, C, H, W)``; ``y`` integer
@@ -31,7 +31,7 @@ for feature vectors, one mean and standard deviation for images (a constant feat
 scale 1). ``standardize`` standardises uint8 data too; ``none`` leaves raw values as they are.
 
 The fingerprint of the data is the sha256 of the file (of a manifest of every image's sha256
-for a folder). Anything wrong with the data raises :class:`~training.data.DataError` with one
+for a folder). Anything wrong with the data raises :class:`~training.mnist.DataError` with one
 line naming the file and the problem, before anything is written.
 """
 
@@ -53,7 +53,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from apd.checkpoint import InputConvention, decode_image
-from training.data import DataError, dataset_fingerprint, file_sha256, load_mnist
+from training.mnist import DataError, dataset_fingerprint, file_sha256, load_mnist
 
 Kind = Literal["mnist", "npz", "csv", "folder"]
 IMAGE_SUFFIXES: Final = (".png", ".jpg", ".jpeg")

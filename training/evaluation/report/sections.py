@@ -1,43 +1,26 @@
-"""Write an evaluation as ``report.md`` + PNG plots + ``results.json`` in one folder.
-
-Every table and figure carries a provenance line: the runs and seeds it came from, the
-checkpoint digest, the evaluation seed and the code revision. The figures carry it too,
-printed under the plot, so a PNG on its own still says where it came from.
-
-Nothing is filtered: every anomaly row, every attack setting and every active-learning curve
-in ``results.json`` appears in the report, and each APD-vs-SGLD anomaly row is marked
-against the fidelity target whether it meets it or not.
-
-The report is rendered from ``results.json`` as read back (:func:`load_results` checks it
-against :class:`~training.evaluation.results.EvaluationResults`), so after a change to the
-wording here a report can be rendered again without re-running the evaluation:
-
-    python -m training.evaluation.report docs/results/fcnn1/results.json [--out DIR]
-"""
+"""The report's text: one function per section of ``report.md``, each rendering a part of
+``results.json`` (as :func:`~training.evaluation.results.load_results` reads it back) into
+Markdown lines, and :func:`render_markdown` putting them together. No torch: a report renders
+from its ``results.json`` alone."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import numpy as np
 
 from apd.networks import MLPSpec, spec_from_dict
-from training.errors import UserError
 from training.evaluation import peers
 from training.evaluation.results import (
+    EXPERIMENTS,
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
     EvaluationResults,
     SpecRecord,
-    load_results,
 )
-from training.evaluation.suite import EXPERIMENTS, SuiteResult
 
 RESULTS_FILE: Final = "results.json"
 REPORT_FILE: Final = "report.md"
@@ -216,10 +199,24 @@ def _al_fits(st: ActiveLearningSettingsRecord) -> str:
         if start
         else ""
     )
-    return (
+    text = (
         f"{fits} Online APD runs the same chains with {st['gan_steps']} GAN steps interleaved "
         f"(subspace rank {st['apd_rank']} refitted each round, buffer {st['buffer_size']}{init}), "
         "selecting its generator by KL to the chains on unlabelled pool images."
+    )
+    return f"{text} {_al_dropout(st)}" if "dropout" in st["learners"] else text
+
+
+def _al_dropout(st: ActiveLearningSettingsRecord) -> str:
+    """The MC-Dropout learner's sentence (Gal et al. 2017's protocol)."""
+    rates = ", ".join(f"{r:g}" for r in st.get("dropout_rates", []))
+    layers = st.get("dropout_arch", "").removeprefix("cnn:").replace(",", ", ")
+    return (
+        f"MC-Dropout (Gal, Islam & Ghahramani 2017's protocol) trains their CNN ({layers}; "
+        f"dropout {rates} on the dense layers' inputs) from scratch every round: Adam (rate "
+        f"{st.get('dropout_lr', 0):g}), minibatches of {st.get('dropout_batch_size')}, "
+        f"{st.get('dropout_epochs')} epochs, L2 {st.get('dropout_weight_decay', 0):g} / N on "
+        f"the first dense layer's weights; K = {st.get('dropout_passes')} dropout passes."
     )
 
 
@@ -238,178 +235,6 @@ def toy_source(results: EvaluationResults) -> str:
         f"2-D toy data and networks trained inside this evaluation (toy seed {seed}, "
         "settings in results.json toy.settings)"
     )
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _finish(fig: Any, path: Path, caption: str) -> None:
-    fig.text(0.0, -0.01, caption, fontsize=6.5, ha="left", va="top", wrap=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-
-
-def plot_reliability(results: EvaluationResults, path: Path) -> None:
-    plt = _plt()
-    rows = results["classification"]["rows"]
-    fig, axes = plt.subplots(
-        1, len(rows), figsize=(3.0 * len(rows), 3.4), squeeze=False, layout="constrained"
-    )
-    for ax, row in zip(axes[0], rows, strict=True):
-        rel = row["reliability"]
-        edges = np.asarray(rel["edges"])
-        centres = (edges[:-1] + edges[1:]) / 2
-        acc = np.array([np.nan if v is None else v for v in rel["accuracy"]])
-        conf = np.array([np.nan if v is None else v for v in rel["confidence"]])
-        width = edges[1] - edges[0]
-        ax.bar(centres, np.nan_to_num(acc), width=width * 0.95, color="#1f77b4", label="accuracy")
-        ax.plot(conf, acc, "o", color="black", ms=3, label="(confidence, accuracy)")
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        label = results["methods"][row["method"]]["label"]
-        ax.set_title(f"{label}\nECE {row['ece']:.4f}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Reliability diagrams, MNIST test", fontsize=10)
-    _finish(fig, path, provenance_line(results))
-
-
-def plot_anomaly(results: EvaluationResults, path: Path) -> None:
-    plt = _plt()
-    an = results["anomaly"]
-    scales = an["scales"]
-    scores = list(SCORE_LABELS)
-    methods = list(results["methods"])
-    sets = list(an["ood_size"])
-    table = {(r["method"], r["ood_set"], r["scale"], r["score"]): r["auroc"] for r in an["rows"]}
-    fig, axes = plt.subplots(
-        len(scales),
-        len(scores),
-        figsize=(4.2 * len(scores), 3.2 * len(scales)),
-        squeeze=False,
-        layout="constrained",
-    )
-    width = 0.8 / max(1, len(methods))
-    for i, scale in enumerate(scales):
-        for j, score in enumerate(scores):
-            ax = axes[i][j]
-            for k, m in enumerate(methods):
-                vals = [table.get((m, s, scale, score)) for s in sets]
-                ys = [np.nan if v is None else v for v in vals]
-                xs = np.arange(len(sets)) + (k - (len(methods) - 1) / 2) * width
-                ax.bar(xs, ys, width=width, color=METHOD_COLORS.get(m), label=m)
-            ax.set_xticks(np.arange(len(sets)))
-            ax.set_xticklabels(sets, fontsize=7, rotation=20)
-            ax.set_ylim(0.0, 1.0)
-            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-            ax.set_title(f"{SCORE_LABELS[score]}, OOD scale {_scale(scale)}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel("AUROC")
-    axes[0][0].legend(fontsize=7, ncol=2, loc="lower left")
-    fig.suptitle("Anomaly detection AUROC, MNIST test vs each OOD set", fontsize=10)
-    _finish(fig, path, provenance_line(results))
-
-
-def plot_adversarial(results: EvaluationResults, path: Path, score: str) -> None:
-    plt = _plt()
-    adv = results["adversarial"]
-    rows = adv["rows"]
-    kinds = adv["settings"]["kinds"]
-    settings = ["white-box", adv["settings"]["transfer_source"]]
-    methods = list(results["methods"])
-    fig, axes = plt.subplots(
-        2, 2 * len(kinds), figsize=(4.0 * 2 * len(kinds), 6.6), squeeze=False, layout="constrained"
-    )
-    for c, (kind, crafted) in enumerate((k, s) for k in kinds for s in settings):
-        for r, what in enumerate(("accuracy", score)):
-            ax = axes[r][c]
-            for m in methods:
-                sel = [
-                    x
-                    for x in rows
-                    if x["method"] == m and x["attack"] == kind and x["crafted_on"] == crafted
-                ]
-                if m == adv["settings"]["transfer_source"] and crafted != "white-box":
-                    sel = [
-                        x
-                        for x in rows
-                        if x["method"] == m
-                        and x["attack"] == kind
-                        and x["crafted_on"] == "white-box"
-                    ]
-                if not sel:
-                    continue
-                sel.sort(key=lambda x: x["eps"])
-                eps = [0.0] + [x["eps"] for x in sel]
-                if what == "accuracy":
-                    ys = [sel[0]["clean_accuracy"]] + [x["accuracy"] for x in sel]
-                else:
-                    aurocs = [x["auroc"][what] for x in sel]
-                    ys = [0.5] + [np.nan if a is None else a for a in aurocs]
-                ax.plot(eps, ys, "o-", ms=3, color=METHOD_COLORS.get(m), label=m)
-            where = "white-box" if crafted == "white-box" else f"transfer from {crafted}"
-            ax.set_title(f"{kind.upper()}, {where}", fontsize=9)
-            ax.set_xlabel("eps (L-inf, pixels in [0, 1])")
-            ax.set_ylabel("accuracy" if what == "accuracy" else f"AUROC by {SCORE_LABELS[what]}")
-            ax.set_ylim(0, 1.02)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(
-        "Adversarial examples: accuracy (top) and clean-vs-attacked AUROC by "
-        f"{SCORE_LABELS[score]} (bottom)",
-        fontsize=10,
-    )
-    _finish(fig, path, provenance_line(results))
-
-
-def plot_active_learning(results: EvaluationResults, path: Path) -> None:
-    plt = _plt()
-    al = results["active_learning"]
-    summary = al["summary"]
-    acqs = al["settings"]["acquisitions"]
-    fig, axes = plt.subplots(
-        1,
-        len(acqs),
-        figsize=(4.2 * len(acqs), 3.6),
-        squeeze=False,
-        sharey=True,
-        layout="constrained",
-    )
-    colors = {"sgld": METHOD_COLORS["sgld"], "apd": METHOD_COLORS["apd"]}
-    for ax, acq in zip(axes[0], acqs, strict=True):
-        for s in summary:
-            if s["acquisition"] != acq:
-                continue
-            x = s["labels"]
-            c = colors.get(s["learner"], "black")
-            ax.plot(
-                x, s["mean"], "o-", ms=3, color=c, label=f"{s['learner']} (mean of {s['seeds']})"
-            )
-            ax.fill_between(x, s["min"], s["max"], color=c, alpha=0.2, lw=0)
-        ax.set_title(f"acquisition: {acq}", fontsize=9)
-        ax.set_xlabel("labelled images")
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=7)
-    st = al["settings"]
-    caption = (
-        f"Band: min-max over seeds {', '.join(str(x) for x in st['seeds'])}. "
-        f"Pool {_al_pool(st)}, test on {_al_test(st)}, K={st['num_samples']}, "
-        f"T={st['temperature']:g}, online APD {st['gan_steps']} GAN steps per fit. "
-        + provenance_line(results, source=_al_source(results))
-    )
-    start = "warm start" if st.get("warm_start", False) else "cold start"
-    fig.suptitle(f"Active learning on MNIST ({start} every round)", fontsize=10)
-    _finish(fig, path, caption)
 
 
 # --------------------------------------------------------------------------- sections
@@ -997,81 +822,3 @@ def render_markdown(results: EvaluationResults) -> str:
         "",
     ]
     return "\n".join(parts)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _clean_nan(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean_nan(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_clean_nan(v) for v in o]
-    return o
-
-
-def write_report(result: SuiteResult, out_dir: Path) -> Path:
-    """Write ``report.md``, the PNGs and ``results.json`` into ``out_dir``; returns the report."""
-    from training.evaluation.toy2d import plot_toy
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = result.results
-    if "classification" in results:
-        plot_reliability(results, out_dir / "reliability.png")
-    if "anomaly" in results:
-        plot_anomaly(results, out_dir / "anomaly_auroc.png")
-    if "adversarial" in results:
-        for score in ("mutual_information", "predictive_entropy"):
-            plot_adversarial(results, out_dir / f"adversarial_{score}.png", score)
-    if "active_learning" in results:
-        plot_active_learning(results, out_dir / "active_learning.png")
-    if result.toy is not None:
-        plot_toy(
-            result.toy, out_dir / "toy.png", provenance_line(results, source=toy_source(results))
-        )
-    results_file = out_dir / RESULTS_FILE
-    results_file.write_text(
-        json.dumps(_clean_nan(results), indent=1, default=_json_default, allow_nan=False) + "\n"
-    )
-    # read back and checked, so that the report is what results.json renders to
-    report = out_dir / REPORT_FILE
-    report.write_text(render_markdown(load_results(results_file)))
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Render ``report.md`` again from a ``results.json`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m training.evaluation.report",
-        description="Render report.md from the results.json of an evaluation (the plots are "
-        "not redrawn).",
-    )
-    parser.add_argument("results", type=Path, help="results.json written by apd evaluate")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="folder for report.md (default: that of results)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        results = load_results(args.results)
-    except UserError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    out_dir: Path = args.out or args.results.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = out_dir / REPORT_FILE
-    report.write_text(render_markdown(results))
-    print(f"wrote {report}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

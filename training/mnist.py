@@ -116,7 +116,7 @@ SHA256: Final[dict[str, str]] = {
 OOD_SETS: Final = ("notmnist", "omniglot", "cifar10_grey", "gaussian", "uniform")
 DEFAULT_NOISE_SIZE: Final = 10_000
 # Mean and standard deviation of all pixels of the 50,000-image MNIST training split, in
-# [0, 1] units (tests/test_data.py checks them against the real data).
+# [0, 1] units (tests/test_mnist.py checks them against the real data).
 MNIST_PIXEL_MEAN: Final = 0.130961
 MNIST_PIXEL_STD: Final = 0.308495
 
