@@ -255,6 +255,9 @@ def shown_answer(driver: Any) -> dict[str, Any]:
         "flag_text": flag.text,
         "num_samples": text("num-samples"),
         "model_variance": text("model-variance"),
+        "data_support": text("data-support")
+        if driver.find_elements(By.ID, "data-support")
+        else None,
         "uncertainty": {
             # "0.0021 (72%)": the value, then its share of the total
             str(t.get_attribute("textContent")): float(
@@ -302,7 +305,11 @@ def check_against_api(server: ServeProcess, shown: dict[str, Any]) -> dict[str, 
     for name, value in expected.items():
         assert shown["uncertainty"][name] == pytest.approx(value, abs=5e-5 + 1e-3 * value)
     assert float(shown["model_variance"]) == pytest.approx(u["model_variance"], rel=1e-2)
+    if "data_support" in u:  # the distance from the training data, beside the combined flag
+        assert float(shown["data_support"]) == pytest.approx(u["data_support"], rel=1e-2)
     assert f"{pred['anomaly']['threshold']:.4f}" in shown["gauge_text"]
+    if pred["anomaly"]["score_name"] == "combined":
+        assert "distance from the training data" in shown["gauge_text"]
     return answer
 
 

@@ -442,8 +442,13 @@
     const info = state.model.anomaly || {};
     const fpr = typeof info.target_fpr === "number" ? `${+(100 * info.target_fpr).toFixed(2)}%` : "a target";
     const on = info.calibration_set ? ` on ${info.calibration_set}` : "";
+    const what =
+      anomaly.score_name === "combined"
+        ? " (the larger of the mutual information and the distance from the training data, " +
+          "each divided by its own threshold)"
+        : "";
     $("gauge-text").textContent =
-      `${anomaly.score_name} = ${fmt(score)}; flagged above ${fmt(threshold)}, ` +
+      `${anomaly.score_name} = ${fmt(score)}${what}; flagged above ${fmt(threshold)}, ` +
       `the threshold calibrated for a ${fpr} false-positive rate${on}.`;
   }
 
@@ -452,6 +457,9 @@
     const rows = [
       ["Networks averaged (K)", String(answer.num_samples)],
       ["Model variance", fmt(prediction.uncertainty.model_variance)],
+      ...(prediction.uncertainty.data_support == null
+        ? []
+        : [["Distance from the training data", fmt(prediction.uncertainty.data_support)]]),
       ["Seed", answer.seed == null ? "none (networks drawn from the pool)" : String(answer.seed)],
       ["Model", `${model.id} ${model.version} (sha256 ${String(model.checkpoint_sha256).slice(0, 12)})`],
     ];
@@ -463,6 +471,7 @@
       dd.textContent = value;
       if (name.startsWith("Networks")) dd.id = "num-samples";
       if (name === "Model variance") dd.id = "model-variance";
+      if (name.startsWith("Distance")) dd.id = "data-support";
       items.push(dt, dd);
     }
     $("facts").replaceChildren(...items);
