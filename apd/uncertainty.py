@@ -21,6 +21,7 @@ threshold calibrated on held-out in-distribution data.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,15 +151,24 @@ def is_flagged(scores: FloatArray, threshold: float) -> NDArray[np.bool_]:
 
 
 def calibrate_threshold(in_distribution_scores: FloatArray, target_fpr: float) -> float:
-    """Smallest threshold flagging at most ``target_fpr`` of in-distribution scores.
+    """The threshold whose false-positive rate on new in-distribution inputs is at most
+    ``target_fpr``, from ``n`` held-out in-distribution scores.
 
-    An input is flagged when ``score > threshold``; the threshold is the empirical
-    ``(1 - target_fpr)`` quantile of the held-out in-distribution scores ("higher" method, so
-    the false-positive rate on that data never exceeds the target).
+    An input is flagged when ``score > threshold``. The threshold is the ``k``-th smallest
+    score with ``k = ceil((n + 1)(1 - target_fpr))``, split conformal prediction's rank
+    (Vovk et al. 2005; Angelopoulos & Bates 2021): when the held-out inputs and a new one are
+    exchangeable, the new one's score exceeds it with probability at most ``target_fpr``. The
+    empirical quantile (rank ``ceil((n - 1)(1 - target_fpr)) + 1``) only bounds the rate on
+    the held-out inputs themselves, and on a few dozen of them it flags new ones more often
+    (a 24-row validation split: about 8 % for a 5 % target). For 10,000 inputs the two ranks
+    agree. With fewer than ``1 / target_fpr - 1`` inputs no rank can promise the target; the
+    largest score is used (``apd distill`` warns when the inputs are few).
     """
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must lie in (0, 1), got {target_fpr}")
     s = np.asarray(in_distribution_scores, dtype=np.float64)
     if s.ndim != 1 or s.size == 0 or not np.isfinite(s).all():
         raise ValueError("in-distribution scores must be a non-empty finite 1-D array")
-    return float(np.quantile(s, 1.0 - target_fpr, method="higher"))
+    n = s.size
+    k = min(n, math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9))
+    return float(np.partition(s, k - 1)[k - 1])

@@ -12,7 +12,13 @@ from scipy.stats import binomtest
 from sklearn.decomposition import PCA
 
 from apd.support import DataSupport
-from apd.uncertainty import PredictiveSummary, ScoreName, is_flagged, summarize
+from apd.uncertainty import (
+    PredictiveSummary,
+    ScoreName,
+    calibrate_threshold,
+    is_flagged,
+    summarize,
+)
 from training.distillation.calibrate import (
     SUPPORT_SHARE,
     calibrate_summary,
@@ -115,3 +121,19 @@ def test_independent_tests_share_the_rate_as_probability_says() -> None:
     b = rule.rates[ScoreName.DATA_SUPPORT]
     a = rule.rates[ScoreName.MUTUAL_INFORMATION]
     assert a == pytest.approx(1 - 0.95 / (1 - b), abs=0.002)
+
+
+def test_thresholds_keep_the_rate_on_new_inputs_even_from_few() -> None:
+    """Split-conformal thresholds: over many calibration splits of 24 inputs, the rate at
+    which new in-distribution inputs are flagged is at most the target on average (the
+    empirical quantile's is about 8 %); on 10,000 inputs the threshold is the empirical
+    quantile itself."""
+    rng = np.random.default_rng(7)
+    conformal, empirical = [], []
+    for _ in range(2000):
+        cal, new = rng.standard_normal(24), rng.standard_normal(200)
+        conformal.append(float((new > calibrate_threshold(cal, 0.05)).mean()))
+        empirical.append(float((new > np.quantile(cal, 0.95, method="higher")).mean()))
+    assert np.mean(conformal) <= 0.05 and np.mean(empirical) > 0.07
+    big = rng.random(10_000)
+    assert calibrate_threshold(big, 0.05) == np.quantile(big, 0.95, method="higher")
