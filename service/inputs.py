@@ -396,25 +396,20 @@ class InputSchema:
                 values=self._values,
                 total=total,
             )
-        if self.integral and self.value_range[0] <= value <= self.value_range[1]:
-            raise _error(
-                "integer_value",
-                "inputs{where} is {value}: this model's {values} are whole numbers in {range} "
-                "(uint8, e.g. grey levels 0-255, not pixel / 255) ({total} bad value(s) in "
-                "this request)",
-                loc,
-                value,
-                where=_where(loc),
-                value=value,
-                values=self._values,
-                range=self._range_text(),
-                total=total,
-            )
         if self.checks_range:
+            whole = self.integral and self.value_range[0] <= value <= self.value_range[1]
+            rule = (
+                "are whole numbers in {range} (uint8, e.g. grey levels 0-255, not pixel / 255)"
+                if whole
+                else "must lie in {range}"
+            )
             raise _error(
-                "pixel_range" if self._images else "value_range",
-                "inputs{where} is {value}: {values} must lie in {range} "
-                "({total} bad value(s) in this request)",
+                "integer_value" if whole else "pixel_range" if self._images else "value_range",
+                "inputs{where} is {value}: "
+                + ("this model's " if whole else "")
+                + "{values} "
+                + rule
+                + " ({total} bad value(s) in this request)",
                 loc,
                 value,
                 where=_where(loc),
