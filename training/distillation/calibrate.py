@@ -206,12 +206,12 @@ def fit_recalibration(
     fitted_on: str = "mnist-validation",
     min_inputs: int = MIN_RECALIBRATION_INPUTS,
 ) -> Recalibration | None:
-    """The top-label recalibration of a predictive ``(N, C)`` on held-out inputs with their
-    ``labels`` (:mod:`apd.recalibration`): isotonic regression (scikit-learn, with
-    out-of-bounds inputs clipped) of whether the top label is right on its confidence, its
-    knots capped at :func:`apd.recalibration.confidence_cap` of N. Records ECE and NLL on
-    these inputs before and after. None (the probabilities served as they are) below
-    ``min_inputs`` inputs, too few for a map of many steps."""
+    """The top-label recalibration (:mod:`apd.recalibration`) of a predictive ``(N, C)`` on
+    held-out inputs with their ``labels``: isotonic regression (scikit-learn, out-of-bounds
+    inputs clipped) of whether the top label is right on its confidence, capped at
+    :func:`apd.recalibration.confidence_cap` of N. Records ECE and NLL on these inputs before
+    and after. None (the probabilities served as they are) below ``min_inputs`` inputs, too
+    few for a map of many steps."""
     from sklearn.isotonic import IsotonicRegression
 
     p = np.asarray(probabilities, dtype=np.float64)
