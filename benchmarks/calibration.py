@@ -315,7 +315,7 @@ def plot(diagrams: dict[str, Any], path: Path, caption: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.6), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.8), layout="constrained")
     for ax, (name, rel) in zip(axes, diagrams.items(), strict=True):
         edges = np.asarray(rel["edges"])
         centres = (edges[:-1] + edges[1:]) / 2
@@ -326,15 +326,11 @@ def plot(diagrams: dict[str, Any], path: Path, caption: str) -> None:
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         ax.set_title(f"served, {name} the map: ECE {rel['ece']:.4f}", fontsize=9)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.1)
         ax.set_xlabel("confidence")
-        # the top bin holds most digits: its gap, magnified
-        inset = ax.inset_axes((0.45, 0.08, 0.5, 0.4))
-        top = slice(-3, None)
-        inset.plot(conf[top], acc[top] - conf[top], "o-", color="black", ms=3)
-        inset.axhline(0, color="grey", lw=1, ls="--")
-        inset.set_title("accuracy - confidence, top 3 bins", fontsize=6)
-        inset.tick_params(labelsize=5)
+        for x, a, n in zip(centres, np.nan_to_num(acc), rel["count"], strict=True):
+            if n:  # how many digits each bin holds: most lie in the top one
+                ax.text(x, a + 0.01, str(n), ha="center", va="bottom", fontsize=5, rotation=90)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Reliability of the served fcNN1 probabilities, MNIST test (15 bins)", fontsize=10)
