@@ -215,3 +215,43 @@ def test_the_service_returns_the_map_of_the_reference_predictive(tmp_path: Path)
     for a, b in zip(raw, served, strict=True):
         assert a["label"] == b["label"]
         assert a["uncertainty"] == b["uncertainty"] and a["anomaly"] == b["anomaly"]
+
+
+def test_apd_calibrate_adds_the_map_fitted_on_the_validation_split(tmp_path: Path) -> None:
+    """`apd calibrate` on a checkpoint of its own npz data: the written checkpoint's map is
+    the fit of its networks' (num_samples, seed 0) validation predictive, and serves."""
+    from training.cli import main
+    from training.datasets import DataSpec, load_dataset
+
+    rng = np.random.default_rng(8)
+    x = random_images(1300, seed=8)
+    y = rng.integers(0, 10, 1300)
+    data_path = tmp_path / "digits.npz"
+    np.savez(
+        data_path,
+        x_train=x[:600],
+        y_train=y[:600],
+        x_val=x[600:1200],
+        y_val=y[600:1200],
+        x_test=x[1200:],
+        y_test=y[1200:],
+    )
+    data = load_dataset(DataSpec(source=str(data_path)), None)
+    src = make_checkpoint(tmp_path / "in.safetensors")
+    ckpt = load_checkpoint(src)
+    provenance = ckpt.meta.provenance.model_copy(update={"data": data.provenance()})
+    save_checkpoint(
+        src, ckpt.meta.model_copy(update={"provenance": provenance}), load_file(str(src))
+    )
+    out = tmp_path / "out.safetensors"
+    assert main(["calibrate", "--checkpoint", str(src), "--out", str(out)]) == 0
+    got = load_checkpoint(out)
+    rec = got.meta.recalibration
+    assert rec is not None and rec.fit_size == 600 and rec.cap == confidence_cap(600)
+    k = got.meta.anomaly.num_samples
+    p = got.summarize(data.val_x, k, 0).probabilities
+    want = fit_recalibration(p, data.val_y, k, rec.fitted_on)
+    assert want is not None
+    assert (rec.confidence, rec.calibrated) == (want.confidence, want.calibrated)
+    assert rec.validation == pytest.approx(want.validation)
+    assert got.meta.metrics["calibration"]["recalibration"] == pytest.approx(want.validation)
