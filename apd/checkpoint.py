@@ -27,7 +27,8 @@ Tensors (float32 unless noted; weights are ``(fan_in, fan_out)`` and a layer is 
 
 Metadata (safetensors header, string values)
     ``apd.meta``: JSON of :class:`CheckpointMeta` (target network, input convention,
-    generator shape, anomaly thresholds, default ``num_samples``, provenance).
+    generator shape, anomaly thresholds, the recalibration map of the served probabilities,
+    default ``num_samples``, provenance).
     ``apd.sha256``: digest of the ``apd.meta`` string and of every tensor's name, dtype,
     shape and bytes, so a flipped bit anywhere in the metadata or the data is caught on load.
 
@@ -64,6 +65,7 @@ from pydantic import (
 
 from apd import support
 from apd.networks import Activation, NetworkSpec, forward_probs, spec_from_dict
+from apd.recalibration import recalibrate_top_label
 from apd.support import DataSupport
 from apd.uncertainty import PREDICTIVE_SCORES, PredictiveSummary, ScoreName, is_flagged, summarize
 
@@ -405,6 +407,49 @@ class DataSupportRecord(_Strict):
     fit_rows: int = Field(gt=1)
 
 
+class Recalibration(_Strict):
+    """The map the service applies to the probabilities it returns (:mod:`apd.recalibration`):
+    the top-label confidence ``c`` becomes ``g(c)``, piecewise linear through the knots
+    ``(confidence[i], calibrated[i])``, fitted on ``fit_size`` inputs of ``fitted_on`` with
+    ``num_samples`` networks (``training.distillation.calibrate.fit_recalibration``). ``g``
+    never exceeds ``cap`` (:func:`apd.recalibration.confidence_cap` of ``fit_size``).
+    ``validation`` records ECE and NLL on the fit split before and after."""
+
+    method: Literal["isotonic-top-label"] = "isotonic-top-label"
+    confidence: list[float] = Field(min_length=1)
+    calibrated: list[float] = Field(min_length=1)
+    cap: float = Field(gt=0, lt=1)
+    fitted_on: str
+    fit_size: int = Field(gt=0)
+    num_samples: int = Field(gt=0)
+    validation: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _monotone_map(self) -> Recalibration:
+        x, y = self.confidence, self.calibrated
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} confidence knots but {len(y)} calibrated values")
+        if not all(math.isfinite(v) for v in (*x, *y)):
+            raise ValueError("knots must be finite")
+        if not (0.0 <= x[0] and x[-1] <= 1.0) or not all(a < b for a, b in itertools.pairwise(x)):
+            raise ValueError("confidence knots must increase strictly within [0, 1]")
+        if not all(a <= b for a, b in itertools.pairwise(y)):
+            raise ValueError("calibrated values must not decrease (the map is monotone)")
+        if y[0] < 0.0 or y[-1] > self.cap:
+            raise ValueError(f"calibrated values must lie in [0, cap={self.cap}]")
+        return self
+
+    def apply(self, probabilities: NDArray[np.floating]) -> NDArray[np.float64]:
+        """Predictive rows ``(N, C)`` recalibrated
+        (:func:`apd.recalibration.recalibrate_top_label`)."""
+        knots = _memo(
+            self,
+            "_memo_knots",
+            lambda: (np.asarray(self.confidence), np.asarray(self.calibrated)),
+        )
+        return recalibrate_top_label(probabilities, *knots)
+
+
 class Probes(_Strict):
     """Inputs with the answers the distiller computed for them: ``num_samples`` networks
     drawn from NumPy seed ``seed`` (:meth:`Checkpoint.noise`); loading recomputes them and
@@ -439,6 +484,7 @@ class CheckpointMeta(_Strict):
     metrics: dict[str, Any] = {}
     data_support: DataSupportRecord | None = None
     probes: Probes | None = None
+    recalibration: Recalibration | None = None
 
     @model_validator(mode="after")
     def _input_fits_target(self) -> CheckpointMeta:
@@ -658,6 +704,13 @@ class Checkpoint:
         summary = summarize(forward_probs(self.spec, theta, x))
         ds = self.data_support
         return summary if ds is None else replace(summary, data_support=ds.score(x))
+
+    def probabilities(self, summary: PredictiveSummary) -> NDArray[np.float64]:
+        """The probabilities served for ``summary``: its predictive mapped by the checkpoint's
+        :class:`Recalibration`, or as it is without one. Labels, the uncertainty decomposition
+        and the anomaly scores stay the networks' own (``summary``'s)."""
+        r = self.meta.recalibration
+        return summary.probabilities if r is None else r.apply(summary.probabilities)
 
     def verify_probes(self) -> None:
         """Recompute the stored probes (:class:`Probes`); ``ValueError`` naming the first

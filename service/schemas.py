@@ -183,7 +183,9 @@ class Prediction(BaseModel):
         description="The class name of label, from the checkpoint; absent when it names none",
     )
     probabilities: list[float] = Field(
-        description="Posterior predictive: the mean of the K networks' softmax (sums to 1)"
+        description="Posterior predictive: the mean of the K networks' softmax, recalibrated "
+        "by the checkpoint's map when it has one (the top class's probability mapped, the "
+        "others rescaled in proportion; argmax kept, sums to 1)"
     )
     uncertainty: Uncertainty
     anomaly: AnomalyFlag

@@ -23,6 +23,12 @@ mutual information alone at ``alpha``; benchmarks/results/far_from_data.md). The
 test's rate is then the largest for which the union flags at most ``alpha`` of the
 calibration split.
 
+The probabilities the service returns are recalibrated by a monotone map of the top-label
+confidence fitted here on the same validation split (:func:`fit_recalibration`, isotonic
+regression, when it holds :data:`MIN_RECALIBRATION_INPUTS` inputs or more;
+:mod:`apd.recalibration`); the thresholds above score the networks' own outputs, so
+the map leaves every flag as it is.
+
 A threshold set on few inputs is uncertain: each score records how many calibration inputs
 it flags and the 95 % Clopper-Pearson interval of the false-positive rate that implies.
 """
@@ -36,8 +42,9 @@ import torch
 from numpy.typing import NDArray
 from scipy.stats import beta as beta_dist
 
-from apd.checkpoint import AnomalyCalibration, CombinedRule, DataSupportRecord
+from apd.checkpoint import AnomalyCalibration, CombinedRule, DataSupportRecord, Recalibration
 from apd.networks import NetworkSpec
+from apd.recalibration import confidence_cap
 from apd.support import DataSupport
 from apd.uncertainty import (
     PREDICTIVE_SCORES,
@@ -47,6 +54,7 @@ from apd.uncertainty import (
     is_flagged,
     summarize,
 )
+from training.metrics import expected_calibration_error, negative_log_likelihood
 from training.torch_ops import member_probs
 
 DEFAULT_SCORE = ScoreName.COMBINED
@@ -57,6 +65,9 @@ DEFAULT_TARGET_FPR = 0.05
 FEW_CALIBRATION_INPUTS = 500
 # The data-support test's share of the target false-positive rate in the combined flag.
 SUPPORT_SHARE = 0.05
+# Below this many validation inputs the probabilities are served unrecalibrated: an isotonic
+# map fitted on fewer is mostly noise (benchmarks/results/calibration.md).
+MIN_RECALIBRATION_INPUTS = FEW_CALIBRATION_INPUTS
 
 
 def fpr_interval(flagged: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -186,3 +197,46 @@ def threshold_warning(anomaly: AnomalyCalibration) -> str | None:
 def flag_rate(anomaly: AnomalyCalibration, summary: PredictiveSummary, score: ScoreName) -> float:
     """Fraction of ``summary``'s inputs flagged by ``score`` (as the service flags them)."""
     return float(anomaly.flags(summary, score)[1].mean())
+
+
+def fit_recalibration(
+    probabilities: NDArray[np.floating],
+    labels: NDArray[np.integer],
+    num_samples: int,
+    fitted_on: str = "mnist-validation",
+    min_inputs: int = MIN_RECALIBRATION_INPUTS,
+) -> Recalibration | None:
+    """The top-label recalibration (:mod:`apd.recalibration`) of a predictive ``(N, C)`` on
+    held-out inputs with their ``labels``: isotonic regression (scikit-learn, out-of-bounds
+    inputs clipped) of whether the top label is right on its confidence, capped at
+    :func:`apd.recalibration.confidence_cap` of N. Records ECE and NLL on these inputs before
+    and after. None (the probabilities served as they are) below ``min_inputs`` inputs, too
+    few for a map of many steps."""
+    from sklearn.isotonic import IsotonicRegression
+
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"need probabilities (N, C) for N labels, got {p.shape}, {y.shape}")
+    if len(y) < max(min_inputs, 2):
+        return None
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    cap = confidence_cap(len(y))
+    iso = IsotonicRegression(y_min=0.0, y_max=cap, out_of_bounds="clip").fit(confidence, correct)
+    draft = Recalibration(
+        confidence=[float(v) for v in iso.X_thresholds_],
+        calibrated=[float(v) for v in iso.y_thresholds_],
+        cap=cap,
+        fitted_on=fitted_on,
+        fit_size=len(y),
+        num_samples=num_samples,
+    )
+    after = draft.apply(p)
+    validation = {
+        "ece_before": expected_calibration_error(p, y),
+        "nll_before": negative_log_likelihood(p, y),
+        "ece_after": expected_calibration_error(after, y),
+        "nll_after": negative_log_likelihood(after, y),
+    }
+    return draft.model_copy(update={"validation": validation})

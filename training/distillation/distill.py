@@ -9,8 +9,9 @@ Offline (Algorithm 1) reads a finished sample store; the teacher that validation
 against is 100 samples spread across its chains (``SampleStore.select_spread``). Online
 (Algorithm 2) runs SGLD chains on the training split of ``--dataset`` while the GAN trains,
 and compares against the chains' most recent samples. Either way, the generator with the
-lowest validation KL is kept, anomaly thresholds are calibrated on the validation split with
-``--num-samples`` networks from the generator, and the checkpoint is written together with
+lowest validation KL is kept, anomaly thresholds and the recalibration map of the served
+probabilities are fitted on the validation split with ``--num-samples`` networks from the
+generator, and the checkpoint is written together with
 ``<name>.fidelity.json`` (the validation history, residual-noise search and settings).
 The test split is never read.
 
@@ -56,6 +57,7 @@ from .calibrate import (
     DEFAULT_SCORE,
     DEFAULT_TARGET_FPR,
     calibrate,
+    fit_recalibration,
     flag_rate,
     support_record,
     threshold_warning,
@@ -428,6 +430,9 @@ def run(args: argparse.Namespace) -> int:
     warning = threshold_warning(anomaly)
     if warning is not None:
         print(warning, file=sys.stderr)
+    recalibration = fit_recalibration(
+        val_summary.probabilities, data.val_y, args.num_samples, f"{data.name}-validation"
+    )
     best = result.summary()["best_validation"]
     final = next(
         (r for r in result.residual_search if r["residual_scale"] == result.residual_scale), None
@@ -437,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
             "accuracy": accuracy(val_summary.probabilities, data.val_y),
             "selected": final or best,
             "flag_rate": {s.value: flag_rate(anomaly, val_summary, s) for s in anomaly.thresholds},
+            "recalibration": None if recalibration is None else recalibration.validation,
         },
         "teacher_validation": teacher_info,
         "distill_seconds": round(seconds, 1),
@@ -472,6 +478,7 @@ def run(args: argparse.Namespace) -> int:
         num_samples_default=args.num_samples,
         data_support=(support, record),
         probes=data.val_x,
+        recalibration=recalibration,
     )
     ckpt = load_checkpoint(out)  # re-read: what the service will see
     fidelity_path = fidelity_path_for(out)

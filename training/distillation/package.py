@@ -19,6 +19,7 @@ from apd.checkpoint import (
     Design,
     InputConvention,
     Provenance,
+    Recalibration,
     TargetNetwork,
     save_checkpoint,
     with_probes,
@@ -57,11 +58,13 @@ def write_checkpoint(
     num_samples_default: int = 100,
     data_support: tuple[DataSupport, DataSupportRecord] | None = None,
     probes: NDArray[np.float32] | None = None,
+    recalibration: Recalibration | None = None,
 ) -> tuple[str, CheckpointMeta]:
     """Validate and write the checkpoint; returns its sha256 and metadata. The input
     convention is the training data's (:attr:`training.own_data.Dataset.convention`);
     with ``probes`` (validation inputs), :func:`probe_set` of them is stored with the written
-    generator's answers (:class:`apd.checkpoint.Probes`)."""
+    generator's answers (:class:`apd.checkpoint.Probes`); ``recalibration`` is the map of the
+    served probabilities (:func:`training.distillation.calibrate.fit_recalibration`)."""
     if generator.num_params != spec.num_params:
         raise ValueError(
             f"generator makes {generator.num_params} weights, {spec.name} has {spec.num_params}"
@@ -83,6 +86,7 @@ def write_checkpoint(
         ),
         metrics=metrics,
         data_support=None if data_support is None else data_support[1],
+        recalibration=recalibration,
     )
     tensors: dict[str, NDArray[Any]] = dict(generator.checkpoint_tensors(basis_dtype))
     if data_support is not None:

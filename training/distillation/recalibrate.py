@@ -5,12 +5,13 @@
 
 Reads the data the checkpoint records (MNIST, or the file of your own data at the path the
 checkpoint names, or ``--dataset`` where it moved), fits the data-support score on its training
-split, calibrates every threshold on its validation split (:mod:`.calibrate`) with the
+split, calibrates every threshold and fits the recalibration map of the served probabilities
+on its validation split (:mod:`.calibrate`) with the
 checkpoint's own networks (``num_samples`` of them, seed 0 as `apd distill` draws them for
 calibration: the noise is the contract's, :meth:`apd.checkpoint.Checkpoint.noise`), stores
 probes, and writes a new checkpoint whose generator tensors are the input's, byte for byte.
-For a checkpoint made before the data-support score and probes existed, this adds them; for
-any checkpoint, it moves the thresholds to another ``--target-fpr``.
+For a checkpoint made before the data-support score, probes and recalibration existed, this adds
+them; for any checkpoint, it moves the thresholds to another ``--target-fpr``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from training.own_data import DataSpec, load_dataset
 
 from .calibrate import (
     DEFAULT_SCORE,
+    MIN_RECALIBRATION_INPUTS,
     calibrate_summary,
+    fit_recalibration,
     flag_rate,
     support_record,
     threshold_warning,
@@ -105,8 +108,15 @@ def run(args: argparse.Namespace) -> int:
     warning = threshold_warning(anomaly)
     if warning is not None:
         print(warning, file=sys.stderr)
+    recalibration = fit_recalibration(
+        summary.probabilities, data.val_y, k, f"{data.name}-validation"
+    )
     rate = {s.value: flag_rate(anomaly, summary, s) for s in anomaly.thresholds}
-    validation = {"accuracy": accuracy(summary.probabilities, data.val_y), "flag_rate": rate}
+    validation = {
+        "accuracy": accuracy(summary.probabilities, data.val_y),
+        "flag_rate": rate,
+        "recalibration": None if recalibration is None else recalibration.validation,
+    }
     metrics = {**meta.metrics, "calibration": {"recalibrated_at": utc_now(), **validation}}
     new_meta = meta.model_copy(
         update={
@@ -114,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             "data_support": record,
             "metrics": metrics,
             "probes": None,
+            "recalibration": recalibration,
             "version": args.version or default_version(),
         }
     )
@@ -123,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     new_meta, tensors = with_probes(new_meta, stored | support.tensors(), x, kinds)
     sha = save_checkpoint(out, new_meta, tensors)
     load_checkpoint(out)  # what the service will see
+    cal = None if recalibration is None else recalibration.validation
     rates = ", ".join(
         f"{s.value} {anomaly.thresholds[s]:.4g} ({rate[s.value]:.3f})"
         for s in (*PREDICTIVE_SCORES, ScoreName.DATA_SUPPORT, ScoreName.COMBINED)
@@ -131,6 +143,13 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {out} (sha256 {sha[:12]}, {out.stat().st_size / 1e6:.2f} MB): data support of "
         f"rank {support.rank}; thresholds at FPR {target_fpr:g} on {len(data.val_x)} "
-        f"validation inputs (flag rate): {rates}; default flag {anomaly.default_score.value}"
+        f"validation inputs (flag rate): {rates}; default flag {anomaly.default_score.value}; "
+        + (
+            f"probabilities served as they are (fewer than {MIN_RECALIBRATION_INPUTS} "
+            "validation inputs to recalibrate them on)"
+            if cal is None
+            else f"probabilities recalibrated: validation ECE {cal['ece_before']:.4f} -> "
+            f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"
+        )
     )
     return 0

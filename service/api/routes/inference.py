@@ -106,7 +106,7 @@ async def _predict(
     # Built without re-validation (model_construct): every value comes from the summary's
     # arrays, already of the declared types; 3 x N validations were ~5% of a batch-64 request.
     labels = summary.labels.tolist()
-    probabilities = summary.probabilities.tolist()
+    probabilities = runtime.checkpoint.probabilities(summary).tolist()
     support = (
         [None] * len(labels) if summary.data_support is None else summary.data_support.tolist()
     )

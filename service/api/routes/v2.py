@@ -330,7 +330,7 @@ def _output_tensors(
     scores, flags, _ = runtime.flags(summary, score)
     support = {} if summary.data_support is None else {"data_support": summary.data_support}
     return support | {
-        "probabilities": summary.probabilities,
+        "probabilities": runtime.checkpoint.probabilities(summary),
         "label": summary.labels,
         "predictive_entropy": summary.predictive_entropy,
         "expected_entropy": summary.expected_entropy,
