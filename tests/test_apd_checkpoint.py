@@ -257,10 +257,11 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models/mnist-fcnn1/model.safete
 
 
 def test_the_shipped_checkpoint_reads_unchanged() -> None:
-    """The fcNN1 checkpoint written before CNNs and input conventions existed loads as it
-    was: the file's sha256 is the one its model card publishes, its target is the same MLP,
-    its target record serialises to the very JSON in the file, and its input convention is
-    MNIST's (28 x 28 pixels in [0, 1], no preprocessing)."""
+    """The shipped fcNN1 checkpoint: the file's sha256 is the one its model card publishes,
+    its target is the same MLP, its target record serialises to the very JSON in the file
+    (an MLP's record has no CNN fields), and its input convention is MNIST's (28 x 28 pixels
+    in [0, 1], no preprocessing); it carries the data-support score, the combined default
+    flag, probes and the recalibration map that `apd calibrate` adds."""
     card = (SHIPPED.parent / "MODEL_CARD.md").read_text()
     published = re.search(r"sha256 `([0-9a-f]{64})`", card)
     assert published is not None
@@ -270,9 +271,12 @@ def test_the_shipped_checkpoint_reads_unchanged() -> None:
     _, header, _ = _header(SHIPPED)
     raw = json.loads(header["__metadata__"][META_KEY])  # type: ignore[index]
     assert ckpt.meta.target.model_dump(mode="json") == raw["target"]
-    assert "input_shape" not in raw["target"] and set(raw["input"]) < set(
+    assert "input_shape" not in raw["target"] and set(raw["input"]) <= set(
         InputConvention.model_fields
     )
+    assert ckpt.data_support is not None and ckpt.meta.probes is not None
+    assert ckpt.meta.anomaly.default_score.value == "combined"
+    assert ckpt.meta.recalibration is not None
     convention = ckpt.meta.input
     assert convention.shape == [28, 28] and convention.image_mode == "L"
     assert (convention.scale, convention.shift, convention.class_names) == (1.0, 0.0, None)
