@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 import torch
@@ -42,10 +42,25 @@ from tqdm import tqdm
 from apd.checkpoint import Design
 
 from .fidelity import ValidationMonitor
-from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler, WGANGPConfig
+from .gan import (
+    WGANGP,
+    Critic,
+    Generator,
+    RankGrowth,
+    RealBatch,
+    RealSampler,
+    WGANGPConfig,
+    fit_to_moments,
+)
 from .subspace import BasisDtype, Subspace, fit_subspace, load_rows
 
 log = logging.getLogger(__name__)
+
+CodeScaling = Literal["coordinate", "shared"]
+"""How the GAN's coordinates are scaled from the subspace coefficients: ``coordinate`` divides
+each by its own standard deviation (every direction has unit variance), ``shared`` divides all
+by one number, the root mean variance (the directions keep their relative sizes, so the critic
+measures distances as weight space does)."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +78,30 @@ class DistillConfig:
     eval_every: int = 1000
     num_networks: int = 100
     seed: int = 0
+    code_scaling: CodeScaling = "coordinate"
+    moment_init_steps: int = 0
+    rank_start: int | None = None
+    rank_growth_steps: int = 0
+    variance_target: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.eval_every <= 0 or self.num_networks <= 0:
             raise ValueError("steps, eval_every and num_networks must be positive")
+        if self.code_scaling not in get_args(CodeScaling):
+            raise ValueError(
+                f"code_scaling must be one of {', '.join(get_args(CodeScaling))}, "
+                f"got {self.code_scaling!r}"
+            )
+        if self.moment_init_steps < 0:
+            raise ValueError(f"moment_init_steps must be >= 0, got {self.moment_init_steps}")
+        if self.variance_target is not None and not 0.0 < self.variance_target <= 1.0:
+            raise ValueError(f"variance_target must lie in (0, 1], got {self.variance_target}")
+        if self.rank_start is not None and not 0 < self.rank_start:
+            raise ValueError(f"rank_start must be positive, got {self.rank_start}")
+        if not 0 <= self.rank_growth_steps < self.steps:
+            raise ValueError(
+                f"rank_growth_steps must lie in [0, steps), got {self.rank_growth_steps}"
+            )
         if self.design is Design.SUBSPACE and self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
         if not self.residual_scales or any(
@@ -216,9 +251,12 @@ def build_subspace_generator(
     device: torch.device,
     component_weights: list[float] | None = None,
     output_dim: int | None = None,
+    scaling: CodeScaling = "coordinate",
 ) -> tuple[Generator, torch.Tensor]:
     """The subspace generator for ``sub`` and its training data: standardised coefficients
-    ``u = (c - shift) / scale`` with the coefficients' per-coordinate mean and std.
+    ``u = (c - shift) / scale`` with the coefficients' per-coordinate mean, and their
+    per-coordinate std (``scaling="coordinate"``) or one shared scale, the root mean of their
+    variances (``"shared"``).
 
     ``output_dim`` > rank reserves output coordinates for directions added later (online
     APD, one batch per cycle): their basis rows are 0, so they move no weight until filled,
@@ -231,7 +269,10 @@ def build_subspace_generator(
     shift = torch.zeros(dim, dtype=torch.float64)
     scale = torch.ones(dim, dtype=torch.float64)
     shift[:r] = c.mean(dim=0)
-    scale[:r] = c.std(dim=0).clamp_min(1e-12)
+    std = c.std(dim=0)
+    if scaling == "shared":
+        std = std.pow(2).mean().sqrt().expand(r)
+    scale[:r] = std.clamp_min(1e-12)
     data = torch.zeros(len(c), dim)
     data[:, :r] = ((c - shift[:r]) / scale[:r]).float()
     basis = torch.zeros(dim, sub.num_params)
@@ -294,12 +335,16 @@ def train_gan(
     report: Callable[[str], None] | None = None,
     progress: bool = True,
     desc: str = "apd",
+    before_step: Callable[[int], None] | None = None,
+    select_from: int = 0,
 ) -> tuple[list[dict[str, float]], int]:
     """Run ``steps`` generator steps; every ``eval_every`` steps (and at the end) score
     ``gan.output`` on validation, and leave the best-scoring weights in ``gan.generator``.
 
     Returns the history (one dict per evaluation) and the best step (``steps`` if no
-    monitor). ``report`` receives one log line per evaluation.
+    monitor). ``report`` receives one log line per evaluation. ``before_step(t)`` runs
+    before generator step t (1-based); only evaluations from step ``select_from`` on may
+    be kept.
     """
     history: list[dict[str, float]] = []
     best_step, best_value = steps, math.inf
@@ -307,6 +352,8 @@ def train_gan(
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=1.0, unit="step")
     t0 = time.perf_counter()
     for t in bar:
+        if before_step is not None:
+            before_step(t)
         stats = gan.step(real)
         if not math.isfinite(stats.critic_loss) or not math.isfinite(stats.generator_loss):
             raise FloatingPointError(f"the GAN diverged at step {t}; lower the learning rate")
@@ -320,7 +367,7 @@ def train_gan(
             **monitor.evaluate(gan.output),
         }
         history.append(row)
-        if row["val_kl"] < best_value:
+        if row["val_kl"] < best_value and t >= select_from:
             best_value, best_step = row["val_kl"], t
             best_state = copy.deepcopy(gan.output.net.state_dict())
         bar.set_postfix(val_kl=f"{row['val_kl']:.4f}", w=f"{stats.wasserstein:.3f}", refresh=False)
@@ -394,8 +441,16 @@ def distill_offline(
         raise ValueError(f"got {len(labels)} chain ids for {n} samples")
     if config.design is Design.SUBSPACE:
         rank = min(config.rank, n - 1)
-        sub = fit_subspace(samples, rank, rows=rows, basis_dtype=config.basis_dtype)
-        generator, data = build_subspace_generator(sub, config.gan, dev, weights)
+        sub = fit_subspace(
+            samples,
+            rank,
+            rows=rows,
+            basis_dtype=config.basis_dtype,
+            variance_target=config.variance_target,
+        )
+        generator, data = build_subspace_generator(
+            sub, config.gan, dev, weights, scaling=config.code_scaling
+        )
         sub_summary = sub.summary()
         if report is not None:
             report(
@@ -415,21 +470,33 @@ def distill_offline(
     critic = Critic(data.shape[1], config.gan.critic_hidden, k if k > 1 else 0).to(dev)
     if threads is None and dev.type == "cpu" and config.design is Design.SUBSPACE:
         threads = 1
+    if config.moment_init_steps:
+        with torch_threads(threads):
+            fit_to_moments(generator, data, labels, config.moment_init_steps, rng)
     seconds["prepare"] = round(time.perf_counter() - t0, 2)
 
     gan = WGANGP(generator, critic, config.gan, config.steps, rng)
+    real = uniform_sampler(data, rng, labels)
+    growth = None
+    if config.rank_start is not None and config.rank_start < generator.output_dim:
+        growth = RankGrowth(gan, config.rank_start, config.rank_growth_steps)
+        real = growth.sampler(real)
     t1 = time.perf_counter()
     with torch_threads(threads):
         history, best_step = train_gan(
             gan,
-            uniform_sampler(data, rng, labels),
+            real,
             config.steps,
             monitor,
             config.eval_every,
             report,
             progress,
             desc=f"apd-{config.design.value}",
+            before_step=None if growth is None else growth.before_step,
+            select_from=0 if growth is None else config.rank_growth_steps + 1,
         )
+    if growth is not None:
+        growth.close()
     seconds["train"] = round(time.perf_counter() - t1, 2)
     t2 = time.perf_counter()
     generator.eval()
