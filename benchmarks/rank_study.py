@@ -65,6 +65,19 @@ VARIANTS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
         "rank 92, moment-matched start (2,000 steps)",
         {"rank": 92, "basis_dtype": "int8", "moment_init_steps": 2000},
     ),
+    "r92-moments-shared": (
+        "rank 92, moment-matched start and one shared scale",
+        {
+            "rank": 92,
+            "basis_dtype": "int8",
+            "moment_init_steps": 2000,
+            "code_scaling": "shared",
+        },
+    ),
+    "r92-grow": (
+        "rank 92, from 46 directions, one more every ~100 steps to step 5,000",
+        {"rank": 92, "basis_dtype": "int8", "rank_start": 46, "rank_growth_steps": 5000},
+    ),
     "r92-lr3e-4": ("rank 92, lr 3e-4", {"rank": 92, "basis_dtype": "int8", "lr": 3e-4}),
     "r92-critic256": (
         "rank 92, critic 3 x 256",
