@@ -65,6 +65,14 @@ VARIANTS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
         "rank 92, moment-matched start (2,000 steps)",
         {"rank": 92, "basis_dtype": "int8", "moment_init_steps": 2000},
     ),
+    "r46-shared": (
+        "rank 46, float16, one shared scale for all codes",
+        {"rank": 46, "basis_dtype": "float16", "code_scaling": "shared"},
+    ),
+    "r138-shared": (
+        "rank 138, int8, one shared scale for all codes",
+        {"rank": 138, "basis_dtype": "int8", "code_scaling": "shared"},
+    ),
     "r92-moments-shared": (
         "rank 92, moment-matched start and one shared scale",
         {
@@ -241,11 +249,11 @@ def projections(run: Path, ranks: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def _stamp(args_list: list[str]) -> dict[str, Any]:
+def _stamp(args_list: list[str], revision: str) -> dict[str, Any]:
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/rank_study.py", *args_list]),
-        "code_revision": code_revision(),
+        "code_revision": revision,
     }
 
 
@@ -350,12 +358,16 @@ def main() -> None:
     record["run"] = str(args.run)
     record.setdefault("variants", {})
     load_start = round(os.getloadavg()[0], 2)
+    revision = code_revision()  # the code that runs, whatever is committed meanwhile
     if args.references is not None:
         ranks = args.references or [46, 92, 138, 184]
-        record["references"] = {**_stamp(sys.argv[1:]), "rows": references(args.run, ranks)}
+        record["references"] = {
+            **_stamp(sys.argv[1:], revision),
+            "rows": references(args.run, ranks),
+        }
     if args.projections:
         record["projections"] = {
-            **_stamp(sys.argv[1:]),
+            **_stamp(sys.argv[1:], revision),
             "rows": projections(args.run, args.projections),
         }
     if args.variants:
@@ -365,7 +377,11 @@ def main() -> None:
             rows = [f.result() for f in futures]
         load = f"{load_start} -> {round(os.getloadavg()[0], 2)}"
         for row in rows:
-            record["variants"][row["name"]] = {**row, **_stamp(sys.argv[1:]), "load": load}
+            record["variants"][row["name"]] = {
+                **row,
+                **_stamp(sys.argv[1:], revision),
+                "load": load,
+            }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "rank_study.md").write_text(markdown(record))

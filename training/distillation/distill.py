@@ -55,6 +55,8 @@ from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate, flag_rate
 from .fidelity import ValidationMonitor
 from .gan import Generator
 from .offline import (
+    AUTO_MAX_RANK,
+    AUTO_VARIANCE_HELD,
     PRESETS,
     DistillConfig,
     DistillResult,
@@ -72,10 +74,6 @@ from .online import (
 from .package import default_version, write_checkpoint
 
 TEACHER_SAMPLES = 100
-AUTO_VARIANCE_HELD = 0.988
-"""``--rank auto``'s default share of the samples' variance (docs/distillation.md: the share
-at which the projection of the fcNN1 teacher met every anomaly row)."""
-AUTO_MAX_RANK = 200
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
