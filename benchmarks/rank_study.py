@@ -352,24 +352,25 @@ def main() -> None:
     if not (args.run / "READY").is_file():
         ap.error(f"--run {args.run}: not a finished SGLD run (no READY file)")
     path = RESULTS / "rank_study.json"
-    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if record.get("run") not in (None, str(args.run)):
-        ap.error(f"{path} records run {record['run']}; study one run per record")
-    record["run"] = str(args.run)
-    record.setdefault("variants", {})
+
+    def recorded() -> dict[str, Any]:
+        record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        if record.get("run") not in (None, str(args.run)):
+            ap.error(f"{path} records run {record['run']}; study one run per record")
+        return {"run": str(args.run), "variants": {}, **record}
+
+    recorded()
     load_start = round(os.getloadavg()[0], 2)
     revision = code_revision()  # the code that runs, whatever is committed meanwhile
+    new: dict[str, Any] = {}
     if args.references is not None:
         ranks = args.references or [46, 92, 138, 184]
-        record["references"] = {
-            **_stamp(sys.argv[1:], revision),
-            "rows": references(args.run, ranks),
-        }
+        rows = references(args.run, ranks)
+        new["references"] = {**_stamp(sys.argv[1:], revision), "rows": rows}
     if args.projections:
-        record["projections"] = {
-            **_stamp(sys.argv[1:], revision),
-            "rows": projections(args.run, args.projections),
-        }
+        rows = projections(args.run, args.projections)
+        new["projections"] = {**_stamp(sys.argv[1:], revision), "rows": rows}
+    variants = {}
     if args.variants:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(2, ctx) as pool:
@@ -377,11 +378,10 @@ def main() -> None:
             rows = [f.result() for f in futures]
         load = f"{load_start} -> {round(os.getloadavg()[0], 2)}"
         for row in rows:
-            record["variants"][row["name"]] = {
-                **row,
-                **_stamp(sys.argv[1:], revision),
-                "load": load,
-            }
+            variants[row["name"]] = {**row, **_stamp(sys.argv[1:], revision), "load": load}
+    # merged into the record as it is now: another call may have written it meanwhile
+    record = recorded() | new
+    record["variants"] |= variants
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "rank_study.md").write_text(markdown(record))
