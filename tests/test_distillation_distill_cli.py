@@ -88,6 +88,9 @@ def test_distill_writes_a_complete_checkpoint(
     assert "wrote" in capsys.readouterr().out
 
 
+ONLINE = ["--algorithm", "online", "--arch", "fcnn1", "--out", "x.safetensors"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -96,6 +99,23 @@ def test_distill_writes_a_complete_checkpoint(
         (["--algorithm", "online", "--out", "x.safetensors"], "needs --arch"),
         (["--samples", "r", "--out", "x.safetensors", "--target-fpr", "1.5"], "--target-fpr"),
         (["--samples", "r", "--out", "x.safetensors", "--variance-held", "0.9"], "--rank auto"),
+        (
+            [
+                "--algorithm",
+                "online",
+                "--arch",
+                "fcnn1",
+                "--out",
+                "x.safetensors",
+                "--rank",
+                "auto",
+            ],
+            "for offline distillation",
+        ),
+        (
+            [*ONLINE, "--preset", "auto", "--rank", "40"],
+            "offline distillation only",
+        ),
         (
             ["--samples", "r", "--out", "x.safetensors", "--rank", "auto", "--variance-held", "2"],
             "--variance-held must lie in (0, 1]",
@@ -162,3 +182,5 @@ def test_rank_auto_is_the_variance_rule_and_a_given_rank_is_the_rank() -> None:
     assert config("--rank", "auto", "--variance-held", "0.95") == (AUTO_MAX_RANK, 0.95)
     assert config("--rank", "60") == (60, None)
     assert config() == (46, None)
+    assert config("--preset", "auto") == (AUTO_MAX_RANK, AUTO_VARIANCE_HELD)
+    assert config("--preset", "auto", "--rank", "46") == (46, None)

@@ -260,9 +260,20 @@ def _config(args: argparse.Namespace, arch: str) -> DistillConfig:
             num_networks=args.num_samples,
         )
         # a given --rank is the rank, even where the preset would choose one
-        return replace(config, variance_target=None) if isinstance(args.rank, int) else config
+        if isinstance(args.rank, int):
+            config = replace(config, variance_target=None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.algorithm == "online" and (
+        config.variance_target is not None or config.code_scaling != "coordinate"
+    ):
+        raise UserError(
+            "online distillation grows its subspace cycle by cycle: --rank auto and "
+            f"--preset {args.preset} are for offline distillation (give --rank N)"
+            if config.variance_target is not None
+            else f"--preset {args.preset} scales the codes for offline distillation only"
+        )
+    return config
 
 
 def _offline(
