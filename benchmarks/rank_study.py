@@ -52,7 +52,7 @@ RESULTS: Final = ROOT / "benchmarks" / "results"
 TEACHER_SAMPLES: Final = 100
 TRAIN_SAMPLES: Final = 2000  # the default preset's max_train_samples
 
-# name -> (what it tests, overrides of the default preset)
+# name -> (what it tests, overrides of the default preset, or {"preset": name})
 VARIANTS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     "r46": ("the default (rank 46, float16)", {"rank": 46, "basis_dtype": "float16"}),
     "r46-int8": ("the default, int8 basis", {"rank": 46, "basis_dtype": "int8"}),
@@ -86,6 +86,10 @@ VARIANTS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
         "rank 92, from 46 directions, one more every ~100 steps to step 5,000",
         {"rank": 92, "basis_dtype": "int8", "rank_start": 46, "rank_growth_steps": 5000},
     ),
+    "auto": (
+        "--preset auto: rank by variance held (98.8 %), int8, one shared scale",
+        {"preset": "auto"},
+    ),
     "r92-lr3e-4": ("rank 92, lr 3e-4", {"rank": 92, "basis_dtype": "int8", "lr": 3e-4}),
     "r92-critic256": (
         "rank 92, critic 3 x 256",
@@ -111,7 +115,8 @@ def distil(run: Path, name: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     what, overrides = VARIANTS[name]
     store, rows, modes, monitor = _setup(run)
-    config = preset("default", arch=store.spec.name, **overrides)
+    settings = dict(overrides)
+    config = preset(settings.pop("preset", "default"), arch=store.spec.name, **settings)
     t0 = time.perf_counter()
     result = distill_offline(
         store.theta, config, rows=rows, chains=modes, monitor=monitor, progress=False
