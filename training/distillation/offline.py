@@ -135,9 +135,10 @@ class Preset:
 
 
 AUTO_VARIANCE_HELD: Final = 0.988
-"""The share of the samples' variance that ``rank auto`` holds: on the fcNN1 teacher the
-projection onto the top directions met every anomaly row (scale 1 and 5) at 98.85 % (92
-directions) and missed 4 at 97.58 % (46); docs/distillation.md."""
+"""The share of the samples' variance that ``rank auto`` holds: on the fcNN1 teacher its own
+samples projected onto the top directions met every anomaly row (scale 1 and 5) at 98.85 %
+(92 directions) and missed 4 at 97.58 % (46); other samples projected onto 89 directions
+still miss 6 (docs/distillation.md, "The rank the teacher needs")."""
 AUTO_MAX_RANK: Final = 200
 
 _DEFAULT: Final = DistillConfig(
@@ -163,7 +164,7 @@ PRESETS: Final[Mapping[str, Preset]] = {
     # 0.00023 and a third 0.00020 (best steps 14,000 and 18,000), in 683-766 s, inside the
     # 20-minute budget.
     "default": Preset(_DEFAULT, arch_steps={"fcnn2": 20_000}),
-    # The default design at the rank the teacher needs (benchmarks/results/rank_study.md):
+    # The default design at the rank chosen from the teacher (benchmarks/results/rank_study.md):
     # the fewest directions holding 98.8 % of the samples' variance (fcNN1: 89), an 8-bit
     # basis so that they fit the 8 MB of the fcNN1 checkpoint, and the codes scaled by one
     # shared number instead of each by its own std. Per-coordinate scaling is what failed at
