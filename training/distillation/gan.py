@@ -424,55 +424,6 @@ def restandardise(
         first.weight[:, :d].mul_((scale / old_scale)[None, :])
 
 
-class RankGrowth:
-    """Coarse to fine: the GAN starts on the first ``start`` output coordinates (the leading
-    principal directions) and takes in one more at a time, evenly over ``growth_steps``
-    generator steps, until all ``generator.output_dim`` are in. A coordinate not yet in is
-    held at 0 (its mean, in standardised units) in the real minibatches (:meth:`sampler`),
-    and the generator's last-layer row for it is zero with its gradient masked, so at every
-    step the generator (and its weight average) is a valid generator of the smaller subspace,
-    and a coordinate enters at its mean. :meth:`before_step` sets step ``t``'s coordinates;
-    :meth:`close` removes the gradient masks."""
-
-    def __init__(self, gan: WGANGP, start: int, growth_steps: int) -> None:
-        dim = gan.generator.output_dim
-        if not 0 < start <= dim or growth_steps < 0:
-            raise ValueError(f"start must lie in [1, {dim}] and growth_steps be >= 0")
-        self.start, self.growth_steps, self.dim = int(start), int(growth_steps), dim
-        self.mask = torch.zeros(dim, device=gan.device)
-        self.mask[: self.start] = 1.0
-        last = [_linears(g.net)[-1] for g in (gan.generator, gan.average) if g is not None]
-        with torch.no_grad():
-            for lin in last:
-                lin.weight[self.start :] = 0.0
-                lin.bias[self.start :] = 0.0
-        self._hooks = [
-            last[0].weight.register_hook(lambda g: g * self.mask[:, None]),
-            last[0].bias.register_hook(lambda g: g * self.mask),
-        ]
-
-    def active(self, t: int) -> int:
-        """Coordinates in at generator step ``t`` (1-based)."""
-        if self.growth_steps == 0:
-            return self.dim
-        frac = min(1.0, (t - 1) / self.growth_steps)
-        return self.start + round((self.dim - self.start) * frac)
-
-    def before_step(self, t: int) -> None:
-        self.mask[: self.active(t)] = 1.0
-
-    def sampler(self, real: RealSampler) -> RealSampler:
-        def sample(n: int) -> RealBatch:
-            x, cond = real(n)
-            return x * self.mask, cond
-
-        return sample
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
 def gradient_penalty(
     critic: nn.Module,
     real: torch.Tensor,

@@ -46,7 +46,6 @@ from .gan import (
     WGANGP,
     Critic,
     Generator,
-    RankGrowth,
     RealBatch,
     RealSampler,
     WGANGPConfig,
@@ -80,8 +79,6 @@ class DistillConfig:
     seed: int = 0
     code_scaling: CodeScaling = "coordinate"
     moment_init_steps: int = 0
-    rank_start: int | None = None
-    rank_growth_steps: int = 0
     variance_target: float | None = None
 
     def __post_init__(self) -> None:
@@ -96,12 +93,6 @@ class DistillConfig:
             raise ValueError(f"moment_init_steps must be >= 0, got {self.moment_init_steps}")
         if self.variance_target is not None and not 0.0 < self.variance_target <= 1.0:
             raise ValueError(f"variance_target must lie in (0, 1], got {self.variance_target}")
-        if self.rank_start is not None and not 0 < self.rank_start:
-            raise ValueError(f"rank_start must be positive, got {self.rank_start}")
-        if not 0 <= self.rank_growth_steps < self.steps:
-            raise ValueError(
-                f"rank_growth_steps must lie in [0, steps), got {self.rank_growth_steps}"
-            )
         if self.design is Design.SUBSPACE and self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
         if not self.residual_scales or any(
@@ -357,16 +348,12 @@ def train_gan(
     report: Callable[[str], None] | None = None,
     progress: bool = True,
     desc: str = "apd",
-    before_step: Callable[[int], None] | None = None,
-    select_from: int = 0,
 ) -> tuple[list[dict[str, float]], int]:
     """Run ``steps`` generator steps; every ``eval_every`` steps (and at the end) score
     ``gan.output`` on validation, and leave the best-scoring weights in ``gan.generator``.
 
     Returns the history (one dict per evaluation) and the best step (``steps`` if no
-    monitor). ``report`` receives one log line per evaluation. ``before_step(t)`` runs
-    before generator step t (1-based); only evaluations from step ``select_from`` on may
-    be kept.
+    monitor). ``report`` receives one log line per evaluation.
     """
     history: list[dict[str, float]] = []
     best_step, best_value = steps, math.inf
@@ -374,8 +361,6 @@ def train_gan(
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=1.0, unit="step")
     t0 = time.perf_counter()
     for t in bar:
-        if before_step is not None:
-            before_step(t)
         stats = gan.step(real)
         if not math.isfinite(stats.critic_loss) or not math.isfinite(stats.generator_loss):
             raise FloatingPointError(f"the GAN diverged at step {t}; lower the learning rate")
@@ -389,7 +374,7 @@ def train_gan(
             **monitor.evaluate(gan.output),
         }
         history.append(row)
-        if row["val_kl"] < best_value and t >= select_from:
+        if row["val_kl"] < best_value:
             best_value, best_step = row["val_kl"], t
             best_state = copy.deepcopy(gan.output.net.state_dict())
         bar.set_postfix(val_kl=f"{row['val_kl']:.4f}", w=f"{stats.wasserstein:.3f}", refresh=False)
@@ -499,10 +484,6 @@ def distill_offline(
 
     gan = WGANGP(generator, critic, config.gan, config.steps, rng)
     real = uniform_sampler(data, rng, labels)
-    growth = None
-    if config.rank_start is not None and config.rank_start < generator.output_dim:
-        growth = RankGrowth(gan, config.rank_start, config.rank_growth_steps)
-        real = growth.sampler(real)
     t1 = time.perf_counter()
     with torch_threads(threads):
         history, best_step = train_gan(
@@ -514,11 +495,7 @@ def distill_offline(
             report,
             progress,
             desc=f"apd-{config.design.value}",
-            before_step=None if growth is None else growth.before_step,
-            select_from=0 if growth is None else config.rank_growth_steps + 1,
         )
-    if growth is not None:
-        growth.close()
     seconds["train"] = round(time.perf_counter() - t1, 2)
     t2 = time.perf_counter()
     generator.eval()
