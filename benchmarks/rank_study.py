@@ -38,12 +38,10 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from scale5_noise import OOD_SIZE, SCALES, aurocs, project, second_draw  # benchmarks/
 
 from apd.checkpoint import BasisDtype
-from training.data import OOD_SETS, load_mnist, load_ood
 from training.datasets import DataSpec, load_dataset
-from training.distillation.fidelity import AUROC_TOLERANCE, ValidationMonitor
+from training.distillation.fidelity import ValidationMonitor
 from training.distillation.offline import distill_offline, mode_labels, preset
 from training.distillation.package import code_revision
 from training.distillation.subspace import fit_subspace
@@ -203,45 +201,6 @@ def references(run: Path, ranks: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def projections(run: Path, ranks: list[int]) -> list[dict[str, Any]]:
-    """Per rank (int8 basis, fitted on the distiller's training samples): the variance held,
-    and the anomaly AUROC drops (``scale5_noise``'s rows) of the teacher's own samples
-    projected onto the subspace (``proj``) and of a second, disjoint draw projected
-    (``proj_b``: what a perfect generator of that subspace would draw)."""
-    torch.set_num_threads(1)
-    store, rows, _, _ = _setup(run)
-    spec = store.spec
-    test_x = np.asarray(load_mnist().test_x)
-    ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
-    first = store.select_spread(TEACHER_SAMPLES)
-    teacher = np.asarray(store.theta[first])
-    other = np.asarray(store.theta[second_draw(store, first, TEACHER_SAMPLES)])
-    base = aurocs(spec, torch.from_numpy(teacher), test_x, ood)
-    out = []
-    for rank in ranks:
-        sub = fit_subspace(store.theta, rank, rows=rows, basis_dtype="int8")
-        row: dict[str, Any] = {
-            "rank": rank,
-            "explained_variance_ratio": sub.explained_variance_ratio,
-        }
-        for who, theta in (("proj", teacher), ("proj_b", other)):
-            mine = aurocs(spec, torch.from_numpy(project(sub.mean, sub.basis, theta)), test_x, ood)
-            for scale in SCALES:
-                drops = np.array(
-                    [
-                        base[k] - mine[k]
-                        for k in base
-                        if k.split("/")[1] == f"{scale:g}" and np.isfinite(base[k])
-                    ]
-                )
-                row[f"{who}@{scale:g}"] = {
-                    "misses": int((drops > AUROC_TOLERANCE).sum()),
-                    "max_drop": float(drops.max()),
-                }
-        out.append(row)
-    return out
-
-
 def _stamp(args_list: list[str], revision: str) -> dict[str, Any]:
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -274,27 +233,6 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {r['tensor_bytes'] / 1e6:.2f} MB | {r['seconds']:.0f} s "
             f"| {r['code_revision'][:8]} | {r['created_at'][:16]} ({r['load']}) |"
         )
-    projs = record.get("projections")
-    if projs:
-        lines += [
-            "",
-            "Projections (no generator) onto the top-r subspace, int8 basis (recorded "
-            f"{projs['created_at']} by `{projs['command']}`, code {projs['code_revision'][:12]}):"
-            " anomaly rows (5 OOD sets x 4 scores) more than "
-            f"{AUROC_TOLERANCE} below the teacher, and the largest drop, per input scale. "
-            "proj: the teacher's 100 samples projected; proj_b: 100 other samples of the run "
-            "projected (what a perfect generator of the subspace would draw).",
-            "",
-            "| rank | variance held | proj, scale 1 | proj, scale 5 | proj_b, scale 1 "
-            "| proj_b, scale 5 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in projs["rows"]:
-            cells = " | ".join(
-                f"{r[k]['misses']} (max {r[k]['max_drop']:+.4f})"
-                for k in ("proj@1", "proj@5", "proj_b@1", "proj_b@5")
-            )
-            lines.append(f"| {r['rank']} | {100 * r['explained_variance_ratio']:.2f} % | {cells} |")
     refs = record.get("references")
     if refs:
         lines += [
@@ -333,14 +271,6 @@ def main() -> None:
         metavar="RANK",
         help="record the generator-free references at these ranks (none given: 46 92 138 184)",
     )
-    ap.add_argument(
-        "--projections",
-        type=int,
-        nargs="*",
-        default=None,
-        metavar="RANK",
-        help="record the projections' anomaly rows at these ranks",
-    )
     args = ap.parse_args()
     if not (args.run / "READY").is_file():
         ap.error(f"--run {args.run}: not a finished SGLD run (no READY file)")
@@ -360,9 +290,6 @@ def main() -> None:
         ranks = args.references or [46, 92, 138, 184]
         rows = references(args.run, ranks)
         new["references"] = {**_stamp(sys.argv[1:], revision), "rows": rows}
-    if args.projections:
-        rows = projections(args.run, args.projections)
-        new["projections"] = {**_stamp(sys.argv[1:], revision), "rows": rows}
     variants = {}
     if args.variants:
         ctx = multiprocessing.get_context("spawn")
