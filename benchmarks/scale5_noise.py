@@ -54,7 +54,7 @@ from training.distillation.package import sample_networks
 from training.distillation.subspace import fit_subspace
 from training.evaluation.anomaly import scaled
 from training.evaluation.methods import spread_indices
-from training.metrics import AUROC_TOLERANCE
+from training.metrics import AUROC_TOLERANCE, accuracy, negative_log_likelihood
 from training.mnist import OOD_SETS, load_mnist, load_ood
 from training.revision import code_revision
 from training.run_layout import SAMPLES_DIR
@@ -129,11 +129,12 @@ def main() -> None:
         help="also project the teacher onto the top-N principal subspace of the run, per N",
     )
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
     if any(rank <= 0 for rank in args.ranks):
         ap.error(f"--ranks must be positive, got {args.ranks}")
     load_start = round(os.getloadavg()[0], 2)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     mnist = load_mnist()
     store = SampleStore.open(args.run / SAMPLES_DIR)
@@ -160,6 +161,13 @@ def main() -> None:
             )
     who = [name for name in thetas if name != "sgld_a"]
     table = {who: aurocs(spec, theta, test_x, ood) for who, theta in thetas.items()}
+    test = {}
+    for name, theta in thetas.items():
+        probs = member_probs(spec, theta, test_x).mean(dim=0).numpy()
+        test[name] = {
+            "accuracy": accuracy(probs, mnist.test_y),
+            "nll": negative_log_likelihood(probs, mnist.test_y),
+        }
     rows = []
     for key, teacher in table["sgld_a"].items():
         if not np.isfinite(teacher):
@@ -177,6 +185,7 @@ def main() -> None:
         "rows": rows,
         "predictives": who,
         "summary": summarise(rows, who),
+        "test": test,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "scale5_noise" + (f"-{args.tag}" if args.tag else "")
@@ -230,6 +239,18 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {name} | {scale} | {s['rows']} | {s['misses']} | {s['max_abs_difference']:.4f} "
             f"| {s['mean_abs_difference']:.4f} |"
         )
+    if "test" in r:
+        lines += [
+            "",
+            "MNIST test split, mean softmax of each predictive's 100 networks:",
+            "",
+            "| predictive | test accuracy | test NLL |",
+            "|---|---|---|",
+            *(
+                f"| {name} | {100 * m['accuracy']:.2f} % | {m['nll']:.4f} |"
+                for name, m in r["test"].items()
+            ),
+        ]
     lines += [
         "",
         "Every row (AUROC drop against the teacher; positive = lower than the teacher):",

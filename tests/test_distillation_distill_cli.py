@@ -96,6 +96,9 @@ def test_distill_writes_a_complete_checkpoint(
     assert f"and {tmp_path / 'm.fidelity.json'}\n" in capsys.readouterr().out
 
 
+ONLINE = ["--algorithm", "online", "--arch", "fcnn1", "--out", "x.safetensors"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -103,6 +106,28 @@ def test_distill_writes_a_complete_checkpoint(
         (["--samples", "nowhere", "--out", "x.pt"], "must name a .safetensors"),
         (["--algorithm", "online", "--out", "x.safetensors"], "needs --arch"),
         (["--samples", "r", "--out", "x.safetensors", "--target-fpr", "1.5"], "--target-fpr"),
+        (["--samples", "r", "--out", "x.safetensors", "--variance-held", "0.9"], "--rank auto"),
+        (
+            [
+                "--algorithm",
+                "online",
+                "--arch",
+                "fcnn1",
+                "--out",
+                "x.safetensors",
+                "--rank",
+                "auto",
+            ],
+            "for offline distillation",
+        ),
+        (
+            [*ONLINE, "--preset", "auto", "--rank", "40"],
+            "offline distillation only",
+        ),
+        (
+            ["--samples", "r", "--out", "x.safetensors", "--rank", "auto", "--variance-held", "2"],
+            "--variance-held must lie in (0, 1]",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line(
@@ -140,3 +165,30 @@ def test_default_preset_steps_follow_the_target_network() -> None:
     assert preset("default", arch="fcnn2", steps=500).steps == 500
     assert preset("paper", arch="fcnn2").steps == PRESETS["paper"].config.steps
     assert preset("default").steps == base
+
+
+def test_rank_auto_is_the_variance_rule_and_a_given_rank_is_the_rank() -> None:
+    import argparse
+
+    from training.distillation.distill import (
+        AUTO_MAX_RANK,
+        AUTO_VARIANCE_HELD,
+        _config,
+        configure,
+    )
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+
+    def config(*extra: str) -> tuple[int, float | None]:
+        c = _config(
+            parser.parse_args(["--samples", "r", "--out", "x.safetensors", *extra]), "fcnn1"
+        )
+        return c.rank, c.variance_target
+
+    assert config("--rank", "auto") == (AUTO_MAX_RANK, AUTO_VARIANCE_HELD)
+    assert config("--rank", "auto", "--variance-held", "0.95") == (AUTO_MAX_RANK, 0.95)
+    assert config("--rank", "60") == (60, None)
+    assert config() == (46, None)
+    assert config("--preset", "auto") == (AUTO_MAX_RANK, AUTO_VARIANCE_HELD)
+    assert config("--preset", "auto", "--rank", "46") == (46, None)

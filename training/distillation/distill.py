@@ -65,6 +65,8 @@ from .calibrate import (
 from .fidelity import ValidationMonitor
 from .gan import Generator
 from .offline import (
+    AUTO_MAX_RANK,
+    AUTO_VARIANCE_HELD,
     PRESETS,
     DistillConfig,
     DistillResult,
@@ -114,7 +116,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=None, help=f"generator steps (default preset: {per_arch})"
     )
     gan.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    gan.add_argument("--rank", type=int, default=None, help="subspace dimension r")
+    gan.add_argument(
+        "--rank",
+        type=_rank,
+        default=None,
+        metavar="R|auto",
+        help="subspace dimension r, or auto: the fewest directions that hold --variance-held "
+        f"of the samples' variance (at most {AUTO_MAX_RANK})",
+    )
+    gan.add_argument(
+        "--variance-held",
+        type=float,
+        default=None,
+        metavar="F",
+        help=f"with --rank auto: the share of variance to hold (default {AUTO_VARIANCE_HELD})",
+    )
     gan.add_argument(
         "--basis-dtype",
         choices=get_args(BasisDtype),
@@ -239,6 +255,15 @@ def fidelity_path_for(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".fidelity.json")
 
 
+def _rank(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if not str(args.out).endswith(".safetensors"):
         raise UserError(f"--out must name a .safetensors file, got {args.out}")
@@ -257,9 +282,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("online distillation needs --arch (it runs SGLD itself)")
     if args.algorithm == "online" and args.samples:
         raise UserError("--samples is for offline distillation; online runs its own SGLD")
+    if args.variance_held is not None and args.rank != "auto":
+        raise UserError("--variance-held chooses the rank: use it with --rank auto")
+    if args.variance_held is not None and not 0.0 < args.variance_held <= 1.0:
+        raise UserError(f"--variance-held must lie in (0, 1], got {args.variance_held}")
     for name in ("steps", "rank", "max_samples", "eval_every", "chains", "thinning"):
         v = getattr(args, name)
-        if v is not None and v <= 0:
+        if isinstance(v, int) and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available")
@@ -276,13 +305,15 @@ def _scales(text: str | None) -> tuple[float, ...] | None:
 
 
 def _config(args: argparse.Namespace, arch: str) -> DistillConfig:
+    auto = args.rank == "auto"
     try:
-        return preset(
+        config = preset(
             args.preset,
             arch=arch,
             steps=args.steps,
             lr=args.lr,
-            rank=args.rank,
+            rank=AUTO_MAX_RANK if auto else args.rank,
+            variance_target=(args.variance_held or AUTO_VARIANCE_HELD) if auto else None,
             basis_dtype=args.basis_dtype,
             max_train_samples=args.max_samples,
             eval_every=args.eval_every,
@@ -290,8 +321,21 @@ def _config(args: argparse.Namespace, arch: str) -> DistillConfig:
             seed=args.seed,
             num_networks=args.num_samples,
         )
+        # a given --rank is the rank, even where the preset would choose one
+        if isinstance(args.rank, int):
+            config = replace(config, variance_target=None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.algorithm == "online" and (
+        config.variance_target is not None or config.code_scaling != "coordinate"
+    ):
+        raise UserError(
+            "online distillation grows its subspace cycle by cycle: --rank auto and "
+            f"--preset {args.preset} are for offline distillation (give --rank N)"
+            if config.variance_target is not None
+            else f"--preset {args.preset} scales the codes for offline distillation only"
+        )
+    return config
 
 
 def _offline(

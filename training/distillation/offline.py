@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 import torch
@@ -42,10 +42,24 @@ from apd.checkpoint import Design
 from training.threads import torch_threads
 
 from .fidelity import ValidationMonitor
-from .gan import WGANGP, Critic, Generator, RealBatch, RealSampler, WGANGPConfig
+from .gan import (
+    WGANGP,
+    Critic,
+    Generator,
+    RealBatch,
+    RealSampler,
+    WGANGPConfig,
+    fit_to_moments,
+)
 from .subspace import BasisDtype, Subspace, fit_subspace, load_rows
 
 log = logging.getLogger(__name__)
+
+CodeScaling = Literal["coordinate", "shared"]
+"""How the GAN's coordinates are scaled from the subspace coefficients: ``coordinate`` divides
+each by its own standard deviation (every direction has unit variance), ``shared`` divides all
+by one number, the root mean variance (the directions keep their relative sizes, so the critic
+measures distances as weight space does)."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +77,22 @@ class DistillConfig:
     eval_every: int = 1000
     num_networks: int = 100
     seed: int = 0
+    code_scaling: CodeScaling = "coordinate"
+    moment_init_steps: int = 0
+    variance_target: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.eval_every <= 0 or self.num_networks <= 0:
             raise ValueError("steps, eval_every and num_networks must be positive")
+        if self.code_scaling not in get_args(CodeScaling):
+            raise ValueError(
+                f"code_scaling must be one of {', '.join(get_args(CodeScaling))}, "
+                f"got {self.code_scaling!r}"
+            )
+        if self.moment_init_steps < 0:
+            raise ValueError(f"moment_init_steps must be >= 0, got {self.moment_init_steps}")
+        if self.variance_target is not None and not 0.0 < self.variance_target <= 1.0:
+            raise ValueError(f"variance_target must lie in (0, 1], got {self.variance_target}")
         if self.design is Design.SUBSPACE and self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
         if not self.residual_scales or any(
@@ -99,6 +125,25 @@ class Preset:
         return replace(self.config, steps=self.arch_steps[arch])
 
 
+AUTO_VARIANCE_HELD: Final = 0.988
+"""The share of the samples' variance that ``rank auto`` holds: on the fcNN1 teacher its own
+samples projected onto the top directions met every anomaly row (scale 1 and 5) at 98.85 %
+(92 directions) and missed 4 at 97.58 % (46); other samples projected onto 89 directions
+still miss 6 (docs/distillation.md, "The rank the teacher needs")."""
+AUTO_MAX_RANK: Final = 200
+
+_DEFAULT: Final = DistillConfig(
+    design=Design.SUBSPACE,
+    gan=WGANGPConfig(lr=1e-3, lr_end_fraction=0.1, ema_decay=0.995),
+    steps=10_000,
+    rank=46,
+    basis_dtype="float16",
+    condition_on_chains=True,
+    residual_scales=(0.0,),
+    max_train_samples=2000,
+    eval_every=1000,
+)
+
 PRESETS: Final[Mapping[str, Preset]] = {
     # Measured on fcNN1 (docs/distillation.md): a 46-dim subspace (the largest whose float16
     # basis keeps the fcNN1 checkpoint under 8 MB), a generator conditional on the SGLD
@@ -109,17 +154,20 @@ PRESETS: Final[Mapping[str, Preset]] = {
     # validation KL of 0.0032 and missed 8 of 40 anomaly rows; with 20,000 that run reached
     # 0.00023 and a third 0.00020 (best steps 14,000 and 18,000), in 683-766 s, inside the
     # 20-minute budget.
-    "default": Preset(
-        DistillConfig(
-            design=Design.SUBSPACE,
-            gan=WGANGPConfig(lr=1e-3, lr_end_fraction=0.1, ema_decay=0.995),
-            steps=10_000,
-            rank=46,
-            basis_dtype="float16",
-            condition_on_chains=True,
-            residual_scales=(0.0,),
-            max_train_samples=2000,
-            eval_every=1000,
+    "default": Preset(_DEFAULT, arch_steps={"fcnn2": 20_000}),
+    # The default design at the rank chosen from the teacher (benchmarks/results/rank_study.md):
+    # the fewest directions holding 98.8 % of the samples' variance (fcNN1: 89), an 8-bit
+    # basis so that they fit the 8 MB of the fcNN1 checkpoint, and the codes scaled by one
+    # shared number instead of each by its own std. Per-coordinate scaling is what failed at
+    # rank 92 (val KL 0.0107, MI ratio 2.27); one shared scale reached 0.00091 (MI 1.00),
+    # below rank 46's 0.00120.
+    "auto": Preset(
+        replace(
+            _DEFAULT,
+            rank=AUTO_MAX_RANK,
+            variance_target=AUTO_VARIANCE_HELD,
+            basis_dtype="int8",
+            code_scaling="shared",
         ),
         arch_steps={"fcnn2": 20_000},
     ),
@@ -216,9 +264,12 @@ def build_subspace_generator(
     device: torch.device,
     component_weights: list[float] | None = None,
     output_dim: int | None = None,
+    scaling: CodeScaling = "coordinate",
 ) -> tuple[Generator, torch.Tensor]:
     """The subspace generator for ``sub`` and its training data: standardised coefficients
-    ``u = (c - shift) / scale`` with the coefficients' per-coordinate mean and std.
+    ``u = (c - shift) / scale`` with the coefficients' per-coordinate mean, and their
+    per-coordinate std (``scaling="coordinate"``) or one shared scale, the root mean of their
+    variances (``"shared"``).
 
     ``output_dim`` > rank reserves output coordinates for directions added later (online
     APD, one batch per cycle): their basis rows are 0, so they move no weight until filled,
@@ -231,7 +282,10 @@ def build_subspace_generator(
     shift = torch.zeros(dim, dtype=torch.float64)
     scale = torch.ones(dim, dtype=torch.float64)
     shift[:r] = c.mean(dim=0)
-    scale[:r] = c.std(dim=0).clamp_min(1e-12)
+    std = c.std(dim=0)
+    if scaling == "shared":
+        std = std.pow(2).mean().sqrt().expand(r)
+    scale[:r] = std.clamp_min(1e-12)
     data = torch.zeros(len(c), dim)
     data[:, :r] = ((c - shift[:r]) / scale[:r]).float()
     basis = torch.zeros(dim, sub.num_params)
@@ -375,8 +429,16 @@ def distill_offline(
         raise ValueError(f"got {len(labels)} chain ids for {n} samples")
     if config.design is Design.SUBSPACE:
         rank = min(config.rank, n - 1)
-        sub = fit_subspace(samples, rank, rows=rows, basis_dtype=config.basis_dtype)
-        generator, data = build_subspace_generator(sub, config.gan, dev, weights)
+        sub = fit_subspace(
+            samples,
+            rank,
+            rows=rows,
+            basis_dtype=config.basis_dtype,
+            variance_target=config.variance_target,
+        )
+        generator, data = build_subspace_generator(
+            sub, config.gan, dev, weights, scaling=config.code_scaling
+        )
         sub_summary = sub.summary()
         if report is not None:
             report(
@@ -396,14 +458,18 @@ def distill_offline(
     critic = Critic(data.shape[1], config.gan.critic_hidden, k if k > 1 else 0).to(dev)
     if threads is None and dev.type == "cpu" and config.design is Design.SUBSPACE:
         threads = 1
+    if config.moment_init_steps:
+        with torch_threads(threads):
+            fit_to_moments(generator, data, labels, config.moment_init_steps, rng)
     seconds["prepare"] = round(time.perf_counter() - t0, 2)
 
     gan = WGANGP(generator, critic, config.gan, config.steps, rng)
+    real = uniform_sampler(data, rng, labels)
     t1 = time.perf_counter()
     with torch_threads(threads):
         history, best_step = train_gan(
             gan,
-            uniform_sampler(data, rng, labels),
+            real,
             config.steps,
             monitor,
             config.eval_every,

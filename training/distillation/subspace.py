@@ -86,15 +86,34 @@ def _columns(
     return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
 
 
+def rank_for_variance(variances: NDArray[np.floating], target: float, max_rank: int) -> int:
+    """The smallest rank whose leading directions hold at least ``target`` of the total
+    variance, ``variances`` being the variance along every principal direction (any order;
+    their sum is the total), and at most ``max_rank`` (``max_rank`` if none is enough)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"the variance target must lie in (0, 1], got {target}")
+    v = np.sort(np.clip(np.asarray(variances, dtype=np.float64), 0.0, None))[::-1]
+    if max_rank < 1 or v.size == 0 or v.sum() <= 0:
+        raise ValueError("need a positive max_rank and a spectrum with some variance")
+    held = np.cumsum(v) / v.sum()
+    # a small tolerance: the cumulative sum of a spectrum that meets the target exactly
+    # must not miss it by a rounding error
+    enough = np.flatnonzero(held >= target - 1e-12)
+    return int(min(enough[0] + 1 if enough.size else v.size, max_rank))
+
+
 def fit_subspace(
     samples: NDArray[np.floating],
     rank: int,
     rows: NDArray[np.integer] | None = None,
     basis_dtype: BasisDtype = "float32",
     block: int = 8192,
+    variance_target: float | None = None,
 ) -> Subspace:
     """Mean, top-``rank`` principal directions and residual std of ``samples[rows]``.
 
+    With ``variance_target``, ``rank`` is the most directions to take and the rank is the
+    smallest that holds that share of the samples' variance (:func:`rank_for_variance`).
     ``samples`` may be a read-only memmap ``(S_all, P)``; only ``block`` columns of the
     selected rows are in memory at a time (plus the S x S Gram matrix).
     """
@@ -119,6 +138,8 @@ def fit_subspace(
         gram += (xc @ xc.T).double()
     total_variance = float(torch.trace(gram)) / (s - 1)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
+    if variance_target is not None:
+        rank = rank_for_variance(evals.numpy(), variance_target, rank)
     order = torch.argsort(evals, descending=True)[:rank]
     lam = evals[order].clamp_min(0.0)
     if float(lam[-1]) <= 1e-6 * max(float(lam[0]), 1e-300):  # float32 data: noise floor
