@@ -8,6 +8,7 @@ the same 422 body. And it must actually be the fast path that valid batches take
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any
@@ -400,7 +401,7 @@ def schema_bodies(draw: st.DrawFn, schema: InputSchema) -> bytes:
         i = draw(st.integers(0, len(examples) - 1))
         kind = draw(st.sampled_from(["value", "value", "length", "replace"]))
         if kind == "replace":
-            examples[i] = draw(st.sampled_from(ODD_VALUES))
+            examples[i] = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))
             continue
         target = examples[i]  # walk down a random path to a list of numbers or of lists
         while isinstance(target, list) and target and isinstance(target[0], list):
@@ -410,7 +411,8 @@ def schema_bodies(draw: st.DrawFn, schema: InputSchema) -> bytes:
         if not isinstance(target, list) or not target:
             continue
         if kind == "value":
-            target[draw(st.integers(0, len(target) - 1))] = draw(st.sampled_from(ODD_VALUES))
+            odd = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))  # never mutate the shared list
+            target[draw(st.integers(0, len(target) - 1))] = odd
         elif draw(st.booleans()):
             target.pop()
         else:

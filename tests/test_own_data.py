@@ -558,7 +558,8 @@ def test_wine_far_from_the_data_is_flagged_by_the_default_flag(wine_checkpoint: 
         n = info["calibration_size"]
         assert n < 500  # wine's validation split is a few dozen rows
         lo, hi = info["fpr_interval"]["combined"]
-        assert lo <= info["flagged_on_calibration"]["combined"] / n <= hi and hi - lo > 0.1
+        # a few dozen rows: the interval is wide (10,000 inputs give about 0.01)
+        assert lo <= info["flagged_on_calibration"]["combined"] / n <= hi and hi - lo > 0.05
 
 
 def test_image_folder_cnn_served_from_json_and_files(folder: tuple[Path, Path]) -> None:
