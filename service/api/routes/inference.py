@@ -195,7 +195,9 @@ def _images_to_raw(
             raw[i] = schema.image_to_raw(data)
         except ValueError as exc:
             raise _file_error(i, f"files[{i}] ({name!r}) cannot be decoded: {exc}") from None
-    for i in constant_rows(raw).tolist():
+    blank = constant_rows(raw)
+    if len(blank):
+        i = int(blank[0])
         raise _file_error(
             i,
             f"files[{i}] ({files[i][0]!r}) is blank: every pixel is {raw[i, 0]:g} after "
