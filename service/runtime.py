@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -279,21 +280,23 @@ class ServiceRuntime:
         (:meth:`apd.checkpoint.InputConvention.preprocess`)."""
         plan = self.pool.plan(num_samples, seed)
         x = self.checkpoint.meta.input.preprocess(inputs)
+        forward: Callable[[], PredictiveSummary]
         if self.checkpoint.is_affine:
             segments = await self.pool.segments(plan)
             parts = [(s.codes, s.tails) for s in segments]
-            t0 = time.perf_counter()
-            summary: PredictiveSummary = await anyio.to_thread.run_sync(
-                self.posterior.summarize_segments, parts, x, limiter=self.limiter
-            )
+            forward = partial(self.posterior.summarize_segments, parts, x)
         else:
-            t0 = time.perf_counter()
-            summary = await anyio.to_thread.run_sync(
-                summarize_materialised, self.checkpoint, plan, x, limiter=self.limiter
-            )
+            forward = partial(summarize_materialised, self.checkpoint, plan, x)
         support = self.checkpoint.data_support
-        if support is not None:
-            summary = replace(summary, data_support=support.score(x))
+
+        def compute() -> PredictiveSummary:  # off the event loop, the data support too
+            summary = forward()
+            if support is None:
+                return summary
+            return replace(summary, data_support=support.score(x))
+
+        t0 = time.perf_counter()
+        summary = await anyio.to_thread.run_sync(compute, limiter=self.limiter)
         self.metrics.inference_duration.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.networks_sampled.inc(num_samples)
         if not all(a is None or np.isfinite(a).all() for a in vars(summary).values()):

@@ -36,7 +36,8 @@ it flags and the 95 % Clopper-Pearson interval of the false-positive rate that i
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from scipy.stats import beta as beta_dist
 from apd.checkpoint import AnomalyCalibration, CombinedRule, DataSupportRecord, Recalibration
 from apd.networks import NetworkSpec
 from apd.recalibration import confidence_cap
-from apd.support import DataSupport
+from apd.support import DEFAULT_VARIANCE_HELD, MAX_FIT_ROWS, DataSupport
 from apd.uncertainty import (
     PREDICTIVE_SCORES,
     PredictiveSummary,
@@ -55,7 +56,8 @@ from apd.uncertainty import (
     is_flagged,
     summarize,
 )
-from training.metrics import expected_calibration_error, negative_log_likelihood
+from training.metrics import accuracy, expected_calibration_error, negative_log_likelihood
+from training.own_data import Dataset
 from training.torch_ops import member_probs
 
 DEFAULT_SCORE = ScoreName.COMBINED
@@ -245,3 +247,49 @@ def fit_recalibration(
         "nll_after": negative_log_likelihood(after, y),
     }
     return draft.model_copy(update={"validation": validation})
+
+
+@dataclass(frozen=True)
+class CheckpointCalibration:
+    """Everything a checkpoint is calibrated with (:func:`calibrate_on_data`): its data-support
+    fit and record, thresholds, recalibration map, and the validation summary they came
+    from, with the validation figures a checkpoint's metrics record."""
+
+    support: DataSupport
+    support_record: DataSupportRecord
+    anomaly: AnomalyCalibration
+    recalibration: Recalibration | None
+    summary: PredictiveSummary
+    validation: dict[str, Any]
+
+    @property
+    def warning(self) -> str | None:
+        return threshold_warning(self.anomaly)
+
+
+def calibrate_on_data(
+    summary: PredictiveSummary,
+    data: Dataset,
+    num_samples: int,
+    target_fpr: float,
+    default_score: ScoreName | None,
+    seed: int = 0,
+) -> CheckpointCalibration:
+    """The one calibration of `apd distill` and `apd calibrate`: the data-support score fitted
+    on ``data``'s training inputs, every threshold (:func:`calibrate_summary`) and the
+    recalibration map (:func:`fit_recalibration`) on its validation split, whose predictive
+    under the checkpoint's ``num_samples`` networks is ``summary``."""
+    support = DataSupport.fit(data.train_x, seed=seed)
+    rows = min(len(data.train_x), MAX_FIT_ROWS)
+    record = support_record(support, f"{data.name}-train", rows, DEFAULT_VARIANCE_HELD)
+    fitted_on = f"{data.name}-validation"
+    anomaly, summary = calibrate_summary(
+        summary, data.val_x, num_samples, target_fpr, default_score, fitted_on, support
+    )
+    recalibration = fit_recalibration(summary.probabilities, data.val_y, num_samples, fitted_on)
+    validation = {
+        "accuracy": accuracy(summary.probabilities, data.val_y),
+        "flag_rate": {s.value: flag_rate(anomaly, summary, s) for s in anomaly.thresholds},
+        "recalibration": None if recalibration is None else recalibration.validation,
+    }
+    return CheckpointCalibration(support, record, anomaly, recalibration, summary, validation)

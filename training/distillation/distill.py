@@ -39,11 +39,9 @@ from tqdm import tqdm
 
 from apd.checkpoint import BasisDtype, Design, load_checkpoint
 from apd.networks import NetworkSpec, build_spec
-from apd.support import DEFAULT_VARIANCE_HELD, MAX_FIT_ROWS, DataSupport
-from apd.uncertainty import ScoreName
+from apd.uncertainty import ScoreName, summarize
 from training.defaults import check_arch, sgld_defaults
 from training.errors import UserError
-from training.metrics import accuracy
 from training.own_data import (
     Dataset,
     DataSpec,
@@ -52,16 +50,9 @@ from training.own_data import (
     load_dataset,
 )
 from training.sample_store import SampleStore
+from training.torch_ops import member_probs
 
-from .calibrate import (
-    DEFAULT_SCORE,
-    DEFAULT_TARGET_FPR,
-    calibrate,
-    fit_recalibration,
-    flag_rate,
-    support_record,
-    threshold_warning,
-)
+from .calibrate import DEFAULT_SCORE, DEFAULT_TARGET_FPR, calibrate_on_data
 from .fidelity import ValidationMonitor
 from .gan import Generator
 from .offline import (
@@ -455,39 +446,27 @@ def run(args: argparse.Namespace) -> int:
     generator: Generator = result.generator
     rng = torch.Generator(device=args.device).manual_seed(config.seed + 1)
     theta = generator.sample(args.num_samples, rng)
-    support = DataSupport.fit(data.train_x, seed=config.seed)
-    record = support_record(
-        support, f"{data.name}-train", min(len(data.train_x), MAX_FIT_ROWS), DEFAULT_VARIANCE_HELD
-    )
     try:
-        anomaly, val_summary = calibrate(
-            spec,
-            theta,
-            data.val_x,
+        val_summary = summarize(member_probs(spec, theta, data.val_x).numpy())
+        cal = calibrate_on_data(
+            val_summary,
+            data,
+            args.num_samples,
             args.target_fpr,
             ScoreName(args.default_score),
-            calibration_set=f"{data.name}-validation",
-            data_support=support,
+            seed=config.seed,
         )
     except ValueError as exc:
         raise UserError(f"calibration: {exc}") from None
-    warning = threshold_warning(anomaly)
-    if warning is not None:
-        print(warning, file=sys.stderr)
-    recalibration = fit_recalibration(
-        val_summary.probabilities, data.val_y, args.num_samples, f"{data.name}-validation"
-    )
+    if cal.warning is not None:
+        print(cal.warning, file=sys.stderr)
+    anomaly = cal.anomaly
     best = result.summary()["best_validation"]
     final = next(
         (r for r in result.residual_search if r["residual_scale"] == result.residual_scale), None
     )
     metrics: dict[str, Any] = {
-        "validation": {
-            "accuracy": accuracy(val_summary.probabilities, data.val_y),
-            "selected": final or best,
-            "flag_rate": {s.value: flag_rate(anomaly, val_summary, s) for s in anomaly.thresholds},
-            "recalibration": None if recalibration is None else recalibration.validation,
-        },
+        "validation": {**cal.validation, "selected": final or best},
         "teacher_validation": teacher_info,
         "distill_seconds": round(seconds, 1),
         "best_step": result.best_step,
@@ -520,9 +499,9 @@ def run(args: argparse.Namespace) -> int:
         distillation=distillation,
         metrics=metrics,
         num_samples_default=args.num_samples,
-        data_support=(support, record),
+        data_support=(cal.support, cal.support_record),
         probes=data.val_x,
-        recalibration=recalibration,
+        recalibration=cal.recalibration,
     )
     ckpt = load_checkpoint(out)  # re-read: what the service will see
     fidelity_path = fidelity_path_for(out)

@@ -25,21 +25,11 @@ from safetensors.numpy import load_file
 
 from apd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, with_probes
 from apd.networks import forward_probs
-from apd.support import DEFAULT_VARIANCE_HELD, MAX_FIT_ROWS, DataSupport
 from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
 from training.errors import UserError
-from training.metrics import accuracy
 from training.own_data import DataSpec, load_dataset
 
-from .calibrate import (
-    DEFAULT_SCORE,
-    MIN_RECALIBRATION_INPUTS,
-    calibrate_summary,
-    fit_recalibration,
-    flag_rate,
-    support_record,
-    threshold_warning,
-)
+from .calibrate import DEFAULT_SCORE, MIN_RECALIBRATION_INPUTS, calibrate_on_data
 from .package import default_version, probe_set, utc_now
 
 
@@ -89,39 +79,19 @@ def run(args: argparse.Namespace) -> int:
             f"{src} was made on data with fingerprint {recorded[:12]}, this data's is "
             f"{data.fingerprint[:12]}; pass --dataset with the same file"
         )
-    support = DataSupport.fit(data.train_x)
-    record = support_record(
-        support, f"{data.name}-train", min(len(data.train_x), MAX_FIT_ROWS), DEFAULT_VARIANCE_HELD
-    )
     k = meta.anomaly.num_samples
     theta = ckpt.generate(**ckpt.noise(k, 0))
     summary = summarize(forward_probs(ckpt.spec, theta, data.val_x))
-    anomaly, summary = calibrate_summary(
-        summary,
-        data.val_x,
-        k,
-        target_fpr,
-        ScoreName(args.default_score),
-        f"{data.name}-validation",
-        support,
-    )
-    warning = threshold_warning(anomaly)
-    if warning is not None:
-        print(warning, file=sys.stderr)
-    recalibration = fit_recalibration(
-        summary.probabilities, data.val_y, k, f"{data.name}-validation"
-    )
-    rate = {s.value: flag_rate(anomaly, summary, s) for s in anomaly.thresholds}
-    validation = {
-        "accuracy": accuracy(summary.probabilities, data.val_y),
-        "flag_rate": rate,
-        "recalibration": None if recalibration is None else recalibration.validation,
-    }
+    cal = calibrate_on_data(summary, data, k, target_fpr, ScoreName(args.default_score))
+    if cal.warning is not None:
+        print(cal.warning, file=sys.stderr)
+    anomaly, recalibration, validation = cal.anomaly, cal.recalibration, cal.validation
+    rate = validation["flag_rate"]
     metrics = {**meta.metrics, "calibration": {"recalibrated_at": utc_now(), **validation}}
     new_meta = meta.model_copy(
         update={
             "anomaly": anomaly,
-            "data_support": record,
+            "data_support": cal.support_record,
             "metrics": metrics,
             "probes": None,
             "recalibration": recalibration,
@@ -131,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
     derived = ("support.", "probe.")
     stored = {k: v for k, v in load_file(str(src)).items() if not k.startswith(derived)}
     x, kinds = probe_set(data.val_x)
-    new_meta, tensors = with_probes(new_meta, stored | support.tensors(), x, kinds)
+    new_meta, tensors = with_probes(new_meta, stored | cal.support.tensors(), x, kinds)
     sha = save_checkpoint(out, new_meta, tensors)
     load_checkpoint(out)  # what the service will see
-    cal = None if recalibration is None else recalibration.validation
+    fit = None if recalibration is None else recalibration.validation
     rates = ", ".join(
         f"{s.value} {anomaly.thresholds[s]:.4g} ({rate[s.value]:.3f})"
         for s in (*PREDICTIVE_SCORES, ScoreName.DATA_SUPPORT, ScoreName.COMBINED)
@@ -142,14 +112,14 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {out} (sha256 {sha[:12]}, {out.stat().st_size / 1e6:.2f} MB): data support of "
-        f"rank {support.rank}; thresholds at FPR {target_fpr:g} on {len(data.val_x)} "
+        f"rank {cal.support.rank}; thresholds at FPR {target_fpr:g} on {len(data.val_x)} "
         f"validation inputs (flag rate): {rates}; default flag {anomaly.default_score.value}; "
         + (
             f"probabilities served as they are (fewer than {MIN_RECALIBRATION_INPUTS} "
             "validation inputs to recalibrate them on)"
-            if cal is None
-            else f"probabilities recalibrated: validation ECE {cal['ece_before']:.4f} -> "
-            f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"
+            if fit is None
+            else f"probabilities recalibrated: validation ECE {fit['ece_before']:.4f} -> "
+            f"{fit['ece_after']:.4f}, NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}"
         )
     )
     return 0
