@@ -25,7 +25,7 @@ latency of ``GET /v2/health/live`` every 50 ms, and a bystander that sends a sma
 
 Beside them, in this process, what parsing and checking a body of 256 examples of 784 values
 of each shape costs (Python's allocations, ``tracemalloc`` peak), against the bound that
-admission reserves for it (:meth:`service.admission.ParseLimits.parse_bytes`).
+admission reserves for it (:meth:`service.infra.admission.ParseLimits.parse_bytes`).
 
 Writes ``benchmarks/results/attacks.json`` and ``attacks.md`` (command, code revision, date,
 load averages).
@@ -154,15 +154,15 @@ class Probes:
 
 def parse_costs() -> list[dict[str, Any]]:
     """Peak Python allocations of parsing and validating a ``/predict`` body of each shape
-    (as the route does: :func:`service.inputs.parse_json_body`, then the request model),
+    (as the route does: :func:`service.codecs.inputs.parse_json_body`, then the request model),
     beside :meth:`ParseLimits.parse_bytes` for it."""
     import tracemalloc
 
     from pydantic import ValidationError
 
-    from service.admission import JsonShape, ParseLimits
-    from service.inputs import DEFAULT_INPUT, parse_json_body, serving
-    from service.schemas import PredictRequest
+    from service.codecs.inputs import DEFAULT_INPUT, parse_json_body, serving
+    from service.codecs.schemas import PredictRequest
+    from service.infra.admission import JsonShape, ParseLimits
 
     rng = np.random.default_rng(0)
     x = rng.random((256, 784))

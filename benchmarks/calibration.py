@@ -78,8 +78,8 @@ def served(path: Path, x: NDArray[np.float32], seed: int, batch: int = 250) -> F
     """The ``probabilities`` ``/predict`` returns for ``x``, ``batch`` digits a request."""
     import warnings
 
+    from service.api.app import create_app
     from service.config import Settings
-    from service.main import create_app
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -82,12 +82,13 @@ def flag_rates(ckpt: Checkpoint, raw: NDArray[Any]) -> dict[str, Any]:
 
 def as_uploaded(images: NDArray[np.float32]) -> NDArray[np.float32]:
     """MNIST digits as a user uploads them: dark ink on white paper in a PNG, prepared by
-    ``/predict/image`` (service.images.mnist_input: inverted, cropped, centred, resampled)."""
+    ``/predict/image`` (service.codecs.images.mnist_input: inverted, cropped, centred,
+    resampled)."""
     import io
 
     from PIL import Image
 
-    from service.images import mnist_input
+    from service.codecs.images import mnist_input
 
     out = []
     for image in images:

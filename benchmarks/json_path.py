@@ -2,9 +2,9 @@
 
 Both paths run in this process on the same bytes, interleaved, at the same revision:
 
-* old: ``json.loads`` then :class:`service.schemas.PredictRequest` validation of every pixel
+* old: ``json.loads`` then :class:`service.codecs.schemas.PredictRequest` validation of every pixel
   (what FastAPI did with the body before, and what the service still does to name an error);
-* new: :func:`service.inputs.parse_json_body` (orjson, the batch checked whole with NumPy)
+* new: :func:`service.codecs.inputs.parse_json_body` (orjson, the batch checked whole with NumPy)
   then the same model, which accepts the checked batch as it is.
 
 The bodies are batches of MNIST-style digits (the API example's digit, shifted), pixels
@@ -38,9 +38,9 @@ from pydantic import ValidationError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.examples import MNIST_TEST_0  # noqa: E402
-from service.inputs import CheckedInputs, parse_json_body  # noqa: E402
-from service.schemas import PredictRequest  # noqa: E402
+from service.codecs.examples import MNIST_TEST_0  # noqa: E402
+from service.codecs.inputs import CheckedInputs, parse_json_body  # noqa: E402
+from service.codecs.schemas import PredictRequest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

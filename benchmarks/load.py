@@ -55,7 +55,7 @@ from loadgen import (  # noqa: E402
     summarize,
 )
 
-from service.cache import HEADER_BYTES, MAC_BYTES  # noqa: E402
+from service.infra.cache import HEADER_BYTES, MAC_BYTES  # noqa: E402
 from tests.harness import (  # noqa: E402
     RedisServer,
     ServeProcess,

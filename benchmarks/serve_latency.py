@@ -284,10 +284,10 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
     import anyio
 
     from apd.factored import AffinePosterior
-    from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
-    from service.posterior_pool import NETWORKS_PER_BLOCK, Stream
-    from service.runtime import MAX_KEPT_TAIL_PARAMS, draw_blocks
-    from service.telemetry import Metrics
+    from service.core.model import MAX_KEPT_TAIL_PARAMS, draw_blocks
+    from service.core.networks import NETWORKS_PER_BLOCK, Stream
+    from service.infra.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
+    from service.infra.telemetry import Metrics
 
     posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
     keep_tails = posterior.tail_params <= MAX_KEPT_TAIL_PARAMS

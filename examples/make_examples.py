@@ -5,9 +5,9 @@
                                                       # shipped model, served by `apd serve`
 
 The files need no training stack: the digit is the first MNIST test image (a 7), which the
-service itself carries (``service.examples.MNIST_TEST_0``); the anomaly example adds the first
-character of Omniglot's evaluation alphabets (from ``$APD_DATA_DIR/omniglot``, made the way the
-evaluation reads it: inverted to white on black, Lanczos-resized 105 -> 28). Made with NumPy
+service itself carries (``service.codecs.examples.MNIST_TEST_0``); the anomaly example adds the
+first character of Omniglot's evaluation alphabets (from ``$APD_DATA_DIR/omniglot``, made the way
+the evaluation reads it: inverted to white on black, Lanczos-resized 105 -> 28). Made with NumPy
 and Pillow, both in the serve-only install.
 
 * ``digit.json``: ``{"inputs": [the 7 as 28 rows of 28 pixels / 255], "num_samples": 100,
@@ -66,7 +66,7 @@ UPDATE_HINT = "python examples/make_examples.py --update-readme"
 def mnist_digit() -> np.ndarray:
     """The first MNIST test image (a 7), uint8 28x28, as the service carries it."""
     sys.path.insert(0, str(ROOT))
-    from service.examples import MNIST_TEST_0
+    from service.codecs.examples import MNIST_TEST_0
 
     return np.frombuffer(bytes.fromhex(MNIST_TEST_0), dtype=np.uint8).reshape(28, 28)
 

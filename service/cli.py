@@ -17,9 +17,9 @@ With ``--workers N > 1`` uvicorn starts N worker processes, each building the ap
 ``APD_*`` variables that this process sets from its validated settings (pinning the
 checkpoint's sha256, so a file replaced meanwhile is refused), and Prometheus multi-process
 mode is switched on with a fresh directory so that ``/metrics`` aggregates every worker (and
-reports each worker's and this process's memory and CPU, :mod:`service.telemetry`).
+reports each worker's and this process's memory and CPU, :mod:`service.infra.telemetry`).
 
-Logging (:mod:`service.logging_config`): every line, the service's and uvicorn's, is one JSON
+Logging (:mod:`service.infra.logging_config`): every line, the service's and uvicorn's, is one JSON
 object (``--log-format text`` for plain lines), in this process and in every worker.
 """
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the runtime imports wait until the BLAS threads are set (th
     from service.config import Settings
 
 PROG = "apd serve"
-APP_FACTORY = "service.main:create_app"
+APP_FACTORY = "service.api.app:create_app"
 BLAS_THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Settings.num_threads's default, read before the settings (and NumPy) are imported.
 DEFAULT_NUM_THREADS: Final = 2
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         return _fail(f"{describe_validation_error(exc)} (see: {PROG} --help)", 2)
 
-    from service.runtime import load_servable
+    from service.core.model import load_servable
 
     try:
         checkpoint = load_servable(settings)
@@ -122,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from service.http_protocol import BoundedH11Protocol
-    from service.logging_config import log_config
-    from service.telemetry import MULTIPROC_ENV, register_process
+    from service.infra.http_server import BoundedH11Protocol
+    from service.infra.logging_config import log_config
+    from service.infra.telemetry import MULTIPROC_ENV, register_process
 
     common: dict[str, Any] = {
         "host": settings.host,
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     BoundedH11Protocol.header_timeout_s = settings.header_timeout_s
     try:
         if settings.workers == 1:
-            from service.main import create_app
+            from service.api.app import create_app
 
             uvicorn.run(create_app(settings, checkpoint), **common)
             return 0

@@ -24,8 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.posterior_pool import NETWORKS_PER_BLOCK
-from service.schemas import MAX_NUM_SAMPLES
+from service.codecs.schemas import MAX_NUM_SAMPLES
+from service.core.networks import NETWORKS_PER_BLOCK
 
 PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT: Final = Path("models", "mnist-fcnn1", "model.safetensors")

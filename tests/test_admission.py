@@ -1,4 +1,4 @@
-"""Admission (service/admission.py): the budget's queue and its bounds, the scan that bounds a
+"""Admission (service/infra/admission.py): the budget's queue and its bounds, the scan that bounds a
 body's parse cost before it is parsed, and a live worker under concurrent worst-case requests
 that answers each one 200 or 503 with Retry-After, drops none, and keeps its memory bounded."""
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.admission import JsonShape, MemoryBudget, Overloaded, ParseLimits
-from service.telemetry import Metrics
+from service.infra.admission import JsonShape, MemoryBudget, Overloaded, ParseLimits
+from service.infra.telemetry import Metrics
 from tests.harness import apd_serve, make_tiny_checkpoint, rss_bytes
 
 

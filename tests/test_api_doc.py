@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.app import create_app
 from service.config import SHIPPED_CHECKPOINT, Settings
-from service.main import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 API_DOC = ROOT / "docs" / "api.md"

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apd.uncertainty import PredictiveSummary, is_flagged
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
 from tests.attack_support import (
     hostile_bodies,
     idle_connections,
@@ -141,7 +141,7 @@ def test_non_ascii_digits_in_the_v2_header_length_are_a_400(client: Any, value: 
 
 
 def test_a_body_may_take_the_grace_then_must_keep_its_rate_within_the_total() -> None:
-    from service.middleware import BodyTimeoutMiddleware
+    from service.api.middleware import BodyTimeoutMiddleware
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("not called")

@@ -404,7 +404,7 @@ SERVE_ONLY_PROBE = textwrap.dedent(
 
     from pathlib import Path
     from fastapi.testclient import TestClient
-    from service.main import create_app
+    from service.api.app import create_app
     from service.config import Settings
 
     settings = Settings(checkpoint=Path(sys.argv[2]), redis_url=None)
@@ -427,7 +427,7 @@ SERVE_ONLY_PROBE = textwrap.dedent(
 
 def test_serving_packages_can_serve(tmp_path: Path) -> None:
     """The app answers /predict with only the runtime image's packages importable."""
-    pytest.importorskip("service.main")
+    pytest.importorskip("service.api.app")
     from tests import harness
 
     ckpt = harness.make_tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -610,11 +610,11 @@ def test_dashboard_promql_parses(dashboards: dict[str, dict[str, Any]], tmp_path
 
 
 def _service_exposition(tmp_path: Path) -> str:
-    pytest.importorskip("service.main")
+    pytest.importorskip("service.api.app")
     from fastapi.testclient import TestClient
 
+    from service.api.app import create_app
     from service.config import Settings
-    from service.main import create_app
     from tests import harness
 
     ckpt = harness.make_tiny_checkpoint(tmp_path / "tiny.safetensors")

@@ -34,13 +34,13 @@ from tests.harness import (
 )
 
 if not (ROOT / "service" / "cache.py").is_file() or not (ROOT / "service" / "cli.py").is_file():
-    pytest.skip("service/cache.py or service/cli.py not written yet", allow_module_level=True)
+    pytest.skip("service/infra/cache.py or service/cli.py not written yet", allow_module_level=True)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from loadgen import build_requests, images, metric_sum, parse_metrics, run_clients
 
-from service.cache import HEADER_BYTES, MAC_BYTES, BlockLayout, encode_block
-from service.posterior_pool import Stream
+from service.core.networks import Stream
+from service.infra.cache import HEADER_BYTES, MAC_BYTES, BlockLayout, encode_block
 
 K = 20  # two blocks of 10 networks per seed
 CORRUPT = "apd_cache_corrupt_entries_total"

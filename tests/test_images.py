@@ -1,4 +1,4 @@
-"""Image files -> MNIST inputs (service/images.py), the one preparation that both
+"""Image files -> MNIST inputs (service/codecs/images.py), the one preparation that both
 ``POST /predict/image`` and the page at ``/`` use.
 
 References are independent of the code under test: the first MNIST test image as MNIST itself
@@ -16,10 +16,10 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
+from service.api.app import create_app
+from service.codecs.examples import MNIST_TEST_0
+from service.codecs.images import mnist_input
 from service.config import Settings
-from service.examples import MNIST_TEST_0
-from service.images import mnist_input
-from service.main import create_app
 from tests.service_support import make_client
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,8 +27,14 @@ from starlette.exceptions import HTTPException
 from apd.checkpoint import InputConvention
 from service.api.errors import http_error_handler, validation_error_handler
 from service.api.json_body import InputBatchRoute
-from service.inputs import DEFAULT_INPUT, CheckedInputs, InputSchema, parse_json_body, serving
-from service.schemas import AnomalyScoreRequest, PredictRequest
+from service.codecs.inputs import (
+    DEFAULT_INPUT,
+    CheckedInputs,
+    InputSchema,
+    parse_json_body,
+    serving,
+)
+from service.codecs.schemas import AnomalyScoreRequest, PredictRequest
 from tests.service_support import make_client
 
 rng = np.random.default_rng(0)

@@ -292,11 +292,11 @@ def test_custom_resources_validate_against_their_minimal_schemas(
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    pytest.importorskip("service.main")
+    pytest.importorskip("service.api.app")
     from fastapi.testclient import TestClient
 
+    from service.api.app import create_app
     from service.config import Settings
-    from service.main import create_app
     from tests.service_support import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path_factory.mktemp("app") / "model.safetensors")

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.http_protocol import LINGER_MAX_BYTES, LINGER_S
+from service.infra.http_server import LINGER_MAX_BYTES, LINGER_S
 from tests.harness import LOOPBACK, ServeProcess, apd_serve, make_tiny_checkpoint, rss_bytes
 
 MAX_BODY = 256 * 1024

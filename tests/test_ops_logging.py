@@ -21,8 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
+from service.api.app import create_app
+from service.api.middleware import request_id_of
 from service.config import Settings
-from service.logging_config import (
+from service.infra.logging_config import (
     JsonFormatter,
     RequestContextFilter,
     TextFormatter,
@@ -31,8 +33,6 @@ from service.logging_config import (
     log_config,
     unbind_request,
 )
-from service.main import create_app
-from service.middleware import request_id_of
 from tests.harness import apd_serve, make_tiny_checkpoint
 from tests.service_support import make_client
 
@@ -162,7 +162,7 @@ def test_the_config_applies_to_every_logger(log_format: str) -> None:
     and a third-party one (through the root logger) all write in the chosen format."""
     code = (
         "import logging, logging.config, sys\n"
-        "from service.logging_config import log_config\n"
+        "from service.infra.logging_config import log_config\n"
         f"logging.config.dictConfig(log_config('info', {log_format!r}))\n"
         "logging.getLogger('apd.service').info('app')\n"
         "logging.getLogger('uvicorn.error').info('server')\n"

@@ -28,10 +28,10 @@ import yaml
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import telemetry
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
-from service.telemetry import DURATION_BUCKETS, ServerProcessesCollector, register_process
+from service.infra import telemetry
+from service.infra.telemetry import DURATION_BUCKETS, ServerProcessesCollector, register_process
 from tests.deploy_support import find_tool
 from tests.harness import apd_serve, make_tiny_checkpoint, rss_bytes
 from tests.service_support import make_client

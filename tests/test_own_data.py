@@ -27,9 +27,9 @@ import pytest
 from apd.checkpoint import Checkpoint, load_checkpoint
 from apd.networks import CNNSpec, forward_probs
 from apd.uncertainty import summarize
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
-from service.posterior_pool import Stream, block_noise
+from service.core.networks import Stream, block_noise
 from tests.harness import apd_serve
 from tests.own_data_support import (
     FOLDER_CLASSES,

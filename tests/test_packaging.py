@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from service.codecs.examples import mnist_example
 from service.config import DEFAULT_CHECKPOINT, SHIPPED_CHECKPOINT, installed_copy
-from service.examples import mnist_example
 from tests.deploy_support import PYPROJECT, ROOT, installed_closure, normalise, project_requirements
 
 LOCK = ROOT / "requirements" / "serve.lock"
@@ -77,7 +77,7 @@ def test_lock_pins_exactly_the_tested_serving_closure() -> None:
     assert not differ, f"lock != tested (locked, installed): {differ}; run `make lock`"
     unhashed = sorted(n for n, (_, hashes) in pins.items() if hashes == 0)
     assert not unhashed, f"no hash for {unhashed}: `pip install --require-hashes` refuses them"
-    # The lock honours apd's own bounds, e.g. uvicorn <0.55 (service/http_protocol.py
+    # The lock honours apd's own bounds, e.g. uvicorn <0.55 (service/infra/http_server.py
     # subclasses its private h11 protocol).
     for req in project_requirements(["serve"]):
         assert req.specifier.contains(pins[normalise(req.name)][0]), (req, pins[req.name])
@@ -145,8 +145,8 @@ def test_wheel_carries_the_model_and_an_install_serves_it(tmp_path: Path) -> Non
     import httpx
     from fastapi.testclient import TestClient
 
+    from service.api.app import create_app
     from service.config import Settings
-    from service.main import create_app
     from tests import harness
 
     # Built from a copy of the checkout: setuptools builds in the source tree, and a stale

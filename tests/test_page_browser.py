@@ -5,7 +5,7 @@ Each test uses the page as a person would (uploads a PNG, draws with the mouse, 
 seed, presses Predict) and reads the answer off the page; the numbers shown must be those of a
 direct ``POST /predict/image`` of the same image file (same K and seed), to display precision.
 The page sends the image file as it is (an upload's bytes unchanged, a drawing as a PNG) and
-the server makes the model's input (service/images.py, tested in tests/test_images.py); here
+the server makes the model's input (service/codecs/images.py, tested in tests/test_images.py); here
 what it makes of what the page sent is checked against independent references: an MNIST test
 digit, uploaded large and black on white, must come back as that digit (white on black, 28x28,
 in [0, 1]).
@@ -39,7 +39,7 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from service.images import mnist_input
+from service.codecs.images import mnist_input
 from tests.harness import ROOT, ServeProcess, apd_serve
 
 SHIPPED = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"

@@ -27,8 +27,8 @@ from apd.checkpoint import (
 from apd.networks import forward_probs
 from apd.recalibration import confidence_cap, recalibrate_top_label, top_label_map
 from apd.uncertainty import summarize
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
 from tests.service_support import make_checkpoint, make_client, random_images
 from training.distillation.calibrate import fit_recalibration
 from training.metrics import expected_calibration_error, negative_log_likelihood

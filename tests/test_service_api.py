@@ -20,9 +20,9 @@ from safetensors.numpy import load_file
 from apd.checkpoint import BASIS, BASIS_SCALE, Checkpoint, load_checkpoint
 from apd.networks import forward_probs
 from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
-from service.posterior_pool import Stream, block_noise
+from service.core.networks import Stream, block_noise
 from tests.service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
 
 MAX_BATCH = 8

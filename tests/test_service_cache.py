@@ -14,17 +14,9 @@ import pytest
 from numpy.typing import NDArray
 
 from apd.checkpoint import load_checkpoint
-from service.cache import (
-    HEADER_BYTES,
-    BlockLayout,
-    CorruptEntry,
-    LocalBlockCache,
-    decode_block,
-    encode_block,
-)
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
-from service.posterior_pool import (
+from service.core.networks import (
     MAX_SEED,
     NETWORKS_PER_BLOCK,
     POOL_STREAM,
@@ -34,6 +26,14 @@ from service.posterior_pool import (
     block_noise,
     plan_networks,
     truncate,
+)
+from service.infra.cache import (
+    HEADER_BYTES,
+    BlockLayout,
+    CorruptEntry,
+    LocalBlockCache,
+    decode_block,
+    encode_block,
 )
 from tests.service_support import (
     make_checkpoint,
@@ -444,7 +444,7 @@ def test_planted_oversized_and_wrong_type_values_cost_once_and_are_deleted(
     client.rpush(key(1), b"not", b"a", b"string")
     request = {"inputs": random_images(2, seed=9).tolist(), "num_samples": 20, "seed": 41}
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as a:
-        caplog.set_level("WARNING", logger="apd.service.cache")
+        caplog.set_level("WARNING", logger="apd.service.infra.cache")
         assert a.post("/predict", json=request).status_code == 200
         assert sample(a, "apd_cache_corrupt_entries_total") == 2
         assert sample(a, "apd_cache_errors_total", {"kind": "timeout"}) == 0
@@ -468,7 +468,7 @@ def test_a_password_for_a_redis_that_needs_none_is_a_warning(
 
     if redis.Redis.from_url(redis_url).config_get("requirepass").get("requirepass"):
         pytest.skip("the test Redis requires a password")
-    caplog.set_level("WARNING", logger="apd.service.cache")
+    caplog.set_level("WARNING", logger="apd.service.infra.cache")
     settings = redis_settings(ckpt_path, redis_url, prefix, redis_password="not-needed")
     with make_client(create_app(settings)) as a:
         # Redis accepts (and ignores) the password; the service says so once, at start

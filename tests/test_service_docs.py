@@ -15,9 +15,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from service.api.app import create_app
 from service.api.docs import ASSETS_URL, DOCS_URL, REDOC_OFFLINE_URL, REDOC_URL
 from service.config import Settings
-from service.main import create_app
 from tests.service_support import make_checkpoint
 
 CONTENT_TYPES = {

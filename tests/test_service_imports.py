@@ -94,7 +94,7 @@ PROBE = textwrap.dedent(
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
     from service.config import Settings
-    from service.main import create_app
+    from service.api.app import create_app
 
     settings = Settings(checkpoint=sys.argv[1], pool_size=10)
     with TestClient(create_app(settings)) as client:

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from apd.checkpoint import load_checkpoint
+from service.api.app import create_app
 from service.config import Settings
-from service.main import create_app
 from tests.service_support import free_port, make_checkpoint, make_client, random_images
 
 pytestmark = pytest.mark.skipif(

@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from service.codecs.inputs import InputSchema
 from service.config import Settings
-from service.inputs import InputSchema
-from service.runtime import ServiceRuntime
-from service.telemetry import Metrics
+from service.core.model import ServiceRuntime
+from service.infra.telemetry import Metrics
 
 NOT_READY = "the service is starting: checkpoint not loaded yet"
 

@@ -1,6 +1,6 @@
 """Error responses: every client mistake is a 4xx whose message names the field and problem.
 
-Every error of the service's own routes has one shape (:class:`~service.schemas.ErrorBody`,
+Every error of the service's own routes has one shape (:class:`~service.codecs.schemas.ErrorBody`,
 docs/api.md): FastAPI's ``detail``, a list of ``{type, loc, msg}``, and ``message``, one line
 that says what is wrong and what to do. A 422 lists the first :data:`MAX_ERRORS` problems (the
 offending input is not echoed back: it may be a whole image); any other status lists one. The
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from service.schemas import ErrorBody
+from service.codecs.schemas import ErrorBody
 
 MAX_ERRORS: Final = 20
 
@@ -89,7 +89,7 @@ def _where(loc: Any) -> str:
     return out or "body"
 
 
-# The tags of an example's two forms (service.inputs: flat or nested), which pydantic puts in
+# The tags of an example's two forms (service.codecs.inputs: flat or nested), which pydantic puts in
 # an error's location; the client wrote neither.
 _FORM_TAGS: Final = frozenset({"flat", "nested"})
 

@@ -2,9 +2,9 @@
 
 FastAPI parses a JSON body with ``await request.json()`` and then validates it against the
 route's body model. :class:`InputBatchRoute` hands the route a request whose ``json()`` is
-:func:`~service.inputs.parse_json_body` (orjson, and the batch checked whole with NumPy),
+:func:`~service.codecs.inputs.parse_json_body` (orjson, and the batch checked whole with NumPy),
 FastAPI's documented way to change how a body is read, and validates the body with the served
-model's input schema (:func:`~service.inputs.serving`). The body parameter and its model stay
+model's input schema (:func:`~service.codecs.inputs.serving`). The body parameter and its model stay
 as they are, so the OpenAPI document describes the same request bodies. Before the checkpoint
 is loaded there is no schema to validate with: 503, as the routes' runtime dependency says.
 """
@@ -26,11 +26,11 @@ from service.api.errors import (
     media_type,
     unsupported_media_type,
 )
-from service.inputs import InputSchema, parse_json_body, serving
+from service.codecs.inputs import InputSchema, parse_json_body, serving
 
 
 class InputBatchRequest(Request):
-    """A request whose JSON body is parsed by :func:`~service.inputs.parse_json_body`."""
+    """A request whose JSON body is parsed by :func:`~service.codecs.inputs.parse_json_body`."""
 
     schema: InputSchema | None = None
 

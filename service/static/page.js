@@ -1,5 +1,5 @@
 // The try-the-model page: an image (a file or a drawing) is sent as it is to
-// POST /predict/image, where the server makes the model's input from it (service/images.py: the
+// POST /predict/image, where the server makes the model's input from it (service/codecs/images.py: the
 // one preparation, the API's and this page's), and the answer is drawn as SVG. Plain
 // JavaScript, no dependencies; every URL is relative, so the page also works behind a path
 // prefix. What the model expects (shape, image mode, class names) is read from GET /v1/model.

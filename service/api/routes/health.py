@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.deps import MaybeRuntimeDep, SettingsDep
-from service.schemas import Health, Readiness
+from service.codecs.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 

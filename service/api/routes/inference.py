@@ -15,9 +15,8 @@ from apd.uncertainty import PredictiveSummary, ScoreName
 from service.api.deps import InputSchemaDep, RuntimeDep
 from service.api.errors import ERROR_RESPONSES, validation_error
 from service.api.json_body import InputBatchRoute
-from service.inputs import InputSchema, constant_rows
-from service.runtime import ServiceRuntime
-from service.schemas import (
+from service.codecs.inputs import InputSchema, constant_rows
+from service.codecs.schemas import (
     AnomalyFlag,
     AnomalyScoreRequest,
     AnomalyScoreResponse,
@@ -29,6 +28,7 @@ from service.schemas import (
     PredictResponse,
     Uncertainty,
 )
+from service.core.model import ServiceRuntime
 
 router = APIRouter(tags=["inference"], route_class=InputBatchRoute)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.api.deps import MetricsDep
-from service.telemetry import CONTENT_TYPE
+from service.infra.telemetry import CONTENT_TYPE
 
 router = APIRouter(tags=["metrics"])
 

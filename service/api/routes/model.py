@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from service.api.deps import InputSchemaDep, RuntimeDep
 from service.api.errors import ERROR_RESPONSES
-from service.posterior_pool import NETWORKS_PER_BLOCK
-from service.runtime import FORWARD_NAME
-from service.schemas import AnomalyInfo, InputInfo, Limits, ModelInfo
+from service.codecs.schemas import AnomalyInfo, InputInfo, Limits, ModelInfo
+from service.core.model import FORWARD_NAME
+from service.core.networks import NETWORKS_PER_BLOCK
 
 router = APIRouter(tags=["model"])
 

@@ -1,7 +1,7 @@
 """``GET /``: a page to try the model in a browser (``service/static/``).
 
 An image, uploaded or drawn, is sent as it is to ``POST /predict/image``, where the server
-makes the model's input from it (:mod:`service.images`, the one preparation of the page and
+makes the model's input from it (:mod:`service.codecs.images`, the one preparation of the page and
 the API); the answer is drawn by the page's own script. Plain HTML, CSS and JavaScript served
 from here, with a Content-Security-Policy that lets the page load and connect to nothing but
 this server, so it works offline and behind a path prefix (its URLs are relative).

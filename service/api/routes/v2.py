@@ -5,7 +5,7 @@ images); its uncertainty comes back as the named output tensors of :data:`OUTPUT
 parameters ``num_samples``, ``seed`` and ``score`` mean and are limited as in ``/predict`` and
 ``/anomaly-score``: the same seed gives the same numbers. Every error is
 ``{"error": message}`` with a 4xx status (503 while the service starts). Wire formats:
-:mod:`service.v2_protocol`.
+:mod:`service.codecs.v2`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import apd
 from apd.uncertainty import PredictiveSummary, ScoreName
 from service.api.deps import MaybeRuntimeDep
 from service.api.errors import JSON_MEDIA_TYPE, body_is, is_json_media_type, media_type
-from service.inputs import InputSchema
-from service.runtime import ServiceRuntime
-from service.v2_protocol import (
+from service.codecs.inputs import InputSchema
+from service.codecs.v2 import (
     EXTENSIONS,
     HEADER_LENGTH,
     Datatype,
@@ -47,6 +46,7 @@ from service.v2_protocol import (
     parse_request,
     requested_outputs,
 )
+from service.core.model import ServiceRuntime
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 
@@ -240,7 +240,7 @@ async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Respon
         except HTTPException as exc:  # the body limit (413) or deadline (408) middleware
             raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
         # In a thread: health checks are answered meanwhile (its cost is bounded before, by
-        # service.admission, which refuses a JSON header of more values than a request holds)
+        # service.infra.admission, which refuses a JSON header of more values than a request holds)
         req, x = await anyio.to_thread.run_sync(
             _read_request, body, request.headers.get(HEADER_LENGTH), _model_input(request),
             served.settings.max_batch,

@@ -21,21 +21,21 @@ from starlette.types import ASGIApp
 
 import apd
 from apd.checkpoint import Checkpoint
-from service.admission import AdmissionMiddleware
 from service.api.docs import add_offline_docs
 from service.api.errors import http_error_handler, validation_error_handler
-from service.api.main import api_router
-from service.config import Settings
-from service.inputs import InputSchema
-from service.middleware import (
+from service.api.middleware import (
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
 )
-from service.runtime import NonFiniteAnswer, ServiceRuntime, load_servable
-from service.schemas import SHIPPED_SHA256, request_examples
-from service.telemetry import Metrics, mark_worker_exited
+from service.api.router import api_router
+from service.codecs.inputs import InputSchema
+from service.codecs.schemas import SHIPPED_SHA256, request_examples
+from service.config import Settings
+from service.core.model import NonFiniteAnswer, ServiceRuntime, load_servable
+from service.infra.admission import AdmissionMiddleware
+from service.infra.telemetry import Metrics, mark_worker_exited
 
 log = logging.getLogger("apd.service")
 

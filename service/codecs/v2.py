@@ -27,8 +27,8 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, ValidationError
 
 from apd.uncertainty import ScoreName
-from service.inputs import InputSchema
-from service.schemas import NumSamples, Seed
+from service.codecs.inputs import InputSchema
+from service.codecs.schemas import NumSamples, Seed
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 # A byte count in a header: ASCII digits only. ``str.isdigit`` also accepts superscripts and
@@ -263,7 +263,8 @@ def parse_request(
 class ModelInput:
     """What the model's one input tensor accepts: ``[N, *shape]`` or ``[N, dim]``.
 
-    FP32 values are the model's raw units, as ``/predict`` takes them (:mod:`service.inputs`):
+    FP32 values are the model's raw units, as ``/predict`` takes them
+    (:mod:`service.codecs.inputs`):
     within ``value_range`` when ``checks_range`` (pixels, ``uint8`` data), else any finite
     float32. UINT8 is accepted for ``uint8`` data (the raw values) and for float pixels in
     [0, 1] (read as ``pixel / 255``); ``uint8`` is how it is read, None when refused."""

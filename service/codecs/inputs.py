@@ -21,7 +21,7 @@ with NumPy (:meth:`InputSchema.check_batch`) into :class:`CheckedInputs`, which 
 models accept as it is. Anything that check refuses goes through the per-value validation
 (:meth:`InputSchema.validate`), so every error is the one that validation gives.
 
-The request models (:mod:`service.schemas`) are static, for every checkpoint; they validate
+The request models (:mod:`service.codecs.schemas`) are static, for every checkpoint; they validate
 ``inputs`` with the schema of the model being served, which the inference routes set for the
 request (:func:`serving`). Outside a request it is the default convention's (MNIST).
 """
@@ -43,7 +43,7 @@ from pydantic import Discriminator, Field, JsonValue, StrictFloat, Tag, TypeAdap
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from apd.checkpoint import CheckpointMeta, InputConvention
-from service.examples import MNIST_TEST_0, mnist_example
+from service.codecs.examples import MNIST_TEST_0, mnist_example
 
 FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 # JSON number and array syntax. Deleting these bytes from a body leaves its keys, strings and
@@ -458,12 +458,12 @@ class InputSchema:
 
     def image_to_raw(self, data: bytes) -> NDArray[np.float32]:
         """An image file -> one example, flat, float32 in the model's raw units: for MNIST
-        models laid out as MNIST's digits (:func:`service.images.mnist_input`: a light
+        models laid out as MNIST's digits (:func:`service.codecs.images.mnist_input`: a light
         background inverted, the strokes cropped and centred), for others the checkpoint's
         :meth:`~apd.checkpoint.InputConvention.image_to_raw`. ``ValueError`` for what is not a
         readable image."""
         if self.mnist:
-            from service.images import mnist_input
+            from service.codecs.images import mnist_input
 
             raw = mnist_input(data)
             return raw if self.convention.dtype == "float32" else np.round(raw * 255)

@@ -2,7 +2,7 @@
 page at ``/`` (which sends the image file as it is, uploaded or drawn, to that endpoint).
 
 Which preparation an image gets is the checkpoint's input convention's
-(:meth:`service.inputs.InputSchema.image_to_raw`):
+(:meth:`service.codecs.inputs.InputSchema.image_to_raw`):
 
 * MNIST models (28x28 grayscale, white strokes on black): :func:`mnist_input` lays any
   picture of a digit out as MNIST laid out its digits, so that a photo of ink on paper, a

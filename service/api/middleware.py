@@ -3,7 +3,7 @@ deadline.
 
 Every response carries ``X-Request-ID``: the client's own, when it sends a usable one (1 to
 128 visible ASCII characters: ``!`` to ``~``, no spaces), else a fresh uuid4 in hex. While
-the request is served the id is in the logging context (:mod:`service.logging_config`), so
+the request is served the id is in the logging context (:mod:`service.infra.logging_config`), so
 the service's log lines and uvicorn's access line for it carry it.
 
 The size limit answers 413 from ``Content-Length`` before reading anything, and counts bytes
@@ -11,7 +11,7 @@ while a body without one streams in, stopping at the limit; its message names th
 (FastAPI's own ``max_body_size`` does the same but replaces every such answer with a
 plain-text "Content Too Large", which breaks the API's JSON error contract.) These refusals
 say ``Connection: close``: the rest of the body is not read to reach a next request on the
-connection; :mod:`service.http_protocol` closes it the way every client can read the answer.
+connection; :mod:`service.infra.http_server` closes it the way every client can read the answer.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_content
-from service.logging_config import bind_request, unbind_request
-from service.telemetry import Metrics
+from service.infra.logging_config import bind_request, unbind_request
+from service.infra.telemetry import Metrics
 
 KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REQUEST_ID_HEADER: Final = b"x-request-id"
@@ -62,7 +62,7 @@ class RequestIdMiddleware:
     context while the request is served, and sends it back in ``X-Request-ID``.
 
     It wraps the whole application, outside Starlette's error middleware (see
-    ``service.main.APDService``), so a 500 for an unhandled exception carries the header too.
+    ``service.api.app.APDService``), so a 500 for an unhandled exception carries the header too.
     """
 
     def __init__(self, app: ASGIApp) -> None:

@@ -24,7 +24,7 @@ Streams:
   as any other; a window is a view of the pool, never a copy.
 
 A network is held as its code in the generator's affine subspace (:mod:`apd.factored`), not
-as its P weights; checkpoints with residual noise are the exception (:mod:`service.runtime`).
+as its P weights; checkpoints with residual noise are the exception (:mod:`service.core.model`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def plan_networks(
 class NetworkBlock:
     """Consecutive networks of one stream: their codes ``(k, r)`` and, where kept, their tails
     ``(k, P_tail)`` (:meth:`apd.factored.AffinePosterior.tails`; see
-    :mod:`service.runtime`)."""
+    :mod:`service.core.model`)."""
 
     codes: FloatArray
     tails: FloatArray | None = None
@@ -148,7 +148,7 @@ class PosteriorPool:
     """The shared pool held in memory, and the networks of any request's plan.
 
     ``source`` fetches a seeded request's blocks through the caches
-    (:class:`service.cache.NetworkCache`). The pool's own blocks are drawn once, by
+    (:class:`service.infra.cache.NetworkCache`). The pool's own blocks are drawn once, by
     :meth:`load`, with ``draw(stream, blocks, tails)`` (no cache: drawing them is cheaper
     than fetching them), and kept for the process's life, read-only; no request evicts them.
     The first ``tailed_size`` networks are kept with their tails (all of them for fcNN1; for an

@@ -28,10 +28,8 @@ from apd.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from apd.factored import AffinePosterior
 from apd.networks import forward_probs
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, ScoreName
-from service.admission import MemoryBudget, ParseLimits
-from service.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
 from service.config import Settings
-from service.posterior_pool import (
+from service.core.networks import (
     NETWORKS_PER_BLOCK,
     NetworkBlock,
     NetworkPlan,
@@ -39,7 +37,9 @@ from service.posterior_pool import (
     Stream,
     block_noise,
 )
-from service.telemetry import Metrics
+from service.infra.admission import MemoryBudget, ParseLimits
+from service.infra.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
+from service.infra.telemetry import Metrics
 
 FloatArray = NDArray[np.float32]
 
@@ -269,7 +269,7 @@ class ServiceRuntime:
 
     @property
     def parse_limits(self) -> ParseLimits:
-        """What the JSON of a valid request to this model can hold (service.admission)."""
+        """What the JSON of a valid request to this model can hold (service.infra.admission)."""
         return ParseLimits.of(tuple(self.checkpoint.meta.input.shape), self.settings.max_batch)
 
     async def infer(

@@ -4,7 +4,7 @@ that load queues or gets 503 instead of growing the worker's memory (docs/limits
 **Nothing is reserved for a request until its body is in.** While the body arrives, the bytes
 received so far are charged as they come (:meth:`MemoryBudget.hold`, never waiting: a body that
 does not fit is answered 503 at once). A client that connects and sends nothing, or sends
-slowly, holds only what it has sent (and :class:`service.middleware.BodyTimeoutMiddleware`
+slowly, holds only what it has sent (and :class:`service.api.middleware.BodyTimeoutMiddleware`
 cuts it off by its rate), so it delays no one.
 
 **The body's parse cost is bounded before it is parsed.** Once the body is complete its JSON
@@ -41,11 +41,11 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.middleware import declared_length
-from service.telemetry import Metrics
+from service.api.middleware import declared_length
+from service.infra.telemetry import Metrics
 
 if TYPE_CHECKING:
-    from service.runtime import ServiceRuntime
+    from service.core.model import ServiceRuntime
 
 # What parsing costs: 256 examples of 784 values of every shape, parsed and checked (orjson,
 # then Python's parser for an invalid body, then pydantic's errors for its first invalid

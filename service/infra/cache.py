@@ -1,6 +1,6 @@
 """Caches of network codes: in-process LRU, then Redis, then the generator.
 
-A block (:mod:`service.posterior_pool`) is 10 networks, each held as its code ``c (r,)``
+A block (:mod:`service.core.networks`) is 10 networks, each held as its code ``c (r,)``
 (:mod:`apd.factored`): 184 bytes per network for the shipped fcNN1 (r = 46), where the
 materialised network is 318 KB. Lookup order for the blocks of a request:
 
@@ -52,14 +52,14 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from service.posterior_pool import NETWORKS_PER_BLOCK, NetworkBlock, Stream
-from service.telemetry import Metrics
+from service.core.networks import NETWORKS_PER_BLOCK, NetworkBlock, Stream
+from service.infra.telemetry import Metrics
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 FloatArray = NDArray[np.float32]
-log = logging.getLogger("apd.service.cache")
+log = logging.getLogger("apd.service.infra.cache")
 
 MAGIC: Final = b"APDC"
 FORMAT_VERSION: Final = 2

@@ -8,7 +8,7 @@ stdout) and anything else that logs (the root logger, from ``WARNING``).
 
 A JSON line holds ``timestamp`` (ISO 8601, UTC, milliseconds), ``level``, ``logger``,
 ``message`` and ``pid``; while a request is served, ``request_id`` (the request's
-``X-Request-ID``, see :class:`service.middleware.RequestIdMiddleware`); on an access line
+``X-Request-ID``, see :class:`service.api.middleware.RequestIdMiddleware`); on an access line
 also ``client``, ``method``, ``path`` (with the query string), ``http_version``, ``status``
 and ``duration_ms`` (from the request reaching the app to its response's headers, which is
 when uvicorn writes the line; every response of this API is one JSON or binary body, sent

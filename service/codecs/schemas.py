@@ -1,9 +1,9 @@
 """Request and response bodies of the HTTP API (``docs/api.md``): the OpenAPI contract.
 
 Field names named there are fixed. The models are the same for every checkpoint; ``inputs``
-is validated with the served model's input schema (:mod:`service.inputs`), once, with errors
+is validated with the served model's input schema (:mod:`service.codecs.inputs`), once, with errors
 whose ``loc`` and message name the example and the value at fault, and the OpenAPI document
-states that model's shape, range and classes (``service.main``). Limits that depend on the
+states that model's shape, range and classes (``service.api.app``). Limits that depend on the
 settings (batch size, ``num_samples`` above the configured maximum) are checked by the routes.
 """
 
@@ -26,9 +26,9 @@ from pydantic import (
 )
 
 from apd.uncertainty import ScoreName
-from service.examples import MNIST_TEST_0_LABEL
-from service.inputs import CheckedInputs, served_input
-from service.posterior_pool import MAX_SEED
+from service.codecs.examples import MNIST_TEST_0_LABEL
+from service.codecs.inputs import CheckedInputs, served_input
+from service.core.networks import MAX_SEED
 
 MAX_NUM_SAMPLES: Final = 1000
 
@@ -78,7 +78,7 @@ class _InputBatch(_Forbid):
     @classmethod
     def _check_examples(cls, value: Any, check_list: ValidatorFunctionWrapHandler) -> Any:
         """Each example checked against the served model's input schema, unless
-        :func:`~service.inputs.parse_json_body` checked the batch whole."""
+        :func:`~service.codecs.inputs.parse_json_body` checked the batch whole."""
         if isinstance(value, CheckedInputs):
             return value
         if not isinstance(value, list) or not value:
@@ -141,7 +141,7 @@ def request_examples(example: JsonValue) -> dict[str, list[JsonValue]]:
 # The answer examples are the shipped model's real answers (models/mnist-fcnn1) to the request
 # examples (the first MNIST test image, num_samples 100, seed 7), numbers to 4 significant
 # digits; tests/test_api_doc.py answers the request with that checkpoint and compares. The
-# OpenAPI document shows them when that checkpoint is served (service/main.py).
+# OpenAPI document shows them when that checkpoint is served (service/api/app.py).
 SHIPPED_SHA256: Final = "f19d65c71a752f1480ae7b8733ee8ef2d7b9dc8b86e6a2702d5792ee62050353"
 _SHIPPED_THRESHOLD: Final = 0.23626839145806866  # mutual_information, 5% FPR
 

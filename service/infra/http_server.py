@@ -6,7 +6,7 @@ client that sends part of its headers and then trickles or stalls (slowloris) ke
 connection, a file descriptor and a ``limit_concurrency`` slot for as long as it likes. Here,
 from the moment a connection opens or a response completes, the next request's headers must be
 complete within ``header_timeout_s``, or the connection is closed. A request whose headers are
-in is left alone: its body has ``body_timeout_s`` (:mod:`service.middleware`), its handler no
+in is left alone: its body has ``body_timeout_s`` (:mod:`service.api.middleware`), its handler no
 limit.
 
 **Lingering close of a refused body.** A response that starts while the request body is still
