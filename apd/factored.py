@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -263,9 +263,14 @@ class AffinePosterior:
         return self.summarize_segments([(codes, tails)], x)
 
     def summarize_segments(
-        self, segments: Sequence[tuple[FloatArray, FloatArray | None]], x: FloatArray
+        self,
+        segments: Sequence[tuple[FloatArray, FloatArray | None]],
+        x: FloatArray,
+        interrupt: Callable[[], None] | None = None,
     ) -> PredictiveSummary:
-        """:meth:`summarize` for networks held in several arrays ``(codes, tails or None)``."""
+        """:meth:`summarize` for networks held in several arrays ``(codes, tails or None)``.
+        ``interrupt``, if given, is called before each chunk: what it raises stops the forward
+        there (a cancelled request's)."""
         if x.ndim != 2 or x.shape[1] != self.spec.input_dim:
             raise ValueError(f"expected inputs of shape (N, {self.spec.input_dim}), got {x.shape}")
         for codes, tails in segments:
@@ -279,6 +284,8 @@ class AffinePosterior:
         acc = PredictiveAccumulator()
         for codes, tails in segments:
             for start in range(0, len(codes), plan.chunk):
+                if interrupt is not None:
+                    interrupt()
                 rows = slice(start, start + plan.chunk)
                 chunk_tails = None if tails is None else tails[rows]
                 probs = self.member_probs(codes[rows], x, plan, u, chunk_tails)

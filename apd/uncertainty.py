@@ -75,6 +75,18 @@ class PredictiveSummary:
     def labels(self) -> NDArray[np.int64]:
         return self.probabilities.argmax(axis=1)
 
+    def rows(self, rows: slice) -> PredictiveSummary:
+        """The summary of the inputs ``rows`` (views: every field is per input)."""
+        support = None if self.data_support is None else self.data_support[rows]
+        return PredictiveSummary(
+            self.probabilities[rows],
+            self.predictive_entropy[rows],
+            self.expected_entropy[rows],
+            self.mutual_information[rows],
+            self.model_variance[rows],
+            support,
+        )
+
     def score(self, name: ScoreName | str) -> NDArray[np.float64]:
         """The anomaly score ``name`` for each input (larger = more anomalous). ``combined``
         needs its calibration: :meth:`apd.checkpoint.AnomalyCalibration.scores`."""

@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         return _fail(f"{describe_validation_error(exc)} (see: {PROG} --help)", 2)
 
-    from service.core.model import load_servable
+    from service.api.app import load_servable
 
     try:
         checkpoint = load_servable(settings)

@@ -24,8 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.codecs.schemas import MAX_NUM_SAMPLES
-from service.core.networks import NETWORKS_PER_BLOCK
+from service.core.limits import MAX_NUM_SAMPLES, NETWORKS_PER_BLOCK, Limits
 
 PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT: Final = Path("models", "mnist-fcnn1", "model.safetensors")
@@ -90,9 +89,24 @@ class Settings(BaseSettings):
         cli_hide_none_type=True,
     )
 
-    # What to serve and how.
+    # Models: what to serve.
     checkpoint: Path = Field(
-        default=DEFAULT_CHECKPOINT, description="APD checkpoint (.safetensors)"
+        default=DEFAULT_CHECKPOINT,
+        description="APD checkpoint (.safetensors), served as a repository of one model "
+        "(its model_id, version 1); ignored with model_repository",
+    )
+    model_repository: Path | None = Field(
+        default=None,
+        description="model repository folder, DIR/<model>/<version>/model.safetensors "
+        "(Triton's layout): every version found is served, the folder is watched",
+    )
+    default_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the model of requests that name none (default: the only model)",
+    )
+    repository_poll_s: Seconds = Field(
+        default=5.0, description="how often the model repository is scanned for changes"
     )
     expected_sha256: str | None = Field(
         default=None,
@@ -114,7 +128,13 @@ class Settings(BaseSettings):
         description="forward computations running at once per worker (each with num_threads)",
     )
 
-    # HTTP server.
+    # Servers.
+    grpc_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="also serve the Open Inference Protocol's gRPC binding on this port",
+    )
     host: str = Field(default="127.0.0.1", min_length=1, description="address to bind")
     port: int = Field(default=8000, ge=1, le=65535, description="port to bind")
     workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes")
@@ -263,6 +283,20 @@ class Settings(BaseSettings):
         description="requests from one client address waiting for memory budget at once; "
         "more: 503 at once (behind a proxy every client has its address: raise it)",
     )
+    request_timeout_s: Seconds | None = Field(
+        default=60.0,
+        description="a request's computation stops (504) past this many seconds",
+    )
+    batch_delay_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="dynamic batching: how long an unseeded request waits for others with "
+        "the same model version and K to share one forward (0: no batching)",
+    )
+    batch_max_rows: int = Field(
+        default=64, ge=1, le=4096, description="dynamic batching: most inputs in one batch"
+    )
     forward_chunk_mb: float = Field(
         default=8.0,
         gt=0,
@@ -318,6 +352,10 @@ class Settings(BaseSettings):
     def redis_secret(self) -> str | None:
         key = _secret(self.redis_password, self.redis_password_file)
         return None if key is None else key.decode()
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_num_samples, self.max_batch, self.max_image_pixels)
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from apd.checkpoint import InputConvention
 from service.api.errors import http_error_handler, validation_error_handler
+from service.api import json_body
 from service.api.json_body import InputBatchRoute
 from service.codecs.inputs import (
     DEFAULT_INPUT,
@@ -287,7 +289,7 @@ def image_app(route_class: type[APIRoute]) -> FastAPI:
     """The inference routes' body handling: the request models and the service's error
     handlers, with a handler that answers what it was given."""
     app = FastAPI()
-    app.state.input_schema = DEFAULT_INPUT
+    app.state.repository = _OneModel()
     app.router.route_class = route_class
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
@@ -309,10 +311,22 @@ def image_app(route_class: type[APIRoute]) -> FastAPI:
     return app
 
 
+class _OneModel:
+    """A repository of one model whose inputs are :data:`DEFAULT_INPUT`'s (MNIST's)."""
+
+    checkpoint = SimpleNamespace(sha256="default-input")
+
+    def resolve(self, name: str | None = None, version: str | None = None) -> Any:
+        return self
+
+
 @pytest.fixture(scope="module")
 def clients() -> Any:
-    with make_client(image_app(InputBatchRoute)) as fast, make_client(image_app(APIRoute)) as old:
-        yield fast, old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(json_body, "schema_of", lambda ckpt: DEFAULT_INPUT)
+        with make_client(image_app(InputBatchRoute)) as fast:
+            with make_client(image_app(APIRoute)) as old:
+                yield fast, old
 
 
 @pytest.mark.parametrize("name", list(BODIES))

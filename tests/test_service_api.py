@@ -124,6 +124,8 @@ def test_predict_matches_independent_computation(client: Any, ckpt: Checkpoint) 
     ref = reference_summary(reference_probs(reference_networks(ckpt, seed, k), x))
     assert result["num_samples"] == k and result["seed"] == seed
     assert result["model"] == {
+        "name": ckpt.meta.model_id,  # a repository of one: the checkpoint's id, version 1
+        "repository_version": "1",
         "id": ckpt.meta.model_id,
         "version": ckpt.meta.version,
         "checkpoint_sha256": ckpt.sha256,

@@ -4,7 +4,7 @@ and the cache shared through a real Redis by two app instances, including forged
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from numpy.typing import NDArray
 
 from apd.checkpoint import load_checkpoint
+from apd.factored import AffinePosterior
 from service.api.app import create_app
 from service.config import Settings
 from service.core.networks import (
@@ -21,9 +22,10 @@ from service.core.networks import (
     NETWORKS_PER_BLOCK,
     POOL_STREAM,
     NetworkBlock,
-    PosteriorPool,
+    NetworkSource,
     Stream,
     block_noise,
+    draw_codes,
     plan_networks,
     truncate,
 )
@@ -35,6 +37,7 @@ from service.infra.cache import (
     decode_block,
     encode_block,
 )
+from service.infra.telemetry import Metrics
 from tests.service_support import (
     make_checkpoint,
     make_client,
@@ -49,6 +52,7 @@ R = 6
 KEY = b"k" * 32
 LAYOUT = BlockLayout(checkpoint_sha256="ab" * 32, code_dim=R, hmac_key=KEY)
 STREAM = Stream.for_seed(5)
+NAMESPACE = "test-fcnn/1"  # model and repository version of make_checkpoint's model
 HMAC_KEY = "test-hmac-key-0123456789abcdef"
 
 
@@ -118,60 +122,66 @@ def test_truncate_keeps_the_first_networks_without_copying() -> None:
         truncate([a], 11)
 
 
-def test_pool_segments_are_views_of_one_read_only_pool() -> None:
-    async def draw(stream: Stream, blocks: Sequence[int], tails: bool) -> list[NetworkBlock]:
-        return [
-            NetworkBlock(
-                np.full((10, R), b, np.float32), np.full((10, 3), b, np.float32) if tails else None
-            )
-            for b in blocks
-        ]
+def _source(path: Path, pool_size: int, tailed_size: int) -> NetworkSource:
+    ckpt = load_checkpoint(path)
+    offset, directions = ckpt.affine
+    return NetworkSource(
+        ckpt,
+        AffinePosterior(ckpt.spec, offset, directions),
+        namespace=NAMESPACE,
+        pool_size=pool_size,
+        tailed_size=tailed_size,
+        keep_tails=True,
+        local=LocalBlockCache(1 << 24),
+        redis=None,
+        hmac_key=KEY,
+        key_prefix="test",
+        ttl_s=60,
+        metrics=Metrics(),
+        limiter=anyio.CapacityLimiter(1),
+    )
 
-    fetched: list[tuple[str, tuple[int, ...]]] = []
 
-    async def source(stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
-        fetched.append((stream.name, tuple(blocks)))
-        return await draw(stream, blocks, False)
+def test_pool_segments_are_views_of_one_read_only_pool(ckpt_path: Path) -> None:
+    ckpt = load_checkpoint(ckpt_path)
+    source = _source(ckpt_path, 50, 50)
 
     async def run() -> None:
-        pool = PosteriorPool(50, source, draw)
-        await pool.load()
-        assert pool.loaded and pool.size == 50 and fetched == []  # drawn, not fetched
-        segments = await pool.segments(pool.plan(30, None))
-        assert len(segments) == 1 and segments[0].codes.shape == (30, R)
-        assert not segments[0].codes.flags.writeable and segments[0].tails is not None
-        big = await pool.segments(pool.plan(65, None))  # pool + 2 further stream blocks
-        assert [len(s) for s in big] == [50, 10, 5]
-        seeded = await pool.segments(pool.plan(15, 3))
-        assert [len(s) for s in seeded] == [10, 5]
-        assert fetched == [("pool", (5, 6)), ("seed-3", (0, 1))]
+        await source.load()
+        assert source.size == 50
+        (segment,) = await source.segments(source.plan(30, None))
+        assert segment.codes.shape == (30, ckpt.code_dim)
+        assert not segment.codes.flags.writeable and segment.tails is not None
+        pool = np.concatenate([s.codes for s in await source.segments(source.plan(50, None))])
+        assert np.allclose(pool, draw_codes(ckpt, POOL_STREAM, range(5)), rtol=1e-5)  # in order
+        big = await source.segments(source.plan(65, None))  # the pool + 2 further blocks
+        assert [len(s) for s in big] == [50, 15]
+        assert np.allclose(big[1].codes, draw_codes(ckpt, POOL_STREAM, [5, 6])[:15], rtol=1e-5)
+        (seeded,) = await source.segments(source.plan(15, 3))  # one run, whole
+        assert np.array_equal(seeded.codes, draw_codes(ckpt, Stream.for_seed(3), [0, 1])[:15])
+        again = await source.segments(source.plan(15, 3))
+        assert np.shares_memory(again[0].codes, seeded.codes)  # the LRU's run, not a copy
 
     anyio.run(run)
 
 
-def test_small_requests_use_the_pool_networks_kept_with_their_tails() -> None:
-    async def draw(stream: Stream, blocks: Sequence[int], tails: bool) -> list[NetworkBlock]:
-        return [
-            NetworkBlock(
-                np.full((10, R), b, np.float32), np.full((10, 3), b, np.float32) if tails else None
-            )
-            for b in blocks
-        ]
+def test_small_requests_use_the_pool_networks_kept_with_their_tails(ckpt_path: Path) -> None:
+    source = _source(ckpt_path, 100, 30)
+    ckpt = load_checkpoint(ckpt_path)
+    first = draw_codes(ckpt, POOL_STREAM, range(3))
 
     async def run() -> None:
-        pool = PosteriorPool(100, draw, draw, tailed_size=30)  # type: ignore[arg-type]
-        await pool.load()
+        await source.load()
         for _ in range(50):  # K within the 30 tailed networks: always answered from them
-            (segment,) = await pool.segments(pool.plan(25, None))
-            assert segment.tails is not None and segment.codes.max() <= 2
+            (segment,) = await source.segments(source.plan(25, None))
+            assert segment.tails is not None
+            assert all(np.isclose(first, row, rtol=1e-5).all(1).any() for row in segment.codes)
         windows = set()
         for _ in range(200):  # K above them: any window; one across the edge comes in two parts
-            segments = await pool.segments(pool.plan(45, None))
+            segments = await source.segments(source.plan(45, None))
             assert sum(len(s) for s in segments) == 45
             windows.add(tuple(s.tails is not None for s in segments))
         assert {(True, False), (False,)} <= windows <= {(True, False), (False,), (True,)}
-        codes = np.concatenate([s.codes for s in await pool.segments(pool.plan(100, None))])
-        assert np.array_equal(codes[:, 0], np.repeat(np.arange(10), 10))  # the whole pool, in order
 
     anyio.run(run)
 
@@ -181,9 +191,9 @@ def test_small_requests_use_the_pool_networks_kept_with_their_tails() -> None:
 
 def test_round_trip() -> None:
     c = codes(3)
-    raw = encode_block(LAYOUT, STREAM, 4, c)
+    raw = encode_block(LAYOUT, STREAM.name, 4, c)
     assert raw[:4] == b"APDC" and len(raw) == LAYOUT.entry_bytes == HEADER_BYTES + 10 * R * 4 + 32
-    out = decode_block(LAYOUT, STREAM, 4, raw)
+    out = decode_block(LAYOUT, STREAM.name, 4, raw)
     assert np.array_equal(out, c) and out.dtype == np.float32
 
 
@@ -191,7 +201,7 @@ def test_the_mac_is_hmac_sha256_of_header_and_codes_with_the_key() -> None:
     import hashlib
     import hmac
 
-    raw = encode_block(LAYOUT, STREAM, 4, codes(3))
+    raw = encode_block(LAYOUT, STREAM.name, 4, codes(3))
     assert raw[-32:] == hmac.new(KEY, raw[:-32], hashlib.sha256).digest()
 
 
@@ -203,7 +213,7 @@ def _forged(raw: bytes) -> bytes:
     """What someone who can write to Redis but lacks the key can do: a well-formed entry for
     this very block, with codes of their choosing and a MAC made with another key."""
     other = BlockLayout(LAYOUT.checkpoint_sha256, R, b"x" * 32)
-    return encode_block(other, STREAM, 4, codes(3) * 100)
+    return encode_block(other, STREAM.name, 4, codes(3) * 100)
 
 
 def _forged_checksum(raw: bytes) -> bytes:
@@ -224,13 +234,13 @@ CORRUPTIONS = {
     "forged with another key": (_forged, "HMAC"),
     "forged with a checksum": (_forged_checksum, "HMAC"),
     "foreign checkpoint": (
-        lambda raw: encode_block(BlockLayout("cd" * 32, R, KEY), STREAM, 4, codes(3)),
+        lambda raw: encode_block(BlockLayout("cd" * 32, R, KEY), STREAM.name, 4, codes(3)),
         "checkpoint",
     ),
-    "other block": (lambda raw: encode_block(LAYOUT, STREAM, 5, codes(3)), "block 5"),
-    "other stream": (lambda raw: encode_block(LAYOUT, POOL_STREAM, 4, codes(3)), "stream"),
+    "other block": (lambda raw: encode_block(LAYOUT, STREAM.name, 5, codes(3)), "block 5"),
+    "other stream": (lambda raw: encode_block(LAYOUT, POOL_STREAM.name, 4, codes(3)), "stream"),
     "NaN with a valid MAC": (
-        lambda raw: encode_block(LAYOUT, STREAM, 4, np.full((10, R), np.nan, np.float32)),
+        lambda raw: encode_block(LAYOUT, STREAM.name, 4, np.full((10, R), np.nan, np.float32)),
         "NaN",
     ),
     "not ours at all": (lambda raw: b"\x80\x04pickle?" * 100, "length"),
@@ -239,9 +249,9 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize(("corrupt", "reason"), CORRUPTIONS.values(), ids=list(CORRUPTIONS))
 def test_every_corruption_and_forgery_is_detected(corrupt: Any, reason: str) -> None:
-    raw = corrupt(encode_block(LAYOUT, STREAM, 4, codes(3)))
+    raw = corrupt(encode_block(LAYOUT, STREAM.name, 4, codes(3)))
     with pytest.raises(CorruptEntry, match=reason):
-        decode_block(LAYOUT, STREAM, 4, raw)
+        decode_block(LAYOUT, STREAM.name, 4, raw)
 
 
 def test_a_short_key_is_refused() -> None:
@@ -336,7 +346,7 @@ def test_instances_share_codes_through_redis(ckpt_path: Path, redis_url: str, pr
     client = redis.Redis.from_url(redis_url)
     sha = load_checkpoint(ckpt_path).sha256
     keys = sorted(k.decode() for k in client.scan_iter(match=f"{prefix}:*"))
-    assert keys == [f"{prefix}:codes:{sha}:seed-99:{b}" for b in range(3)]
+    assert keys == [f"{prefix}:codes:{NAMESPACE}:{sha}:seed-99:{b}" for b in range(3)]
     assert 0 < client.ttl(keys[0]) <= Settings().cache_ttl_s
     assert (
         client.strlen(keys[0]) == HEADER_BYTES + 10 * load_checkpoint(ckpt_path).code_dim * 4 + 32
@@ -356,7 +366,7 @@ def test_corrupt_and_forged_entries_are_deleted_redrawn_and_never_served(
         clean = a.post("/predict", json=request).json()
 
     client = redis.Redis.from_url(redis_url)
-    key = f"{prefix}:codes:{ckpt.sha256}:seed-31:{{}}".format
+    key = f"{prefix}:codes:{NAMESPACE}:{ckpt.sha256}:seed-31:{{}}".format
     layout = BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode())
     good: dict[int, bytes] = {}
     for b in range(4):
@@ -364,12 +374,12 @@ def test_corrupt_and_forged_entries_are_deleted_redrawn_and_never_served(
         assert isinstance(raw, bytes)
         good[b] = raw
     stream = Stream.for_seed(31)
-    poison = decode_block(layout, stream, 1, good[1]) + 5.0
+    poison = decode_block(layout, stream.name, 1, good[1]) + 5.0
     client.set(key(0), good[0][:-100])  # truncated
     forger = BlockLayout(ckpt.sha256, ckpt.code_dim, b"not-the-service-key!")
-    client.set(key(1), encode_block(forger, stream, 1, poison))  # forged: codes of their own
+    client.set(key(1), encode_block(forger, stream.name, 1, poison))  # forged: codes of their own
     foreign = BlockLayout("0" * 64, ckpt.code_dim, HMAC_KEY.encode())
-    client.set(key(2), encode_block(foreign, stream, 2, poison))  # another checkpoint's
+    client.set(key(2), encode_block(foreign, stream.name, 2, poison))  # another checkpoint's
 
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as b:
         again = b.post("/predict", json=request).json()
@@ -384,8 +394,8 @@ def test_corrupt_and_forged_entries_are_deleted_redrawn_and_never_served(
         raw = client.get(key(blk))
         assert isinstance(raw, bytes)
         np.testing.assert_allclose(
-            decode_block(layout, stream, blk, raw),
-            decode_block(layout, stream, blk, good[blk]),
+            decode_block(layout, stream.name, blk, raw),
+            decode_block(layout, stream.name, blk, good[blk]),
             rtol=1e-5,
             atol=1e-6,
         )
@@ -405,7 +415,8 @@ def test_a_poisoned_pool_in_redis_is_never_served(
     for b in range(3):
         poison = np.full((10, ckpt.code_dim), 50.0, np.float32)
         client.set(
-            f"{prefix}:codes:{ckpt.sha256}:pool:{b}", encode_block(layout, POOL_STREAM, b, poison)
+            f"{prefix}:codes:{NAMESPACE}:{ckpt.sha256}:pool:{b}",
+            encode_block(layout, POOL_STREAM.name, b, poison),
         )
     x = random_images(4, seed=8).tolist()
     with make_client(create_app(redis_settings(ckpt_path, redis_url, prefix))) as a:
@@ -438,7 +449,7 @@ def test_planted_oversized_and_wrong_type_values_cost_once_and_are_deleted(
     import redis
 
     ckpt = load_checkpoint(ckpt_path)
-    key = f"{prefix}:codes:{ckpt.sha256}:seed-41:{{}}".format
+    key = f"{prefix}:codes:{NAMESPACE}:{ckpt.sha256}:seed-41:{{}}".format
     client = redis.Redis.from_url(redis_url)
     client.set(key(0), b"\0" * (8 << 20))
     client.rpush(key(1), b"not", b"a", b"string")

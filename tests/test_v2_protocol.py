@@ -145,7 +145,8 @@ def test_server_and_model_metadata(triton: Any, server: ServeProcess) -> None:
     meta = triton.get_model_metadata(MODEL)
     ckpt = load_checkpoint(_checkpoint_path(server))
     assert meta["name"] == MODEL
-    assert meta["versions"] == [ckpt.meta.version]
+    assert meta["versions"] == ["1"]  # repository versions: one checkpoint is version 1
+    assert ckpt.meta.model_id == MODEL
     assert meta["platform"] == "apd-generator"
     (inp,) = meta["inputs"]
     assert (inp["name"], inp["datatype"], inp["shape"]) == ("input", "FP32", [-1, 28, 28])

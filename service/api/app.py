@@ -1,8 +1,8 @@
 """The FastAPI application: ``create_app(settings)``; uvicorn runs ``create_app`` as a factory.
 
-Startup work happens once, in the lifespan: load and check the checkpoint (unless the caller
-passes one already loaded), build the factored forward, connect to Redis, and draw the
-shared pool.
+Startup work happens once, in the lifespan: connect to Redis, and load the model repository
+(one checkpoint, or a folder of models and versions: :mod:`service.core.repository`), which
+then watches the folder. The routes are codecs over :meth:`service.core.model.ServedModel.predict`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-from fastapi import FastAPI, Request
+import anyio
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 import apd
-from apd.checkpoint import Checkpoint
+from apd.checkpoint import Checkpoint, load_checkpoint
 from service.api.docs import add_offline_docs
-from service.api.errors import http_error_handler, validation_error_handler
+from service.api.errors import (
+    CORE_ERRORS,
+    core_error_handler,
+    http_error_handler,
+    validation_error_handler,
+)
 from service.api.middleware import (
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
@@ -30,11 +35,14 @@ from service.api.middleware import (
     RequestIdMiddleware,
 )
 from service.api.router import api_router
-from service.codecs.inputs import InputSchema
+from service.codecs.inputs import InputSchema, schema_of
 from service.codecs.schemas import SHIPPED_SHA256, request_examples
 from service.config import Settings
-from service.core.model import NonFiniteAnswer, ServiceRuntime, load_servable
-from service.infra.admission import AdmissionMiddleware
+from service.core.limits import LimitExceeded
+from service.core.model import Resources, ServingConfig, check_servable
+from service.core.repository import ModelNotFound, ModelRepository, ModelUnavailable
+from service.infra.admission import AdmissionMiddleware, MemoryBudget
+from service.infra.cache import LocalBlockCache, RedisBlockStore
 from service.infra.telemetry import Metrics, mark_worker_exited
 
 log = logging.getLogger("apd.service")
@@ -49,21 +57,25 @@ Client mistakes get 4xx (422 malformed, 413 over a limit) with a message naming 
 
 
 class APDService(FastAPI):
-    """FastAPI whose OpenAPI document is the served model's contract: its input shape, value
-    range, classes and an example input (from the loaded checkpoint), and this server's own
-    limits (``max_num_samples`` may be set below the API's 1000). Before the checkpoint is
-    loaded the document describes inputs in general, and is not kept."""
+    """FastAPI whose OpenAPI document is the default model's contract: its input shape, value
+    range, classes and an example input (from its checkpoint), and this server's own limits
+    (``max_num_samples`` may be set below the API's 1000). Before a model is loaded the
+    document describes inputs in general, and is not kept."""
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
             doc = super().openapi()
             _state_limits(doc, self.state.settings)
-            runtime: ServiceRuntime | None = self.state.runtime
-            schema: InputSchema | None = self.state.input_schema
-            if runtime is None or schema is None:
+            repository: ModelRepository | None = self.state.repository
+            if repository is None or not repository.ready or repository.default_model is None:
                 self.openapi_schema = None
                 return doc
-            _state_model(doc, runtime.checkpoint, schema)
+            try:
+                model = repository.resolve()
+            except (ModelNotFound, ModelUnavailable):
+                self.openapi_schema = None
+                return doc
+            _state_model(doc, model.checkpoint, schema_of(model.checkpoint))
         assert self.openapi_schema is not None
         return self.openapi_schema
 
@@ -119,12 +131,48 @@ def _state_model(doc: dict[str, Any], ckpt: Checkpoint, schema: InputSchema) -> 
     )
 
 
-async def nonfinite_answer_handler(request: Request, exc: Exception) -> Response:
-    """500 naming the problem (counted in ``apd_nonfinite_answers_total``): a NaN or an
-    infinite number is never sent as an answer, and never as bare ``NaN`` in JSON."""
-    key = "error" if request.url.path.startswith("/v2/") else "detail"
-    log.error("%s", exc)
-    return JSONResponse({key: str(exc)}, status_code=500)
+def serving_config(settings: Settings) -> ServingConfig:
+    """What every model version of a worker is served with."""
+    return ServingConfig(
+        limits=settings.limits,
+        default_num_samples=settings.default_num_samples,
+        pool_size=settings.pool_size,
+        tail_cache_bytes=settings.tail_cache_bytes,
+        forward_chunk_bytes=settings.forward_chunk_bytes,
+        batch_delay_s=settings.batch_delay_ms / 1000,
+        batch_max_rows=min(settings.batch_max_rows, settings.max_batch),
+        request_timeout_s=settings.request_timeout_s,
+        key_prefix=settings.redis_key_prefix,
+        ttl_s=settings.cache_ttl_s,
+        # Without Redis nothing leaves the process, and a random key signs nothing shared.
+        hmac_key=settings.hmac_key or os.urandom(32),
+        expected_sha256=settings.expected_sha256,
+    )
+
+
+def load_servable(settings: Settings) -> Checkpoint:
+    """Load, validate and check the configured single checkpoint (:class:`CheckpointError`
+    if not), before a worker starts: ``apd serve`` fails fast on it."""
+    ckpt = load_checkpoint(settings.checkpoint)
+    check_servable(ckpt, serving_config(settings))
+    return ckpt
+
+
+async def _open_redis(settings: Settings, metrics: Metrics) -> RedisBlockStore | None:
+    if settings.redis_url is None:
+        metrics.cache_degraded.set(0)
+        return None
+    redis = RedisBlockStore(
+        settings.redis_url,
+        metrics=metrics,
+        socket_timeout_s=settings.redis_socket_timeout_s,
+        health_interval_s=settings.redis_health_interval_s,
+        retry_min_s=settings.redis_retry_min_s,
+        retry_max_s=settings.redis_retry_max_s,
+        password=settings.redis_secret,
+    )
+    await redis.start()
+    return redis
 
 
 def create_app(
@@ -140,17 +188,40 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ckpt = checkpoint if checkpoint is not None else load_servable(settings)
-        runtime = await ServiceRuntime.start(settings, ckpt, metrics)
-        app.state.input_schema = InputSchema.of(ckpt.meta)
-        app.state.runtime = runtime
-        app.openapi_schema = None  # the document states the model loaded now
+        redis = await _open_redis(settings, metrics)
+        resources = Resources(
+            config=serving_config(settings),
+            metrics=metrics,
+            limiter=anyio.CapacityLimiter(settings.compute_concurrency),
+            local=LocalBlockCache(settings.local_cache_bytes),
+            redis=redis,
+        )
+        single = settings.model_repository is None
+        repository = ModelRepository(
+            resources,
+            root=settings.model_repository,
+            checkpoint=settings.checkpoint if single else None,
+            preloaded=checkpoint if single else None,
+            default_model=settings.default_model,
+            poll_s=settings.repository_poll_s,
+        )
         try:
+            await repository.start()
+            app.state.budget = MemoryBudget(
+                settings.memory_budget_bytes,
+                settings.admission_wait_s,
+                metrics,
+                max_queue=settings.admission_queue,
+                max_queue_per_client=settings.admission_queue_per_client,
+            )
+            app.state.repository = repository
+            app.openapi_schema = None  # the document states the model loaded now
             yield
         finally:
-            app.state.runtime = None
-            app.state.input_schema = None
-            await runtime.close()
+            app.state.repository = None
+            await repository.close()
+            if redis is not None:
+                await redis.close()
             mark_worker_exited(os.getpid())
 
     app = APDService(
@@ -164,8 +235,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.runtime = None
-    app.state.input_schema = None
+    app.state.repository = None
     # Outermost last: metrics see every answer, including the limits' 413 and 408; admission
     # reads bodies through the size limit and the deadline.
     app.add_middleware(AdmissionMiddleware)
@@ -183,7 +253,9 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
-    app.add_exception_handler(NonFiniteAnswer, nonfinite_answer_handler)
+    errors: list[type[Exception]] = [LimitExceeded, *CORE_ERRORS]
+    for error in errors:
+        app.add_exception_handler(error, core_error_handler)
     app.include_router(api_router)
     add_offline_docs(app)
     return app

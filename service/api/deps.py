@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from service.codecs.inputs import InputSchema
 from service.config import Settings
-from service.core.model import ServiceRuntime
+from service.core.model import ServedModel
+from service.core.repository import ModelRepository
 from service.infra.telemetry import Metrics
 
-NOT_READY = "the service is starting: checkpoint not loaded yet"
+NOT_READY = "the service is starting: no model loaded yet"
 
 
 def get_settings(request: Request) -> Settings:
@@ -24,29 +24,30 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def get_runtime_or_none(request: Request) -> ServiceRuntime | None:
-    runtime: ServiceRuntime | None = getattr(request.app.state, "runtime", None)
-    return runtime
+def get_repository_or_none(request: Request) -> ModelRepository | None:
+    repository: ModelRepository | None = getattr(request.app.state, "repository", None)
+    return repository
 
 
-def get_runtime(
-    runtime: Annotated[ServiceRuntime | None, Depends(get_runtime_or_none)],
-) -> ServiceRuntime:
-    if runtime is None:
+def get_repository(
+    repository: Annotated[ModelRepository | None, Depends(get_repository_or_none)],
+) -> ModelRepository:
+    if repository is None:
         raise HTTPException(status_code=503, detail=NOT_READY)
-    return runtime
+    return repository
 
 
-def get_input_schema(request: Request) -> InputSchema:
-    """The served model's input schema (set with the runtime when the checkpoint loads)."""
-    schema: InputSchema | None = getattr(request.app.state, "input_schema", None)
-    if schema is None:
-        raise HTTPException(status_code=503, detail=NOT_READY)
-    return schema
+def get_model(request: Request) -> ServedModel:
+    """The model version a request's body named (resolved when the body was read:
+    :mod:`service.api.json_body`), else the default model's highest READY version."""
+    model: ServedModel | None = getattr(request.state, "served_model", None)
+    if model is not None:
+        return model
+    return get_repository(get_repository_or_none(request)).resolve()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
-InputSchemaDep = Annotated[InputSchema, Depends(get_input_schema)]
-MaybeRuntimeDep = Annotated[ServiceRuntime | None, Depends(get_runtime_or_none)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+MaybeRepositoryDep = Annotated[ModelRepository | None, Depends(get_repository_or_none)]
+ModelDep = Annotated[ServedModel, Depends(get_model)]

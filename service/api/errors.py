@@ -10,6 +10,7 @@ says (:func:`error_content` picks by path).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 from fastapi import Request
@@ -20,8 +21,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.codecs.schemas import ErrorBody
+from service.core.limits import Limit, LimitExceeded
+from service.core.model import DeadlineExceeded, NonFiniteAnswer, UnknownScore
+from service.core.repository import ModelNotFound, ModelUnavailable, NoDefaultModel
 
 MAX_ERRORS: Final = 20
+log = logging.getLogger("apd.service")
 
 # The ``type`` of the one ``detail`` item of an error that is not a 422.
 ERROR_TYPES: Final[dict[int, str]] = {
@@ -32,7 +37,9 @@ ERROR_TYPES: Final[dict[int, str]] = {
     413: "too_large",
     415: "unsupported_media_type",
     431: "headers_too_large",
+    500: "server_error",
     503: "unavailable",
+    504: "deadline_exceeded",
 }
 JSON_MEDIA_TYPE: Final = "application/json"
 FORM_MEDIA_TYPE: Final = "multipart/form-data"
@@ -183,6 +190,49 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     )
 
 
+# The core's refusals (service.core): status, the body field they are about, pydantic-like type.
+CORE_ERRORS: Final[dict[type[Exception], tuple[int, str, str]]] = {
+    UnknownScore: (422, "score", "enum"),
+    NoDefaultModel: (422, "model", "missing"),
+    ModelNotFound: (404, "model", "not_found"),
+    ModelUnavailable: (503, "model", "unavailable"),
+    DeadlineExceeded: (504, "", "deadline_exceeded"),
+    NonFiniteAnswer: (500, "", "nonfinite_answer"),
+}
+_LIMITS: Final[dict[Limit, tuple[int, str, str]]] = {
+    Limit.NUM_SAMPLES: (422, "num_samples", "less_than_equal"),
+    Limit.BATCH: (413, "inputs", "too_large"),
+    Limit.IMAGE_PIXELS: (413, "files", "too_large"),
+}
+
+
+def core_error(exc: Exception) -> tuple[int, str, str]:
+    """``(status, field, type)`` of a refusal of the serving core."""
+    if isinstance(exc, LimitExceeded):
+        return _LIMITS[exc.limit]
+    for kind, answer in CORE_ERRORS.items():
+        if isinstance(exc, kind):
+            return answer
+    raise TypeError(f"not an error of the core: {exc!r}")
+
+
+async def core_error_handler(request: Request, exc: Exception) -> Response:
+    """A refusal of the serving core in the shape of :func:`error_content` (a 422 names its
+    body field as pydantic would); a 5xx is logged."""
+    status, field, kind = core_error(exc)
+    message = str(exc)
+    path = request.url.path
+    if is_v2(path) and status == 422:
+        status = 400  # the protocol's status for a request the model cannot take
+    if status >= 500:
+        log.error("%s: %s", path, message)
+    if is_v2(path) or status != 422:
+        loc: tuple[str, ...] = ("body", field) if field and status != 404 else ()
+        return JSONResponse(status_code=status, content=error_content(path, status, message, loc))
+    detail = [{"type": kind, "loc": ["body", field], "msg": message}]
+    return JSONResponse(status_code=422, content={"detail": detail, "message": message})
+
+
 ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     408: {"model": ErrorBody, "description": "The request body arrived too slowly"},
     413: {
@@ -199,10 +249,12 @@ ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         "model": ErrorBody,
         "description": "A field is missing, mistyped or out of range",
     },
+    404: {"model": ErrorBody, "description": "No such model or version"},
     431: {"model": ErrorBody, "description": "Request headers over max_header_bytes"},
     503: {
         "model": ErrorBody,
-        "description": "The service is starting, or the worker's memory budget stayed full for "
-        "admission_wait_s (with Retry-After)",
+        "description": "The service is starting, the model has no READY version, or the "
+        "worker's memory budget stayed full for admission_wait_s (with Retry-After)",
     },
+    504: {"model": ErrorBody, "description": "The answer took longer than request_timeout_s"},
 }

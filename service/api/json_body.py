@@ -4,9 +4,10 @@ FastAPI parses a JSON body with ``await request.json()`` and then validates it a
 route's body model. :class:`InputBatchRoute` hands the route a request whose ``json()`` is
 :func:`~service.codecs.inputs.parse_json_body` (orjson, and the batch checked whole with NumPy),
 FastAPI's documented way to change how a body is read, and validates the body with the served
-model's input schema (:func:`~service.codecs.inputs.serving`). The body parameter and its model stay
+model's input schema (:func:`~service.codecs.inputs.serving`) of the model version the body
+names. The body parameter and its model stay
 as they are, so the OpenAPI document describes the same request bodies. Before the checkpoint
-is loaded there is no schema to validate with: 503, as the routes' runtime dependency says.
+is loaded there is no schema to validate with: 503.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio.to_thread
-from fastapi import Request, Response, params
+from fastapi import HTTPException, Request, Response, params
 from fastapi.routing import APIRoute
 
-from service.api.deps import get_input_schema
+from service.api.deps import NOT_READY, get_repository_or_none
 from service.api.errors import (
     FORM_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
@@ -26,7 +27,7 @@ from service.api.errors import (
     media_type,
     unsupported_media_type,
 )
-from service.codecs.inputs import InputSchema, parse_json_body, serving
+from service.codecs.inputs import InputSchema, named_model, parse_json_body, schema_of, serving
 
 
 class InputBatchRequest(Request):
@@ -43,7 +44,10 @@ class InputBatchRequest(Request):
 
 class InputBatchRoute(APIRoute):
     """An API route whose body is read as an :class:`InputBatchRequest` and validated with
-    the served model's input schema (``app.state.input_schema``)."""
+    the input schema of the model version it names (``"model"``, ``"version"``; default: the
+    default model's highest READY version), resolved once here for the route
+    (:func:`service.api.deps.get_model`). Image forms name theirs in form fields: the route
+    resolves it."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
@@ -61,10 +65,19 @@ class InputBatchRoute(APIRoute):
 
         async def handle_input_batch(request: Request) -> Response:
             check_media_type(request)
-            if getattr(request.app.state, "input_schema", None) is None:
+            repository = get_repository_or_none(request)
+            if repository is None:
                 await request.body()  # its limits answer first (413, 408), as on every route
-            schema = get_input_schema(request)  # 503 until the checkpoint is loaded
+                raise HTTPException(status_code=503, detail=NOT_READY)
+            if form:
+                return await handle(request)
+            body = await request.body()
+            name, version = await anyio.to_thread.run_sync(named_model, body)
+            model = repository.resolve(name, version)
+            request.state.served_model = model
+            schema = schema_of(model.checkpoint)
             wrapped = InputBatchRequest(request.scope, request.receive)
+            wrapped._body = body  # read once (Starlette's own cache of it)
             wrapped.schema = schema
             with serving(schema):
                 return await handle(wrapped)

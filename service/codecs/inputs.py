@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 from pydantic import Discriminator, Field, JsonValue, StrictFloat, Tag, TypeAdapter, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from apd.checkpoint import CheckpointMeta, InputConvention
+from apd.checkpoint import Checkpoint, CheckpointMeta, InputConvention
 from service.codecs.examples import MNIST_TEST_0, mnist_example
 
 FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
@@ -518,3 +518,35 @@ def parse_json_body(raw: bytes, schema: InputSchema | None = None) -> Any:
             value["inputs"] = checked
             return value
     return json.loads(raw)
+
+
+_SCHEMAS: dict[str, InputSchema] = {}
+
+
+def schema_of(ckpt: Checkpoint) -> InputSchema:
+    """The input schema of a served checkpoint (made once per checkpoint)."""
+    schema = _SCHEMAS.get(ckpt.sha256)
+    if schema is None:
+        if len(_SCHEMAS) >= 256:
+            _SCHEMAS.clear()
+        schema = _SCHEMAS[ckpt.sha256] = InputSchema.of(ckpt.meta)
+    return schema
+
+
+def named_model(raw: bytes) -> tuple[str | None, str | None]:
+    """The ``"model"`` and ``"version"`` a JSON body names (strings; None where absent or not
+    a string, which the request model then refuses). Parsed only when the body holds either
+    key's name, so a body that names no model costs one byte search."""
+    if b'"model"' not in raw and b'"version"' not in raw:
+        return None, None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(value, dict):
+        return None, None
+    name, version = value.get("model"), value.get("version")
+    return (
+        name if isinstance(name, str) and name else None,
+        version if isinstance(version, str) and version else None,
+    )

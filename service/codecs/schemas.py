@@ -28,9 +28,7 @@ from pydantic import (
 from apd.uncertainty import ScoreName
 from service.codecs.examples import MNIST_TEST_0_LABEL
 from service.codecs.inputs import CheckedInputs, served_input
-from service.core.networks import MAX_SEED
-
-MAX_NUM_SAMPLES: Final = 1000
+from service.core.limits import MAX_NUM_SAMPLES, MAX_SEED
 
 
 def _integral(value: Any) -> Any:
@@ -64,8 +62,34 @@ class _Forbid(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ModelName = Annotated[
+    str | None,
+    Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="The model to ask (GET /v1/models). Default: the server's default model.",
+        examples=["mnist-fcnn1"],
+    ),
+]
+ModelVersion = Annotated[
+    str | None,
+    Field(
+        default=None,
+        min_length=1,
+        max_length=20,
+        description="The model's repository version (a positive integer, as a string). "
+        "Default: its highest READY version.",
+        examples=["1"],
+    ),
+]
+
+
 class _InputBatch(_Forbid):
-    """Shared ``inputs`` field and its validation."""
+    """Shared ``inputs``, ``model`` and ``version`` fields and their validation."""
+
+    model: ModelName = None
+    version: ModelVersion = None
 
     inputs: Annotated[list[Any], Field(min_length=1)] = Field(
         description="Examples of the served model's input shape (GET /v1/model, input), each "
@@ -123,6 +147,8 @@ class ImageForm(_Forbid):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         default=None, description="As for /predict"
     )
+    model: ModelName = None
+    version: ModelVersion = None
 
 
 def request_examples(example: JsonValue) -> dict[str, list[JsonValue]]:
@@ -147,6 +173,8 @@ _SHIPPED_THRESHOLD: Final = 0.23626839145806866  # mutual_information, 5% FPR
 
 
 class ModelRef(BaseModel):
+    name: str = Field(examples=["mnist-fcnn1"], description="The model's name in the repository")
+    repository_version: str = Field(examples=["1"], description="Its version in the repository")
     id: str = Field(examples=["mnist-fcnn1"])
     version: str = Field(examples=["2026.12.06-fcnn1"])
     checkpoint_sha256: str = Field(examples=[SHIPPED_SHA256])
@@ -192,6 +220,8 @@ class Prediction(BaseModel):
 
 
 _EXAMPLE_MODEL: dict[str, JsonValue] = {
+    "name": "mnist-fcnn1",
+    "repository_version": "1",
     "id": "mnist-fcnn1",
     "version": "2026.12.06-fcnn1",
     "checkpoint_sha256": SHIPPED_SHA256,
@@ -372,6 +402,8 @@ class InputInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    name: str = Field(description="The model's name in the repository")
+    repository_version: str = Field(description="Its version in the repository")
     id: str
     version: str
     sha256: str
@@ -394,3 +426,18 @@ class ModelInfo(BaseModel):
     backend: str
     pool_size: int
     limits: Limits
+
+
+class ModelVersions(BaseModel):
+    name: str = Field(examples=["mnist-fcnn1"])
+    versions: list[str] = Field(description="Its READY versions, ascending", examples=[["1"]])
+    default_version: str = Field(description="The version of requests that name none")
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: every model with a READY version."""
+
+    models: list[ModelVersions]
+    default_model: str | None = Field(
+        description="The model of requests that name none (null: they must name one)"
+    )

@@ -26,9 +26,12 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, ValidationError
 
+from apd.checkpoint import Checkpoint
 from apd.uncertainty import ScoreName
-from service.codecs.inputs import InputSchema
+from service.codecs.inputs import InputSchema, schema_of
 from service.codecs.schemas import NumSamples, Seed
+from service.core.limits import Limits
+from service.core.model import Answer, Query, ServedModel
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 # A byte count in a header: ASCII digits only. ``str.isdigit`` also accepts superscripts and
@@ -320,11 +323,11 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 def decode_input(
-    request: InferRequest, raw: Sequence[memoryview | None], model: ModelInput, max_batch: int
+    request: InferRequest, raw: Sequence[memoryview | None], model: ModelInput, limits: Limits
 ) -> NDArray[np.float32]:
     """The request's one input tensor as float32 ``(N, dim)`` in the model's raw units,
-    checked: name, datatype, shape, N at most ``max_batch`` (413), element count, finite
-    values within the range."""
+    checked: name, datatype, shape, N at most ``max_batch`` (:class:`LimitExceeded`), element
+    count, finite values within the range."""
     if len(request.inputs) != 1:
         names = ", ".join(repr(t.name) for t in request.inputs)
         raise ProtocolError(
@@ -351,10 +354,7 @@ def decode_input(
     n = shape[0]
     if n == 0:
         raise ProtocolError(f"{where}: shape is {shape}; send at least one example")
-    if n > max_batch:
-        raise ProtocolError(
-            f"{where} holds {n} examples; the limit is max_batch={max_batch} per request", 413
-        )
+    limits.batch(n, where)
     count = math.prod(shape)
     dtype = WIRE_DTYPES[tensor.datatype]
     if data is not None:
@@ -465,3 +465,90 @@ def encode_response(
     if not chunks:
         return text, None
     return b"".join([text, *chunks]), len(text)
+
+
+# ---- The model's tensors, shared by REST and gRPC ------------------------------------------
+
+# name -> datatype; probabilities is [N, C], every other output [N].
+OUTPUTS: Final[dict[str, Datatype]] = {
+    "probabilities": "FP32",
+    "label": "INT64",
+    "predictive_entropy": "FP32",
+    "expected_entropy": "FP32",
+    "mutual_information": "FP32",
+    "model_variance": "FP32",
+    "anomaly_score": "FP32",
+    "is_anomaly": "BOOL",
+    # the inputs' data-support score (apd.support), for checkpoints that have one
+    "data_support": "FP32",
+}
+
+
+def model_outputs(ckpt: Checkpoint) -> list[str]:
+    """The output tensors a model serves: ``data_support`` only where it has the score."""
+    has_support = ckpt.data_support is not None
+    return [out for out in OUTPUTS if out != "data_support" or has_support]
+
+
+def model_metadata(model: ServedModel) -> ModelMetadata:
+    """A model version's metadata: its input and output tensors."""
+    ckpt = model.checkpoint
+    meta = ckpt.meta
+    classes = ckpt.spec.num_classes
+    names = {"class_names": meta.input.class_names} if meta.input.class_names else None
+    outputs = [
+        TensorMetadata(
+            name=out,
+            datatype=OUTPUTS[out],
+            shape=[-1, classes] if out == "probabilities" else [-1],
+            parameters=names if out in ("probabilities", "label") else None,
+        )
+        for out in model_outputs(ckpt)
+    ]
+    return ModelMetadata(
+        name=model.name,
+        versions=[str(model.version)],
+        platform=meta.format,
+        inputs=[ModelInput.of(schema_of(ckpt)).metadata()],
+        outputs=outputs,
+    )
+
+
+def decode_query(
+    body: bytes, header_length: str | None, model: ServedModel, endpoint: str
+) -> tuple[InferRequest, Query]:
+    """An infer request's query for ``model`` (:class:`ProtocolError` if it cannot be one)."""
+    request, raw = parse_request(body, header_length)
+    x = decode_input(request, raw, ModelInput.of(schema_of(model.checkpoint)), model.limits)
+    params = parameters(request)
+    return request, Query(x, params.num_samples, params.seed, params.score, endpoint=endpoint)
+
+
+def answer_tensors(answer: Answer) -> dict[str, NDArray[Any]]:
+    """Every output tensor of an answer (flags as ``/predict`` and ``/anomaly-score``)."""
+    summary = answer.summary
+    support = {} if summary.data_support is None else {"data_support": summary.data_support}
+    return support | {
+        "probabilities": answer.probabilities,
+        "label": summary.labels,
+        "predictive_entropy": summary.predictive_entropy,
+        "expected_entropy": summary.expected_entropy,
+        "mutual_information": summary.mutual_information,
+        "model_variance": summary.model_variance,
+        "anomaly_score": answer.scores,
+        "is_anomaly": answer.flags,
+    }
+
+
+def response_header(model: ServedModel, request_id: str | None, answer: Answer) -> dict[str, Any]:
+    """An infer response's header: model, version, id and the answer's parameters."""
+    header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+    if request_id is not None:
+        header["id"] = request_id
+    header["parameters"] = {
+        "num_samples": answer.num_samples,
+        "score": answer.score_name.value,
+        "threshold": answer.threshold,
+        **({"seed": answer.seed} if answer.seed is not None else {}),
+    }
+    return header

@@ -29,18 +29,33 @@ as its P weights; checkpoints with residual noise are the exception (:mod:`servi
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from numpy.typing import NDArray
 
-FloatArray = NDArray[np.float32]
+from apd.checkpoint import Checkpoint
+from apd.factored import AffinePosterior
+from service.core.limits import MAX_SEED, NETWORKS_PER_BLOCK
+from service.infra.cache import (
+    BlockLayout,
+    CorruptEntry,
+    LocalBlockCache,
+    RedisBlockStore,
+    decode_blocks,
+    encode_block,
+)
+from service.infra.telemetry import Metrics
 
-NETWORKS_PER_BLOCK: Final = 10
-MAX_SEED: Final = 2**63 - 1
+FloatArray = NDArray[np.float32]
+log = logging.getLogger("apd.service.cache")
+
 # Fixed and above MAX_SEED, so the pool's stream never coincides with a seeded one.
 POOL_ENTROPY: Final = 0xA9D0_5EED_0000_0000_0000_0000_0000_0001
 
@@ -140,96 +155,6 @@ class NetworkBlock:
         return cls(codes, np.concatenate(tails))  # type: ignore[arg-type]
 
 
-BlockSource = Callable[[Stream, Sequence[int]], Awaitable[list[NetworkBlock]]]
-PoolDraw = Callable[[Stream, Sequence[int], bool], Awaitable[list[NetworkBlock]]]
-
-
-class PosteriorPool:
-    """The shared pool held in memory, and the networks of any request's plan.
-
-    ``source`` fetches a seeded request's blocks through the caches
-    (:class:`service.infra.cache.NetworkCache`). The pool's own blocks are drawn once, by
-    :meth:`load`, with ``draw(stream, blocks, tails)`` (no cache: drawing them is cheaper
-    than fetching them), and kept for the process's life, read-only; no request evicts them.
-    The first ``tailed_size`` networks are kept with their tails (all of them for fcNN1; for an
-    architecture whose tails are large, as many as the tail budget holds), and a request
-    whose K fits among them is answered from them, with no tail to compute.
-    """
-
-    def __init__(
-        self, pool_size: int, source: BlockSource, draw: PoolDraw, tailed_size: int | None = None
-    ) -> None:
-        tailed_size = pool_size if tailed_size is None else tailed_size
-        for size in (pool_size, tailed_size):
-            if size % NETWORKS_PER_BLOCK:
-                raise ValueError(f"pool sizes must be multiples of {NETWORKS_PER_BLOCK}")
-        if not 0 <= tailed_size <= pool_size:
-            raise ValueError(f"tailed_size must lie in 0..{pool_size}, got {tailed_size}")
-        self.pool_blocks = pool_size // NETWORKS_PER_BLOCK
-        self.tailed_blocks = tailed_size // NETWORKS_PER_BLOCK
-        self._source = source
-        self._draw = draw
-        self._tailed: NetworkBlock | None = None
-        self._bare: NetworkBlock | None = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._tailed is not None
-
-    @property
-    def size(self) -> int:
-        return self.pool_blocks * NETWORKS_PER_BLOCK if self.loaded else 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in (self._tailed, self._bare) if p is not None)
-
-    async def load(self) -> None:
-        t = self.tailed_blocks
-        parts = []
-        for blocks, tails in ((range(t), True), (range(t, self.pool_blocks), False)):
-            drawn = await self._draw(POOL_STREAM, blocks, tails) if len(blocks) else []
-            part = (
-                NetworkBlock.concatenate(drawn)
-                if drawn
-                else NetworkBlock(np.empty((0, 0), np.float32))
-            )
-            for array in (part.codes, part.tails):
-                if array is not None:
-                    array.setflags(write=False)
-            parts.append(part)
-        self._tailed, self._bare = parts
-
-    def plan(self, num_networks: int, seed: int | None) -> NetworkPlan:
-        return plan_networks(
-            num_networks, seed, self.pool_blocks, np.random.default_rng(), self.tailed_blocks
-        )
-
-    async def segments(self, plan: NetworkPlan) -> list[NetworkBlock]:
-        """The plan's first K networks as blocks of ``k_i`` networks with ``sum k_i = K``.
-
-        Pool blocks come as views of the pool (at most two: with tails, then without); other
-        blocks one each.
-        """
-        segments: list[NetworkBlock] = []
-        rest: Sequence[int] = plan.blocks
-        if plan.stream == POOL_STREAM and self._tailed is not None and self._bare is not None:
-            held = [b for b in plan.blocks if b < self.pool_blocks]
-            rest = [b for b in plan.blocks if b >= self.pool_blocks]
-            if held:
-                start, stop = held[0], held[-1] + 1
-                if held != list(range(start, stop)):
-                    raise ValueError("pool blocks of a plan must be consecutive")
-                t, per = self.tailed_blocks, NETWORKS_PER_BLOCK
-                if start < t:
-                    segments.append(self._tailed[start * per : min(stop, t) * per])
-                if stop > t:
-                    segments.append(self._bare[(max(start, t) - t) * per : (stop - t) * per])
-        if rest:
-            segments += await self._source(plan.stream, rest)
-        return truncate(segments, plan.num_networks)
-
-
 def truncate(segments: Sequence[NetworkBlock], num_networks: int) -> list[NetworkBlock]:
     """The first ``num_networks`` networks of the concatenated ``segments``, without copying."""
     out: list[NetworkBlock] = []
@@ -242,3 +167,203 @@ def truncate(segments: Sequence[NetworkBlock], num_networks: int) -> list[Networ
     if left > 0:
         raise ValueError(f"segments hold {num_networks - left} networks, {num_networks} needed")
     return out
+
+
+def draw_codes(ckpt: Checkpoint, stream: Stream, blocks: Sequence[int]) -> FloatArray:
+    """The codes ``(10 * len(blocks), r)`` of ``blocks`` of ``stream``: their noise drawn
+    (:func:`block_noise`) and the generator run over all of them in one pass."""
+    noise_dim = ckpt.meta.generator.noise_dim
+    z = [block_noise(stream, b, noise_dim, ckpt.num_params, False)[0] for b in blocks]
+    return ckpt.codes(np.concatenate(z))
+
+
+def _read_only(block: NetworkBlock) -> NetworkBlock:
+    for array in (block.codes, block.tails):
+        if array is not None:
+            array.setflags(write=False)
+    return block
+
+
+class NetworkSource:
+    """Where one model version's networks come from, in one direction: the pool held in
+    memory; any other blocks from the in-process LRU, then Redis, then the generator.
+
+    The pool (the first ``pool_size`` networks of :data:`POOL_STREAM`) is drawn once, by
+    :meth:`load`, and kept read-only for the version's life, the first ``tailed_size`` of
+    them with their tails. A request's other blocks (a seed's, or the pool stream's beyond the
+    pool) are fetched as one *run*: the LRU keeps the run whole (codes and, where
+    ``keep_tails``, tails), so a warm seeded request is one lookup and one segment, as flat
+    in K as a pool request; Redis keeps blocks (:mod:`service.infra.cache`), keyed by
+    ``namespace`` (model and version) and checkpoint, so two versions never share networks.
+    Generating codes is cheap (benchmarks/results/serve_latency.md: a Redis hit against
+    regeneration), so there is no cross-worker lock: two workers that miss the same block
+    both draw it and write the same bytes.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        posterior: AffinePosterior | None,
+        *,
+        namespace: str,
+        pool_size: int,
+        tailed_size: int,
+        keep_tails: bool,
+        local: LocalBlockCache[NetworkBlock],
+        redis: RedisBlockStore | None,
+        hmac_key: bytes,
+        key_prefix: str,
+        ttl_s: int,
+        metrics: Metrics,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        for size in (pool_size, tailed_size):
+            if size % NETWORKS_PER_BLOCK:
+                raise ValueError(f"pool sizes must be multiples of {NETWORKS_PER_BLOCK}")
+        if not 0 <= tailed_size <= pool_size:
+            raise ValueError(f"tailed_size must lie in 0..{pool_size}, got {tailed_size}")
+        self.ckpt = ckpt
+        self.posterior = posterior
+        self.namespace = namespace
+        self.pool_blocks = pool_size // NETWORKS_PER_BLOCK
+        self.tailed_blocks = tailed_size // NETWORKS_PER_BLOCK
+        self.keep_tails = keep_tails
+        self.local = local
+        self.redis = redis
+        self.layout = (
+            None
+            if posterior is None
+            else BlockLayout(ckpt.sha256, posterior.code_dim, hmac_key, NETWORKS_PER_BLOCK)
+        )
+        self._prefix = key_prefix
+        self._ttl_s = ttl_s
+        self._metrics = metrics
+        self._limiter = limiter
+        self._tailed: NetworkBlock | None = None
+        self._bare: NetworkBlock | None = None
+
+    @property
+    def size(self) -> int:
+        return self.pool_blocks * NETWORKS_PER_BLOCK if self._tailed is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in (self._tailed, self._bare) if p is not None)
+
+    async def load(self) -> None:
+        """Draw the pool (nothing for a generator with residual noise: only plans are used)."""
+        posterior = self.posterior
+        if posterior is None:
+            self._tailed = self._bare = NetworkBlock(np.empty((0, 0), np.float32))
+            return
+        t, per = self.tailed_blocks, NETWORKS_PER_BLOCK
+
+        def draw() -> tuple[NetworkBlock, NetworkBlock]:
+            codes = draw_codes(self.ckpt, POOL_STREAM, range(self.pool_blocks))
+            tails = posterior.tails(codes[: t * per]) if t else None
+            tailed = NetworkBlock(np.ascontiguousarray(codes[: t * per]), tails)
+            return _read_only(tailed), _read_only(NetworkBlock(codes[t * per :].copy()))
+
+        self._tailed, self._bare = await anyio.to_thread.run_sync(draw, limiter=self._limiter)
+        self._metrics.networks_generated.inc(self.pool_blocks * per)
+
+    def plan(self, num_networks: int, seed: int | None) -> NetworkPlan:
+        return plan_networks(
+            num_networks, seed, self.pool_blocks, np.random.default_rng(), self.tailed_blocks
+        )
+
+    async def segments(self, plan: NetworkPlan) -> list[NetworkBlock]:
+        """The plan's first K networks as blocks of ``k_i`` networks with ``sum k_i = K``:
+        pool blocks as views of the pool (at most two: with tails, then without), the rest as
+        one run."""
+        if self._tailed is None or self._bare is None:
+            raise RuntimeError("the pool is not loaded")
+        segments: list[NetworkBlock] = []
+        rest: Sequence[int] = plan.blocks
+        if plan.stream == POOL_STREAM:
+            held = [b for b in plan.blocks if b < self.pool_blocks]
+            rest = [b for b in plan.blocks if b >= self.pool_blocks]
+            if held:
+                start, stop = held[0], held[-1] + 1
+                if held != list(range(start, stop)):
+                    raise ValueError("pool blocks of a plan must be consecutive")
+                t, per = self.tailed_blocks, NETWORKS_PER_BLOCK
+                if start < t:
+                    segments.append(self._tailed[start * per : min(stop, t) * per])
+                if stop > t:
+                    segments.append(self._bare[(max(start, t) - t) * per : (stop - t) * per])
+        if rest:
+            segments.append(await self._run(plan.stream, tuple(rest)))
+        return truncate(segments, plan.num_networks)
+
+    def _key(self, stream: Stream, block: int) -> str:
+        sha = self.ckpt.sha256
+        return f"{self._prefix}:codes:{self.namespace}:{sha}:{stream.name}:{block}"
+
+    async def _run(self, stream: Stream, blocks: tuple[int, ...]) -> NetworkBlock:
+        """``blocks`` of ``stream`` as one block: from the LRU, else their codes from Redis
+        where it has them and from the generator for the rest (written back to Redis)."""
+        run_key = f"{self.namespace}:{stream.name}:{','.join(map(str, blocks))}"
+        found = self.local.get(run_key)
+        if found is not None:
+            self._metrics.cache_hits.labels(tier="memory").inc(len(blocks))
+            return found
+        known = await self._read_redis(stream, blocks)
+        todo = [b for b in blocks if b not in known]
+        posterior = self.posterior
+        assert posterior is not None and self.layout is not None
+
+        def complete() -> tuple[NetworkBlock, FloatArray | None]:
+            drawn = draw_codes(self.ckpt, stream, todo) if todo else None
+            parts, i = [], 0
+            for b in blocks:
+                if b in known:
+                    parts.append(known[b])
+                else:
+                    assert drawn is not None
+                    parts.append(drawn[i * NETWORKS_PER_BLOCK : (i + 1) * NETWORKS_PER_BLOCK])
+                    i += 1
+            codes = np.concatenate(parts)
+            tails = posterior.tails(codes) if self.keep_tails else None
+            return _read_only(NetworkBlock(codes, tails)), drawn
+
+        run, drawn = await anyio.to_thread.run_sync(complete, limiter=self._limiter)
+        self.local.put(run_key, run)
+        self._metrics.local_cache_bytes.set(self.local.nbytes)
+        if drawn is not None:
+            self._metrics.cache_misses.inc(len(todo))
+            self._metrics.networks_generated.inc(len(drawn))
+            per = NETWORKS_PER_BLOCK
+            await self._write_redis(
+                stream, {b: drawn[i * per : (i + 1) * per] for i, b in enumerate(todo)}
+            )
+        return run
+
+    async def _read_redis(self, stream: Stream, blocks: Sequence[int]) -> dict[int, FloatArray]:
+        redis, layout = self.redis, self.layout
+        if redis is None or layout is None or not redis.available:
+            return {}
+        raws = await redis.get_many([self._key(stream, b) for b in blocks], layout.entry_bytes)
+        if raws is None:
+            return {}
+        found = dict(zip(blocks, raws, strict=True))
+        out, corrupt = decode_blocks(
+            layout, stream.name, {b: raw for b, raw in found.items() if isinstance(raw, bytes)}
+        )
+        corrupt |= {b: CorruptEntry(raw) for b, raw in found.items() if isinstance(raw, str)}
+        for b, exc in corrupt.items():
+            log.warning("discarding corrupt cache entry %s: %s", self._key(stream, b), exc)
+        self._metrics.cache_corrupt.inc(len(corrupt))
+        self._metrics.cache_hits.labels(tier="redis").inc(len(out))
+        if corrupt:
+            await redis.delete(*(self._key(stream, b) for b in corrupt))
+        return out
+
+    async def _write_redis(self, stream: Stream, codes: dict[int, FloatArray]) -> None:
+        redis, layout = self.redis, self.layout
+        if redis is None or layout is None or not redis.available:
+            return
+        encoded = {
+            self._key(stream, b): encode_block(layout, stream.name, b, c) for b, c in codes.items()
+        }
+        await redis.set_many(encoded, self._ttl_s)

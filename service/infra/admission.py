@@ -45,7 +45,8 @@ from service.api.middleware import declared_length
 from service.infra.telemetry import Metrics
 
 if TYPE_CHECKING:
-    from service.core.model import ServiceRuntime
+    from service.config import Settings
+    from service.core.repository import ModelRepository
 
 # What parsing costs: 256 examples of 784 values of every shape, parsed and checked (orjson,
 # then Python's parser for an invalid body, then pydantic's errors for its first invalid
@@ -273,26 +274,33 @@ def _json_part(body: bytes, headers: Headers) -> bytes | memoryview:
     return memoryview(body)[:declared] if declared >= 0 else body
 
 
-def request_cost(runtime: ServiceRuntime, body: bytes, headers: Headers) -> int:
+def request_cost(
+    repository: ModelRepository, settings: Settings, body: bytes, headers: Headers
+) -> int:
     """Memory a request with this complete body may hold while it is served: the body, what
-    parsing it makes and the forward's working set; :class:`HTTPException` 413 for a JSON
-    body that holds more than a valid request (:class:`ParseLimits`)."""
-    settings = runtime.settings
-    spec = runtime.posterior.spec
+    parsing it makes and the forward's working set, for the widest model served (the body
+    may name any); :class:`HTTPException` 413 for a JSON body that holds more than a valid
+    request to any of them (:class:`ParseLimits`)."""
+    models = repository.served()
+    if not models:
+        return len(body)
+    widest = max(models, key=lambda m: m.checkpoint.spec.input_dim)
     if headers.get("content-type", "").lower().startswith(MULTIPART):
         parse = settings.max_image_pixels * DECODE_BYTES_PER_PIXEL + 2 * len(body)
         inputs = settings.max_batch
     else:
-        limits = runtime.parse_limits
+        shape = tuple(widest.checkpoint.meta.input.shape)
+        limits = ParseLimits.of(shape, settings.max_batch)
         found = JsonShape.scan(_json_part(body, headers))
         refusal = limits.refusal(found)
         if refusal is not None:
             raise HTTPException(status_code=413, detail=refusal)
         parse = limits.parse_bytes(found, len(body))
-        inputs = min(settings.max_batch, found.values // spec.input_dim + 1)
+        dim = widest.checkpoint.spec.input_dim
+        inputs = min(settings.max_batch, found.values // dim + 1)
         if len(body) > len(_json_part(body, headers)):  # V2 binary tensors
             inputs = settings.max_batch
-    return len(body) + parse + runtime.posterior.peak_bytes(inputs)
+    return len(body) + parse + max(m.posterior.peak_bytes(inputs) for m in models)
 
 
 class AdmissionMiddleware:
@@ -308,11 +316,12 @@ class AdmissionMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = getattr(scope.get("app"), "state", None)
-        runtime: ServiceRuntime | None = getattr(state, "runtime", None)
-        if scope["type"] != "http" or runtime is None:
+        repository: ModelRepository | None = getattr(state, "repository", None)
+        if scope["type"] != "http" or repository is None or state is None:
             await self.app(scope, receive, send)
             return
-        budget = runtime.budget
+        budget: MemoryBudget = state.budget
+        settings: Settings = state.settings
         client = scope.get("client")
         address = str(client[0]) if client else ""
         held = 0
@@ -337,7 +346,7 @@ class AdmissionMiddleware:
                     break
             body = b"".join(chunks)
             del chunks
-            need = request_cost(runtime, body, Headers(scope=scope))
+            need = request_cost(repository, settings, body, Headers(scope=scope))
             extra = max(0, need - held)
             await budget.acquire(extra, "request", address)
             held += extra

@@ -44,15 +44,16 @@ import hmac
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.networks import NETWORKS_PER_BLOCK, NetworkBlock, Stream
+from service.core.limits import NETWORKS_PER_BLOCK
+
 from service.infra.telemetry import Metrics
 
 if TYPE_CHECKING:
@@ -101,8 +102,8 @@ class BlockLayout:
         return hmac.digest(self.hmac_key, signed, "sha256")
 
 
-def _stream_tag(stream: Stream) -> bytes:
-    return hashlib.sha256(stream.name.encode()).digest()[:16]
+def _stream_tag(stream: str) -> bytes:
+    return hashlib.sha256(stream.encode()).digest()[:16]
 
 
 def _header(layout: BlockLayout, tag: bytes, block: int) -> bytes:
@@ -117,7 +118,7 @@ def _header(layout: BlockLayout, tag: bytes, block: int) -> bytes:
     )
 
 
-def encode_block(layout: BlockLayout, stream: Stream, block: int, codes: FloatArray) -> bytes:
+def encode_block(layout: BlockLayout, stream: str, block: int, codes: FloatArray) -> bytes:
     """The Redis value of ``block`` of ``stream`` (see the module docstring)."""
     if codes.shape != (layout.rows, layout.code_dim):
         raise ValueError(f"block shape {codes.shape} != {(layout.rows, layout.code_dim)}")
@@ -126,7 +127,7 @@ def encode_block(layout: BlockLayout, stream: Stream, block: int, codes: FloatAr
     return signed + layout.mac(signed)
 
 
-def _header_fault(layout: BlockLayout, stream: Stream, block: int, header: bytes) -> str:
+def _header_fault(layout: BlockLayout, stream: str, block: int, header: bytes) -> str:
     """Which header field is not what ``block`` of ``stream`` must hold."""
     magic, version, sha, tag, blk, rows, cols = _HEADER.unpack(header)
     if magic != MAGIC or version != FORMAT_VERSION:
@@ -134,12 +135,12 @@ def _header_fault(layout: BlockLayout, stream: Stream, block: int, header: bytes
     if sha.hex() != layout.checkpoint_sha256:
         return f"written for checkpoint {sha.hex()[:12]}…, not this one"
     if tag != _stream_tag(stream) or blk != block:
-        return f"holds block {blk} of another stream, not block {block} of {stream.name}"
+        return f"holds block {blk} of another stream, not block {block} of {stream}"
     return f"shape {(rows, cols)}, expected {(layout.rows, layout.code_dim)}"
 
 
 def decode_blocks(
-    layout: BlockLayout, stream: Stream, raws: Mapping[int, bytes]
+    layout: BlockLayout, stream: str, raws: Mapping[int, bytes]
 ) -> tuple[dict[int, FloatArray], dict[int, CorruptEntry]]:
     """The codes of each ``block -> raw`` entry that passes every check, and a
     :class:`CorruptEntry` saying what is wrong with each other one.
@@ -176,7 +177,7 @@ def decode_blocks(
     return out, bad
 
 
-def decode_block(layout: BlockLayout, stream: Stream, block: int, raw: bytes) -> FloatArray:
+def decode_block(layout: BlockLayout, stream: str, block: int, raw: bytes) -> FloatArray:
     """The ``(rows, r)`` codes in ``raw``, or :class:`CorruptEntry` saying what is wrong."""
     out, bad = decode_blocks(layout, stream, {block: raw})
     if block in bad:
@@ -184,24 +185,33 @@ def decode_block(layout: BlockLayout, stream: Stream, block: int, raw: bytes) ->
     return out[block]
 
 
-class LocalBlockCache:
-    """In-process LRU of blocks, bounded by their total bytes. Used from the event loop only."""
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+T = TypeVar("T", bound=Sized)
+
+
+class LocalBlockCache(Generic[T]):
+    """In-process LRU of items that know their size (``nbytes``), bounded by their total
+    bytes. Used from the event loop only."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: OrderedDict[str, NetworkBlock] = OrderedDict()
+        self._items: OrderedDict[str, T] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: str) -> NetworkBlock | None:
+    def get(self, key: str) -> T | None:
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: str, item: NetworkBlock) -> None:
+    def put(self, key: str, item: T) -> None:
         if item.nbytes > self.max_bytes:
             return
         self.discard(key)
@@ -424,91 +434,3 @@ class RedisBlockStore:
             await self._client.unlink(*keys)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, "delete")
-
-
-GenerateBlocks = Callable[[Stream, Sequence[int], Mapping[int, FloatArray]], list[NetworkBlock]]
-RunCompute = Callable[[Callable[[], Any]], Awaitable[Any]]
-
-
-class NetworkCache:
-    """Blocks of networks by (stream, block), through the local LRU, Redis and the generator.
-
-    ``complete(stream, blocks, known_codes)`` turns blocks into :class:`NetworkBlock`: it
-    draws the codes of the blocks missing from ``known_codes`` and adds tails where kept.
-    """
-
-    def __init__(
-        self,
-        *,
-        layout: BlockLayout,
-        complete: GenerateBlocks,
-        run_compute: RunCompute,
-        local: LocalBlockCache,
-        redis: RedisBlockStore | None,
-        metrics: Metrics,
-        key_prefix: str,
-        ttl_s: int,
-    ) -> None:
-        self.layout = layout
-        self.local = local
-        self.redis = redis
-        self._complete = complete
-        self._run_compute = run_compute
-        self._metrics = metrics
-        self._prefix = key_prefix
-        self._ttl_s = ttl_s
-
-    def key(self, stream: Stream, block: int) -> str:
-        return f"{self._prefix}:codes:{self.layout.checkpoint_sha256}:{stream.name}:{block}"
-
-    async def get_blocks(self, stream: Stream, blocks: Sequence[int]) -> list[NetworkBlock]:
-        """The networks of ``blocks`` of ``stream``, in order."""
-        found: dict[int, NetworkBlock] = {}
-        for b in dict.fromkeys(blocks):
-            item = self.local.get(self.key(stream, b))
-            if item is not None:
-                found[b] = item
-        self._metrics.cache_hits.labels(tier="memory").inc(len(found))
-        missing = [b for b in dict.fromkeys(blocks) if b not in found]
-        if missing:
-            from_redis = await self._read_redis(stream, missing)
-            drawn = [b for b in missing if b not in from_redis]
-            completed = await self._run_compute(lambda: self._complete(stream, missing, from_redis))
-            for b, item in zip(missing, completed, strict=True):
-                found[b] = item
-                self.local.put(self.key(stream, b), item)
-            self._metrics.local_cache_bytes.set(self.local.nbytes)
-            if drawn:
-                self._metrics.cache_misses.inc(len(drawn))
-                self._metrics.networks_generated.inc(len(drawn) * self.layout.rows)
-                await self._write_redis(stream, {b: found[b].codes for b in drawn})
-        return [found[b] for b in blocks]
-
-    async def _read_redis(self, stream: Stream, blocks: list[int]) -> dict[int, FloatArray]:
-        if self.redis is None or not self.redis.available:
-            return {}
-        raws = await self.redis.get_many(
-            [self.key(stream, b) for b in blocks], self.layout.entry_bytes
-        )
-        if raws is None:
-            return {}
-        found = dict(zip(blocks, raws, strict=True))
-        out, corrupt = decode_blocks(
-            self.layout, stream, {b: raw for b, raw in found.items() if isinstance(raw, bytes)}
-        )
-        corrupt |= {b: CorruptEntry(raw) for b, raw in found.items() if isinstance(raw, str)}
-        for b, exc in corrupt.items():
-            log.warning("discarding corrupt cache entry %s: %s", self.key(stream, b), exc)
-        self._metrics.cache_corrupt.inc(len(corrupt))
-        self._metrics.cache_hits.labels(tier="redis").inc(len(out))
-        if corrupt:
-            await self.redis.delete(*(self.key(stream, b) for b in corrupt))
-        return out
-
-    async def _write_redis(self, stream: Stream, codes: dict[int, FloatArray]) -> None:
-        if self.redis is None or not self.redis.available:
-            return
-        encoded = {
-            self.key(stream, b): encode_block(self.layout, stream, b, c) for b, c in codes.items()
-        }
-        await self.redis.set_many(encoded, self._ttl_s)

@@ -92,13 +92,14 @@ class Metrics:
         self.inference_duration = Histogram(
             "apd_inference_duration_seconds",
             "Forward of the K networks and the uncertainty summary, per request",
-            ["endpoint"],
+            ["model", "version", "endpoint"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.networks_sampled = Counter(
             "apd_posterior_networks_sampled_total",
             "Posterior networks evaluated to answer requests (K per request)",
+            ["model", "version"],
             registry=r,
         )
         self.networks_generated = Counter(
@@ -110,7 +111,7 @@ class Metrics:
             "apd_nonfinite_answers_total",
             "Requests whose computed answer held a NaN or infinite number: answered 500, "
             "never sent (a broken or diverged checkpoint)",
-            ["endpoint"],
+            ["model", "version", "endpoint"],
             registry=r,
         )
         self.cache_hits = Counter(
@@ -169,14 +170,14 @@ class Metrics:
         )
         self.anomaly_flags = Counter(
             "apd_anomaly_flags_total",
-            "Inputs flagged as anomalous, by score",
-            ["score"],
+            "Inputs flagged as anomalous, by model version and score",
+            ["model", "version", "score"],
             registry=r,
         )
         self.model_info = Gauge(
             "apd_model_info",
-            "The served checkpoint (value 1)",
-            ["model_id", "version", "sha256", "backend"],
+            "Each served model version's checkpoint (value 1)",
+            ["model", "version", "model_id", "checkpoint_version", "sha256", "backend"],
             registry=r,
             multiprocess_mode="livemax",
         )

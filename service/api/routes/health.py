@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import MaybeRuntimeDep, SettingsDep
+from service.api.deps import MaybeRepositoryDep, SettingsDep
 from service.codecs.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -20,24 +20,28 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready yet"}},
-    summary="200 once the checkpoint is loaded and the pool can be served",
+    summary="200 while at least one model version is READY",
 )
-async def readyz(runtime: MaybeRuntimeDep, settings: SettingsDep) -> Readiness | JSONResponse:
-    if runtime is None or not runtime.pool.loaded:
+async def readyz(repository: MaybeRepositoryDep, settings: SettingsDep) -> Readiness | JSONResponse:
+    cache = "redis" if settings.redis_url else "memory"
+    if repository is None or not repository.ready:
         starting = Readiness(
             status="starting",
-            cache="redis" if settings.redis_url else "memory",
+            cache=cache,
             redis="disabled" if not settings.redis_url else "degraded",
             degraded=False,
             pool_networks=0,
         )
         return JSONResponse(status_code=503, content=starting.model_dump(mode="json"))
-    redis = runtime.redis_state
+    redis_store = repository.resources.redis
+    redis = "disabled" if redis_store is None else "ok" if redis_store.available else "degraded"
+    default = repository.default_model
+    model = repository.resolve(default) if default in repository.models() else None
     return Readiness(
         status="ready",
-        cache=runtime.cache_kind,
+        cache=cache,
         redis=redis,
         degraded=redis == "degraded",
-        pool_networks=runtime.pool.size,
-        checkpoint_sha256=runtime.checkpoint.sha256,
+        pool_networks=sum(m.source.size for m in repository.served()),
+        checkpoint_sha256=None if model is None else model.checkpoint.sha256,
     )

@@ -11,11 +11,10 @@ from fastapi import APIRouter, Form, HTTPException
 from fastapi.exceptions import RequestValidationError
 from numpy.typing import NDArray
 
-from apd.uncertainty import PredictiveSummary, ScoreName
-from service.api.deps import InputSchemaDep, RuntimeDep
-from service.api.errors import ERROR_RESPONSES, validation_error
+from service.api.deps import ModelDep, RepositoryDep
+from service.api.errors import ERROR_RESPONSES
 from service.api.json_body import InputBatchRoute
-from service.codecs.inputs import InputSchema, constant_rows
+from service.codecs.inputs import InputSchema, constant_rows, schema_of
 from service.codecs.schemas import (
     AnomalyFlag,
     AnomalyScoreRequest,
@@ -28,85 +27,31 @@ from service.codecs.schemas import (
     PredictResponse,
     Uncertainty,
 )
-from service.core.model import ServiceRuntime
+from service.core.limits import Limits
+from service.core.model import Answer, Query, ServedModel
 
 router = APIRouter(tags=["inference"], route_class=InputBatchRoute)
 
 
-def _model_ref(runtime: ServiceRuntime) -> ModelRef:
-    meta = runtime.checkpoint.meta
+def model_ref(model: ServedModel) -> ModelRef:
+    meta = model.checkpoint.meta
     return ModelRef(
-        id=meta.model_id, version=meta.version, checkpoint_sha256=runtime.checkpoint.sha256
+        name=model.name,
+        repository_version=str(model.version),
+        id=meta.model_id,
+        version=meta.version,
+        checkpoint_sha256=model.checkpoint.sha256,
     )
 
 
-def _num_samples(runtime: ServiceRuntime, requested: int | None) -> int:
-    if requested is None:
-        return runtime.default_num_samples
-    limit = runtime.settings.max_num_samples
-    if requested > limit:
-        raise validation_error(
-            "num_samples",
-            f"Input should be less than or equal to {limit} (this server's max_num_samples)",
-            "less_than_equal",
-            requested,
-        )
-    return requested
-
-
-def _check_batch(runtime: ServiceRuntime, n: int, what: str = "inputs", unit: str = "") -> None:
-    limit = runtime.settings.max_batch
-    if n > limit:
-        raise HTTPException(
-            status_code=413,
-            detail=f"{what} holds {n} {unit or 'examples'}; the limit is max_batch={limit} "
-            "per request",
-        )
-
-
-def _score_name(runtime: ServiceRuntime, requested: ScoreName | None) -> ScoreName:
-    if requested is None:
-        return runtime.default_score
-    if requested not in runtime.thresholds:
-        valid = ", ".join(s.value for s in runtime.thresholds)
-        raise validation_error(
-            "score",
-            f"score {requested.value!r} has no calibrated threshold in this checkpoint; "
-            f"choose one of: {valid}",
-            "enum",
-            requested.value,
-        )
-    return requested
-
-
-async def _summarize(
-    runtime: ServiceRuntime,
-    raw: NDArray[np.float32],
-    num_samples: int | None,
-    seed: int | None,
-    endpoint: str,
-) -> tuple[PredictiveSummary, int]:
-    _check_batch(runtime, len(raw))
-    k = _num_samples(runtime, num_samples)
-    summary = await runtime.infer(raw, k, seed, endpoint)
-    return summary, k
-
-
-async def _predict(
-    runtime: ServiceRuntime,
-    raw: NDArray[np.float32],
-    num_samples: int | None,
-    seed: int | None,
-    endpoint: str,
-) -> PredictResponse:
-    summary, k = await _summarize(runtime, raw, num_samples, seed, endpoint)
-    name = runtime.default_score
-    scores, flags, threshold = runtime.flags(summary, name)
-    class_names = runtime.checkpoint.meta.input.class_names
-    # Built without re-validation (model_construct): every value comes from the summary's
-    # arrays, already of the declared types; 3 x N validations were ~5% of a batch-64 request.
+def _predict_response(model: ServedModel, answer: Answer) -> PredictResponse:
+    """``/predict``'s answer. Built without re-validation (model_construct): every value comes
+    from the answer's arrays, already of the declared types; 3 x N validations were ~5% of a
+    batch-64 request."""
+    summary = answer.summary
+    class_names = model.checkpoint.meta.input.class_names
     labels = summary.labels.tolist()
-    probabilities = runtime.checkpoint.probabilities(summary).tolist()
+    probabilities = answer.probabilities.tolist()
     support = (
         [None] * len(labels) if summary.data_support is None else summary.data_support.tolist()
     )
@@ -115,11 +60,12 @@ async def _predict(
         summary.expected_entropy.tolist(),
         summary.mutual_information.tolist(),
         summary.model_variance.tolist(),
-        scores.tolist(),
-        flags.tolist(),
+        answer.scores.tolist(),
+        answer.flags.tolist(),
         support,
         strict=True,
     )
+    name, threshold = answer.score_name, answer.threshold
     predictions = [
         Prediction.model_construct(
             label=labels[i],
@@ -139,7 +85,10 @@ async def _predict(
         for i, (h, e, mi, v, score, flag, ds) in enumerate(columns)
     ]
     return PredictResponse(
-        model=_model_ref(runtime), num_samples=k, seed=seed, predictions=predictions
+        model=model_ref(model),
+        num_samples=answer.num_samples,
+        seed=answer.seed,
+        predictions=predictions,
     )
 
 
@@ -149,8 +98,9 @@ async def _predict(
     responses=ERROR_RESPONSES,
     summary="Posterior predictive, uncertainty and anomaly flag for each input",
 )
-async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
-    return await _predict(runtime, body.raw, body.num_samples, body.seed, "/predict")
+async def predict(body: PredictRequest, model: ModelDep) -> PredictResponse:
+    query = Query(body.raw, body.num_samples, body.seed, endpoint="/predict")
+    return _predict_response(model, await model.predict(query))
 
 
 def decoded_pixels(width: int, height: int, target: tuple[int, ...]) -> int:
@@ -161,7 +111,7 @@ def decoded_pixels(width: int, height: int, target: tuple[int, ...]) -> int:
 
 
 def _images_to_raw(
-    schema: InputSchema, files: list[tuple[str, bytes]], max_pixels: int
+    schema: InputSchema, files: list[tuple[str, bytes]], limits: Limits
 ) -> NDArray[np.float32]:
     """Image files -> examples ``(N, D)`` with the checkpoint's convention; a 422 naming the
     file that is not an image, or one that cannot be decoded; a 413, before any is decoded,
@@ -182,13 +132,7 @@ def _images_to_raw(
         except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
             raise _file_error(i, f"{where} cannot be read as an image: {exc}") from None
         total += decoded_pixels(width, height, schema.shape)
-        if total > max_pixels:
-            raise HTTPException(
-                status_code=413,
-                detail=f"{where} is {width}x{height} pixels: with the files before it, "
-                f"{total} decoded pixels; the limit is max_image_pixels={max_pixels} per "
-                "request (refused before decoding)",
-            )
+        limits.image_pixels(total, f"{where} is {width}x{height} pixels")
     raw = np.empty((len(files), schema.size), dtype=np.float32)
     for i, (name, data) in enumerate(files):
         try:
@@ -227,9 +171,10 @@ def _file_error(i: int, message: str) -> RequestValidationError:
 )
 async def predict_image(
     form: Annotated[ImageForm, Form(media_type="multipart/form-data")],
-    runtime: RuntimeDep,
-    schema: InputSchemaDep,
+    repository: RepositoryDep,
 ) -> PredictResponse:
+    model = repository.resolve(form.model, form.version)
+    schema = schema_of(model.checkpoint)
     if schema.image_mode is None:
         shape = "x".join(map(str, schema.shape))
         raise HTTPException(
@@ -237,13 +182,14 @@ async def predict_image(
             detail=f"this model's inputs are not images (shape {shape}, "
             f"{schema.convention.dtype}); send them as JSON to POST /predict",
         )
-    _check_batch(runtime, len(form.files), "files", "images")
-    _num_samples(runtime, form.num_samples)  # the limits first, before any decoding
+    model.limits.batch(len(form.files), "files", "images")
+    model.num_samples(form.num_samples)  # the limits first, before any decoding
     files = [(f.filename or "", await f.read()) for f in form.files]
     raw = await anyio.to_thread.run_sync(
-        _images_to_raw, schema, files, runtime.settings.max_image_pixels, limiter=runtime.limiter
+        _images_to_raw, schema, files, model.limits, limiter=model.limiter
     )
-    return await _predict(runtime, raw, form.num_samples, form.seed, "/predict/image")
+    query = Query(raw, form.num_samples, form.seed, endpoint="/predict/image")
+    return _predict_response(model, await model.predict(query))
 
 
 @router.post(
@@ -252,17 +198,16 @@ async def predict_image(
     responses=ERROR_RESPONSES,
     summary="Anomaly scores and flags at the checkpoint's calibrated threshold",
 )
-async def anomaly_score(body: AnomalyScoreRequest, runtime: RuntimeDep) -> AnomalyScoreResponse:
-    name = _score_name(runtime, body.score)
-    summary, k = await _summarize(runtime, body.raw, body.num_samples, body.seed, "/anomaly-score")
-    scores, flags, threshold = runtime.flags(summary, name)
+async def anomaly_score(body: AnomalyScoreRequest, model: ModelDep) -> AnomalyScoreResponse:
+    query = Query(body.raw, body.num_samples, body.seed, body.score, endpoint="/anomaly-score")
+    answer = await model.predict(query)
     return AnomalyScoreResponse(
-        score_name=name,
-        threshold=threshold,
-        target_fpr=runtime.checkpoint.meta.anomaly.target_fpr,
-        scores=scores.tolist(),
-        is_anomaly=flags.tolist(),
-        num_samples=k,
-        seed=body.seed,
-        model=_model_ref(runtime),
+        score_name=answer.score_name,
+        threshold=answer.threshold,
+        target_fpr=model.checkpoint.meta.anomaly.target_fpr,
+        scores=answer.scores.tolist(),
+        is_anomaly=answer.flags.tolist(),
+        num_samples=answer.num_samples,
+        seed=answer.seed,
+        model=model_ref(model),
     )

@@ -1,14 +1,23 @@
-"""``GET /v1/model``: the served checkpoint's metadata."""
+"""``GET /v1/model``, ``GET /v1/models/{name}``: a model's card; ``GET /v1/models``: the list."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import InputSchemaDep, RuntimeDep
+from service.api.deps import ModelDep, RepositoryDep, SettingsDep
 from service.api.errors import ERROR_RESPONSES
-from service.codecs.schemas import AnomalyInfo, InputInfo, Limits, ModelInfo
-from service.core.model import FORWARD_NAME
-from service.core.networks import NETWORKS_PER_BLOCK
+from service.codecs.inputs import schema_of
+from service.codecs.schemas import (
+    AnomalyInfo,
+    InputInfo,
+    Limits,
+    ModelInfo,
+    ModelList,
+    ModelVersions,
+)
+from service.config import Settings
+from service.core.limits import NETWORKS_PER_BLOCK
+from service.core.model import FORWARD_NAME, ServedModel
 
 router = APIRouter(tags=["model"])
 
@@ -17,16 +26,50 @@ router = APIRouter(tags=["model"])
     "/v1/model",
     response_model=ModelInfo,
     responses={503: ERROR_RESPONSES[503]},
-    summary="The loaded checkpoint: identity, architecture, input, classes, thresholds, "
+    summary="The default model's card: identity, architecture, input, classes, thresholds, "
     "provenance, limits",
 )
-async def model_info(runtime: RuntimeDep, schema: InputSchemaDep) -> ModelInfo:
-    ckpt = runtime.checkpoint
+async def model_info(model: ModelDep, settings: SettingsDep) -> ModelInfo:
+    return model_card(model, settings)
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses={503: ERROR_RESPONSES[503]},
+    summary="Every model with a READY version, its versions and the default model",
+)
+async def model_list(repository: RepositoryDep) -> ModelList:
+    models = [
+        ModelVersions(
+            name=name, versions=[str(v) for v in versions], default_version=str(versions[-1])
+        )
+        for name, versions in repository.models().items()
+    ]
+    return ModelList(models=models, default_model=repository.default_model)
+
+
+@router.get(
+    "/v1/models/{name}",
+    response_model=ModelInfo,
+    responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
+    summary="Model ``name``'s card (its highest READY version, or ``?version=``)",
+)
+async def named_model_info(
+    name: str, repository: RepositoryDep, settings: SettingsDep, version: str | None = None
+) -> ModelInfo:
+    return model_card(repository.resolve(name, version), settings)
+
+
+def model_card(model: ServedModel, settings: Settings) -> ModelInfo:
+    schema = schema_of(model.checkpoint)
+    ckpt = model.checkpoint
     meta = ckpt.meta
-    settings = runtime.settings
     anomaly = meta.anomaly
     convention = meta.input
     return ModelInfo(
+        name=model.name,
+        repository_version=str(model.version),
         id=meta.model_id,
         version=meta.version,
         sha256=ckpt.sha256,
@@ -51,7 +94,7 @@ async def model_info(runtime: RuntimeDep, schema: InputSchemaDep) -> ModelInfo:
         ),
         num_classes=ckpt.spec.num_classes,
         class_names=convention.class_names,
-        default_num_samples=runtime.default_num_samples,
+        default_num_samples=model.default_num_samples,
         anomaly=AnomalyInfo(
             default_score=anomaly.default_score,
             target_fpr=anomaly.target_fpr,
@@ -69,7 +112,7 @@ async def model_info(runtime: RuntimeDep, schema: InputSchemaDep) -> ModelInfo:
         provenance=meta.provenance.model_dump(mode="json"),
         metrics=dict(meta.metrics),
         backend=FORWARD_NAME,
-        pool_size=runtime.pool.size,
+        pool_size=model.source.size,
         limits=Limits(
             max_batch=settings.max_batch,
             max_num_samples=settings.max_num_samples,

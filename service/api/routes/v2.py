@@ -13,66 +13,43 @@ from __future__ import annotations
 from typing import Any, Final
 
 import anyio.to_thread
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 import apd
-from apd.uncertainty import PredictiveSummary, ScoreName
-from service.api.deps import MaybeRuntimeDep
+from service.api.deps import MaybeRepositoryDep, RepositoryDep
 from service.api.errors import JSON_MEDIA_TYPE, body_is, is_json_media_type, media_type
-from service.codecs.inputs import InputSchema
 from service.codecs.v2 import (
     EXTENSIONS,
     HEADER_LENGTH,
-    Datatype,
+    OUTPUTS,
     InferRequest,
     InferResponse,
-    ModelInput,
     ModelMetadata,
     ModelReady,
     ProtocolError,
     ServerLive,
     ServerMetadata,
     ServerReady,
-    TensorMetadata,
     V2Error,
-    decode_input,
+    answer_tensors,
+    decode_query,
     encode_response,
     inline_schema,
-    parameters,
-    parse_request,
+    model_metadata,
+    model_outputs,
     requested_outputs,
+    response_header,
 )
-from service.core.model import ServiceRuntime
+from service.core.model import ServedModel
+from service.core.repository import ModelRepository, VersionState
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 
 SERVER_NAME: Final = "apd"
 INFER_PATH: Final = "/v2/models/{name}/infer"
-
-# name -> datatype; probabilities is [N, C], every other output [N].
-OUTPUTS: Final[dict[str, Datatype]] = {
-    "probabilities": "FP32",
-    "label": "INT64",
-    "predictive_entropy": "FP32",
-    "expected_entropy": "FP32",
-    "mutual_information": "FP32",
-    "model_variance": "FP32",
-    "anomaly_score": "FP32",
-    "is_anomaly": "BOOL",
-    # the inputs' data-support score (apd.support), for checkpoints that have one
-    "data_support": "FP32",
-}
-
-
-def _outputs(runtime: ServiceRuntime) -> list[str]:
-    """The output tensors this model serves: ``data_support`` only where it has the score."""
-    has_support = runtime.checkpoint.data_support is not None
-    return [out for out in OUTPUTS if out != "data_support" or has_support]
-
 
 _ERROR: Final = {"model": V2Error}
 _LIMIT_ERROR: Final = {
@@ -87,25 +64,22 @@ def _fail(exc: ProtocolError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
-def _ready(runtime: ServiceRuntime | None) -> bool:
-    """The condition of ``/readyz``: checkpoint loaded and pool filled."""
-    return runtime is not None and runtime.pool.loaded
+def _repository(repository: ModelRepository | None) -> ModelRepository:
+    if repository is None:
+        raise ProtocolError("the service is starting: no model loaded yet", 503)
+    return repository
 
 
-def _model(runtime: ServiceRuntime | None, name: str) -> ServiceRuntime:
-    """The runtime serving model ``name``: 503 while starting, 404 for another name."""
-    if runtime is None:
-        raise ProtocolError("the service is starting: checkpoint not loaded yet", 503)
-    served = runtime.checkpoint.meta.model_id
-    if name != served:
-        raise ProtocolError(f"unknown model {name!r}: this server serves {served!r}", 404)
-    return runtime
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ready: bool = False
 
 
-def _model_input(request: Request) -> ModelInput:
-    """The served model's input tensor (its input schema is set with the runtime)."""
-    schema: InputSchema = request.app.state.input_schema
-    return ModelInput.of(schema)
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: VersionState
+    reason: str
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
@@ -122,64 +96,83 @@ async def server_live() -> ServerLive:
     "/health/ready",
     response_model=ServerReady,
     responses={503: {"model": ServerReady, "description": "Not ready yet"}},
-    summary="200 once the model can be served (as /readyz), else 503",
+    summary="200 while at least one model version is READY (as /readyz), else 503",
 )
-async def server_ready(runtime: MaybeRuntimeDep) -> ServerReady | JSONResponse:
-    if not _ready(runtime):
+async def server_ready(repository: MaybeRepositoryDep) -> ServerReady | JSONResponse:
+    if repository is None or not repository.ready:
         return JSONResponse({"ready": False}, status_code=503)
     return ServerReady(ready=True)
 
 
-@router.get(
-    "/models/{name}",
-    response_model=ModelMetadata,
-    response_model_exclude_none=True,
-    responses={404: _ERROR, 503: _STARTING},
-    summary="Model metadata: its input and output tensors",
+@router.post(
+    "/repository/index",
+    response_model=list[RepositoryIndexEntry],
+    responses={503: _STARTING},
+    summary="Every model version found in the repository, its state and why it is not ready",
 )
-async def model_metadata(
-    name: str, request: Request, runtime: MaybeRuntimeDep
-) -> ModelMetadata | JSONResponse:
+async def repository_index(
+    repository: MaybeRepositoryDep, body: RepositoryIndexRequest | None = None
+) -> list[RepositoryIndexEntry] | JSONResponse:
     try:
-        served = _model(runtime, name)
+        rows = _repository(repository).index(ready_only=body is not None and body.ready)
     except ProtocolError as exc:
         return _fail(exc)
-    meta = served.checkpoint.meta
-    classes = served.checkpoint.spec.num_classes
-    names = {"class_names": meta.input.class_names} if meta.input.class_names else None
-    outputs = [
-        TensorMetadata(
-            name=out,
-            datatype=dtype,
-            shape=[-1, classes] if out == "probabilities" else [-1],
-            parameters=names if out in ("probabilities", "label") else None,
-        )
-        for out in _outputs(served)
-        for dtype in [OUTPUTS[out]]
+    return [
+        RepositoryIndexEntry(name=r.name, version=str(r.version), state=r.state, reason=r.reason)
+        for r in rows
     ]
-    return ModelMetadata(
-        name=meta.model_id,
-        versions=[meta.version],
-        platform=meta.format,
-        inputs=[_model_input(request).metadata()],
-        outputs=outputs,
-    )
+
+
+async def _metadata(repository: ModelRepository, name: str, version: str | None) -> ModelMetadata:
+    return model_metadata(repository.resolve(name, version))
+
+
+async def _ready(repository: ModelRepository, name: str, version: str | None) -> ModelReady:
+    repository.resolve(name, version)  # 404 unknown; 503 (UNAVAILABLE) not ready
+    return ModelReady(name=name, ready=True)
+
+
+_METADATA: Final[dict[str, Any]] = {
+    "response_model": ModelMetadata,
+    "response_model_exclude_none": True,
+    "responses": {404: _ERROR, 503: _STARTING},
+}
+
+
+@router.get("/models/{name}", summary="Model metadata: its input and output tensors", **_METADATA)
+async def model_metadata_route(name: str, repository: RepositoryDep) -> ModelMetadata:
+    return await _metadata(repository, name, None)
 
 
 @router.get(
-    "/models/{name}/ready",
-    response_model=ModelReady,
-    responses={404: _ERROR, 503: _STARTING},
-    summary="200 once the model can be served",
+    "/models/{name}/versions/{version}",
+    summary="Metadata of one version of a model",
+    **_METADATA,
 )
-async def model_ready(name: str, runtime: MaybeRuntimeDep) -> ModelReady | JSONResponse:
-    try:
-        served = _model(runtime, name)
-    except ProtocolError as exc:
-        return _fail(exc)
-    if not _ready(served):
-        return JSONResponse({"error": "the model is loading"}, status_code=503)
-    return ModelReady(name=name, ready=True)
+async def version_metadata_route(
+    name: str, version: str, repository: RepositoryDep
+) -> ModelMetadata:
+    return await _metadata(repository, name, version)
+
+
+_READY: Final[dict[str, Any]] = {
+    "response_model": ModelReady,
+    "responses": {404: _ERROR, 503: _STARTING},
+}
+
+
+@router.get("/models/{name}/ready", summary="200 once the model can be served", **_READY)
+async def model_ready(name: str, repository: RepositoryDep) -> ModelReady:
+    return await _ready(repository, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="200 once this version can be served",
+    **_READY,
+)
+async def version_ready(name: str, version: str, repository: RepositoryDep) -> ModelReady:
+    return await _ready(repository, name, version)
 
 
 _INFER_OPENAPI: Final[dict[str, Any]] = {
@@ -207,12 +200,9 @@ _INFER_OPENAPI: Final[dict[str, Any]] = {
         },
     },
 }
-
-
-@router.post(
-    "/models/{name}/infer",
-    response_class=Response,
-    responses={
+_INFER: Final[dict[str, Any]] = {
+    "response_class": Response,
+    "responses": {
         200: {
             "model": InferResponse,
             "description": "application/json, or with binary outputs the JSON header "
@@ -228,45 +218,54 @@ _INFER_OPENAPI: Final[dict[str, Any]] = {
         415: {"model": V2Error, "description": "A body that is neither JSON nor binary tensors"},
         503: _STARTING,
     },
-    openapi_extra=_INFER_OPENAPI,
+    "openapi_extra": _INFER_OPENAPI,
+}
+
+
+@router.post(
+    "/models/{name}/infer",
     summary="Posterior predictive, uncertainty and anomaly flag as output tensors",
+    **_INFER,
 )
-async def infer(name: str, request: Request, runtime: MaybeRuntimeDep) -> Response:
+async def infer(name: str, request: Request, repository: MaybeRepositoryDep) -> Response:
+    return await _infer(request, repository, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="As /v2/models/{name}/infer, with one version of the model",
+    **_INFER,
+)
+async def version_infer(
+    name: str, version: str, request: Request, repository: MaybeRepositoryDep
+) -> Response:
+    return await _infer(request, repository, name, version)
+
+
+async def _infer(
+    request: Request, repository: ModelRepository | None, name: str, version: str | None
+) -> Response:
     try:
         _check_media_type(request)
-        served = _model(runtime, name)
+        model: ServedModel = _repository(repository).resolve(name, version)
         try:
             body = await request.body()
         except HTTPException as exc:  # the body limit (413) or deadline (408) middleware
             raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
         # In a thread: health checks are answered meanwhile (its cost is bounded before, by
-        # service.infra.admission, which refuses a JSON header of more values than a request holds)
-        req, x = await anyio.to_thread.run_sync(
-            _read_request, body, request.headers.get(HEADER_LENGTH), _model_input(request),
-            served.settings.max_batch,
-        )  # fmt: skip
-        params = parameters(req)
-        k = _num_samples(served, params.num_samples)
-        score = _score(served, params.score)
-        outputs = requested_outputs(req, _outputs(served))
+        # service.infra.admission, which refuses a JSON header of more values than a request
+        # holds)
+        req, query = await anyio.to_thread.run_sync(
+            decode_query, body, request.headers.get(HEADER_LENGTH), model, INFER_PATH
+        )
+        outputs = requested_outputs(req, model_outputs(model.checkpoint))
     except ProtocolError as exc:
         return _fail(exc)
-    summary = await served.infer(x, k, params.seed, INFER_PATH)
-    tensors = _output_tensors(served, summary, score)
-    header: dict[str, Any] = {
-        "model_name": served.checkpoint.meta.model_id,
-        "model_version": served.checkpoint.meta.version,
-    }
-    if req.id is not None:
-        header["id"] = req.id
-    header["parameters"] = {
-        "num_samples": k,
-        "score": score.value,
-        "threshold": served.thresholds[score],
-        **({"seed": params.seed} if params.seed is not None else {}),
-    }
+    answer = await model.predict(query)
+    tensors = answer_tensors(answer)
     content, header_length = encode_response(
-        header, [(out, OUTPUTS[out], tensors[out], binary) for out, binary in outputs]
+        response_header(model, req.id, answer),
+        [(out, OUTPUTS[out], tensors[out], binary) for out, binary in outputs],
     )
     if header_length is None:
         return Response(content, media_type="application/json")
@@ -291,51 +290,3 @@ def _check_media_type(request: Request) -> None:
         f"{OCTET_STREAM} with the {HEADER_LENGTH} header, the binary tensor data extension)",
         415,
     )
-
-
-def _read_request(
-    body: bytes, header_length: str | None, model: ModelInput, max_batch: int
-) -> tuple[InferRequest, NDArray[np.float32]]:
-    req, raw = parse_request(body, header_length)
-    return req, decode_input(req, raw, model, max_batch)
-
-
-def _num_samples(runtime: ServiceRuntime, requested: int | None) -> int:
-    if requested is None:
-        return runtime.default_num_samples
-    limit = runtime.settings.max_num_samples
-    if requested > limit:
-        raise ProtocolError(
-            f"parameters.num_samples is {requested}; this server's max_num_samples is {limit}"
-        )
-    return requested
-
-
-def _score(runtime: ServiceRuntime, requested: ScoreName | None) -> ScoreName:
-    if requested is None:
-        return runtime.default_score
-    if requested not in runtime.thresholds:
-        valid = ", ".join(s.value for s in runtime.thresholds)
-        raise ProtocolError(
-            f"parameters.score {requested.value!r} has no calibrated threshold in this "
-            f"checkpoint; choose one of: {valid}"
-        )
-    return requested
-
-
-def _output_tensors(
-    runtime: ServiceRuntime, summary: PredictiveSummary, score: ScoreName
-) -> dict[str, NDArray[Any]]:
-    """Every output tensor; flags and their metric as ``/predict`` and ``/anomaly-score``."""
-    scores, flags, _ = runtime.flags(summary, score)
-    support = {} if summary.data_support is None else {"data_support": summary.data_support}
-    return support | {
-        "probabilities": runtime.checkpoint.probabilities(summary),
-        "label": summary.labels,
-        "predictive_entropy": summary.predictive_entropy,
-        "expected_entropy": summary.expected_entropy,
-        "mutual_information": summary.mutual_information,
-        "model_variance": summary.model_variance,
-        "anomaly_score": scores,
-        "is_anomaly": flags,
-    }
