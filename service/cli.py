@@ -111,10 +111,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.api.app import load_servable
 
-    try:
-        checkpoint = load_servable(settings)
-    except CheckpointError as exc:
-        return _fail(str(exc), 1)
+    checkpoint = None
+    if settings.model_repository is None:
+        try:
+            checkpoint = load_servable(settings)
+        except CheckpointError as exc:
+            return _fail(str(exc), 1)
+    elif not settings.model_repository.is_dir():
+        return _fail(
+            f"model repository {settings.model_repository} is not a folder; it holds "
+            "<model>/<version>/model.safetensors (see: apd serve --help)",
+            1,
+        )
 
     busy = port_in_use(settings.host, settings.port)
     if busy is not None:  # one line, before uvicorn's three log lines and exit code 3
@@ -153,12 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="apd-metrics-") as metrics_dir:
             os.environ[MULTIPROC_ENV] = metrics_dir
             register_process("supervisor")  # its memory counts against the same limit
-            pinned = settings.model_copy(
-                update={
-                    "expected_sha256": checkpoint.sha256,
-                    "checkpoint": checkpoint.path.resolve(),
-                }
-            )
+            pinned = settings
+            if checkpoint is not None:  # every worker serves the file checked here
+                pinned = settings.model_copy(
+                    update={
+                        "expected_sha256": checkpoint.sha256,
+                        "checkpoint": checkpoint.path.resolve(),
+                    }
+                )
             for name, value in pinned.to_env().items():
                 if value is None:
                     os.environ.pop(name, None)

@@ -100,7 +100,8 @@ def with_parents(names: set[str]) -> set[str]:
     out = set(names)
     for name in names:
         for m in re.finditer(r"\[\]|(?<!\])\.", name):
-            out.add(name[: m.start()])
+            if m.start():  # a list answer's items, ``[].a``, have no parent name
+                out.add(name[: m.start()])
     return out
 
 

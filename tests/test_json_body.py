@@ -26,8 +26,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from apd.checkpoint import InputConvention
-from service.api.errors import http_error_handler, validation_error_handler
 from service.api import json_body
+from service.api.errors import http_error_handler, validation_error_handler
 from service.api.json_body import InputBatchRoute
 from service.codecs.inputs import (
     DEFAULT_INPUT,

@@ -316,6 +316,7 @@ class ServedModel:
                 else:
                     summary = await self._forward(self.source.plan(k, query.seed), x)
         except TimeoutError:
+            self.metrics.requests_cancelled.labels(reason="deadline").inc()
             raise DeadlineExceeded(
                 f"the answer was not ready within the request's deadline (model {self.name} "
                 f"version {self.version}, K = {k}, {len(x)} inputs); retry later or with a "

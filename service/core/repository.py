@@ -9,7 +9,8 @@ The repository is polled every ``poll_s`` seconds (each worker polls its own cop
 the same folder and so converge within one interval):
 
 * a version whose file appeared or changed is read only once its size and modification time
-  have stayed the same for one whole interval (a file still being copied is LOADING); then it
+  have stayed the same for one whole interval, and at least :data:`SETTLE_S` (a file still
+  being copied is LOADING; copying into another folder and renaming it in is safest); then it
   is loaded and verified (:func:`apd.checkpoint.load_checkpoint`: digest, probes) and checked
   against this server (:func:`~service.core.model.check_servable`) off the event loop, and
   becomes READY; a version already READY keeps answering until its replacement is;
@@ -28,6 +29,7 @@ import asyncio
 import enum
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -40,6 +42,8 @@ from service.core.model import Resources, ServedModel, check_servable
 log = logging.getLogger("apd.service.repository")
 
 CHECKPOINT_FILE: Final = "model.safetensors"
+# A changed file is read once it has not changed for a whole poll and for at least this long.
+SETTLE_S: Final = 1.0
 _MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -197,7 +201,8 @@ class ModelRepository:
         for (name, version), path in sorted(found.items()):
             v = self._models.setdefault(name, _Model()).versions.setdefault(version, _Version(path))
             seen = await anyio.to_thread.run_sync(_fingerprint, path)
-            stable = seen is not None and (first or seen == v.fingerprint)
+            settled = seen is not None and time.time() - seen[1] / 1e9 >= SETTLE_S
+            stable = seen is not None and (first or (seen == v.fingerprint and settled))
             v.fingerprint = seen
             if not stable or seen == v.tried:
                 if not stable and v.model is None:

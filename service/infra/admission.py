@@ -37,6 +37,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -305,9 +306,14 @@ def request_cost(
 
 class AdmissionMiddleware:
     """When the app first reads a request's body: receives all of it (charging its bytes as
-    they arrive), bounds its cost (:func:`request_cost`), reserves that in the runtime's
+    they arrive), bounds its cost (:func:`request_cost`), reserves that in the worker's
     budget, and hands the app the body in one message; releases it all when the request is
-    done. Before startup completes (no runtime) it passes requests through.
+    done. Before startup completes (no repository) it passes requests through.
+
+    Once the body is in, it listens for the client leaving: a client that disconnects before
+    its answer is sent cancels the request (the forward stops at its next chunk,
+    :mod:`service.core.model`), and its reservation is released at once
+    (``apd_requests_cancelled_total{reason="disconnect"}``).
 
     It runs inside the body limit and deadline middlewares, whose 413 and 408 it passes on."""
 
@@ -322,15 +328,21 @@ class AdmissionMiddleware:
             return
         budget: MemoryBudget = state.budget
         settings: Settings = state.settings
+        metrics: Metrics = state.metrics
         client = scope.get("client")
         address = str(client[0]) if client else ""
         held = 0
         body_read = False
+        body_in = asyncio.Event()
+        left = asyncio.Event()
+        responded = False
+        cancel = anyio.CancelScope()
 
         async def receive_admitted() -> Message:
             nonlocal held, body_read
             if body_read:
-                return await receive()
+                await left.wait()  # the watcher below reads the connection from now on
+                return {"type": "http.disconnect"}
             body_read = True
             chunks: list[bytes] = []
             while True:
@@ -350,10 +362,28 @@ class AdmissionMiddleware:
             extra = max(0, need - held)
             await budget.acquire(extra, "request", address)
             held += extra
+            body_in.set()
             return {"type": "http.request", "body": body, "more_body": False}
 
+        async def send_noting_the_end(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+            await send(message)
+
+        async def watch() -> None:
+            await body_in.wait()
+            message = await receive()  # returns when the client leaves or the answer is sent
+            if message["type"] == "http.disconnect" and not responded:
+                left.set()
+                metrics.requests_cancelled.labels(reason="disconnect").inc()
+                cancel.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await self.app(scope, receive_admitted, send)
+            with cancel:
+                await self.app(scope, receive_admitted, send_noting_the_end)
         finally:
+            watcher.cancel()
             if held:
                 budget.release(held)

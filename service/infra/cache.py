@@ -53,7 +53,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.core.limits import NETWORKS_PER_BLOCK
-
 from service.infra.telemetry import Metrics
 
 if TYPE_CHECKING:

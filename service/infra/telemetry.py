@@ -168,6 +168,13 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.requests_cancelled = Counter(
+            "apd_requests_cancelled_total",
+            "Requests stopped before their answer: the client disconnected, or the answer "
+            "was not ready by the deadline",
+            ["reason"],
+            registry=r,
+        )
         self.anomaly_flags = Counter(
             "apd_anomaly_flags_total",
             "Inputs flagged as anomalous, by model version and score",
