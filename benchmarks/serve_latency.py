@@ -284,21 +284,19 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
     import anyio
 
     from apd.factored import AffinePosterior
-    from service.core.model import MAX_KEPT_TAIL_PARAMS, draw_blocks
-    from service.core.networks import NETWORKS_PER_BLOCK, Stream
-    from service.infra.cache import BlockLayout, LocalBlockCache, NetworkCache, RedisBlockStore
+    from service.core.model import MAX_KEPT_TAIL_PARAMS
+    from service.core.networks import NETWORKS_PER_BLOCK, NetworkSource, Stream, draw_codes
+    from service.infra.cache import BlockLayout, LocalBlockCache, RedisBlockStore
     from service.infra.telemetry import Metrics
 
     posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
     keep_tails = posterior.tail_params <= MAX_KEPT_TAIL_PARAMS
-    blocks = list(range(100))  # K = 1000
+    blocks = tuple(range(100))  # K = 1000
     stream = Stream.for_seed(424242)
 
-    def complete(s: Stream, bs: Sequence[int], known: dict[int, np.ndarray]) -> list[Any]:
-        return draw_blocks(ckpt, posterior, s, bs, known, keep_tails)
-
-    def draw_codes(bs: Sequence[int]) -> Any:
-        return draw_blocks(ckpt, posterior, stream, bs, {}, False)
+    def complete() -> Any:
+        codes = draw_codes(ckpt, stream, blocks)
+        return codes, posterior.tails(codes) if keep_tails else None
 
     async def measure() -> dict[str, float]:
         metrics = Metrics()
@@ -313,22 +311,22 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
         await store.start()
         if not store.available:
             raise RuntimeError(f"no Redis at {url}")
-        prefix = f"apd-bench-{os.getpid()}"
-
-        async def inline(fn: Callable[[], Any]) -> Any:
-            return fn()
-
-        cache = NetworkCache(
-            layout=BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode()),
-            complete=complete,  # type: ignore[arg-type]
-            run_compute=inline,
+        cache = NetworkSource(
+            ckpt,
+            posterior,
+            namespace="bench/1",
+            pool_size=0,
+            tailed_size=0,
+            keep_tails=keep_tails,
             local=LocalBlockCache(0),  # every read goes to Redis
             redis=store,
-            metrics=metrics,
-            key_prefix=prefix,
+            hmac_key=HMAC_KEY.encode(),
+            key_prefix=f"apd-bench-{os.getpid()}",
             ttl_s=600,
+            metrics=metrics,
+            limiter=anyio.CapacityLimiter(1),
         )
-        await cache.get_blocks(stream, blocks)  # writes them
+        await cache._run(stream, blocks)  # writes them
         times: dict[str, list[float]] = {
             "read_codes": [],
             "draw_codes": [],
@@ -340,16 +338,16 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
             assert len(await cache._read_redis(stream, blocks)) == len(blocks)
             times["read_codes"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            draw_codes(blocks)
+            draw_codes(ckpt, stream, blocks)
             times["draw_codes"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            await cache.get_blocks(stream, blocks)
+            await cache._run(stream, blocks)
             times["get_blocks_hit"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            complete(stream, blocks, {})
+            complete()
             times["get_blocks_regenerate"].append(time.perf_counter() - t0)
         hits = metrics.registry.get_sample_value("apd_cache_hits_total", {"tier": "redis"})
-        await store.delete(*(cache.key(stream, b) for b in blocks))
+        await store.delete(*(cache._key(stream, b) for b in blocks))
         await store.close()
         med = {k: float(np.median(v)) for k, v in times.items()}
         med["redis_hits"] = float(hits or 0)

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from apd.uncertainty import PredictiveSummary, is_flagged
 from service.api.app import create_app
+from service.codecs.inputs import schema_of
 from service.config import Settings
 from tests.attack_support import (
     hostile_bodies,
@@ -61,7 +62,7 @@ def client(ckpt_path: Path) -> Iterator[Any]:
 
 
 def _model(client: Any) -> str:
-    return str(client.app.state.runtime.checkpoint.meta.model_id)
+    return str(client.app.state.repository.resolve().name)
 
 
 def _v2_body(n: int = 2) -> dict[str, Any]:
@@ -165,8 +166,8 @@ def test_a_nan_or_infinite_score_is_an_anomaly() -> None:
 def test_a_non_finite_answer_is_a_500_never_sent(
     client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runtime = client.app.state.runtime
-    real = runtime.posterior.summarize_segments
+    model = client.app.state.repository.resolve()
+    real = model.posterior.summarize_segments
 
     def diverged(*args: Any) -> PredictiveSummary:
         s = real(*args)
@@ -175,7 +176,7 @@ def test_a_non_finite_answer_is_a_500_never_sent(
             s.mutual_information * np.nan, s.model_variance,
         )  # fmt: skip
 
-    monkeypatch.setattr(runtime.posterior, "summarize_segments", diverged)
+    monkeypatch.setattr(model.posterior, "summarize_segments", diverged)
     x = random_images(2, seed=4).tolist()
     answers = {
         "/predict": client.post("/predict", json={"inputs": x, "num_samples": 10}),
@@ -186,11 +187,12 @@ def test_a_non_finite_answer_is_a_500_never_sent(
     }
     for endpoint, r in answers.items():
         assert r.status_code == 500, (endpoint, r.text)
-        message = r.json()["error" if endpoint.startswith("/v2") else "detail"]
+        message = r.json()["error" if endpoint.startswith("/v2") else "message"]
         assert "non-finite" in message and "NaN" not in r.text
     registry = client.app.state.metrics.registry
     for endpoint in answers:
-        count = registry.get_sample_value("apd_nonfinite_answers_total", {"endpoint": endpoint})
+        labels = {"model": model.name, "version": "1", "endpoint": endpoint}
+        count = registry.get_sample_value("apd_nonfinite_answers_total", labels)
         assert count == 1, endpoint
 
 
@@ -226,7 +228,7 @@ def test_bodies_of_strings_are_parsed_at_the_cost_of_their_size(client: Any, nam
 def test_images_past_the_decoded_pixel_limit_are_refused_before_decoding(
     client: Any, monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, int], count: int
 ) -> None:
-    schema = client.app.state.input_schema
+    schema = schema_of(client.app.state.repository.resolve().checkpoint)
 
     def never(data: bytes) -> Any:
         raise AssertionError("decoded")

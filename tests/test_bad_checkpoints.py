@@ -332,10 +332,6 @@ def test_missing_path_and_directory(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- apd serve refuses
 
 
-def _serve_cli_exists() -> bool:
-    return (ROOT / "service" / "cli.py").is_file()
-
-
 def _bad_files(good: Path, tmp_path: Path) -> dict[str, Path]:
     data = good.read_bytes()
     n = _header_len(data)
@@ -356,7 +352,6 @@ def _bad_files(good: Path, tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.skipif(not _serve_cli_exists(), reason="service/cli.py not written yet")
 def test_apd_serve_refuses_bad_checkpoints(good: Path, tmp_path: Path) -> None:
     """Exit code non-zero, the loader's one-line reason on stderr, no traceback, quickly."""
     for kind, path in _bad_files(good, tmp_path).items():

@@ -31,7 +31,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -43,11 +42,6 @@ MAX_BODY = 256 * 1024
 MAX_BATCH = 8
 BODY_TIMEOUT_S = 2.0
 KEEP_ALIVE_S = 2
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__file__).resolve().parents[1] / "service" / "cli.py").is_file(),
-    reason="service/cli.py not written yet",
-)
 
 
 @pytest.fixture(scope="module")

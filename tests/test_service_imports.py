@@ -122,3 +122,25 @@ def test_the_service_serves_without_torch_onnx_or_training(tmp_path: Path) -> No
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["status"] == 200
     assert report["heavy"] == [], f"imported: {report['heavy']}"
+
+
+# What each layer of service/ may import (docs/architecture.md): calls go down or stay level.
+LAYERS = {
+    "core": ("service.core", "service.infra"),
+    "infra": ("service.infra", "service.core.limits"),
+    "codecs": ("service.codecs", "service.core"),
+}
+
+
+def test_service_layers_import_only_downwards() -> None:
+    offenders = {}
+    for layer, allowed in LAYERS.items():
+        for f in sorted((SERVICE / layer).rglob("*.py")):
+            bad = sorted(
+                n
+                for n in imported_modules(f)
+                if n.startswith("service.") and not n.startswith(allowed)
+            )
+            if bad:
+                offenders[str(f.relative_to(ROOT))] = bad
+    assert not offenders, offenders

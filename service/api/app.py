@@ -29,6 +29,7 @@ from service.api.errors import (
     validation_error_handler,
 )
 from service.api.middleware import (
+    AdmissionMiddleware,
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
     MetricsMiddleware,
@@ -41,7 +42,7 @@ from service.config import Settings
 from service.core.limits import LimitExceeded
 from service.core.model import Resources, ServingConfig, check_servable
 from service.core.repository import ModelNotFound, ModelRepository, ModelUnavailable
-from service.infra.admission import AdmissionMiddleware, MemoryBudget
+from service.infra.admission import MemoryBudget
 from service.infra.cache import LocalBlockCache, RedisBlockStore
 from service.infra.telemetry import Metrics, mark_worker_exited
 

@@ -23,12 +23,23 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_content
+from service.config import Settings
+from service.core.repository import ModelRepository
+from service.infra.admission import (
+    DECODE_BYTES_PER_PIXEL,
+    MULTIPART,
+    V2_HEADER_LENGTH,
+    JsonShape,
+    MemoryBudget,
+    ParseLimits,
+)
 from service.infra.logging_config import bind_request, unbind_request
 from service.infra.telemetry import Metrics
 
@@ -254,3 +265,123 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, receive_within_limit, send)
+
+
+def _json_part(body: bytes, headers: Headers) -> bytes | memoryview:
+    """The JSON text of a body: all of it, or a V2 binary request's header."""
+    declared = declared_length(headers.get(V2_HEADER_LENGTH))
+    return memoryview(body)[:declared] if declared >= 0 else body
+
+
+def request_cost(
+    repository: ModelRepository, settings: Settings, body: bytes, headers: Headers
+) -> int:
+    """Memory a request with this complete body may hold while it is served: the body, what
+    parsing it makes and the forward's working set, for the widest model served (the body
+    may name any); :class:`HTTPException` 413 for a JSON body that holds more than a valid
+    request to any of them (:class:`ParseLimits`)."""
+    models = repository.served()
+    if not models:
+        return len(body)
+    widest = max(models, key=lambda m: m.checkpoint.spec.input_dim)
+    if headers.get("content-type", "").lower().startswith(MULTIPART):
+        parse = settings.max_image_pixels * DECODE_BYTES_PER_PIXEL + 2 * len(body)
+        inputs = settings.max_batch
+    else:
+        shape = tuple(widest.checkpoint.meta.input.shape)
+        limits = ParseLimits.of(shape, settings.max_batch)
+        found = JsonShape.scan(_json_part(body, headers))
+        refusal = limits.refusal(found)
+        if refusal is not None:
+            raise HTTPException(status_code=413, detail=refusal)
+        parse = limits.parse_bytes(found, len(body))
+        dim = widest.checkpoint.spec.input_dim
+        inputs = min(settings.max_batch, found.values // dim + 1)
+        if len(body) > len(_json_part(body, headers)):  # V2 binary tensors
+            inputs = settings.max_batch
+    return len(body) + parse + max(m.posterior.peak_bytes(inputs) for m in models)
+
+
+class AdmissionMiddleware:
+    """When the app first reads a request's body: receives all of it (charging its bytes as
+    they arrive), bounds its cost (:func:`request_cost`), reserves that in the worker's
+    budget, and hands the app the body in one message; releases it all when the request is
+    done. Before startup completes (no repository) it passes requests through.
+
+    Once the body is in, it listens for the client leaving: a client that disconnects before
+    its answer is sent cancels the request (the forward stops at its next chunk,
+    :mod:`service.core.model`), and its reservation is released at once
+    (``apd_requests_cancelled_total{reason="disconnect"}``).
+
+    It runs inside the body limit and deadline middlewares, whose 413 and 408 it passes on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        repository: ModelRepository | None = getattr(state, "repository", None)
+        if scope["type"] != "http" or repository is None or state is None:
+            await self.app(scope, receive, send)
+            return
+        budget: MemoryBudget = state.budget
+        settings: Settings = state.settings
+        metrics: Metrics = state.metrics
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        held = 0
+        body_read = False
+        body_in = asyncio.Event()
+        left = asyncio.Event()
+        responded = False
+        cancel = anyio.CancelScope()
+
+        async def receive_admitted() -> Message:
+            nonlocal held, body_read
+            if body_read:
+                await left.wait()  # the watcher below reads the connection from now on
+                return {"type": "http.disconnect"}
+            body_read = True
+            chunks: list[bytes] = []
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message  # disconnected: the app stops reading
+                chunk = message.get("body", b"")
+                if chunk:
+                    budget.hold(len(chunk))
+                    held += len(chunk)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            del chunks
+            need = request_cost(repository, settings, body, Headers(scope=scope))
+            extra = max(0, need - held)
+            await budget.acquire(extra, "request", address)
+            held += extra
+            body_in.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send_noting_the_end(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+            await send(message)
+
+        async def watch() -> None:
+            await body_in.wait()
+            message = await receive()  # returns when the client leaves or the answer is sent
+            if message["type"] == "http.disconnect" and not responded:
+                left.set()
+                metrics.requests_cancelled.labels(reason="disconnect").inc()
+                cancel.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            with cancel:
+                await self.app(scope, receive_admitted, send_noting_the_end)
+        finally:
+            watcher.cancel()
+            if held:
+                budget.release(held)
