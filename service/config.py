@@ -248,14 +248,10 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1, description="TTL of cached network codes")
     redis_socket_timeout_s: Seconds = Field(default=0.25, description="Redis connect/read timeout")
-    redis_health_interval_s: Seconds = Field(
-        default=1.0, description="Redis ping interval while up"
-    )
-    redis_retry_min_s: Seconds = Field(
-        default=0.25, description="first retry delay while Redis is down"
-    )
-    redis_retry_max_s: Seconds = Field(
-        default=5.0, description="longest retry delay while Redis is down"
+    redis_probe_s: Seconds = Field(
+        default=1.0,
+        description="Redis ping interval while up; while down, retries start at a quarter of "
+        "it and back off to 5 times it",
     )
 
     # Memory admission (docs/limits.md).
@@ -328,8 +324,6 @@ class Settings(BaseSettings):
                 f"default_num_samples {self.default_num_samples} exceeds max_num_samples "
                 f"{self.max_num_samples}"
             )
-        if self.redis_retry_min_s > self.redis_retry_max_s:
-            raise ValueError("redis_retry_min_s exceeds redis_retry_max_s")
         for name in ("redis_password", "cache_hmac_key"):
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
                 raise ValueError(f"set {name} or {name}_file, not both")

@@ -111,9 +111,7 @@ def test_service_survives_redis_going_away_and_coming_back(
         pool_size=20,
         num_threads=1,
         redis_socket_timeout_s=0.2,
-        redis_health_interval_s=0.1,
-        redis_retry_min_s=0.05,
-        redis_retry_max_s=0.2,
+        redis_probe_s=0.1,
     )
     x = random_images(2, seed=12).tolist()
 

@@ -167,9 +167,9 @@ async def _open_redis(settings: Settings, metrics: Metrics) -> RedisBlockStore |
         settings.redis_url,
         metrics=metrics,
         socket_timeout_s=settings.redis_socket_timeout_s,
-        health_interval_s=settings.redis_health_interval_s,
-        retry_min_s=settings.redis_retry_min_s,
-        retry_max_s=settings.redis_retry_max_s,
+        health_interval_s=settings.redis_probe_s,
+        retry_min_s=settings.redis_probe_s / 4,
+        retry_max_s=settings.redis_probe_s * 5,
         password=settings.redis_secret,
     )
     await redis.start()
