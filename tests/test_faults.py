@@ -61,9 +61,7 @@ def service(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "--redis-url", redis.url,
         "--local-cache-mb", "0",
         "--pool-size", "10",
-        "--redis-health-interval-s", "0.2",
-        "--redis-retry-min-s", "0.1",
-        "--redis-retry-max-s", "0.5",
+        "--redis-probe-s", "0.1",
         "--log-level", "warning",
     ]  # fmt: skip
     with apd_serve(ckpt, args=args, timeout=90) as srv:

@@ -129,7 +129,7 @@ def test_service_survives_redis_going_away_and_coming_back(
     with make_client(create_app(settings)) as client:
         assert redis_state() == "ok" and degraded_gauge(client) == 0
         before, _ = predict(1)
-        assert f"outage:codes:{sha}:seed-1:1" in private_redis.keys()
+        assert f"outage:codes:test-fcnn/1:{sha}:seed-1:1" in private_redis.keys()
 
         # 1. Redis dies: requests keep being answered, quickly, from memory and the generator.
         private_redis.kill()
@@ -152,7 +152,7 @@ def test_service_survives_redis_going_away_and_coming_back(
         assert wait_until(lambda: redis_state() == "ok", 5), "did not go back to Redis"
         assert degraded_gauge(client) == 0
         after, _ = predict(5)
-        assert f"outage:codes:{sha}:seed-5:1" in private_redis.keys()
+        assert f"outage:codes:test-fcnn/1:{sha}:seed-5:1" in private_redis.keys()
         assert predict(2)[0] == during[1][0]  # same seed, same numbers, outage or not
 
         # 3. Redis hangs (stopped, not dead): socket timeouts, not waits without end.

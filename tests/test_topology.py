@@ -247,7 +247,8 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
                 assert p["label"] == q["label"]
                 assert np.allclose(p["probabilities"], q["probabilities"], rtol=1e-5, atol=1e-7)
 
-        # Redis holds the networks, keyed by the checkpoint's sha256, with the compose limits.
+        # Redis holds the networks, keyed by model, version and the checkpoint's sha256, with
+        # the compose limits.
         sha256 = file_sha256(checkpoint)
         client = redis.Redis.from_url(redis_url, socket_timeout=2, password=password)
         try:
@@ -256,7 +257,9 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
             policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
         finally:
             client.close()
-        code_keys = [k for k in keys if k.startswith(f"{prefix}:codes:{sha256}:seed-7:")]
+        code_keys = [
+            k for k in keys if k.startswith(f"{prefix}:codes:tiny-fcnn1/1:{sha256}:seed-7:")
+        ]
         assert len(code_keys) == 2, keys[:5]  # K = 20: the seed's two blocks of codes
         assert maxmemory > 0 and policy == "allkeys-lru"
 

@@ -26,7 +26,8 @@ the rest (no deadlock). A reservation that does not fit waits, first come first 
 most ``admission_wait_s``, then gets 503 with ``Retry-After``. The queue is bounded: at most
 ``admission_queue`` waiters per worker and ``admission_queue_per_client`` per client address;
 past either the newest request is shed at once (503, ``Retry-After``). What is reserved is
-released when the response is sent.
+released when the response is sent, or at once when the client leaves
+(:class:`service.api.middleware.AdmissionMiddleware` applies all this to each HTTP request).
 """
 
 from __future__ import annotations
