@@ -43,6 +43,12 @@ RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m pip --python /opt/venv/bin/python check \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
+# A model repository for the runtime image: the shipped model, the file the wheel installed,
+# as version 1 of mnist-fcnn1 (`apd serve --model-repository /models`). A copy, not a link, so
+# that version 1 stays the same file when the image is upgraded under an existing volume.
+RUN mkdir -p /models/mnist-fcnn1/1 \
+ && cp /opt/venv/share/apd/models/mnist-fcnn1/model.safetensors /models/mnist-fcnn1/1/model.safetensors
+
 # ---------------------------------------------------------------------------------------
 # train: the offline pipeline (SGLD, distillation, ONNX export, evaluation), CPU torch.
 FROM ${PYTHON_IMAGE} AS train
@@ -93,6 +99,10 @@ RUN groupadd --system --gid 10001 apd \
         --shell /usr/sbin/nologin apd
 
 COPY --from=builder /opt/venv /opt/venv
+# The model repository (/models, Triton's layout; docs/deployment.md), owned by the service's
+# user down to its top folder, so that a new named volume mounted there (docker-compose.yml)
+# starts as a copy of it that the service's user can add versions to.
+COPY --from=builder --chown=10001:10001 /models /models
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -104,7 +114,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (REST); 8001: the Open Inference Protocol's gRPC binding, when APD_GRPC_PORT
+# asks for it (Triton's two ports).
+EXPOSE 8000 8001
 
 # Healthy once the checkpoint is loaded (/readyz); Redis being down is "degraded", still 200.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

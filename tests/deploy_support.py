@@ -16,7 +16,7 @@ import shlex
 import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 import yaml
@@ -133,6 +133,40 @@ def copy_sources(ins: Instruction) -> list[str]:
         return []
     words = [w for w in words if not w.startswith("--")]
     return words[:-1]
+
+
+@dataclass(frozen=True)
+class ImageRepository:
+    """The model repository the runtime image carries, read from the Dockerfile."""
+
+    path: str  # where it lies in the runtime image
+    owner: str  # the --chown of its COPY into the runtime stage
+    files: dict[PurePosixPath, str]  # path in the repository -> the builder file copied there
+
+
+def image_model_repository(stages: list[Stage]) -> ImageRepository:
+    """The runtime stage's ``COPY --from=builder --chown=U DIR DIR`` of a folder that the
+    builder stage fills with ``cp SRC DIR/...`` commands (each RUN's ``&&``-joined commands)."""
+    (runtime,) = [s for s in stages if s.name == "runtime"]
+    (builder,) = [s for s in stages if s.name == "builder"]
+    found = []
+    for ins in runtime.find("COPY"):
+        words = shlex.split(ins.args)
+        flags = dict(w.removeprefix("--").split("=", 1) for w in words if w.startswith("--"))
+        paths = [w for w in words if not w.startswith("--")]
+        if flags.get("from") == "builder" and paths[0] != "/opt/venv":
+            found.append((flags, paths))
+    assert len(found) == 1, f"expected one COPY of a model repository from builder: {found}"
+    ((flags, (src, dest)),) = found
+    assert src == dest, f"the repository moves from {src} to {dest}"
+    files: dict[PurePosixPath, str] = {}
+    for ins in builder.find("RUN"):
+        for command in ins.args.split("&&"):
+            words = shlex.split(command)
+            if words[:1] == ["cp"] and PurePosixPath(words[-1]).is_relative_to(src):
+                (source,) = [w for w in words[1:-1] if not w.startswith("-")]
+                files[PurePosixPath(words[-1]).relative_to(src)] = source
+    return ImageRepository(dest, flags.get("chown", ""), files)
 
 
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -55,6 +55,7 @@ from tests.deploy_support import (
     dockerignore_patterns,
     exported_metric_names,
     find_tool,
+    image_model_repository,
     installed_closure,
     is_ignored,
     load_json,
@@ -68,6 +69,7 @@ from tests.deploy_support import (
 
 COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
 API_PORT = 8000
+GRPC_PORT = 8001  # the Open Inference Protocol's gRPC binding (Triton's port beside 8000)
 SHIPPED_MODEL_DIR = "models/mnist-fcnn1"
 SERVE_LOCK = "requirements/serve.lock"
 
@@ -189,7 +191,7 @@ def test_api_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
     for port in api.get("ports", []):
         if isinstance(port, dict):
             assert "published" not in port, f"api publishes a fixed host port: {port}"
-            assert port["target"] == API_PORT
+            assert port["target"] in (API_PORT, GRPC_PORT)
         else:
             # "8000" or "127.0.0.1::8000": no host port before the container port.
             parts = str(port).split(":")
@@ -239,6 +241,49 @@ def test_bind_mounts_exist(services: dict[str, dict[str, Any]]) -> None:
             source = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
             if source.startswith("."):
                 assert (ROOT / source).exists(), f"service {name} mounts missing {source}"
+
+
+def test_api_serves_a_model_repository_volume_seeded_by_the_image(
+    services: dict[str, dict[str, Any]], compose: dict[str, Any], stages: list[Stage]
+) -> None:
+    """APD_MODEL_REPOSITORY is the mount point of a named volume (declared, shared by every
+    replica); the runtime stage puts the shipped model (the file the wheel installs) at
+    <repository>/mnist-fcnn1/1/model.safetensors, owned by the image's user, so Docker fills a
+    new volume with it and the replicas, as that user, can read it and add versions; requests
+    without a model go to that model."""
+    api = services["api"]
+    env = api["environment"]
+    repository = env["APD_MODEL_REPOSITORY"]
+    (mount,) = [v for v in api["volumes"] if isinstance(v, dict) and v["target"] == repository]
+    assert mount["type"] == "volume" and mount["source"] in compose["volumes"], mount
+    assert not mount.get("volume", {}).get("nocopy"), "nocopy: the image would not seed it"
+    runtime = _stage(stages, "runtime")
+    image = image_model_repository(stages)
+    assert image.path == repository
+    assert image.owner == runtime.find("USER")[-1].args, "the service's user cannot add versions"
+    wheel_model = runtime.env()["APD_CHECKPOINT"]  # where the wheel put the shipped model
+    seeded = image.files
+    assert seeded == {PurePosixPath("mnist-fcnn1", "1", "model.safetensors"): wheel_model}, seeded
+    assert env["APD_DEFAULT_MODEL"] == "mnist-fcnn1"
+    # The repository layout is the one the server scans.
+    from service.core.repository import CHECKPOINT_FILE
+
+    assert all(p.name == CHECKPOINT_FILE and p.parent.name.isdigit() for p in seeded)
+
+
+def test_api_publishes_grpc_beside_http(
+    services: dict[str, dict[str, Any]], stages: list[Stage]
+) -> None:
+    """APD_GRPC_PORT is published like 8000 (loopback, ephemeral host port, so replicas
+    scale), marked as gRPC, and exposed by the image."""
+    api = services["api"]
+    assert int(api["environment"]["APD_GRPC_PORT"]) == GRPC_PORT
+    ports = {p["target"]: p for p in api["ports"]}
+    assert set(ports) == {API_PORT, GRPC_PORT}
+    assert ports[GRPC_PORT]["host_ip"] == "127.0.0.1"
+    assert ports[GRPC_PORT]["app_protocol"] == "grpc"
+    exposed = {int(p) for i in _stage(stages, "runtime").find("EXPOSE") for p in i.args.split()}
+    assert exposed == {API_PORT, GRPC_PORT}
 
 
 def test_api_reaches_redis_by_service_name(services: dict[str, dict[str, Any]]) -> None:
@@ -304,7 +349,11 @@ def test_runtime_stage_is_non_root_healthchecked_and_torch_free(stages: list[Sta
     assert SERVE_LOCK in [s for i in builder.find("COPY") for s in copy_sources(i)]
     assert f"{SHIPPED_MODEL_DIR}/" in [s for i in builder.find("COPY") for s in copy_sources(i)]
     assert env["APD_CHECKPOINT"] == f"/opt/venv/share/apd/{SHIPPED_MODEL_DIR}/model.safetensors"
-    assert [i.args for i in runtime.find("COPY")] == ["--from=builder /opt/venv /opt/venv"]
+    copies = [i.args for i in runtime.find("COPY")]
+    assert copies[0] == "--from=builder /opt/venv /opt/venv", copies
+    assert all(c.startswith("--from=builder ") for c in copies), "runtime copies from builder"
+    # Besides the venv, only the model repository (test_api_serves_a_model_repository_...).
+    assert len(copies) == 2 and image_model_repository(stages).files, copies
     assert "training/" not in [s for i in builder.find("COPY") for s in copy_sources(i)]
     entry = runtime.find("ENTRYPOINT")[-1].args + " " + runtime.find("CMD")[-1].args
     assert json.loads(runtime.find("ENTRYPOINT")[-1].args) == ["apd"], entry

@@ -42,6 +42,7 @@ from tests.deploy_support import (
     DOCKERFILE,
     ROOT,
     find_tool,
+    image_model_repository,
     load_json,
     parse_dockerfile,
 )
@@ -409,6 +410,8 @@ def test_scrape_config_keeps_exactly_the_api_endpoints(
     assert _kept(job, target(api, api["spec"]["ports"][0]["name"]))
     assert not _kept(job, target(redis, redis["spec"]["ports"][0]["name"]))
     assert not _kept(job, target(api, "other"))
+    for port in api["spec"]["ports"][1:]:  # gRPC serves no /metrics
+        assert not _kept(job, target(api, port["name"])), port
 
 
 def test_promtool_checks_the_scrape_config(tmp_path: Path) -> None:
@@ -757,8 +760,15 @@ def test_api_scaling_and_selectors(rendered: dict[str, list[dict[str, Any]]]) ->
     service = _one(docs, "Service", "apd-api")
     assert service["spec"]["selector"].items() <= labels.items()
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    for port in service["spec"]["ports"]:
-        assert _port_of(container, port["targetPort"]) == 8000
+    env = _expand(container["env"], {})
+    # HTTP on the port the app listens on (the image's APD_PORT), gRPC on APD_GRPC_PORT.
+    listens = {"http": 8000, "grpc": int(env["APD_GRPC_PORT"])}
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == set(listens), sorted(ports)
+    for name, port in ports.items():
+        assert _port_of(container, port["targetPort"]) == listens[name], name
+    assert ports["grpc"]["appProtocol"] == "grpc"  # proxied as HTTP/2 gRPC by gateways
+    assert "appProtocol" not in ports["http"] or ports["http"]["appProtocol"] == "http"
 
 
 def test_kserve_predictor_speaks_v2_with_the_same_image(
@@ -770,7 +780,179 @@ def test_kserve_predictor_speaks_v2_with_the_same_image(
     assert container["image"] == API_IMAGE
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PROTOCOL"] == "v2"  # KServe's protocol switch for custom containers
-    assert _port_of(container, int(env["APD_PORT"])) == int(env["APD_PORT"])
+    # RawDeployment routes the first port (HTTP) and exposes the others on their numbers.
+    http, grpc = container["ports"]
+    assert http["containerPort"] == int(env["APD_PORT"])
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", int(env["APD_GRPC_PORT"]))
+
+
+# --------------------------------------------------------------------------------------
+# The model repository: a claim every api pod mounts, seeded with the shipped model
+
+
+def _claims(spec: dict[str, Any]) -> dict[str, str]:
+    """Volume name -> claim name, for the pod's PersistentVolumeClaim volumes."""
+    return {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+
+
+def _seed_script(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    (init,) = [c for c in spec.get("initContainers", []) if c["name"] == "seed-models"]
+    assert init["image"] == API_IMAGE, "the seed comes from the image the api runs"
+    assert init["command"][:2] == ["sh", "-c"]
+    return init, init["command"][2]
+
+
+def test_api_serves_the_model_repository_from_a_shared_claim(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The base's api reads APD_MODEL_REPOSITORY from a read-only mount of a ReadWriteMany
+    claim of the same render, which its init container (writable) seeds; the KServe predictor
+    names the same claim in STORAGE_URI (KServe mounts it at /mnt/models) and seeds it the
+    same way; requests without a model go to the model the seed provides."""
+    from service.config import Settings
+
+    for name in ("base", EXAMPLE, "kserve"):
+        docs = rendered[name]
+        claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+        ((_where, doc, spec),) = [
+            w for w in _workloads({name: docs}) if w[2]["containers"][0]["image"] == API_IMAGE
+        ]
+        (api,) = spec["containers"]
+        env = _expand(api["env"], {})
+        repository = env["APD_MODEL_REPOSITORY"]
+        init, _script = _seed_script(spec)
+        (seed_mount,) = [m for m in init["volumeMounts"] if _claims(spec).get(m["name"])]
+        claim = _claims(spec)[seed_mount["name"]]
+        assert not seed_mount.get("readOnly"), f"{name}: the seed cannot write"
+        assert claim in claims, f"{name}: no PersistentVolumeClaim {claim} in the render"
+        assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], name
+        if doc["kind"] == "InferenceService":
+            assert env["STORAGE_URI"] == f"pvc://{claim}", "KServe mounts storageUri here"
+            assert repository == "/mnt/models"  # KServe's DefaultModelLocalMountPath
+        else:
+            mount = next(m for m in api["volumeMounts"] if m["mountPath"] == repository)
+            assert _claims(spec)[mount["name"]] == claim, name
+            assert mount.get("readOnly") is True, f"{name}: the server only reads models"
+        settings = Settings.model_validate(
+            {k.removeprefix("APD_").lower(): v for k, v in env.items() if k.startswith("APD_")}
+            | {"redis_url": None, "redis_password_file": None, "cache_hmac_key_file": None}
+        )
+        assert str(settings.model_repository) == repository
+        assert settings.default_model == "mnist-fcnn1"  # the seeded model
+
+
+def _image_models(tmp_path: Path) -> Path:
+    """The runtime image's /models, made as the Dockerfile makes it: the builder's copies into
+    the folder that the runtime stage takes, each from the shipped checkpoint (the file the
+    wheel installs)."""
+    image = image_model_repository(parse_dockerfile(DOCKERFILE.read_text())[1])
+    assert image.path == "/models" and image.files, image
+    made = tmp_path / "image-models"
+    for rel, src in image.files.items():
+        assert src.endswith("share/apd/models/mnist-fcnn1/model.safetensors"), src
+        dest = made / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / "models" / "mnist-fcnn1" / "model.safetensors", dest)
+    return made
+
+
+def _run_seed(script: str, image_models: Path, repository: Path) -> subprocess.Popen[str]:
+    """The init container's script, with the image's /models and the claim's mount point
+    moved to ``image_models`` and ``repository``."""
+    script = script.replace("/repository", str(repository)).replace("/models/", f"{image_models}/")
+    assert "/models" not in script.replace(str(image_models), ""), script
+    return subprocess.Popen(["sh", "-c", script], stderr=subprocess.PIPE, text=True)
+
+
+def test_the_seed_fills_an_empty_claim_once_and_leaves_a_used_one_alone(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Run the init container's script: an empty claim (but for lost+found) gets the image's
+    /models, which the repository scan reads as mnist-fcnn1 version 1 with the shipped bytes;
+    pods seeding at once leave one copy and no staging folders; a claim that holds a model
+    (here, another one) is not touched."""
+    if shutil.which("sh") is None or not (ROOT / "models/mnist-fcnn1/model.safetensors").is_file():
+        pytest.skip("needs sh and the shipped checkpoint")
+    from service.core.repository import scan
+
+    scripts = {
+        _seed_script(spec)[1] for _w, _d, spec in _workloads(rendered) if "initContainers" in spec
+    }
+    assert len(scripts) == 1, "the base and KServe seed differently"
+    (script,) = scripts
+    image = _image_models(tmp_path)
+    shipped = (ROOT / "models/mnist-fcnn1/model.safetensors").read_bytes()
+
+    claim = tmp_path / "claim"
+    (claim / "lost+found").mkdir(parents=True)  # as a fresh ext4 volume has
+    procs = [_run_seed(script, image, claim) for _ in range(4)]  # four pods at once
+    for proc in procs:
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    found = scan(claim)
+    assert set(found) == {("mnist-fcnn1", 1)}
+    assert found[("mnist-fcnn1", 1)].read_bytes() == shipped
+    assert sorted(p.name for p in claim.iterdir()) == ["lost+found", "mnist-fcnn1"]
+
+    used = tmp_path / "used"
+    (used / "my-model" / "3").mkdir(parents=True)
+    (used / "my-model" / "3" / "model.safetensors").write_bytes(b"mine")
+    proc = _run_seed(script, image, used)
+    assert proc.wait(timeout=30) == 0
+    assert set(scan(used)) == {("my-model", 3)}
+
+
+def test_probes_follow_the_repository(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The api's own settings (its env, with the repository a local folder): readiness is
+    503 while the repository has no READY version, 200 once the seeded version is READY,
+    and the repository index says so; liveness is 200 throughout."""
+    pytest.importorskip("service.api.app")
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.config import Settings
+    from tests.service_support import make_checkpoint
+
+    (api,) = _one(rendered["base"], "Deployment", "apd-api")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = _expand(api["env"], {})
+    ready_path = api["readinessProbe"]["httpGet"]["path"]
+    live_path = api["livenessProbe"]["httpGet"]["path"]
+    fields = {k.removeprefix("APD_").lower(): v for k, v in env.items() if k.startswith("APD_")}
+    repository = tmp_path / "models"
+    repository.mkdir()
+    fields |= {
+        "model_repository": repository,
+        "repository_poll_s": 0.2,
+        "redis_url": None,
+        "redis_password_file": None,
+        "cache_hmac_key_file": None,
+        "grpc_port": None,
+        "pool_size": 50,
+    }
+    with TestClient(create_app(Settings.model_validate(fields))) as client:
+        assert client.get(live_path).status_code == 200
+        assert client.get(ready_path).status_code == 503  # nothing READY yet
+        version = repository / env["APD_DEFAULT_MODEL"] / "1"
+        version.mkdir(parents=True)
+        make_checkpoint(tmp_path / "staged.safetensors")
+        (tmp_path / "staged.safetensors").rename(version / "model.safetensors")
+        deadline = time.monotonic() + 30
+        while (r := client.get(ready_path)).status_code != 200:
+            assert time.monotonic() < deadline, f"{ready_path} stays {r.status_code}"
+            time.sleep(0.2)
+        assert client.get(live_path).status_code == 200
+        index = client.post("/v2/repository/index", json={}).json()
+        assert index == [
+            {"name": env["APD_DEFAULT_MODEL"], "version": "1", "state": "READY", "reason": ""}
+        ]
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ What ``docker compose up --scale api=2`` would run, without a Docker engine:
   (maxmemory, allkeys-lru, no persistence) on a free port;
 * two ``apd serve`` replicas with the ``api`` service's environment (secrets as files),
   pointed at that Redis: replica A with one worker, as in compose, and replica B with
-  ``--workers 2`` (Prometheus multi-process mode);
+  ``--workers 2`` (Prometheus multi-process mode); both serve one model repository folder,
+  made as the image makes its ``/models`` (the shipped model as version 1), as the compose
+  replicas share the ``models`` volume, each with its own gRPC port;
 * Debian's ``prometheus`` on the repo's deploy/prometheus/prometheus.yml, with its Docker
   DNS discovery swapped for the two loopback targets (same job, metrics path and alert
   rules), scraping every second.
@@ -15,6 +17,10 @@ Then it sends requests and asks Prometheus's HTTP API until it has scraped ``apd
 ``apd_model_info`` and ``up == 1`` from both replicas, and checks that B took its networks
 from the Redis that A filled (redis-tier hits, no misses), that both answer a seeded request
 identically, that every alert rule evaluates cleanly, and that every dashboard query runs.
+Then it changes the shared repository as an operator would (a version renamed in, a broken
+one): both replicas serve the new version without a restart, agree on every version's state
+(the broken one UNAVAILABLE with its reason, nothing else changed), answer it identically,
+and keep its networks in Redis apart from version 1's.
 Every process is started on 127.0.0.1 and stopped in a ``finally``; every wait is bounded.
 """
 
@@ -57,6 +63,7 @@ pytestmark = pytest.mark.topology
 SHIPPED_CHECKPOINT = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
 DEADLINE_S = 60.0  # the whole test, from the first process started
 POOL_SIZE = 50  # networks per replica's pool: small, so start-up is quick
+POLL_S = 0.5  # the repository poll (compose: 5 s), so a new version shows within the deadline
 T = TypeVar("T")
 
 
@@ -197,6 +204,13 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
     for name in ("APD_REDIS_PASSWORD_FILE", "APD_CACHE_HMAC_KEY_FILE"):
         api_env[name] = str(secrets / Path(api_env[name]).name)
 
+    # The `models` volume, as a new one starts: a copy of the image's /models, the shipped
+    # model as version 1 of the default model (tests/test_deploy_static.py checks the image).
+    repository = tmp_path / "models"
+    model = api_env["APD_DEFAULT_MODEL"]
+    (repository / model / "1").mkdir(parents=True)
+    shutil.copyfile(checkpoint, repository / model / "1" / "model.safetensors")
+
     with contextlib.ExitStack() as stack:
         (tmp_path / "redis").mkdir()
         redis_url = stack.enter_context(
@@ -204,14 +218,26 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
         )
         env = {
             **api_env,
+            "APD_MODEL_REPOSITORY": str(repository),
+            "APD_REPOSITORY_POLL_S": str(POLL_S),
             "APD_REDIS_URL": redis_url,
             "APD_REDIS_KEY_PREFIX": prefix,
             "APD_POOL_SIZE": str(POOL_SIZE),
         }
         # A first: it draws the pool and fills Redis; B's two workers then read it from there.
-        a = stack.enter_context(harness.apd_serve(checkpoint, env=env, timeout=40))
+        # Each has its own gRPC port (compose: 8001 in each container).
+        a = stack.enter_context(
+            harness.apd_serve(
+                checkpoint, env={**env, "APD_GRPC_PORT": str(harness.free_port())}, timeout=40
+            )
+        )
         b = stack.enter_context(
-            harness.apd_serve(checkpoint, args=["--workers", "2"], env=env, timeout=40)
+            harness.apd_serve(
+                checkpoint,
+                args=["--workers", "2"],
+                env={**env, "APD_GRPC_PORT": str(harness.free_port())},
+                timeout=40,
+            )
         )
         target = {"a": f"{harness.LOOPBACK}:{a.port}", "b": f"{harness.LOOPBACK}:{b.port}"}
         (tmp_path / "prometheus").mkdir()
@@ -227,11 +253,15 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
                 f"replica B:\n{b.log()[-2000:]}"
             )
 
-        # Both replicas ready, on the shared Redis.
+        # Both replicas ready, on the shared Redis, serving the repository's one version.
         for server in (a, b):
             ready = httpx.get(server.base_url + "/readyz", timeout=5).json()
             assert ready["status"] == "ready" and ready["cache"] == "redis", ready
             assert ready["redis"] == "ok", ready
+            index = httpx.post(server.base_url + "/v2/repository/index", json={}, timeout=5)
+            assert index.json() == [
+                {"name": model, "version": "1", "state": "READY", "reason": ""}
+            ], index.text
 
         # Traffic: the same seeded request to both replicas answers the same.
         body = {"inputs": _images(4, seed=3), "num_samples": 20, "seed": 7}
@@ -257,9 +287,7 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
             policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
         finally:
             client.close()
-        code_keys = [
-            k for k in keys if k.startswith(f"{prefix}:codes:tiny-fcnn1/1:{sha256}:seed-7:")
-        ]
+        code_keys = [k for k in keys if k.startswith(f"{prefix}:codes:{model}/1:{sha256}:seed-7:")]
         assert len(code_keys) == 2, keys[:5]  # K = 20: the seed's two blocks of codes
         assert maxmemory > 0 and policy == "allkeys-lru"
 
@@ -327,6 +355,64 @@ def test_prometheus_scrapes_both_replicas_sharing_one_redis(tmp_path: Path) -> N
         assert ratio and 0.0 < float(ratio[0]["value"][1]) <= 1.0
         degraded = prom.query(f'max(apd_cache_degraded{{job="{API_JOB}"}})')
         assert degraded and float(degraded[0]["value"][1]) == 0.0
+
+        # The operator adds version 2 (written beside, then renamed in: complete when it
+        # appears) and a version 3 that is not a checkpoint, into the shared folder.
+        staged = repository / ".incoming-2"
+        staged.mkdir()
+        shutil.copyfile(checkpoint, staged / "model.safetensors")
+        staged.rename(repository / model / "2")
+        (repository / model / "3").mkdir()
+        (repository / model / "3" / "model.safetensors").write_bytes(b"not a checkpoint")
+
+        def states(server: harness.ServeProcess) -> dict[str, tuple[str, str]] | None:
+            rows = httpx.post(server.base_url + "/v2/repository/index", json={}, timeout=5)
+            got = {r["version"]: (r["state"], r["reason"]) for r in rows.json()}
+            settled = set(got) == {"1", "2", "3"} and got["3"][0] != "LOADING"
+            return got if settled and got["2"][0] == "READY" else None
+
+        def settled(server: harness.ServeProcess) -> dict[str, tuple[str, str]] | None:
+            """The states, once every answer for 2 s agrees: each worker polls on its own,
+            and every request (a new connection) may reach either of B's workers."""
+            first, until = states(server), time.monotonic() + 2.0
+            while first is not None and time.monotonic() < until:
+                if states(server) != first:
+                    return None
+                time.sleep(0.05)
+            return first
+
+        indexes = [
+            _wait_until(f"the new versions on {name}", lambda s=s: settled(s), deadline, diagnose)
+            for name, s in (("A", a), ("B", b))
+        ]
+        assert indexes[0] == indexes[1], indexes  # the replicas agree on every version
+        assert indexes[0]["1"] == ("READY", "") and indexes[0]["2"] == ("READY", "")
+        state, reason = indexes[0]["3"]
+        assert state == "UNAVAILABLE" and reason, indexes[0]
+        # Still ready (versions 1 and 2 are READY); a request naming no version gets 2, the
+        # highest READY one; naming 3 is 503 with its reason; both replicas answer alike.
+        body = {"inputs": _images(4, seed=3), "num_samples": 20, "seed": 11}
+        answers = []
+        for server in (a, b):
+            assert httpx.get(server.base_url + "/v2/health/ready", timeout=5).status_code == 200
+            r = httpx.post(server.base_url + "/predict", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"]["repository_version"] == "2", r.json()["model"]
+            answers.append(r.json()["predictions"])
+            r = httpx.post(server.base_url + "/predict", json={**body, "version": "3"}, timeout=30)
+            assert r.status_code == 503 and reason in r.text, r.text
+        for p, q in zip(*answers, strict=True):
+            assert p["label"] == q["label"]
+            assert np.allclose(p["probabilities"], q["probabilities"], rtol=1e-5, atol=1e-7)
+        client = redis.Redis.from_url(redis_url, socket_timeout=2, password=password)
+        try:
+            seed_11 = {
+                k.decode().split(":")[2]
+                for k in client.scan_iter(match=f"{prefix}:codes:*:seed-11:*", count=1000)
+            }
+        finally:
+            client.close()
+        assert seed_11 == {f"{model}/2"}, seed_11  # version 2's networks, under its own keys
 
     elapsed = time.monotonic() - t0
     assert elapsed < DEADLINE_S + 15, f"took {elapsed:.1f} s"
