@@ -4,7 +4,8 @@ For a model whose per-network work dominates at batch 1 (fcNN2, LeNet-5: the lay
 first cost the same whatever the batch), N concurrent batch-1 queries each pay for the K
 networks again. Here the queries of one model version with the same K that arrive within
 ``delay_s`` of the first are answered by one forward over their stacked inputs and one draw of
-K pool networks; each gets its own rows back.
+K pool networks; each gets its own rows back. A query that finds the batcher idle (no batch
+computing or waiting) runs at once: batching costs a lone query no delay.
 
 Only unseeded queries come here. An unseeded answer is K networks drawn at random from the
 pool; sharing that draw with other queries changes no query's distribution. A seeded query
@@ -64,6 +65,8 @@ class DynamicBatcher:
                 batch.full.set()
             batch = _Batch(num_samples)
             self._open[num_samples] = batch
+            if not self._tasks:  # nothing computing or waiting: no one to wait for
+                batch.full.set()
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
