@@ -22,7 +22,7 @@ APD_DATA_DIR ?= $(if $(wildcard ../shared/data/mnist),$(abspath ../shared/data),
 export APD_DATA_DIR
 
 .PHONY: setup setup-serve serve test lint typecheck unit format clean deploy-check image \
-	image-train lock
+	image-train lock proto
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -53,10 +53,17 @@ serve: setup-serve
 # Rewrite the lock from the versions installed in .venv (after upgrading a dependency there
 # and running the tests), then `make setup` installs from it.
 lock:
-	$(BIN)/pip list -q --format=freeze --exclude-editable > $(VENV)/tested-versions.txt
+	$(BIN)/pip list --format=freeze --exclude-editable 2>/dev/null > $(VENV)/tested-versions.txt
 	$(BIN)/uv pip compile -q pyproject.toml --extra serve --generate-hashes \
 		--python $(BIN)/python --constraint $(VENV)/tested-versions.txt \
 		--custom-compile-command 'make lock' --output-file $(LOCK)
+
+# The gRPC stubs of the Open Inference Protocol (service/grpc/), from its .proto, with the
+# dev dependency grpcio-tools (serving needs only grpcio and protobuf); committed, and
+# tests/test_grpc.py checks they are what this writes.
+PROTO := service/grpc/grpc_service.proto
+proto:
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
 
 lint: setup
 	$(BIN)/ruff check .

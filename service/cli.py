@@ -51,8 +51,10 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def port_in_use(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound (as uvicorn binds it: ``SO_REUSEADDR``), or None."""
+def port_in_use(host: str, port: int, flag: str = "--port") -> str | None:
+    """Why ``host:port`` cannot be bound (as uvicorn binds it: ``SO_REUSEADDR``), or None.
+    The gRPC port is checked the same way: gRPC binds with ``SO_REUSEPORT``, which would
+    otherwise share the port with another server that set it."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -65,10 +67,10 @@ def port_in_use(host: str, port: int) -> str | None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return (
-                    f"--port {port}: {host}:{port} is in use (another server?); stop it or "
-                    "pass another --port"
+                    f"{flag} {port}: {host}:{port} is in use (another server?); stop it or "
+                    f"pass another {flag}"
                 )
-            return f"--host {host} --port {port}: cannot listen there: {exc.strerror}"
+            return f"--host {host} {flag} {port}: cannot listen there: {exc.strerror}"
     return None
 
 
@@ -125,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     busy = port_in_use(settings.host, settings.port)
+    if busy is None and settings.grpc_port is not None:
+        busy = (
+            f"--grpc-port {settings.grpc_port} is also --port; give gRPC its own port"
+            if settings.grpc_port == settings.port
+            else port_in_use(settings.host, settings.grpc_port, "--grpc-port")
+        )
     if busy is not None:  # one line, before uvicorn's three log lines and exit code 3
         return _fail(busy, 1)
 

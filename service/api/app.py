@@ -206,6 +206,7 @@ def create_app(
             default_model=settings.default_model,
             poll_s=settings.repository_poll_s,
         )
+        grpc_server = None
         try:
             await repository.start()
             app.state.budget = MemoryBudget(
@@ -217,8 +218,16 @@ def create_app(
             )
             app.state.repository = repository
             app.openapi_schema = None  # the document states the model loaded now
+            if settings.grpc_port is not None:
+                from service.grpc.server import start_grpc_server
+
+                grpc_server = await start_grpc_server(
+                    settings, repository, app.state.budget, metrics
+                )
             yield
         finally:
+            if grpc_server is not None:  # RPCs in flight get the grace HTTP requests get
+                await grpc_server.stop(settings.shutdown_grace_s)
             app.state.repository = None
             await repository.close()
             if redis is not None:

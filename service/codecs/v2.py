@@ -38,6 +38,7 @@ HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 # other scripts' digits ("²", "٣"), which ``int`` then refuses or reads as a number.
 _BYTE_COUNT: Final = re.compile(r"[0-9]{1,18}")
 INPUT_NAME: Final = "input"
+SERVER_NAME: Final = "apd"
 EXTENSIONS: Final = ("binary_tensor_data",)
 PIXEL_MAX: Final = 255
 
@@ -213,6 +214,15 @@ def _describe(exc: ValidationError) -> str:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return message
+
+
+def validate_request(fields: Mapping[str, Any]) -> InferRequest:
+    """An infer request from its fields already decoded (the gRPC codec's), checked as a JSON
+    body is: :class:`ProtocolError` naming the first problem."""
+    try:
+        return InferRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise ProtocolError(_describe(exc)) from None
 
 
 def parse_request(

@@ -25,6 +25,7 @@ from service.codecs.v2 import (
     EXTENSIONS,
     HEADER_LENGTH,
     OUTPUTS,
+    SERVER_NAME,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -48,7 +49,6 @@ from service.core.repository import ModelRepository, VersionState
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 
-SERVER_NAME: Final = "apd"
 INFER_PATH: Final = "/v2/models/{name}/infer"
 
 _ERROR: Final = {"model": V2Error}
