@@ -477,6 +477,24 @@ def test_requests_are_counted_by_status_code(triton: Any, http: httpx.Client) ->
     assert (count("OK"), count("INVALID_ARGUMENT")) == (ok + 1, bad + 1)
 
 
+def test_admission_refusal_is_resource_exhausted(tmp_path: Path) -> None:
+    """A request whose memory does not fit the worker's budget is refused, RESOURCE_EXHAUSTED
+    with admission's message; one that fits is served, and nothing stays reserved."""
+    ckpt = make_checkpoint(tmp_path / "model.safetensors", model_id=MODEL)
+    port = free_port()
+    args = ["--grpc-port", str(port), "--memory-budget-mb", "10", "--max-batch", "256"]
+    with apd_serve(ckpt, args=args) as proc:
+        client = tritonclient_grpc.InferenceServerClient(url=f"127.0.0.1:{port}")
+        err = refused(lambda: grpc_infer(client, random_images(256, seed=1), seed=SEED))
+        assert err.status() == "StatusCode.RESOURCE_EXHAUSTED", err.message()
+        assert "memory_budget_mb" in err.message()
+        small = grpc_infer(client, random_images(2, seed=1), seed=SEED, outputs=["label"])
+        assert small.as_numpy("label").shape == (2,)
+        client.close()
+        with httpx.Client(base_url=proc.base_url) as http:
+            assert _admitted_bytes(http) == 0
+
+
 # ---- Cancellation and deadlines -------------------------------------------------------------
 
 

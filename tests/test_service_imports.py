@@ -129,6 +129,8 @@ LAYERS = {
     "core": ("service.core", "service.infra"),
     "infra": ("service.infra", "service.core.limits"),
     "codecs": ("service.codecs", "service.core"),
+    # a transport beside service.api, never above it
+    "grpc": ("service.grpc", "service.codecs", "service.core", "service.infra", "service.config"),
 }
 
 
