@@ -13,6 +13,7 @@ and a version 3 that fails to load (UNAVAILABLE).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -585,6 +586,34 @@ def test_deadline_and_cancellation_stop_the_computation(slow_server: GrpcServer)
         ]
         assert any('status="CANCELLED"' in line for line in counts), counts
     client.close()
+
+
+def test_sigterm_lets_an_rpc_in_flight_finish() -> None:
+    """On SIGTERM the gRPC server stops with a grace: an answer being computed is sent."""
+    port = free_port()
+    with apd_serve(SHIPPED, args=["--grpc-port", str(port), "--max-batch", "256"]) as proc:
+        client = tritonclient_grpc.InferenceServerClient(url=f"127.0.0.1:{port}")
+        x = random_images(256, seed=4)
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def callback(result: Any, error: Any) -> None:
+            outcome.append((result, error))
+            done.set()
+
+        tensor = tritonclient_grpc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        client.async_infer(
+            "mnist-fcnn1", [tensor], callback, parameters={"seed": 11, "num_samples": 1000}
+        )
+        time.sleep(0.1)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert done.wait(30)
+        result, error = outcome[0]
+        assert error is None, error
+        assert result.as_numpy("probabilities").shape == (256, 10)
+        proc.proc.wait(30)
+        client.close()
 
 
 # ---- Several workers, the port, the proto ----------------------------------------------------

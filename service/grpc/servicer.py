@@ -195,7 +195,7 @@ def decode_request(
                 "data": _input_data(i, t, bool(raw_contents)),
             }
         )
-    outputs = [{"name": o.name, "parameters": _output_parameters(o)} for o in request.outputs]
+    outputs = [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs]
     req = validate_request(
         {
             "id": request.id or None,
@@ -206,14 +206,6 @@ def decode_request(
     )
     raw: list[memoryview | None] = [memoryview(b) for b in raw_contents] or [None] * len(inputs)
     return req, raw
-
-
-def _output_parameters(
-    output: pb.ModelInferRequest.InferRequestedOutputTensor,
-) -> dict[str, Any] | None:
-    params = _parameters(output.parameters)
-    # tritonclient.grpc asks for raw outputs with binary_data; every output here is raw.
-    return params if params is None else {k: v for k, v in params.items() if k != "binary_data"}
 
 
 def decode_query(request: pb.ModelInferRequest, model: ServedModel) -> tuple[InferRequest, Query]:
