@@ -305,9 +305,10 @@ class ServedModel:
         k = self.num_samples(query.num_samples)
         name = self.score_name(query.score)
         x = self.checkpoint.meta.input.preprocess(query.inputs)
-        deadline = query.deadline
-        if deadline is None and self.request_timeout_s is not None:
-            deadline = time.monotonic() + self.request_timeout_s
+        deadlines = [query.deadline]
+        if self.request_timeout_s is not None:  # the server's, and the client's if earlier
+            deadlines.append(time.monotonic() + self.request_timeout_s)
+        deadline = min((d for d in deadlines if d is not None), default=None)
         t0 = time.perf_counter()
         try:
             with anyio.fail_after(None if deadline is None else deadline - time.monotonic()):
