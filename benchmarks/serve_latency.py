@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 
 def _threads_flag(argv: Sequence[str]) -> str:
@@ -88,32 +88,14 @@ def serve(checkpoint: Path, args: list[str]) -> Iterator[tuple[str, subprocess.P
         yield srv.base_url, srv.proc
 
 
-BLOCKS = 4
-
-
 def interleaved(
     variants: dict[str, Callable[[], object]], n: int, warmup: int = 3
 ) -> dict[str, float]:
-    """Median seconds of each variant over ``n`` calls, taken in :data:`BLOCKS` blocks per
-    variant, round-robin, so that all variants share the machine's load.
+    """Median seconds of each variant over ``n`` calls timed round-robin
+    (:func:`servebench.interleaved`)."""
+    from servebench import interleaved as timed
 
-    Calls alternate by block, not one by one: after a call, BLAS and OpenMP threads spin for a
-    while (OpenBLAS, torch's OpenMP, the server's), and a variant run right after another
-    one's call competes with those threads on 2 cores (measured 2-5x slower); a pause of
-    0.3 s before each block lets them sleep, and each block starts with untimed warm-up
-    calls."""
-    per_block = max(1, n // BLOCKS)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(BLOCKS):
-        for name, fn in variants.items():
-            time.sleep(0.3)
-            for _ in range(warmup):
-                fn()
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(np.median(t)) for name, t in timed(variants, n, warmup).items()}
 
 
 def poster(client: Any, url: str, body: bytes, headers: dict[str, str]) -> Callable[[], None]:

@@ -292,20 +292,23 @@ def rss_bytes(pid: int) -> int:
 
 @contextlib.contextmanager
 def apd_serve(
-    checkpoint: Path,
+    checkpoint: Path | None,
     *,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ready_path: str = "/readyz",
     timeout: float = 60.0,
 ) -> Iterator[ServeProcess]:
-    """Run ``apd serve`` on a free loopback port until the block ends; waits for ``ready_path``."""
+    """Run ``apd serve`` on a free loopback port until the block ends; waits for ``ready_path``.
+
+    ``checkpoint`` None: ``args`` say what to serve (``--model-repository DIR``)."""
     import httpx
 
     port = free_port()
     logdir = Path(tempfile.mkdtemp(prefix="apd-serve-"))
     log_path = logdir / "serve.log"
-    cmd = [*apd_command(), "serve", "--checkpoint", str(checkpoint)]
+    cmd = [*apd_command(), "serve"]
+    cmd += [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
     cmd += ["--host", LOOPBACK, "--port", str(port), *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

@@ -33,7 +33,7 @@ from apd.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from apd.networks import MLPSpec, forward_probs
+from apd.networks import MLPSpec, NetworkSpec, forward_probs
 from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, calibrate_threshold, summarize
 
 TARGET_SIZES = (784, 32, 10)
@@ -61,17 +61,19 @@ def make_checkpoint(
     arch: str = "fcnn-test",
     residual: bool = False,
     basis_dtype: BasisDtype = "float32",
+    spec: NetworkSpec | None = None,
 ) -> Path:
-    """Write a random checkpoint of a ``sizes`` (default ``784-32-10``) target network.
+    """Write a random checkpoint of a ``sizes`` (default ``784-32-10``) target network, or of
+    ``spec`` (any architecture, a CNN included) when given.
 
     ``residual`` (subspace design only) adds residual noise, so that the networks are not
     affine in their codes and the service takes its materialised path."""
     rng = np.random.default_rng(seed)
-    spec = MLPSpec(arch, sizes)
+    spec = spec or MLPSpec(arch, sizes)
     p = spec.num_params
     # Per-weight scale of a He-initialised target network.
     scale = np.empty(p, np.float32)
-    for ((fan_in, _), _), (ws, bs) in zip(spec.layer_shapes, spec.offsets(), strict=True):
+    for fan_in, (ws, bs) in zip(spec.fan_ins(), spec.offsets(), strict=True):
         scale[ws] = np.sqrt(2.0 / fan_in)
         scale[bs] = 0.1
     out_dim = rank if design == "subspace" else p
@@ -103,7 +105,7 @@ def make_checkpoint(
     meta = CheckpointMeta(
         model_id=model_id,
         version=f"test-{seed}",
-        target=TargetNetwork(arch=spec.name, layer_sizes=list(spec.layer_sizes), num_params=p),
+        target=TargetNetwork.of(spec),
         generator=generator,
         num_samples_default=20,
         anomaly=AnomalyCalibration(
