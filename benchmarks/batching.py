@@ -46,6 +46,7 @@ from servebench import (  # noqa: E402
     header_lines,
     mnist_test_digits,
     require_flags,
+    serve_default,
     uptime,
 )
 
@@ -194,6 +195,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "duration_s": args.duration_s,
         "warmup_s": args.warmup_s,
         "batching_flags_given": not args.allow_no_batching,
+        "server_batching_defaults": {f: serve_default(f) for f in BATCH_FLAGS},
         "server_args": {m: server_args(args, m) for m in MODES},
         "archs": {},
     }
@@ -262,6 +264,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"clients, {r['duration_s']} s per point after {r['warmup_s']} s of warm-up; both servers",
         "run side by side and the points alternate between them. Servers: "
         + "; ".join(f"{m}: `apd serve {' '.join(a)}`" for m, a in r["server_args"].items())
+        + ".",
+        "Batching on is the server's defaults: "
+        + ", ".join(f"`{f} {v}`" for f, v in r["server_batching_defaults"].items())
         + ".",
     ]
     if not r["batching_flags_given"]:

@@ -20,7 +20,7 @@ fails if any does, or if any request without a version failed (a non-2xx answer 
 answer). Index states are polled on fresh connections (so both workers answer), and a state
 counts once seen on 3 polls in a row. Writes ``benchmarks/results/repository_churn.{md,json}``.
 
-    python benchmarks/repository_churn.py [--copy-s 4] [--within-s 10]
+    python benchmarks/repository_churn.py [--copy-s 8] [--within-s 15] [--workers 2]
 
 :func:`churn` is also run, shorter, by ``tests/test_repository_churn.py``.
 """
@@ -69,13 +69,14 @@ STABLE_POLLS: Final = 3
 class ChurnConfig:
     http_clients: int = 4
     grpc_clients: int = 2
-    copy_s: float = 4.0  # the careless copy of version 2 takes this long
-    within_s: float = 10.0  # a version appears (READY / UNAVAILABLE) or goes within this
+    copy_s: float = 8.0  # the careless copy of version 2 takes this long (> a poll interval)
+    within_s: float = 15.0  # a version appears (READY / UNAVAILABLE) or goes within this
     settle_s: float = 2.0  # load alone before the first step and after the last
     num_samples: int = 20
     seed: int = 1234
     workers: int = 2
     grpc: bool = True  # gRPC clients and checks, when tritonclient.grpc is importable
+    server_args: tuple[str, ...] = ()  # more apd serve flags (a shorter poll interval)
 
 
 @dataclass
@@ -504,6 +505,7 @@ def churn(cfg: ChurnConfig, workdir: Path) -> dict[str, Any]:
     grpc_port = free_port()
     args = ["--model-repository", str(repo), "--grpc-port", str(grpc_port)]
     args += ["--workers", str(cfg.workers), "--num-threads", "1", "--log-level", "warning"]
+    args += cfg.server_args
     log = Log()
     record: dict[str, Any] = {
         "config": asdict(cfg),
@@ -609,11 +611,23 @@ def markdown(r: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--copy-s", type=float, default=4.0)
-    p.add_argument("--within-s", type=float, default=10.0)
+    p.add_argument("--copy-s", type=float, default=8.0)
+    p.add_argument(
+        "--within-s",
+        type=float,
+        default=15.0,
+        help="a version must appear or go within this (the measured delays are recorded)",
+    )
     p.add_argument("--http-clients", type=int, default=4)
     p.add_argument("--grpc-clients", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="the server's --workers")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="another apd serve argument (repeat; e.g. --server-arg=--repository-poll-s "
+        "--server-arg=1)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv[1:])
     cfg = ChurnConfig(
@@ -622,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         copy_s=args.copy_s,
         within_s=args.within_s,
         workers=args.workers,
+        server_args=tuple(args.server_arg),
     )
     record = header(argv)
     with tempfile.TemporaryDirectory(prefix="apd-churn-") as tmp:

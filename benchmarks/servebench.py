@@ -127,8 +127,8 @@ def arch_checkpoint(arch: str, path: Path, *, seed: int = 0, model_id: str | Non
 
 
 @functools.cache
-def serve_flags() -> frozenset[str]:
-    """Every ``--flag`` that ``apd serve --help`` lists."""
+def serve_help() -> str:
+    """``apd serve --help``."""
     from tests.harness import apd_command, serve_env
 
     out = subprocess.run(
@@ -141,7 +141,19 @@ def serve_flags() -> frozenset[str]:
     )
     if out.returncode != 0:
         raise SystemExit(f"apd serve --help failed:\n{out.stderr[-2000:]}")
-    return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+    return out.stdout
+
+
+def serve_flags() -> frozenset[str]:
+    """Every ``--flag`` that ``apd serve --help`` lists."""
+    return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", serve_help()))
+
+
+def serve_default(flag: str) -> str | None:
+    """The default ``apd serve --help`` states for ``flag`` (None if it states none)."""
+    options = serve_help().split("options:", 1)[-1]
+    m = re.search(rf"^\s+{re.escape(flag)}\b.*?\(default:\s*([^)]*)\)", options, re.M | re.S)
+    return " ".join(m.group(1).split()) if m else None
 
 
 def require_flags(*flags: str, why: str) -> None:

@@ -20,7 +20,15 @@ pytestmark = pytest.mark.slow  # a 2-worker server and four repository changes: 
 def test_versions_appear_fail_and_disappear_under_load(tmp_path: Path) -> None:
     if "--model-repository" not in serve_flags():
         pytest.skip("apd serve has no --model-repository yet (issue #23)")
-    cfg = ChurnConfig(http_clients=3, grpc_clients=1, copy_s=1.5, settle_s=1.0, num_samples=10)
+    poll = ("--repository-poll-s", "0.5") if "--repository-poll-s" in serve_flags() else ()
+    cfg = ChurnConfig(
+        http_clients=3,
+        grpc_clients=1,
+        copy_s=1.5,
+        settle_s=1.0,
+        num_samples=10,
+        server_args=poll,
+    )
     record = churn(cfg, tmp_path)
     assert record["problems"] == []
     answers = record["answers"]
