@@ -1,9 +1,10 @@
 """The model repository under churn: versions appear, fail and disappear under a steady load.
 
-``apd serve --model-repository DIR --grpc-port P --workers 2`` starts with model ``a`` version 1.
-Clients keep sending requests the whole time: HTTP ``POST /predict`` without a version (half of
-them without ``"model"``, half with ``"model": "a"``) and, when ``tritonclient[grpc]`` is
-importable, gRPC ModelInfer on ``a`` without a version. Meanwhile, in order:
+``apd serve --model-repository DIR --default-model a --grpc-port P --workers 2`` starts with
+model ``a`` version 1. Clients keep sending requests the whole time: HTTP ``POST /predict``
+without a version (half of them without ``"model"``, half with ``"model": "a"``) and, when
+``tritonclient[grpc]`` is importable, gRPC ModelInfer on ``a`` without a version. Meanwhile,
+in order:
 
 1. version 2 of ``a`` is copied in the way a careless operator does: the file written into
    ``DIR/a/2/`` slowly, in chunks (``--copy-s``); it must not be read before it is complete
@@ -63,6 +64,7 @@ CHECKPOINT: Final = "model.safetensors"
 OUTPUTS: Final = ("probabilities", "mutual_information", "predictive_entropy", "model_variance")
 RTOL, ATOL = 1e-5, 1e-6  # float32 numbers through JSON and binary tensors
 STABLE_POLLS: Final = 3
+FAILURE_PAUSE_S: Final = 0.05  # a client pauses after a failure (each is counted), not spins
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ def http_load(base_url: str, log: Log, stop: threading.Event, cfg: ChurnConfig) 
                     a = Answer(t, kind, False, type(exc).__name__, error=str(exc)[:200])
                 with log.lock:
                     log.answers.append(a)
+                if not a.ok:
+                    await asyncio.sleep(FAILURE_PAUSE_S)
 
     async def all_clients() -> None:
         await asyncio.gather(*(client(i) for i in range(cfg.http_clients)))
@@ -235,6 +239,8 @@ def grpc_load(grpc_url: str, log: Log, stop: threading.Event, cfg: ChurnConfig, 
                 a = Answer(t, "grpc-a", False, str(exc.status()), error=str(exc)[:200])
             with log.lock:
                 log.answers.append(a)
+            if not a.ok:
+                time.sleep(FAILURE_PAUSE_S)
 
 
 # --- the index ------------------------------------------------------------------------------
@@ -496,14 +502,21 @@ def churn(cfg: ChurnConfig, workdir: Path) -> dict[str, Any]:
     """The whole scenario; returns the record (its ``problems`` empty when all went well)."""
     from tests.harness import apd_serve, free_port
 
-    require_flags("--model-repository", "--grpc-port", why="the model repository, issue #23")
+    require_flags(
+        "--model-repository",
+        "--grpc-port",
+        "--default-model",
+        why="the model repository, issue #23",
+    )
     use_grpc = cfg.grpc and grpc_available()
     repo, sources = workdir / "repository", workdir / "sources"
     for name, seed in (("a1", 1), ("a2", 2), ("b1", 11)):
         small_checkpoint(sources / f"{name}.safetensors", seed=seed)
     move_in(sources / "a1.safetensors", repo / "a/1")
     grpc_port = free_port()
-    args = ["--model-repository", str(repo), "--grpc-port", str(grpc_port)]
+    # Requests without "model" go to a: once b is there, the default must be named (API.md).
+    args = ["--model-repository", str(repo), "--default-model", "a"]
+    args += ["--grpc-port", str(grpc_port)]
     args += ["--workers", str(cfg.workers), "--num-threads", "1", "--log-level", "warning"]
     args += cfg.server_args
     log = Log()
@@ -513,7 +526,7 @@ def churn(cfg: ChurnConfig, workdir: Path) -> dict[str, Any]:
         "grpc_clients": use_grpc,
         "inputs": inputs()[1],
     }
-    with apd_serve(None, args=args, timeout=120) as srv:
+    with apd_serve(None, args=args, timeout=60) as srv:
         first = index(srv.base_url)
         if first.get("a/1", ("?",))[0] != "READY":
             raise SystemExit(f"a/1 is not READY at start: index {first}")
