@@ -12,8 +12,10 @@ machine. Per point: throughput (answered requests per second), p50 and p99 laten
 and the client's own CPU time (it shares the machine with the server).
 
 Issue #23's target, at concurrency 16: throughput on / off >= 4 and p99 on <= p99 off, for each
-architecture. Writes ``benchmarks/results/batching.{md,json,png}`` (the plot: throughput and
-p99 against concurrency).
+architecture. And batching may not change an answer: seeded requests sent to the batching
+server while it is loaded must get the numbers the other server gives them. Writes
+``benchmarks/results/batching.{md,json,png}`` (the plot: throughput and p99 against
+concurrency).
 
     python benchmarks/batching.py [--duration-s 10] [--archs fcnn2,lenet5]
 """
@@ -157,6 +159,39 @@ def point(url: str, bodies: list[RequestSpec], c: int, args: argparse.Namespace)
     }
 
 
+def seeded_unchanged(urls: dict[str, str], bodies: list[RequestSpec], k: int) -> dict[str, Any]:
+    """Seeded requests sent to the batching server while 16 unseeded clients load it, against
+    the same requests to the server without batching: the answers must be identical (a seeded
+    request is answered as it is alone)."""
+    import httpx
+
+    x, _ = mnist_test_digits()
+    seeded = [
+        {"inputs": np.round(x[i : i + 1], 4).tolist(), "num_samples": k, "seed": 100 + i}
+        for i in range(8)
+    ]
+
+    async def answers(url: str, loaded: bool) -> list[Any]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            load = (
+                asyncio.ensure_future(
+                    run_clients(url, bodies, concurrency=16, duration_s=3.0, max_requests=10**6)
+                )
+                if loaded
+                else None
+            )
+            await asyncio.sleep(0.5 if loaded else 0)
+            out = await asyncio.gather(*(c.post("/predict", json=b) for b in seeded))
+            if load is not None:
+                await load
+        return [r.json()["predictions"] if r.status_code == 200 else r.status_code for r in out]
+
+    alone = asyncio.run(answers(urls["off"], loaded=False))
+    batched = asyncio.run(answers(urls["on"], loaded=True))
+    same = sum(a == b for a, b in zip(alone, batched, strict=True))
+    return {"requests": len(seeded), "identical": same, "all_identical": same == len(seeded)}
+
+
 def batching_metrics(url: str) -> dict[str, float]:
     """The server's metric samples whose name says 'batch' (what it reports of its batches)."""
     import httpx
@@ -215,12 +250,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                         f"{p['p50_ms']} ms, p99 {p['p99_ms']} ms, errors {p['errors']}",
                         flush=True,
                     )
+            print(f"{arch}: seeded answers with batching on and off ...", flush=True)
+            seeded = seeded_unchanged(urls, bodies, args.num_samples)
             metrics = {m: batching_metrics(u) for m, u in urls.items()}
         ckpt.unlink()
         record["archs"][arch] = {
             "checkpoint": f"random {arch}, generator {ARCH_CHECKPOINTS[arch]}, float16 basis",
             "points": points,
             "batch_metrics": metrics,
+            "seeded_unchanged": seeded,
             "at_concurrency_16": judge(points),
         }
     record["uptime_after"] = uptime()
@@ -301,6 +339,14 @@ def markdown(r: dict[str, Any]) -> str:
                 f"(target >= {TARGET_THROUGHPUT_RATIO}), p99 on/off **{j['p99_on_over_off']}** "
                 f"(target <= 1), no errors: {j['no_errors']}: {met}.",
             ]
+        u = a["seeded_unchanged"]
+        lines += [
+            "",
+            f"Seeded requests (K = {r['num_samples']}) sent to the batching server under 16 "
+            f"unseeded clients: {u['identical']} of {u['requests']} answers identical to the "
+            "server without batching"
+            + ("." if u["all_identical"] else " (**a seeded answer changed**)."),
+        ]
         if a["batch_metrics"]["on"]:
             lines += ["", "The batching server's batch metrics after the run:", ""]
             lines += [f"- `{k}` {v:g}" for k, v in a["batch_metrics"]["on"].items()]
@@ -318,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "batching.md").write_text(markdown(record) + "\n")
     print(markdown(record))
     missed = [
-        a for a, v in record["archs"].items() if not v["at_concurrency_16"].get("meets_target")
+        a
+        for a, v in record["archs"].items()
+        if not v["at_concurrency_16"].get("meets_target")
+        or not v["seeded_unchanged"]["all_identical"]
     ]
     return 1 if args.check and (missed or not record["batching_flags_given"]) else 0
 
