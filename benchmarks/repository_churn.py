@@ -384,6 +384,20 @@ def defaults_after(log: Log, t_from: float, expected: str, when: str) -> None:
     )
 
 
+def eventually(check: Callable[[], tuple[bool, str]], within_s: float) -> tuple[float | None, str]:
+    """Seconds until ``check()`` first holds (it returns ``(ok, what it saw)``), or None with
+    what it last saw after ``within_s``: with several workers, each polls the repository on
+    its own, so a change reaches them within one poll interval of each other."""
+    t0 = time.monotonic()
+    while True:
+        ok, seen = check()
+        if ok:
+            return round(time.monotonic() - t0, 2), seen
+        if time.monotonic() - t0 > within_s:
+            return None, seen
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def load(base_url: str, grpc_url: str | None, log: Log, cfg: ChurnConfig) -> Iterator[None]:
     stop = threading.Event()
@@ -436,13 +450,24 @@ class Scenario:
         ready = self.wait("a/2 READY", lambda e: e.get("a/2", ("",))[0] == "READY")
         seen = states_seen(self.log, "a/2", t0, self.log.now())
         self.log.expect("UNAVAILABLE" not in seen, f"a/2 was read before it was complete: {seen}")
-        time.sleep(1.0)
-        t_switch = self.log.now()
-        time.sleep(self.cfg.settle_s)
-        defaults_after(self.log, t_switch, "2", "1 s after a/2 was READY")
+
+        def only_version_2() -> tuple[bool, str]:
+            t = self.log.now()
+            time.sleep(1.0)
+            with self.log.lock:
+                versions = {a.version for a in self.log.answers if a.ok and a.t >= t}
+            return versions == {"2"}, f"answered by versions {sorted(versions)} in the last 1 s"
+
+        switched, last = eventually(only_version_2, self.cfg.within_s)
+        self.log.expect(
+            switched is not None,
+            f"requests without a version not all answered by a/2 within {self.cfg.within_s} s "
+            f"of it being READY: {last}",
+        )
         self.log.steps["copy_version_2"] = {
             "copy_s": round(t1 - t0, 2),
             "ready_after_copy_s": ready,
+            "only_v2_answers_after_ready_s": switched,
             "states_seen": seen,
         }
 
@@ -472,11 +497,17 @@ class Scenario:
 
         shutil.rmtree(self.repo / "a/1")
         gone = self.wait("a/1 gone from the index", lambda e: "a/1" not in e)
-        r = httpx.get(self.base + "/v2/models/a/versions/1/ready", timeout=10)
-        self.log.expect(
-            r.status_code == 404 and "error" in r.text,
-            f"GET /v2/models/a/versions/1/ready after removal: {r.status_code} {r.text[:200]}",
-        )
+
+        def not_found() -> tuple[bool, str]:  # on a fresh connection: any worker
+            r = httpx.get(self.base + "/v2/models/a/versions/1/ready", timeout=10)
+            return r.status_code == 404 and "error" in r.text, f"{r.status_code} {r.text[:200]}"
+
+        for _ in range(4):
+            after, last = eventually(not_found, self.cfg.within_s)
+            self.log.expect(
+                after is not None,
+                f"GET /v2/models/a/versions/1/ready after its removal: {last}",
+            )
         self.log.steps["remove_version_1"] = {"gone_after_s": gone}
 
     def add_model_b(self) -> None:
@@ -485,9 +516,19 @@ class Scenario:
         move_in(self.sources / "b1.safetensors", self.repo / "b/1")
         ready = self.wait("b/1 READY", lambda e: e.get("b/1", ("",))[0] == "READY")
         body = {"inputs": inputs()[0][:1].tolist(), "model": "b"}
-        r = httpx.post(self.base + "/predict", json=body, timeout=30)
-        name = r.json().get("model", {}).get("name") if r.status_code == 200 else None
-        self.log.expect(name == "b", f"POST /predict model b: {r.status_code} {r.text[:200]}")
+
+        def answered_by_b() -> tuple[bool, str]:  # on fresh connections: any worker
+            r = httpx.post(self.base + "/predict", json=body, timeout=30)
+            name = r.json().get("model", {}).get("name") if r.status_code == 200 else None
+            v2 = httpx.get(self.base + "/v2/models/b/versions/1/ready", timeout=10)
+            return (
+                name == "b" and v2.status_code == 200,
+                f"/predict {r.status_code} {r.text[:200]}; V2 ready {v2.status_code}",
+            )
+
+        for _ in range(4):
+            after, last = eventually(answered_by_b, self.cfg.within_s)
+            self.log.expect(after is not None, f"POST /predict with model b: {last}")
         self.log.steps["add_model_b"] = {"ready_after_s": ready}
 
     def protocols_agree(self) -> None:
