@@ -8,7 +8,8 @@ in order:
 
 1. version 2 of ``a`` is copied in the way a careless operator does: the file written into
    ``DIR/a/2/`` slowly, in chunks (``--copy-s``); it must not be read before it is complete
-   (never UNAVAILABLE), then become READY and take the requests without a version;
+   (never UNAVAILABLE), then become READY and, within ``--within-s``, take every request
+   without a version;
 2. version 3, whose file is corrupt (a truncated checkpoint, moved in whole), must show
    UNAVAILABLE with a reason in ``POST /v2/repository/index`` and change nothing else;
 3. version 1 is deleted: it must leave the index and its routes (404);
@@ -32,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -123,12 +123,12 @@ def inputs() -> tuple[np.ndarray, str]:
 
 
 def grpc_available() -> bool:
+    """Whether ``tritonclient.grpc`` imports (it needs ``tritonclient[grpc]``: grpcio)."""
     try:
-        return importlib.util.find_spec("grpc") is not None and bool(
-            importlib.util.find_spec("tritonclient.grpc")
-        )
+        import tritonclient.grpc  # noqa: F401
     except ImportError:
         return False
+    return True
 
 
 # --- the repository, as an operator changes it ----------------------------------------------
@@ -174,8 +174,9 @@ def corrupt_copy(src: Path, dst: Path) -> None:
 
 
 def http_load(base_url: str, log: Log, stop: threading.Event, cfg: ChurnConfig) -> None:
-    """``cfg.http_clients`` closed-loop clients until ``stop``: even ones keep their
-    connection, odd ones open one per request (so both workers take requests)."""
+    """``cfg.http_clients`` closed-loop clients until ``stop``: even ones send no
+    ``"model"``, odd ones ``"model": "a"``; clients 2 and 3 of every 4 open a connection per
+    request (so that every worker takes requests), the others keep theirs."""
     import httpx
 
     x, _ = inputs()
