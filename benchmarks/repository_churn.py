@@ -96,17 +96,19 @@ class Log:
     started: float = field(default_factory=time.monotonic)
     answers: list[Answer] = field(default_factory=list)
     polls: list[tuple[float, dict[str, tuple[str, str]]]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: dict[str, list[str]] = field(default_factory=lambda: {"http": [], "grpc": []})
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    def expect(self, ok: bool, problem: str) -> bool:
+    def expect(self, ok: bool, problem: str, about: str = "http") -> bool:
+        """Note ``problem`` unless ``ok``; ``about``: "http" (REST and the repository) or
+        "grpc" (the gRPC binding)."""
         if not ok:
-            self.problems.append(problem)
-            print(f"  FAILED: {problem}", flush=True)
+            self.problems[about].append(problem)
+            print(f"  FAILED ({about}): {problem}", flush=True)
         return ok
 
 
@@ -351,8 +353,14 @@ def agreement(
     }
     if grpc_url is not None:
         import tritonclient.grpc as tg
+        from tritonclient.utils import InferenceServerException
 
-        answers["v2_grpc_tritonclient_grpc"] = triton_infer(tg, grpc_url, model, version, x, cfg)
+        try:
+            answers["v2_grpc_tritonclient_grpc"] = triton_infer(
+                tg, grpc_url, model, version, x, cfg
+            )
+        except InferenceServerException as exc:
+            log.expect(False, f"gRPC infer {model}/{version}: {exc}", "grpc")
     ref = answers["rest_predict"]
     worst: dict[str, float] = {}
     for name, ans in answers.items():
@@ -365,6 +373,7 @@ def agreement(
                 np.allclose(got, ref[out], rtol=RTOL, atol=ATOL),
                 f"{model}/{version} seed {cfg.seed}: {name} {out} differs from /predict by "
                 f"{worst[f'{name}.{out}']:.3g}",
+                "grpc" if "grpc" in name else "http",
             )
     return {"protocols": list(answers), "max_abs_difference": worst}
 
@@ -372,17 +381,25 @@ def agreement(
 # --- the run ---------------------------------------------------------------------------------
 
 
+def protocol(client: str) -> str:
+    return client.split("-", 1)[0]
+
+
 def defaults_after(log: Log, t_from: float, expected: str, when: str) -> None:
-    """Every request without a version sent after ``t_from`` answered by version ``expected``."""
+    """Every request without a version sent after ``t_from`` answered by version ``expected``
+    (over HTTP and over gRPC, each judged on its own)."""
     with log.lock:
         window = [a for a in log.answers if a.t >= t_from]
-    versions = sorted({a.version for a in window if a.ok})
-    failed = sum(not a.ok for a in window)
-    log.expect(
-        bool(window) and versions == [expected] and not failed,
-        f"{when}: {len(window)} requests without a version, answered by versions {versions} "
-        f"(expected {expected!r}), {failed} failed",
-    )
+    for proto in sorted({protocol(a.client) for a in window} | {"http"}):
+        mine = [a for a in window if protocol(a.client) == proto]
+        versions = sorted({a.version for a in mine if a.ok})
+        failed = sum(not a.ok for a in mine)
+        log.expect(
+            bool(mine) and versions == [expected] and not failed,
+            f"{when}: {len(mine)} {proto} requests without a version, answered by versions "
+            f"{versions} (expected {expected!r}), {failed} failed",
+            proto,
+        )
 
 
 def eventually(check: Callable[[], tuple[bool, str]], within_s: float) -> tuple[float | None, str]:
@@ -541,7 +558,8 @@ class Scenario:
 
 
 def churn(cfg: ChurnConfig, workdir: Path) -> dict[str, Any]:
-    """The whole scenario; returns the record (its ``problems`` empty when all went well)."""
+    """The whole scenario; returns the record (its ``problems``, by protocol, empty when all
+    went well)."""
     from tests.harness import apd_serve, free_port
 
     require_flags(
@@ -593,12 +611,14 @@ def churn(cfg: ChurnConfig, workdir: Path) -> dict[str, Any]:
     record["load_s"] = round(log.now(), 1)
     record["answers"] = tally(log)
     record["steps"] = log.steps
-    failed = [a for a in log.answers if not a.ok]
-    log.expect(
-        not failed,
-        f"{len(failed)} requests without a version failed, first: "
-        f"{[asdict(a) for a in failed[:3]]}",
-    )
+    for proto in ("http", "grpc"):
+        failed = [a for a in log.answers if not a.ok and protocol(a.client) == proto]
+        log.expect(
+            not failed,
+            f"{len(failed)} {proto} requests without a version failed, first: "
+            f"{[asdict(a) for a in failed[:3]]}",
+            proto,
+        )
     record["problems"] = log.problems
     record["index_polls"] = len(log.polls)
     return record
@@ -656,8 +676,9 @@ def markdown(r: dict[str, Any]) -> str:
         "Final index: " + ", ".join(f"{k} {v[0]}" for k, v in r.get("final_index", {}).items()),
         "",
     ]
-    if r["problems"]:
-        lines += ["**Failed expectations:**", "", *[f"- {p}" for p in r["problems"]]]
+    problems = [f"{about}: {p}" for about, ps in r["problems"].items() for p in ps]
+    if problems:
+        lines += ["**Failed expectations:**", "", *[f"- {p}" for p in problems]]
     else:
         lines.append("Every expectation held: no request without a version failed.")
     return "\n".join(lines)
@@ -701,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "repository_churn.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / "repository_churn.md").write_text(markdown(record) + "\n")
     print(markdown(record))
-    return 1 if record["problems"] else 0
+    return 1 if any(record["problems"].values()) else 0
 
 
 if __name__ == "__main__":
