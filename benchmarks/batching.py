@@ -3,7 +3,7 @@
 For fcNN2 and LeNet-5 (random checkpoints of the real architectures,
 :data:`servebench.ARCH_CHECKPOINTS`; speed does not depend on the weights), two ``apd serve``
 processes of one worker each run side by side on the same checkpoint and settings: one with
-``--batch-delay-ms 0`` (batching off), one with the server's default batching settings (on).
+``--batch-max-rows 1`` (batching off), one with the server's default batching settings (on).
 Closed-loop clients (:func:`loadgen.run_clients`: each waits for its answer before sending the
 next) at concurrency 1, 2, 4, 8, 16 and 32 send ``POST /predict`` with one real MNIST test digit,
 K = 100, no seed (the pool); the points alternate between the two servers (off then on, at each
@@ -55,7 +55,7 @@ from servebench import (  # noqa: E402
 CONCURRENCY: Final = (1, 2, 4, 8, 16, 32)
 TARGET_AT: Final = 16
 TARGET_THROUGHPUT_RATIO: Final = 4.0
-MODES: Final = {"off": ["--batch-delay-ms", "0"], "on": []}  # on: the server's defaults
+MODES: Final = {"off": ["--batch-max-rows", "1"], "on": []}  # on: the server's defaults
 BATCH_FLAGS: Final = ("--batch-delay-ms", "--batch-max-rows")
 
 

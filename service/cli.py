@@ -8,7 +8,8 @@ exit code (2: bad settings, 1: a checkpoint that cannot be served or a port alre
 
 NumPy's BLAS reads its thread count once, when NumPy loads, so this module sets
 ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` from ``--num-threads``
-(``APD_NUM_THREADS``; default 2: one request's GEMMs use both cores of a 2-core box)
+(``APD_NUM_THREADS``; default 1: with the two compute slots of ``compute_concurrency``, both
+cores of a 2-core box, and no more threads than cores)
 before anything imports NumPy, unless they are set already; worker processes inherit them.
 Without this, every worker's forward would start one BLAS thread per core, and a few
 concurrent requests would oversubscribe the machine many times over.
@@ -43,7 +44,7 @@ PROG = "apd serve"
 APP_FACTORY = "service.api.app:create_app"
 BLAS_THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Settings.num_threads's default, read before the settings (and NumPy) are imported.
-DEFAULT_NUM_THREADS: Final = 2
+DEFAULT_NUM_THREADS: Final = 1
 
 
 def _fail(message: str, code: int) -> int:

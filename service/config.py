@@ -114,12 +114,13 @@ class Settings(BaseSettings):
         description="Refuse to start unless the checkpoint file has this sha256",
     )
     num_threads: int = Field(
-        default=2,
+        default=1,
         ge=0,
         le=256,
-        description="BLAS threads of one computation (the factored forward's GEMMs) per "
-        "worker: both cores of a 2-core box for one request; 0: the library's default (all "
-        "cores). With several workers, cores / workers",
+        description="BLAS threads of one computation (the factored forward's GEMMs): keep "
+        "num_threads x compute_concurrency x workers at most the cores (a 2-core box: 1 x 2 "
+        "x 1), as computations that run together on more threads than cores spin against "
+        "each other (measured: batched forwards 3-10x slower); 0: the library's default",
     )
     compute_concurrency: int = Field(
         default=2,
@@ -283,15 +284,21 @@ class Settings(BaseSettings):
         default=60.0,
         description="a request's computation stops (504) past this many seconds",
     )
+    batch_max_rows: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="dynamic batching: unseeded requests for the same model version and K "
+        "that wait for a compute slot together share one forward, of at most this many "
+        "inputs (1: no batching)",
+    )
     batch_delay_ms: float = Field(
-        default=2.0,
+        default=0.0,
         ge=0,
         le=1000,
-        description="dynamic batching: how long an unseeded request waits for others with "
-        "the same model version and K to share one forward (0: no batching)",
-    )
-    batch_max_rows: int = Field(
-        default=64, ge=1, le=4096, description="dynamic batching: most inputs in one batch"
+        description="dynamic batching: how long a batch that has a compute slot may still "
+        "wait for more requests (Triton's max_queue_delay; 0: none, a lone request runs at "
+        "once)",
     )
     forward_chunk_mb: float = Field(
         default=8.0,

@@ -37,7 +37,7 @@ def test_concurrent_queries_share_one_forward_and_get_their_own_rows() -> None:
         await anyio.sleep(0)
         return fake_summary(k, x)
 
-    batcher = DynamicBatcher(forward, delay_s=0.05, max_rows=64)
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=64)
     rng = np.random.default_rng(0)
     xs = [rng.random((n, 5)) for n in (1, 2, 1, 3)]
     got: dict[int, PredictiveSummary] = {}
@@ -61,6 +61,34 @@ def test_concurrent_queries_share_one_forward_and_get_their_own_rows() -> None:
         )
 
 
+def test_a_lone_query_runs_at_once_and_those_arriving_while_busy_share_the_next_slot() -> None:
+    sizes: list[int] = []
+
+    async def forward(k: int, x: np.ndarray) -> PredictiveSummary:
+        sizes.append(len(x))
+        await anyio.sleep(0.2)
+        return fake_summary(k, x)
+
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=64)
+    waited: list[float] = []
+
+    async def ask(after_s: float) -> None:
+        await anyio.sleep(after_s)
+        t0 = anyio.current_time()
+        await batcher(10, np.ones((1, 5)))
+        waited.append(anyio.current_time() - t0)
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, 0.0)  # alone: runs at once
+            for i in range(5):  # arrive while the slot is busy: one batch after it
+                tg.start_soon(ask, 0.02 + 0.01 * i)
+
+    anyio.run(run)
+    assert sizes == [1, 5]
+    assert min(waited) < 0.3  # the lone query did not wait for anyone
+
+
 def test_a_full_batch_runs_at_once_and_the_next_query_opens_another() -> None:
     sizes: list[int] = []
 
@@ -68,7 +96,9 @@ def test_a_full_batch_runs_at_once_and_the_next_query_opens_another() -> None:
         sizes.append(len(x))
         return fake_summary(k, x)
 
-    batcher = DynamicBatcher(forward, delay_s=10.0, max_rows=4)  # only fullness runs it
+    # One slot, held by the first batch while the others fill; a long delay: only fullness
+    # runs a batch that has its slot.
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=4, delay_s=10.0)
 
     async def run() -> None:
         with anyio.fail_after(5):
@@ -89,7 +119,7 @@ def test_a_batch_nobody_waits_for_is_cancelled() -> None:
         finished.append(True)
         return fake_summary(k, x)
 
-    batcher = DynamicBatcher(forward, delay_s=0.001, max_rows=64)
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=64)
 
     async def run() -> None:
         with anyio.move_on_after(0.2):
@@ -107,8 +137,8 @@ def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("batching") / "model.safetensors")
 
 
-async def _model(path: Path, delay_ms: float) -> ServedModel:
-    settings = Settings(checkpoint=path, batch_delay_ms=delay_ms, pool_size=30)
+async def _model(path: Path, max_rows: int) -> ServedModel:
+    settings = Settings(checkpoint=path, batch_max_rows=max_rows, batch_delay_ms=50, pool_size=30)
     resources = Resources(
         serving_config(settings),
         Metrics(),
@@ -123,8 +153,8 @@ def test_seeded_queries_are_never_batched_and_answer_as_alone(ckpt_path: Path) -
     x = random_images(4, seed=2).astype(np.float32)
 
     async def run() -> tuple[dict[int, Any], list[Any]]:
-        batched = await _model(ckpt_path, delay_ms=50)
-        alone = await _model(ckpt_path, delay_ms=0)
+        batched = await _model(ckpt_path, max_rows=64)
+        alone = await _model(ckpt_path, max_rows=1)
         reference = [await alone.predict(Query(x[i : i + 1], 30, seed=9)) for i in range(4)]
         # K = the pool's 30 networks: an unseeded answer is the whole pool, so known.
         whole_pool = [await alone.predict(Query(x[i : i + 1], 30)) for i in range(4)]

@@ -57,7 +57,7 @@ def timed_predict(base: str, payload: bytes) -> float:
 def test_a_client_that_disconnects_stops_its_computation_and_frees_its_budget(
     slow_ckpt: Path,
 ) -> None:
-    args = ["--compute-concurrency", "1", "--batch-delay-ms", "0", "--num-threads", "1"]
+    args = ["--compute-concurrency", "1", "--batch-max-rows", "1", "--num-threads", "1"]
     with apd_serve(slow_ckpt, args=args) as server:
         base = server.base_url
         heavy = body(64, 1000, seed=3)
@@ -87,7 +87,7 @@ def test_a_client_that_disconnects_stops_its_computation_and_frees_its_budget(
 
 
 def test_a_request_past_its_deadline_is_a_504_and_stops(slow_ckpt: Path) -> None:
-    args = ["--compute-concurrency", "1", "--batch-delay-ms", "0", "--num-threads", "1",
+    args = ["--compute-concurrency", "1", "--batch-max-rows", "1", "--num-threads", "1",
             "--request-timeout-s", "0.2"]  # fmt: skip
     with apd_serve(slow_ckpt, args=args) as server:
         base = server.base_url

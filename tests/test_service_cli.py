@@ -93,7 +93,7 @@ def test_the_default_thread_count_is_the_settings_default() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "preset", "expected"),
     [
-        ([], None, None, "2"),
+        ([], None, None, "1"),
         (["--num-threads", "3"], None, None, "3"),
         (["--num-threads=4"], "2", None, "4"),
         ([], "2", None, "2"),

@@ -1,11 +1,14 @@
-"""Dynamic batching of concurrent unseeded queries, as Triton's dynamic batcher does it.
+"""Dynamic batching of concurrent unseeded queries: queries wait for a compute slot together.
 
-For a model whose per-network work dominates at batch 1 (fcNN2, LeNet-5: the layers after the
-first cost the same whatever the batch), N concurrent batch-1 queries each pay for the K
-networks again. Here the queries of one model version with the same K that arrive within
-``delay_s`` of the first are answered by one forward over their stacked inputs and one draw of
-K pool networks; each gets its own rows back. A query that finds the batcher idle (no batch
-computing or waiting) runs at once: batching costs a lone query no delay.
+For a model whose per-network work dominates at batch 1 (fcNN2, LeNet-5: each network's
+layers are read from memory once per forward, whatever the batch), N concurrent batch-1
+queries each pay for the K networks again. Here the queries of one model version with the
+same K that arrive while every compute slot is busy share the next free slot: one forward over
+their stacked inputs and one draw of K pool networks, each query getting its own rows back
+(continuous batching, as vLLM and Triton's dynamic batcher do it). A query that finds a slot
+free runs at once, so batching costs a lone query nothing; ``delay_s`` (Triton's
+``max_queue_delay``, default 0) lets a batch that has a slot wait that much longer for more
+queries, and ``max_rows`` bounds a batch.
 
 Only unseeded queries come here. An unseeded answer is K networks drawn at random from the
 pool; sharing that draw with other queries changes no query's distribution. A seeded query
@@ -30,6 +33,7 @@ from numpy.typing import NDArray
 from apd.uncertainty import PredictiveSummary
 
 FloatArray = NDArray[np.float32]
+# The forward of a whole batch, run while the batch holds a compute slot: it must not take one.
 Forward = Callable[[int, FloatArray], Awaitable[PredictiveSummary]]
 
 
@@ -44,14 +48,23 @@ class _Batch:
 
 
 class DynamicBatcher:
-    """Stacks queries of one model version; ``forward(K, x)`` answers a whole batch."""
+    """Stacks queries of one model version; ``forward(K, x)`` answers a whole batch while
+    the batch holds one of ``slots`` (the worker's compute limiter)."""
 
-    def __init__(self, forward: Forward, *, delay_s: float, max_rows: int) -> None:
-        if delay_s <= 0 or max_rows < 1:
-            raise ValueError("a batcher needs delay_s > 0 and max_rows >= 1")
+    def __init__(
+        self,
+        forward: Forward,
+        slots: anyio.CapacityLimiter,
+        *,
+        max_rows: int,
+        delay_s: float = 0.0,
+    ) -> None:
+        if max_rows < 2 or delay_s < 0:
+            raise ValueError("a batcher needs max_rows >= 2 and delay_s >= 0")
         self._forward = forward
-        self.delay_s = delay_s
+        self._slots = slots
         self.max_rows = max_rows
+        self.delay_s = delay_s
         self._open: dict[int, _Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # counted for tests and the batch-size metric
@@ -65,8 +78,6 @@ class DynamicBatcher:
                 batch.full.set()
             batch = _Batch(num_samples)
             self._open[num_samples] = batch
-            if not self._tasks:  # nothing computing or waiting: no one to wait for
-                batch.full.set()
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -88,22 +99,24 @@ class DynamicBatcher:
 
     async def _run(self, batch: _Batch) -> None:
         with batch.scope:
-            try:
-                await asyncio.wait_for(batch.full.wait(), self.delay_s)
-            except TimeoutError:
-                pass
-            if self._open.get(batch.num_samples) is batch:
-                del self._open[batch.num_samples]
-            x = batch.parts[0] if len(batch.parts) == 1 else np.concatenate(batch.parts)
-            self.batches += 1
-            self.queries += len(batch.waiters)
-            try:
-                summary = await self._forward(batch.num_samples, x)
-            except Exception as exc:  # each waiter gets it (a cancellation is the scope's)
-                for w in batch.waiters:
-                    if not w.done():
-                        w.set_exception(exc)
-                return
+            async with self._slots:  # queries keep joining until a slot is free
+                if self.delay_s > 0 and not batch.full.is_set():
+                    try:
+                        await asyncio.wait_for(batch.full.wait(), self.delay_s)
+                    except TimeoutError:
+                        pass
+                if self._open.get(batch.num_samples) is batch:
+                    del self._open[batch.num_samples]
+                x = batch.parts[0] if len(batch.parts) == 1 else np.concatenate(batch.parts)
+                self.batches += 1
+                self.queries += len(batch.waiters)
+                try:
+                    summary = await self._forward(batch.num_samples, x)
+                except Exception as exc:  # each waiter gets it (a cancellation is the scope's)
+                    for w in batch.waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                    return
             for w in batch.waiters:
                 if not w.done():
                     w.set_result(summary)

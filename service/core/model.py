@@ -220,9 +220,12 @@ class ServedModel:
         )
         self.batcher = (
             DynamicBatcher(
-                self._forward_pool, delay_s=config.batch_delay_s, max_rows=config.batch_max_rows
+                self._forward_pool,
+                resources.limiter,
+                max_rows=config.batch_max_rows,
+                delay_s=config.batch_delay_s,
             )
-            if config.batch_delay_s > 0
+            if config.batch_max_rows > 1
             else None
         )
         self._labels = {"model": name, "version": str(version)}
@@ -347,11 +350,15 @@ class ServedModel:
         )
 
     async def _forward_pool(self, k: int, x: FloatArray) -> PredictiveSummary:
-        return await self._forward(self.source.plan(k, None), x)
+        """A batch's forward: the batch holds its compute slot already."""
+        return await self._forward(self.source.plan(k, None), x, holding_slot=True)
 
-    async def _forward(self, plan: NetworkPlan, x: FloatArray) -> PredictiveSummary:
+    async def _forward(
+        self, plan: NetworkPlan, x: FloatArray, holding_slot: bool = False
+    ) -> PredictiveSummary:
         """The summary of the plan's networks on preprocessed ``x``, computed in a worker
-        thread (the data-support score too), interrupted at a chunk if cancelled."""
+        thread (the data-support score too) under a compute slot (unless the caller holds
+        one), interrupted at a chunk if cancelled."""
         posterior = self.posterior if self.checkpoint.is_affine else None
         segments = None if posterior is None else await self.source.segments(plan)
         support = self.checkpoint.data_support
@@ -367,9 +374,11 @@ class ServedModel:
                 return summary
             return replace(summary, data_support=support.score(x))
 
-        return await self._in_thread(compute)
+        return await self._in_thread(compute, None if holding_slot else self.limiter)
 
-    async def _in_thread(self, fn: Callable[[Callable[[], None]], T]) -> T:
+    async def _in_thread(
+        self, fn: Callable[[Callable[[], None]], T], limiter: anyio.CapacityLimiter | None
+    ) -> T:
         """``fn(interrupt)`` in a worker thread; ``interrupt()`` raises once the caller is
         cancelled, by an anyio cancel scope or by a plain asyncio cancellation."""
         stop = threading.Event()
@@ -380,7 +389,7 @@ class ServedModel:
             anyio.from_thread.check_cancelled()
 
         try:
-            return await anyio.to_thread.run_sync(fn, interrupt, limiter=self.limiter)
+            return await anyio.to_thread.run_sync(fn, interrupt, limiter=limiter)
         except BaseException:
             stop.set()
             raise
