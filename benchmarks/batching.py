@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -34,7 +35,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
+# One BLAS thread in this process too, as the servers run (forward_per_row): before NumPy loads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -66,7 +71,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=10.0, help="timed seconds per point")
     p.add_argument("--warmup-s", type=float, default=2.0, help="untimed seconds before each")
     p.add_argument("--num-samples", type=int, default=100, help="K of every request")
-    p.add_argument("--threads", type=int, default=2, help="the servers' --num-threads")
+    p.add_argument("--threads", type=int, default=1, help="the servers' --num-threads")
     p.add_argument(
         "--allow-no-batching",
         action="store_true",
@@ -219,6 +224,49 @@ def judge(points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
+def forward_per_row(checkpoint: Path, k: int, batch: int = 16, repeats: int = 15) -> dict[str, Any]:
+    """The compute bound of batching: the factored forward of K pool networks on 1 input and
+    on ``batch`` inputs, in this process, one BLAS thread (as the servers run): the per-row
+    speed-up is the most batching can give when the forward is all the work."""
+    from apd.checkpoint import load_checkpoint
+    from apd.factored import AffinePosterior
+    from service.core.networks import POOL_STREAM, draw_codes, num_blocks
+
+    ckpt = load_checkpoint(checkpoint)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine, chunk_bytes=8 << 20)
+    codes = draw_codes(ckpt, POOL_STREAM, range(num_blocks(k)))[:k]
+    tails = posterior.tails(codes)  # the pool keeps them (tail_cache_mb)
+    rng = np.random.default_rng(0)
+    ms = {}
+    for n in (1, batch):
+        x = rng.random((n, ckpt.spec.input_dim), dtype=np.float32)
+        posterior.summarize_segments([(codes, tails)], x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            posterior.summarize_segments([(codes, tails)], x)
+            times.append(time.perf_counter() - t0)
+        ms[n] = float(np.median(times)) * 1e3
+    return {
+        "batch": batch,
+        "ms_one_input": round(ms[1], 2),
+        "ms_batch": round(ms[batch], 2),
+        "per_row_speedup": round(ms[1] * batch / ms[batch], 2),
+    }
+
+
+def http_ceiling(args: argparse.Namespace, c: int = TARGET_AT) -> dict[str, Any]:
+    """The most batch-1 requests per second this machine answers at all: the shipped fcNN1,
+    K = 1 (no compute to speak of), no batching, ``c`` clients on the same cores. Against
+    the server without batching it bounds what batching can reach here, whatever the model."""
+    from tests.harness import apd_serve
+
+    shipped = ROOT / "models" / "mnist-fcnn1" / "model.safetensors"
+    flags = [*server_args(args, "off"), "--pool-size", "100"]
+    with apd_serve(shipped, args=flags) as server:
+        return point(server.base_url, requests(1), c, args)
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     if args.allow_no_batching:
         print("--allow-no-batching: both servers run without batching flags", flush=True)
@@ -253,6 +301,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             print(f"{arch}: seeded answers with batching on and off ...", flush=True)
             seeded = seeded_unchanged(urls, bodies, args.num_samples)
             metrics = {m: batching_metrics(u) for m, u in urls.items()}
+        bound = forward_per_row(ckpt, args.num_samples)
         ckpt.unlink()
         record["archs"][arch] = {
             "checkpoint": f"random {arch}, generator {ARCH_CHECKPOINTS[arch]}, float16 basis",
@@ -260,7 +309,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "batch_metrics": metrics,
             "seeded_unchanged": seeded,
             "at_concurrency_16": judge(points),
+            "forward_bound": bound,
         }
+    print("the HTTP ceiling (shipped fcNN1, K = 1) ...", flush=True)
+    record["http_ceiling"] = http_ceiling(args)
     record["uptime_after"] = uptime()
     return record
 
@@ -346,6 +398,19 @@ def markdown(r: dict[str, Any]) -> str:
             f"unseeded clients: {u['identical']} of {u['requests']} answers identical to the "
             "server without batching"
             + ("." if u["all_identical"] else " (**a seeded answer changed**)."),
+        ]
+        b = a["forward_bound"]
+        off16 = next(p for p in a["points"]["off"] if p["concurrency"] == TARGET_AT)
+        ceiling = r["http_ceiling"]["throughput_rps"]
+        lines += [
+            "",
+            f"The limit. The forward alone (in process, K = {r['num_samples']}, one thread): "
+            f"{b['ms_one_input']} ms for one input, {b['ms_batch']} ms for {b['batch']}: "
+            f"batching can make a row at most **{b['per_row_speedup']}x** cheaper. The HTTP "
+            f"path alone (the shipped fcNN1 at K = 1, {TARGET_AT} clients on the same cores) "
+            f"answers at most **{ceiling} req/s** here, so against the {off16['throughput_rps']}"
+            f" req/s without batching no batching can exceed "
+            f"**{ceiling / off16['throughput_rps']:.2f}x** on this machine.",
         ]
         if a["batch_metrics"]["on"]:
             lines += ["", "The batching server's batch metrics after the run:", ""]

@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=40, help="timed calls per variant")
     p.add_argument("--seed", type=int, default=7, help="the seed every seeded request sends")
     p.add_argument("--checkpoint", type=Path, default=SHIPPED)
-    p.add_argument("--threads", type=int, default=2, help="the server's --num-threads")
+    p.add_argument("--threads", type=int, default=1, help="the server's --num-threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.requests < 4:
