@@ -34,6 +34,7 @@ from training.evaluation.report.plots import (
     plot_active_learning,
     plot_adversarial,
     plot_anomaly,
+    plot_recalibration,
     plot_reliability,
 )
 from training.evaluation.report.sections import (
@@ -80,6 +81,8 @@ def write_report(result: SuiteResult, out_dir: Path) -> Path:
     results = result.results
     if "classification" in results:
         plot_reliability(results, out_dir / "reliability.png")
+    if "calibration" in results:
+        plot_recalibration(results, out_dir / "recalibration.png")
     if "anomaly" in results:
         plot_anomaly(results, out_dir / "anomaly_auroc.png")
     if "adversarial" in results:

@@ -18,6 +18,7 @@ from training.evaluation.results import (
     EXPERIMENTS,
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
+    CalibrationRecord,
     EvaluationResults,
     SpecRecord,
 )
@@ -343,17 +344,88 @@ def _classification(results: EvaluationResults) -> list[str]:
         ]
         for r in cl["rows"]
     ]
-    return [
+    served = ""
+    if "calibration" in results and "apd" in results["methods"]:
+        served = (
+            " APD's row is the probabilities the service returns: its checkpoint's "
+            "recalibration map applied to the networks' predictive (before and after in "
+            "the recalibration table below)."
+        )
+    out = [
         "## 1. Classification",
         "",
         f"{cl['inputs']}. Brier score: mean over images of the squared distance between the "
-        "predictive and the one-hot label (range 0 to 2). ECE: 15 equal-width confidence bins.",
+        "predictive and the one-hot label (range 0 to 2). ECE: 15 equal-width confidence bins."
+        + served,
         "",
         _table(["method", "K", "accuracy", "NLL (nats)", "Brier", "ECE"], rows),
         "",
         f"_{provenance_line(results)}_",
         "",
         "![Reliability diagrams](reliability.png)",
+    ]
+    if "calibration" in results:
+        out += ["", *_calibration(results)]
+    return out
+
+
+def _map_cell(r: CalibrationRecord) -> str:
+    if r["map"] == "none":
+        return f"none ({r['fit_size']:,} validation inputs are too few)"
+    where = "stored in the checkpoint" if r["map"] == "checkpoint" else "fitted here"
+    return f"{where} ({r['fit_size']:,} {r['fitted_on']} inputs, {r['knots']} knots)"
+
+
+def _calibration(results: EvaluationResults) -> list[str]:
+    cal = results["calibration"]
+    rows = []
+    for r in cal["rows"]:
+        b, a = r["before"], r["after"]
+        rows.append(
+            [
+                results["methods"][r["method"]]["label"],
+                str(b["num_members"]),
+                _map_cell(r),
+                _f(b["ece"]),
+                _f(None if a is None else a["ece"]),
+                _f(b["nll"]),
+                _f(None if a is None else a["nll"]),
+                _f(b["brier"]),
+                _f(None if a is None else a["brier"]),
+            ]
+        )
+    return [
+        "### Recalibration: ECE and NLL before and after",
+        "",
+        "Every method's test predictive passed through the recalibration the service applies "
+        "(`apd.recalibration`): the top class's probability c becomes g(c), a non-decreasing "
+        "map fitted by isotonic regression of whether the top label is right on c over a "
+        "validation predictive and capped below 1, the other classes rescaled in proportion, "
+        "the predicted label kept. APD's map is the one its checkpoint stores and serves "
+        "(fitted at distillation on the validation split); every other method's is fitted "
+        "here the same way (`training.distillation.calibrate.fit_recalibration`, one "
+        f"implementation) on its own predictive over {cal['validation']}, with the K of the "
+        f"table. Evaluated on {cal['inputs']}. The anomaly scores are the networks' own and "
+        "do not change.",
+        "",
+        _table(
+            [
+                "method",
+                "K",
+                "map",
+                "ECE before",
+                "ECE after",
+                "NLL before",
+                "NLL after",
+                "Brier before",
+                "Brier after",
+            ],
+            rows,
+        ),
+        "",
+        f"_{provenance_line(results)}_",
+        "",
+        "![Reliability before and after recalibration](recalibration.png)",
     ]
 
 
@@ -498,6 +570,83 @@ def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
     return out
 
 
+SERVED_SCORES: Final = ("mutual_information", "data_support", "combined")
+SERVED_LABELS: Final = {
+    "mutual_information": "mutual information",
+    "data_support": "data support",
+    "combined": "combined flag",
+}
+
+
+def _served_flags(results: EvaluationResults) -> list[str]:
+    """The checkpoint's data-support score and combined flag beside mutual information: the
+    AUROC of each and the share of inputs each flags at the checkpoint's thresholds."""
+    an = results["anomaly"]
+    flag_rows = an.get("flag_rates", [])
+    if not flag_rows:
+        return []
+    methods = list(dict.fromkeys(r["method"] for r in flag_rows))
+    auroc = {(r["method"], r["ood_set"], r["scale"], r["score"]): r["auroc"] for r in an["rows"]}
+    flagged = {(r["method"], r["ood_set"], r["scale"], r["score"]): r for r in flag_rows}
+    out = [
+        "### The checkpoint's data-support score and combined flag",
+        "",
+        "Beside mutual information: the data-support score (`apd.support`, how far an input "
+        "lies from the training inputs: a low-rank Gaussian score on the inputs, fitted at "
+        "distillation) and the default flag `combined` (mutual information above its threshold "
+        "or data support above its own; the two thresholds are set together on the validation "
+        "split so that their union flags no more in-distribution inputs than one score's "
+        "threshold would). AUROC against the in-distribution images as above; flagged: the "
+        "share of inputs each score flags at the checkpoint's thresholds, as the service flags "
+        "them (on the first row, the in-distribution test images: the false-positive rate).",
+        "",
+    ]
+    for m in methods:
+        scores = [s for s in SERVED_SCORES if (m, None, None, s) in flagged]
+        rows = [
+            [
+                "in-distribution",
+                "-",
+                *["-" for _ in scores],
+                *[_pct(flagged[(m, None, None, s)]["flagged"]) for s in scores],
+            ]
+        ]
+        for ood_set in an["ood_size"]:
+            for scale in an["scales"]:
+                rows.append(
+                    [
+                        ood_set,
+                        _scale(scale),
+                        *[_f(auroc.get((m, ood_set, scale, s))) for s in scores],
+                        *[
+                            _pct(r["flagged"])
+                            if (r := flagged.get((m, ood_set, scale, s)))
+                            else "n/a"
+                            for s in scores
+                        ],
+                    ]
+                )
+        thresholds = ", ".join(
+            f"{SERVED_LABELS[s]} {flagged[(m, None, None, s)]['threshold']:.4g}" for s in scores
+        )
+        out += [
+            f"{results['methods'][m]['label']} (thresholds: {thresholds}):",
+            "",
+            _table(
+                [
+                    "inputs",
+                    "scale",
+                    *[f"AUROC {SERVED_LABELS[s]}" for s in scores],
+                    *[f"flagged by {SERVED_LABELS[s]}" for s in scores],
+                ],
+                rows,
+            ),
+            "",
+        ]
+    out.append(f"_{provenance_line(results, methods)}_")
+    return out
+
+
 def _anomaly(results: EvaluationResults) -> list[str]:
     an = results["anomaly"]
     methods = list(results["methods"])
@@ -524,6 +673,9 @@ def _anomaly(results: EvaluationResults) -> list[str]:
     out += _fidelity(results)
     out += [""]
     out += _gan_vs_gaussian(results)
+    support = _served_flags(results)
+    if support:
+        out += ["", *support]
     for metric, title in _DETECTION_METRICS:
         for scale in an["scales"]:
             out += ["", f"### {title}, input scale {_scale(scale)}", ""]
