@@ -553,7 +553,7 @@ def classification_and_anomaly(
     if validation is not None:
         out["calibration"] = {
             "inputs": f"{len(test_x)} MNIST test images",
-            "validation": f"{len(validation[1])} MNIST validation images",
+            "validation": f"{len(validation[1]):,} MNIST validation images",
             "rows": calibration,
         }
     if "sgld" in members and "apd" in members:

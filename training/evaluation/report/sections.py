@@ -450,7 +450,13 @@ def _fidelity(results: EvaluationResults) -> list[str]:
         f"- NLL: SGLD {_f(c['teacher_nll'])}, APD {_f(c['student_nll'])} "
         f"-> **{'within target' if c['nll_within_target'] else 'MISSES target'}**",
         "- Mean KL(SGLD predictive || APD predictive) over the test set: "
-        f"{_f(c['mean_kl'], 5)} nats",
+        f"{_f(c['mean_kl'], 5)} nats"
+        + (
+            " (here APD is its networks' predictive, before the recalibration map: what was "
+            "distilled)"
+            if "calibration" in results
+            else ""
+        ),
         f"- Anomaly rows within target: **{fid['anomaly_rows_within']} of {fid['anomaly_rows']}** "
         f"(issue's three scores: {fid['issue_score_rows_within']} of {fid['issue_score_rows']})",
         "",
