@@ -921,7 +921,14 @@ def _peers(results: EvaluationResults) -> list[str]:
             else ""
         )
         + f", stored bytes {100 * peers.BYTES_TOLERANCE:g} % and times "
-        f"{100 * peers.SECONDS_TOLERANCE:g} % (measured on a shared CPU).",
+        f"{100 * peers.SECONDS_TOLERANCE:g} % (measured on a shared CPU)."
+        + (
+            " APD's NLL and ECE are of the probabilities it serves (recalibrated), the peers' "
+            "of their own predictive; the recalibration table in section 1 gives every "
+            "method's after the same map."
+            if "calibration" in results
+            else ""
+        ),
         "",
         _table(["method", *[c.name for c in crit]], rows),
         "",
