@@ -35,7 +35,7 @@ from tests.test_evaluation_report import SPEC, _results
 from training.distillation.calibrate import calibrate_summary, fit_recalibration, support_record
 from training.evaluation.anomaly import recalibration_record
 from training.evaluation.methods import MemberNetworks
-from training.evaluation.report import write_report
+from training.evaluation.report import render_markdown, write_report
 from training.evaluation.suite import SuiteResult, classification_and_anomaly
 from training.metrics import DEFAULT_ECE_BINS
 
@@ -259,3 +259,24 @@ def test_the_report_shows_recalibration_and_the_served_flags(tmp_path: Path) -> 
     assert "| in-distribution | - |" in flags and "| notmnist | 1 |" in flags
     assert "AUROC data support" in flags and "flagged by combined flag" in flags
     assert (tmp_path / "out" / "recalibration.png").stat().st_size > 0
+
+
+def test_the_fidelity_section_says_whether_sglds_run_is_apds_teacher(tmp_path: Path) -> None:
+    results: Any = _results(tmp_path)
+    sampler = {"method": "sgld", "chains": 8, "seed": 0}
+    results["methods"]["sgld"]["provenance"] = {
+        "run": "runs/sgld",
+        "sampler": sampler,
+        "samples_created_at": "2026-01-02T00:00:00+00:00",
+    }
+    apd = results["methods"]["apd"]["provenance"]
+    apd["teacher"] = {**sampler, "run": "elsewhere", "created_at": "2026-01-01T00:00:00+00:00"}
+    section = render_markdown(results).split("### APD against its SGLD teacher")[1]
+    assert "- Teacher: **not APD's own**" in section
+    assert "another run with the same sampler settings" in section
+    apd["teacher"] = {**sampler, "seed": 1, "created_at": "2026-01-01T00:00:00+00:00"}
+    assert "another run with other sampler settings" in render_markdown(results)
+    apd["teacher"]["created_at"] = "2026-01-02T00:00:00+00:00"
+    assert "- Teacher: the SGLD run here is APD's own" in render_markdown(results)
+    del apd["teacher"]  # a report written before: no line
+    assert "- Teacher:" not in render_markdown(results)

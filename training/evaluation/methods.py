@@ -271,12 +271,15 @@ class SGLDSamples:
 
     def provenance(self) -> Provenance:
         meta = self.store.meta
-        return {
+        out: Provenance = {
             "samples_stored": len(self.store),
             "chains": meta.get("num_chains"),
             "sampler": meta.get("sampler"),
             **self.source,
         }
+        if "created_at" in meta:  # when the samples were written: which run this is
+            out["samples_created_at"] = str(meta["created_at"])
+        return out
 
 
 @dataclass(frozen=True)
@@ -577,6 +580,7 @@ class GeneratorPosterior:
             "noise_dim": meta.generator.noise_dim,
             "subspace_rank": meta.generator.output_dim if meta.generator.has_basis else None,
             "distillation": meta.provenance.distillation,
+            "teacher": meta.provenance.sampler,
             "code_revision": meta.provenance.code_revision,
         }
 

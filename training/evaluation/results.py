@@ -196,13 +196,16 @@ class Provenance(TypedDict, total=False):
     the Gaussian: ``rank``, ``fit_samples``, ``moment_samples``, ``fitted_to``; the mixture:
     ``components``, ``component_rule``, ``component_samples``, ``rank`` (the most deviation
     columns of a component), ``moment_samples``, ``fitted_to``; a Laplace peer: its SGD run's
-    keys, ``subset_of_weights`` to ``fit_seconds``; APD: ``checkpoint`` to ``distillation``
-    and ``code_revision``.
+    keys, ``subset_of_weights`` to ``fit_seconds``; APD: ``checkpoint`` to ``distillation``,
+    ``teacher`` (the SGLD record it was distilled from) and ``code_revision``. SGLD's
+    ``samples_created_at`` and APD's ``teacher.created_at`` say whether the SGLD run
+    evaluated is APD's own teacher.
     """
 
     networks: int
     dropout: float
     samples_stored: int
+    samples_created_at: str
     chains: int | None
     sampler: dict[str, Any] | None
     rank: int
@@ -230,6 +233,7 @@ class Provenance(TypedDict, total=False):
     noise_dim: int
     subspace_rank: int | None
     distillation: dict[str, Any]
+    teacher: dict[str, Any]
     run: str
     seed: int
     method: str

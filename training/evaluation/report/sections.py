@@ -461,6 +461,9 @@ def _fidelity(results: EvaluationResults) -> list[str]:
         f"(issue's three scores: {fid['issue_score_rows_within']} of {fid['issue_score_rows']})",
         "",
     ]
+    teacher = _teacher_line(results)
+    if teacher:
+        out[-1:-1] = [teacher]
     rows = []
     for r in fid["anomaly"]:
         verdict = "yes" if r["within_target"] else "**NO**"
@@ -483,6 +486,30 @@ def _fidelity(results: EvaluationResults) -> list[str]:
     )
     out += ["", f"_{provenance_line(results, ['sgld', 'apd'])}_"]
     return out
+
+
+def _teacher_line(results: EvaluationResults) -> str | None:
+    """Whether the SGLD run evaluated is the one APD was distilled from, by when each sample
+    store was written (None when either record lacks it: reports written before)."""
+    methods = results["methods"]
+    if "apd" not in methods or "sgld" not in methods:
+        return None
+    taught = methods["apd"]["provenance"].get("teacher") or {}
+    here = methods["sgld"]["provenance"]
+    if "created_at" not in taught or "samples_created_at" not in here:
+        return None
+    if taught["created_at"] == here["samples_created_at"]:
+        return f"- Teacher: the SGLD run here is APD's own (samples written {taught['created_at']})"
+    same = {k: v for k, v in taught.items() if k in (here.get("sampler") or {})}
+    settings = (
+        "the same sampler settings" if same == here.get("sampler") else "other sampler settings"
+    )
+    return (
+        f"- Teacher: **not APD's own**. APD was distilled from SGLD samples written "
+        f"{taught['created_at']}; the SGLD run here ({here.get('run', '?')}, written "
+        f"{here['samples_created_at']}) is another run with {settings}, so the rows below "
+        "hold APD against a second draw of the posterior, not against its exact teacher"
+    )
 
 
 def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
