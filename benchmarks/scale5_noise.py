@@ -8,7 +8,8 @@ multiplied by s):
 
 * ``sgld_b``: a second draw of 100 samples from the same run, disjoint from the teacher's
   and spread the same way (evenly over each chain's samples that the teacher did not take);
-* ``apd_0`` and ``apd_1``: 100 networks drawn from the checkpoint with NumPy seeds 0 and 1;
+* ``apd_N``: 100 networks drawn from the checkpoint with NumPy seed N, for each N of
+  ``--apd-seeds`` (default 0 and 1);
 * ``proj``: the teacher's own 100 samples projected onto the checkpoint's affine subspace
   (least-squares codes on its stored basis), the best any generator of that subspace can do
   network by network;
@@ -128,6 +129,13 @@ def main() -> None:
         default=[],
         help="also project the teacher onto the top-N principal subspace of the run, per N",
     )
+    ap.add_argument(
+        "--apd-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="NumPy seeds of the checkpoint's draws of 100 networks (apd_SEED each)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
@@ -148,8 +156,10 @@ def main() -> None:
     thetas = {
         "sgld_a": torch.from_numpy(samples),
         "sgld_b": torch.from_numpy(np.asarray(store.theta[second])),
-        "apd_0": torch.from_numpy(sample_networks(ckpt, K, seed=0)),
-        "apd_1": torch.from_numpy(sample_networks(ckpt, K, seed=1)),
+        **{
+            f"apd_{seed}": torch.from_numpy(sample_networks(ckpt, K, seed=seed))
+            for seed in args.apd_seeds
+        },
         "proj": torch.from_numpy(project(*ckpt.affine, samples)),
         "proj_b": torch.from_numpy(project(*ckpt.affine, np.asarray(store.theta[second]))),
     }
@@ -222,8 +232,8 @@ def markdown(r: dict[str, Any]) -> str:
         "(2 cores).",
         "",
         "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
-        "100 other samples of the same run, spread the same way. apd_0 / apd_1: 100 networks "
-        "from the checkpoint, seeds 0 / 1. proj / proj_b: the teacher's / sgld_b's samples "
+        "100 other samples of the same run, spread the same way. apd_N: 100 networks "
+        "from the checkpoint, NumPy seed N. proj / proj_b: the teacher's / sgld_b's samples "
         "projected onto the checkpoint's subspace (proj_b: what a perfect generator of that "
         "subspace would draw). proj_rN / proj_rN_int8: the teacher's samples projected onto "
         "the run's top-N principal subspace, basis in float16 / in 8 bits with one scale per "

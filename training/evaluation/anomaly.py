@@ -24,14 +24,18 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
+from apd.checkpoint import AnomalyCalibration, Recalibration
 from apd.uncertainty import PredictiveSummary, ScoreName
 from training import metrics
+from training.distillation.calibrate import MIN_RECALIBRATION_INPUTS, fit_recalibration
 from training.distillation.fidelity import FIDELITY_SCORES
 from training.evaluation.results import (
     AnomalyRecord,
+    CalibrationRecord,
     ClassificationFidelityRecord,
     ClassificationRecord,
     FidelityRecord,
+    FlagRateRecord,
 )
 from training.metrics import ACCURACY_TOLERANCE, AUROC_TOLERANCE, NLL_TOLERANCE
 
@@ -54,13 +58,13 @@ def _defined(v: float) -> float | None:
 
 def classify(
     method: str,
-    summary: PredictiveSummary,
+    probs: NDArray[np.floating],
     labels: NDArray[np.integer],
     num_members: int,
     n_bins: int = metrics.DEFAULT_ECE_BINS,
 ) -> ClassificationRecord:
-    """Accuracy, NLL, Brier, ECE and the reliability diagram of ``method``'s predictive."""
-    probs = summary.probabilities
+    """Accuracy, NLL, Brier, ECE and the reliability diagram of ``method``'s probabilities
+    ``(N, C)``."""
     m = metrics.classification_metrics(probs, labels, n_bins)
     rel = metrics.reliability_diagram(probs, labels, n_bins)
     return {
@@ -80,6 +84,48 @@ def classify(
     }
 
 
+def recalibration_record(
+    method: str,
+    test_probs: NDArray[np.floating],
+    test_labels: NDArray[np.integer],
+    num_members: int,
+    stored: Recalibration | None = None,
+    validation: tuple[NDArray[np.floating], NDArray[np.integer]] | None = None,
+    fitted_on: str = "mnist-validation",
+    min_inputs: int = MIN_RECALIBRATION_INPUTS,
+) -> CalibrationRecord:
+    """``method``'s test probabilities before and after the top-label recalibration map
+    (:mod:`apd.recalibration`): the ``stored`` map a checkpoint serves with, else the map
+    :func:`training.distillation.calibrate.fit_recalibration` fits on ``validation``
+    (probabilities, labels) exactly as it does for a checkpoint. Without either, or on fewer
+    than ``min_inputs`` validation inputs, there is no map and ``after`` is None."""
+    before = classify(method, test_probs, test_labels, num_members)
+    kind, recal = "checkpoint", stored
+    if recal is None and validation is not None:
+        kind = "fitted"
+        recal = fit_recalibration(*validation, num_members, fitted_on, min_inputs=min_inputs)
+    if recal is None:
+        size = 0 if validation is None else len(validation[1])
+        return {
+            "method": method,
+            "map": "none",
+            "fitted_on": fitted_on,
+            "fit_size": size,
+            "knots": 0,
+            "before": before,
+            "after": None,
+        }
+    return {
+        "method": method,
+        "map": kind,
+        "fitted_on": recal.fitted_on,
+        "fit_size": recal.fit_size,
+        "knots": len(recal.confidence),
+        "before": before,
+        "after": classify(method, recal.apply(test_probs), test_labels, num_members),
+    }
+
+
 def is_constant_score(a: NDArray[np.floating], b: NDArray[np.floating]) -> bool:
     both = np.concatenate([a, b])
     return bool(np.ptp(both) <= 1e-12 * max(1.0, float(np.abs(both).max())))
@@ -94,6 +140,16 @@ def score_defined(score: ScoreName, num_members: int) -> bool:
     )
 
 
+def served_scores(calibration: AnomalyCalibration | None) -> tuple[ScoreName, ...]:
+    """The scores a checkpoint adds to :data:`ANOMALY_SCORES`: data support and the combined
+    flag's score where it is calibrated for them."""
+    if calibration is None:
+        return ()
+    return tuple(
+        s for s in (ScoreName.DATA_SUPPORT, ScoreName.COMBINED) if s in calibration.thresholds
+    )
+
+
 def anomaly_rows(
     method: str,
     in_summary: PredictiveSummary,
@@ -102,12 +158,21 @@ def anomaly_rows(
     scale: float,
     num_members: int,
     scores: tuple[ScoreName, ...] = ANOMALY_SCORES,
+    calibration: AnomalyCalibration | None = None,
 ) -> list[AnomalyRecord]:
     """One row per score: ``None`` metrics where the score is undefined (mutual information
-    or model variance of a single network) or constant (it cannot rank anything)."""
+    or model variance of a single network) or constant (it cannot rank anything). The
+    combined score needs the checkpoint's ``calibration``
+    (:meth:`apd.checkpoint.AnomalyCalibration.scores`)."""
     rows: list[AnomalyRecord] = []
     for score in scores:
-        s_in, s_out = in_summary.score(score), out_summary.score(score)
+        if calibration is None:
+            s_in, s_out = in_summary.score(score), out_summary.score(score)
+        else:
+            s_in, s_out = (
+                calibration.scores(in_summary, score),
+                calibration.scores(out_summary, score),
+            )
         if not score_defined(score, num_members) or is_constant_score(s_in, s_out):
             d = metrics.DetectionMetrics(math.nan, math.nan, math.nan)
         else:
@@ -124,6 +189,30 @@ def anomaly_rows(
             }
         )
     return rows
+
+
+def flag_rates(
+    method: str,
+    calibration: AnomalyCalibration,
+    summary: PredictiveSummary,
+    ood_set: str | None,
+    scale: float | None,
+    scores: tuple[ScoreName, ...],
+) -> list[FlagRateRecord]:
+    """The share of ``summary``'s inputs each of ``scores`` flags at the checkpoint's
+    threshold (:meth:`apd.checkpoint.AnomalyCalibration.flags`, as the service flags them);
+    ``ood_set`` None: the in-distribution test inputs."""
+    return [
+        {
+            "method": method,
+            "score": score.value,
+            "ood_set": ood_set,
+            "scale": scale,
+            "threshold": calibration.thresholds[score],
+            "flagged": float(calibration.flags(summary, score)[1].mean()),
+        }
+        for score in scores
+    ]
 
 
 def scaled(x: NDArray[np.float32], scale: float) -> NDArray[np.float32]:

@@ -67,6 +67,10 @@ class MemberNetworks:
     theta: torch.Tensor
     dropout: torch_ops.DropoutRate = 0.0
     passes: int = 1
+    # APD: the checkpoint the networks were drawn from; its data-support fit, anomaly
+    # calibration and recalibration map are what the service answers with (:meth:`summary`,
+    # :meth:`served_probabilities`).
+    checkpoint: Checkpoint | None = None
 
     def __post_init__(self) -> None:
         if self.theta.ndim != 2 or self.theta.shape[1] != self.spec.num_params:
@@ -109,8 +113,22 @@ class MemberNetworks:
         return probs.numpy()
 
     def summary(self, x: NDArray[np.floating] | torch.Tensor, seed: int = 0) -> PredictiveSummary:
-        """The posterior predictive and its uncertainty scores on ``x``."""
-        return summarize(self.probs(x, seed))
+        """The posterior predictive and its uncertainty scores on ``x``, with the checkpoint's
+        data-support score where it has one."""
+        out = summarize(self.probs(x, seed))
+        support = None if self.checkpoint is None else self.checkpoint.data_support
+        if support is None:
+            return out
+        inputs = x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return replace(out, data_support=support.score(inputs.reshape(len(inputs), -1)))
+
+    def served_probabilities(self, summary: PredictiveSummary) -> NDArray[np.float64]:
+        """The probabilities the method answers with: the checkpoint's served probabilities
+        (:meth:`apd.checkpoint.Checkpoint.probabilities`, its recalibration map applied), or
+        the predictive as it is."""
+        if self.checkpoint is None:
+            return summary.probabilities
+        return self.checkpoint.probabilities(summary)
 
 
 class PosteriorMethod(Protocol):
@@ -253,12 +271,15 @@ class SGLDSamples:
 
     def provenance(self) -> Provenance:
         meta = self.store.meta
-        return {
+        out: Provenance = {
             "samples_stored": len(self.store),
             "chains": meta.get("num_chains"),
             "sampler": meta.get("sampler"),
             **self.source,
         }
+        if "created_at" in meta:  # when the samples were written: which run this is
+            out["samples_created_at"] = str(meta["created_at"])
+        return out
 
 
 @dataclass(frozen=True)
@@ -543,7 +564,7 @@ class GeneratorPosterior:
 
     def draw(self, num_samples: int, seed: int) -> MemberNetworks:
         theta = sample_networks(self.checkpoint, num_samples, seed)
-        return MemberNetworks(self.spec, _as_tensor(theta))
+        return MemberNetworks(self.spec, _as_tensor(theta), checkpoint=self.checkpoint)
 
     def stored_bytes(self) -> int:
         return int(self.file_bytes or self.checkpoint.size_bytes)
@@ -559,6 +580,7 @@ class GeneratorPosterior:
             "noise_dim": meta.generator.noise_dim,
             "subspace_rank": meta.generator.output_dim if meta.generator.has_basis else None,
             "distillation": meta.provenance.distillation,
+            "teacher": meta.provenance.sampler,
             "code_revision": meta.provenance.code_revision,
         }
 

@@ -196,13 +196,16 @@ class Provenance(TypedDict, total=False):
     the Gaussian: ``rank``, ``fit_samples``, ``moment_samples``, ``fitted_to``; the mixture:
     ``components``, ``component_rule``, ``component_samples``, ``rank`` (the most deviation
     columns of a component), ``moment_samples``, ``fitted_to``; a Laplace peer: its SGD run's
-    keys, ``subset_of_weights`` to ``fit_seconds``; APD: ``checkpoint`` to ``distillation``
-    and ``code_revision``.
+    keys, ``subset_of_weights`` to ``fit_seconds``; APD: ``checkpoint`` to ``distillation``,
+    ``teacher`` (the SGLD record it was distilled from) and ``code_revision``. SGLD's
+    ``samples_created_at`` and APD's ``teacher.created_at`` say whether the SGLD run
+    evaluated is APD's own teacher.
     """
 
     networks: int
     dropout: float
     samples_stored: int
+    samples_created_at: str
     chains: int | None
     sampler: dict[str, Any] | None
     rank: int
@@ -230,6 +233,7 @@ class Provenance(TypedDict, total=False):
     noise_dim: int
     subspace_rank: int | None
     distillation: dict[str, Any]
+    teacher: dict[str, Any]
     run: str
     seed: int
     method: str
@@ -279,6 +283,30 @@ class ClassificationSection(TypedDict):
 
 
 @with_config(_CLOSED)
+class CalibrationRecord(TypedDict):
+    """One method's test predictive before and after the top-label recalibration map
+    (:mod:`apd.recalibration`): ``map`` is ``checkpoint`` for the map a checkpoint serves
+    with, ``fitted`` for one fitted here on the method's validation predictive
+    (``training.distillation.calibrate.fit_recalibration``), ``none`` where too few validation
+    inputs allow one (then ``after`` is None)."""
+
+    method: str
+    map: str
+    fitted_on: str
+    fit_size: int
+    knots: int
+    before: ClassificationRecord
+    after: ClassificationRecord | None
+
+
+@with_config(_CLOSED)
+class CalibrationSection(TypedDict):
+    inputs: str
+    validation: str
+    rows: list[CalibrationRecord]
+
+
+@with_config(_CLOSED)
 class AnomalyRecord(TypedDict):
     """One (method, OOD set, scale, score); ``None`` where the score is undefined."""
 
@@ -292,12 +320,28 @@ class AnomalyRecord(TypedDict):
 
 
 @with_config(_CLOSED)
+class FlagRateRecord(TypedDict):
+    """The share of inputs a checkpoint's flag raises at its calibrated threshold;
+    ``ood_set`` and ``scale`` None: the in-distribution test inputs."""
+
+    method: str
+    score: str
+    ood_set: str | None
+    scale: float | None
+    threshold: float
+    flagged: float
+
+
+@with_config(_CLOSED)
 class AnomalySection(TypedDict):
+    """``flag_rates`` came with the checkpoint's data-support score and combined flag."""
+
     in_distribution: str
     ood_size: dict[str, int]
     scales: list[float]
     rows: list[AnomalyRecord]
     ood_sets: dict[str, str]  # set -> description
+    flag_rates: NotRequired[list[FlagRateRecord]]
 
 
 @with_config(_CLOSED)
@@ -384,6 +428,7 @@ class ClassificationAndAnomaly(TypedDict):
 
     classification: ClassificationSection
     anomaly: AnomalySection
+    calibration: NotRequired[CalibrationSection]
     fidelity: NotRequired[Fidelity]
     fidelity_gaussian: NotRequired[GaussianFidelity]
     fidelity_mixture: NotRequired[GaussianFidelity]
@@ -507,6 +552,7 @@ class EvaluationResults(TypedDict):
     missing_methods: dict[str, str]  # method key -> why it was not evaluated
     classification: NotRequired[ClassificationSection]
     anomaly: NotRequired[AnomalySection]
+    calibration: NotRequired[CalibrationSection]  # reports written before it lack it
     fidelity: NotRequired[Fidelity]
     fidelity_gaussian: NotRequired[GaussianFidelity]
     fidelity_mixture: NotRequired[GaussianFidelity]

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from apd.networks import MNIST_INPUT_SHAPE, NetworkSpec, get_spec
+from apd.uncertainty import ScoreName
 from training import metrics
+from training.distillation.calibrate import MIN_RECALIBRATION_INPUTS
 from training.errors import UserError
 from training.evaluation import anomaly, methods
 from training.evaluation.active_learning import ActiveLearningSettings, run_active_learning
@@ -35,9 +37,11 @@ from training.evaluation.results import (
     EXPERIMENTS,
     AccuracyNLL,
     AnomalyRecord,
+    CalibrationRecord,
     ClassificationAndAnomaly,
     ClassificationRecord,
     EvaluationResults,
+    FlagRateRecord,
     GaussianDiagnostics,
     Meta,
     MethodRecord,
@@ -336,7 +340,15 @@ def run_suite(
         described = {name: describe_ood(name) for name in OOD_SETS}
         results.update(
             classification_and_anomaly(
-                members, test_x, test_y, ood, described, cfg.scales, cfg.seed, cfg.progress
+                members,
+                test_x,
+                test_y,
+                ood,
+                described,
+                cfg.scales,
+                cfg.seed,
+                cfg.progress,
+                validation=(np.asarray(mnist.val_x), np.asarray(mnist.val_y)),
             )
         )
         gauss, sgld_m = found.get("gaussian"), found.get("sgld")
@@ -453,17 +465,26 @@ def classification_and_anomaly(
     scales: tuple[float, ...],
     seed: int = 0,
     progress: bool = False,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    min_recalibration_inputs: int = MIN_RECALIBRATION_INPUTS,
 ) -> ClassificationAndAnomaly:
     """Experiments 1 and 2 for every method, and the APD / Gaussian fidelity against SGLD.
 
-    ``ood`` holds each OOD set's images, ``ood_sets`` its description for the report."""
+    ``ood`` holds each OOD set's images, ``ood_sets`` its description for the report. A
+    checkpoint's method (APD) reports the probabilities it serves (its recalibration map
+    applied) and, beside the networks' scores, its data-support score and combined flag
+    with the share each flags. With ``validation`` (images, labels) every method's test
+    predictive is also recalibrated (:func:`training.evaluation.anomaly.recalibration_record`:
+    the checkpoint's map, else one fitted on the method's validation predictive)."""
     from tqdm import tqdm
 
     classification: list[ClassificationRecord] = []
+    calibration: list[CalibrationRecord] = []
     rows: list[AnomalyRecord] = []
+    flags: list[FlagRateRecord] = []
     in_summaries = {}
     bar = tqdm(
-        total=len(members) * (1 + len(ood) * len(scales)),
+        total=len(members) * (1 + (validation is not None) + len(ood) * len(scales)),
         desc="predict",
         disable=not progress,
         unit="set",
@@ -472,11 +493,46 @@ def classification_and_anomaly(
         s_in = mem.summary(test_x, seed)
         in_summaries[key] = s_in
         bar.update()
-        classification.append(anomaly.classify(key, s_in, test_y, mem.num_members))
+        ck = mem.checkpoint
+        classification.append(
+            anomaly.classify(key, mem.served_probabilities(s_in), test_y, mem.num_members)
+        )
+        if validation is not None:
+            val_x, val_y = validation
+            stored = None if ck is None else ck.meta.recalibration
+            val = None if stored is not None else (mem.summary(val_x, seed).probabilities, val_y)
+            bar.update()
+            calibration.append(
+                anomaly.recalibration_record(
+                    key,
+                    s_in.probabilities,
+                    test_y,
+                    mem.num_members,
+                    stored,
+                    val,
+                    min_inputs=min_recalibration_inputs,
+                )
+            )
+        cal = None if ck is None else ck.meta.anomaly
+        extra = anomaly.served_scores(cal)
+        flagging = (ScoreName.MUTUAL_INFORMATION, *extra)
+        if cal is not None and extra:
+            flags += anomaly.flag_rates(key, cal, s_in, None, None, flagging)
         for name, x_out in ood.items():
             for scale in scales:
                 s_out = mem.summary(anomaly.scaled(x_out, scale), seed)
-                rows += anomaly.anomaly_rows(key, s_in, s_out, name, scale, mem.num_members)
+                rows += anomaly.anomaly_rows(
+                    key,
+                    s_in,
+                    s_out,
+                    name,
+                    scale,
+                    mem.num_members,
+                    (*anomaly.ANOMALY_SCORES, *extra),
+                    cal,
+                )
+                if cal is not None and extra:
+                    flags += anomaly.flag_rates(key, cal, s_out, name, scale, flagging)
                 bar.update()
     bar.close()
     out: ClassificationAndAnomaly = {
@@ -492,6 +548,14 @@ def classification_and_anomaly(
             "ood_sets": {name: ood_sets[name] for name in ood},
         },
     }
+    if flags:
+        out["anomaly"]["flag_rates"] = flags
+    if validation is not None:
+        out["calibration"] = {
+            "inputs": f"{len(test_x)} MNIST test images",
+            "validation": f"{len(validation[1]):,} MNIST validation images",
+            "rows": calibration,
+        }
     if "sgld" in members and "apd" in members:
         cls_fid = anomaly.classification_fidelity(in_summaries["sgld"], in_summaries["apd"], test_y)
         fid = anomaly.fidelity_rows(rows)

@@ -34,6 +34,7 @@ from training.evaluation.report.plots import (
     plot_active_learning,
     plot_adversarial,
     plot_anomaly,
+    plot_recalibration,
     plot_reliability,
 )
 from training.evaluation.report.sections import (
@@ -80,6 +81,8 @@ def write_report(result: SuiteResult, out_dir: Path) -> Path:
     results = result.results
     if "classification" in results:
         plot_reliability(results, out_dir / "reliability.png")
+    if "calibration" in results:
+        plot_recalibration(results, out_dir / "recalibration.png")
     if "anomaly" in results:
         plot_anomaly(results, out_dir / "anomaly_auroc.png")
     if "adversarial" in results:
@@ -95,7 +98,11 @@ def write_report(result: SuiteResult, out_dir: Path) -> Path:
     results_file.write_text(
         json.dumps(_clean_nan(results), indent=1, default=_json_default, allow_nan=False) + "\n"
     )
-    # read back and checked, so that the report is what results.json renders to
+    # read back and checked, so that the report is what results.json renders to; written
+    # again as read, so that its keys are in the order of the record types (a record built
+    # in another order, e.g. a method's provenance, reads back the same bytes)
+    checked = load_results(results_file)
+    results_file.write_text(json.dumps(checked, indent=1) + "\n")
     report = out_dir / REPORT_FILE
-    report.write_text(render_markdown(load_results(results_file)))
+    report.write_text(render_markdown(checked))
     return report

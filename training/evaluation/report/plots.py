@@ -4,7 +4,7 @@ provenance line under the plot, so a PNG on its own still says where it came fro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from training.evaluation.report.sections import (
     _scale,
     provenance_line,
 )
-from training.evaluation.results import EvaluationResults
+from training.evaluation.results import ClassificationRecord, EvaluationResults
 
 # --------------------------------------------------------------------------- plots
 
@@ -37,6 +37,23 @@ def _finish(fig: Any, path: Path, caption: str) -> None:
     _plt().close(fig)
 
 
+def _reliability_axis(ax: Any, row: ClassificationRecord, title: str) -> None:
+    """One reliability diagram: accuracy per confidence bin against the diagonal."""
+    rel = row["reliability"]
+    edges = np.asarray(rel["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    acc = np.array([np.nan if v is None else v for v in rel["accuracy"]])
+    conf = np.array([np.nan if v is None else v for v in rel["confidence"]])
+    width = edges[1] - edges[0]
+    ax.bar(centres, np.nan_to_num(acc), width=width * 0.95, color="#1f77b4", label="accuracy")
+    ax.plot(conf, acc, "o", color="black", ms=3, label="(confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set_title(f"{title}\nECE {row['ece']:.4f}", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+
+
 def plot_reliability(results: EvaluationResults, path: Path) -> None:
     plt = _plt()
     rows = results["classification"]["rows"]
@@ -44,24 +61,42 @@ def plot_reliability(results: EvaluationResults, path: Path) -> None:
         1, len(rows), figsize=(3.0 * len(rows), 3.4), squeeze=False, layout="constrained"
     )
     for ax, row in zip(axes[0], rows, strict=True):
-        rel = row["reliability"]
-        edges = np.asarray(rel["edges"])
-        centres = (edges[:-1] + edges[1:]) / 2
-        acc = np.array([np.nan if v is None else v for v in rel["accuracy"]])
-        conf = np.array([np.nan if v is None else v for v in rel["confidence"]])
-        width = edges[1] - edges[0]
-        ax.bar(centres, np.nan_to_num(acc), width=width * 0.95, color="#1f77b4", label="accuracy")
-        ax.plot(conf, acc, "o", color="black", ms=3, label="(confidence, accuracy)")
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        label = results["methods"][row["method"]]["label"]
-        ax.set_title(f"{label}\nECE {row['ece']:.4f}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
+        _reliability_axis(ax, row, results["methods"][row["method"]]["label"])
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Reliability diagrams, MNIST test", fontsize=10)
     _finish(fig, path, provenance_line(results))
+
+
+# The methods whose reliability the recalibration figure shows before and after.
+RECALIBRATION_FIGURE: Final = ("ensemble", "sgld", "apd")
+
+
+def plot_recalibration(results: EvaluationResults, path: Path) -> None:
+    """Reliability before (top) and after (bottom) the recalibration map, for the methods of
+    :data:`RECALIBRATION_FIGURE` that have one (every recalibrated method when none of them
+    has)."""
+    plt = _plt()
+    mapped = [r for r in results["calibration"]["rows"] if r["after"] is not None]
+    rows = [r for r in mapped if r["method"] in RECALIBRATION_FIGURE] or mapped
+    if not rows:
+        return
+    fig, axes = plt.subplots(
+        2, len(rows), figsize=(3.0 * len(rows), 6.6), squeeze=False, layout="constrained"
+    )
+    for col, r in enumerate(rows):
+        label = results["methods"][r["method"]]["label"]
+        after = r["after"]
+        assert after is not None
+        _reliability_axis(axes[0][col], r["before"], f"{label}, before")
+        _reliability_axis(axes[1][col], after, f"{label}, after ({r['map']} map)")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        "Reliability before and after the top-label recalibration, MNIST test", fontsize=10
+    )
+    _finish(fig, path, provenance_line(results, [r["method"] for r in rows]))
 
 
 def plot_anomaly(results: EvaluationResults, path: Path) -> None:

@@ -18,6 +18,7 @@ from training.evaluation.results import (
     EXPERIMENTS,
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
+    CalibrationRecord,
     EvaluationResults,
     SpecRecord,
 )
@@ -343,17 +344,88 @@ def _classification(results: EvaluationResults) -> list[str]:
         ]
         for r in cl["rows"]
     ]
-    return [
+    served = ""
+    if "calibration" in results and "apd" in results["methods"]:
+        served = (
+            " APD's row is the probabilities the service returns: its checkpoint's "
+            "recalibration map applied to the networks' predictive (before and after in "
+            "the recalibration table below)."
+        )
+    out = [
         "## 1. Classification",
         "",
         f"{cl['inputs']}. Brier score: mean over images of the squared distance between the "
-        "predictive and the one-hot label (range 0 to 2). ECE: 15 equal-width confidence bins.",
+        "predictive and the one-hot label (range 0 to 2). ECE: 15 equal-width confidence bins."
+        + served,
         "",
         _table(["method", "K", "accuracy", "NLL (nats)", "Brier", "ECE"], rows),
         "",
         f"_{provenance_line(results)}_",
         "",
         "![Reliability diagrams](reliability.png)",
+    ]
+    if "calibration" in results:
+        out += ["", *_calibration(results)]
+    return out
+
+
+def _map_cell(r: CalibrationRecord) -> str:
+    if r["map"] == "none":
+        return f"none ({r['fit_size']:,} validation inputs are too few)"
+    where = "stored in the checkpoint" if r["map"] == "checkpoint" else "fitted here"
+    return f"{where} ({r['fit_size']:,} {r['fitted_on']} inputs, {r['knots']} knots)"
+
+
+def _calibration(results: EvaluationResults) -> list[str]:
+    cal = results["calibration"]
+    rows = []
+    for r in cal["rows"]:
+        b, a = r["before"], r["after"]
+        rows.append(
+            [
+                results["methods"][r["method"]]["label"],
+                str(b["num_members"]),
+                _map_cell(r),
+                _f(b["ece"]),
+                _f(None if a is None else a["ece"]),
+                _f(b["nll"]),
+                _f(None if a is None else a["nll"]),
+                _f(b["brier"]),
+                _f(None if a is None else a["brier"]),
+            ]
+        )
+    return [
+        "### Recalibration: ECE and NLL before and after",
+        "",
+        "Every method's test predictive passed through the recalibration the service applies "
+        "(`apd.recalibration`): the top class's probability c becomes g(c), a non-decreasing "
+        "map fitted by isotonic regression of whether the top label is right on c over a "
+        "validation predictive and capped below 1, the other classes rescaled in proportion, "
+        "the predicted label kept. APD's map is the one its checkpoint stores and serves "
+        "(fitted at distillation on the validation split); every other method's is fitted "
+        "here the same way (`training.distillation.calibrate.fit_recalibration`, one "
+        f"implementation) on its own predictive over {cal['validation']}, with the K of the "
+        f"table. Evaluated on {cal['inputs']}. The anomaly scores are the networks' own and "
+        "do not change.",
+        "",
+        _table(
+            [
+                "method",
+                "K",
+                "map",
+                "ECE before",
+                "ECE after",
+                "NLL before",
+                "NLL after",
+                "Brier before",
+                "Brier after",
+            ],
+            rows,
+        ),
+        "",
+        f"_{provenance_line(results)}_",
+        "",
+        "![Reliability before and after recalibration](recalibration.png)",
     ]
 
 
@@ -378,11 +450,20 @@ def _fidelity(results: EvaluationResults) -> list[str]:
         f"- NLL: SGLD {_f(c['teacher_nll'])}, APD {_f(c['student_nll'])} "
         f"-> **{'within target' if c['nll_within_target'] else 'MISSES target'}**",
         "- Mean KL(SGLD predictive || APD predictive) over the test set: "
-        f"{_f(c['mean_kl'], 5)} nats",
+        f"{_f(c['mean_kl'], 5)} nats"
+        + (
+            " (here APD is its networks' predictive, before the recalibration map: what was "
+            "distilled)"
+            if "calibration" in results
+            else ""
+        ),
         f"- Anomaly rows within target: **{fid['anomaly_rows_within']} of {fid['anomaly_rows']}** "
         f"(issue's three scores: {fid['issue_score_rows_within']} of {fid['issue_score_rows']})",
         "",
     ]
+    teacher = _teacher_line(results)
+    if teacher:
+        out[-1:-1] = [teacher]
     rows = []
     for r in fid["anomaly"]:
         verdict = "yes" if r["within_target"] else "**NO**"
@@ -405,6 +486,30 @@ def _fidelity(results: EvaluationResults) -> list[str]:
     )
     out += ["", f"_{provenance_line(results, ['sgld', 'apd'])}_"]
     return out
+
+
+def _teacher_line(results: EvaluationResults) -> str | None:
+    """Whether the SGLD run evaluated is the one APD was distilled from, by when each sample
+    store was written (None when either record lacks it: reports written before)."""
+    methods = results["methods"]
+    if "apd" not in methods or "sgld" not in methods:
+        return None
+    taught = methods["apd"]["provenance"].get("teacher") or {}
+    here = methods["sgld"]["provenance"]
+    if "created_at" not in taught or "samples_created_at" not in here:
+        return None
+    if taught["created_at"] == here["samples_created_at"]:
+        return f"- Teacher: the SGLD run here is APD's own (samples written {taught['created_at']})"
+    same = {k: v for k, v in taught.items() if k in (here.get("sampler") or {})}
+    settings = (
+        "the same sampler settings" if same == here.get("sampler") else "other sampler settings"
+    )
+    return (
+        f"- Teacher: **not APD's own**. APD was distilled from SGLD samples written "
+        f"{taught['created_at']}; the SGLD run here ({here.get('run', '?')}, written "
+        f"{here['samples_created_at']}) is another run with {settings}, so the rows below "
+        "hold APD against a second draw of the posterior, not against its exact teacher"
+    )
 
 
 def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
@@ -498,6 +603,83 @@ def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
     return out
 
 
+SERVED_SCORES: Final = ("mutual_information", "data_support", "combined")
+SERVED_LABELS: Final = {
+    "mutual_information": "mutual information",
+    "data_support": "data support",
+    "combined": "combined flag",
+}
+
+
+def _served_flags(results: EvaluationResults) -> list[str]:
+    """The checkpoint's data-support score and combined flag beside mutual information: the
+    AUROC of each and the share of inputs each flags at the checkpoint's thresholds."""
+    an = results["anomaly"]
+    flag_rows = an.get("flag_rates", [])
+    if not flag_rows:
+        return []
+    methods = list(dict.fromkeys(r["method"] for r in flag_rows))
+    auroc = {(r["method"], r["ood_set"], r["scale"], r["score"]): r["auroc"] for r in an["rows"]}
+    flagged = {(r["method"], r["ood_set"], r["scale"], r["score"]): r for r in flag_rows}
+    out = [
+        "### The checkpoint's data-support score and combined flag",
+        "",
+        "Beside mutual information: the data-support score (`apd.support`, how far an input "
+        "lies from the training inputs: a low-rank Gaussian score on the inputs, fitted at "
+        "distillation) and the default flag `combined` (mutual information above its threshold "
+        "or data support above its own; the two thresholds are set together on the validation "
+        "split so that their union flags no more in-distribution inputs than one score's "
+        "threshold would). AUROC against the in-distribution images as above; flagged: the "
+        "share of inputs each score flags at the checkpoint's thresholds, as the service flags "
+        "them (on the first row, the in-distribution test images: the false-positive rate).",
+        "",
+    ]
+    for m in methods:
+        scores = [s for s in SERVED_SCORES if (m, None, None, s) in flagged]
+        rows = [
+            [
+                "in-distribution",
+                "-",
+                *["-" for _ in scores],
+                *[_pct(flagged[(m, None, None, s)]["flagged"]) for s in scores],
+            ]
+        ]
+        for ood_set in an["ood_size"]:
+            for scale in an["scales"]:
+                rows.append(
+                    [
+                        ood_set,
+                        _scale(scale),
+                        *[_f(auroc.get((m, ood_set, scale, s))) for s in scores],
+                        *[
+                            _pct(r["flagged"])
+                            if (r := flagged.get((m, ood_set, scale, s)))
+                            else "n/a"
+                            for s in scores
+                        ],
+                    ]
+                )
+        thresholds = ", ".join(
+            f"{SERVED_LABELS[s]} {flagged[(m, None, None, s)]['threshold']:.4g}" for s in scores
+        )
+        out += [
+            f"{results['methods'][m]['label']} (thresholds: {thresholds}):",
+            "",
+            _table(
+                [
+                    "inputs",
+                    "scale",
+                    *[f"AUROC {SERVED_LABELS[s]}" for s in scores],
+                    *[f"flagged by {SERVED_LABELS[s]}" for s in scores],
+                ],
+                rows,
+            ),
+            "",
+        ]
+    out.append(f"_{provenance_line(results, methods)}_")
+    return out
+
+
 def _anomaly(results: EvaluationResults) -> list[str]:
     an = results["anomaly"]
     methods = list(results["methods"])
@@ -524,6 +706,9 @@ def _anomaly(results: EvaluationResults) -> list[str]:
     out += _fidelity(results)
     out += [""]
     out += _gan_vs_gaussian(results)
+    support = _served_flags(results)
+    if support:
+        out += ["", *support]
     for metric, title in _DETECTION_METRICS:
         for scale in an["scales"]:
             out += ["", f"### {title}, input scale {_scale(scale)}", ""]
@@ -763,7 +948,14 @@ def _peers(results: EvaluationResults) -> list[str]:
             else ""
         )
         + f", stored bytes {100 * peers.BYTES_TOLERANCE:g} % and times "
-        f"{100 * peers.SECONDS_TOLERANCE:g} % (measured on a shared CPU).",
+        f"{100 * peers.SECONDS_TOLERANCE:g} % (measured on a shared CPU)."
+        + (
+            " APD's NLL and ECE are of the probabilities it serves (recalibrated), the peers' "
+            "of their own predictive; the recalibration table in section 1 gives every "
+            "method's after the same map."
+            if "calibration" in results
+            else ""
+        ),
         "",
         _table(["method", *[c.name for c in crit]], rows),
         "",
