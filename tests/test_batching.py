@@ -180,6 +180,10 @@ def test_seeded_queries_are_never_batched_and_answer_as_alone(ckpt_path: Path) -
             for i in range(4):
                 tg.start_soon(ask_pool, i)
         assert batched.batcher.batches == 1 and batched.batcher.queries == 4
+        # K beyond the pool: the batch draws the pool stream's next blocks while it holds its
+        # compute slot.
+        beyond = await batched.predict(Query(x[:2], 45))
+        assert beyond.num_samples == 45 and beyond.probabilities.shape == (2, 10)
         return pooled, whole_pool
 
     pooled, whole_pool = anyio.run(run)

@@ -512,12 +512,14 @@ def _admitted_bytes(http: httpx.Client) -> float:
 
 
 @pytest.fixture(scope="module")
-def slow_server() -> Iterator[GrpcServer]:
-    """The shipped model, one computation at a time: a K = 1000 request of 256 inputs is long
-    enough to stop half-way."""
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcServer]:
+    """A wide model (784-1024-10), one computation at a time: a K = 1000 request of 256
+    inputs takes about a second, long enough to stop half-way on any machine."""
+    path = tmp_path_factory.mktemp("grpc-slow") / "model.safetensors"
+    make_checkpoint(path, sizes=(784, 1024, 10), hidden=(64,), rank=32, model_id="slow")
     port = free_port()
     args = ["--grpc-port", str(port), "--compute-concurrency", "1", "--max-batch", "256"]
-    with apd_serve(SHIPPED, args=args) as proc:
+    with apd_serve(path, args=args) as proc:
         yield GrpcServer(proc, port)
 
 
@@ -526,7 +528,7 @@ def test_deadline_and_cancellation_stop_the_computation(slow_server: GrpcServer)
     stops: the worker's CPU goes quiet at once, a small request behind it (one computation at
     a time) is not kept waiting, and its memory reservation is released."""
     client = tritonclient_grpc.InferenceServerClient(url=slow_server.url)
-    name = "mnist-fcnn1"
+    name = "slow"
     x = random_images(256, seed=9)
     big = tritonclient_grpc.InferInput("input", list(x.shape), "FP32")
     big.set_data_from_numpy(x)
@@ -539,6 +541,11 @@ def test_deadline_and_cancellation_stop_the_computation(slow_server: GrpcServer)
         client.infer(name, [big], parameters={"seed": 101, "num_samples": 1000})
         full_s, full_cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
         assert full_s > 0.2 and full_cpu > 0.2, (full_s, full_cpu)
+        # The small request's own CPU, and the idle server's over full_s, alone.
+        cpu0 = _cpu_seconds(pid)
+        client.infer(name, [small], parameters={"seed": 5, "num_samples": 1})
+        time.sleep(full_s)
+        alone_cpu = _cpu_seconds(pid) - cpu0
 
         def stopped(start: Callable[[], None]) -> None:
             start()
@@ -549,7 +556,7 @@ def test_deadline_and_cancellation_stop_the_computation(slow_server: GrpcServer)
             time.sleep(full_s)  # what was left of the big one would run now
             spent = _cpu_seconds(pid) - cpu0
             assert waited < full_s / 2, (waited, full_s)
-            assert spent < full_cpu / 2, (spent, full_cpu)
+            assert spent - alone_cpu < full_cpu / 2, (spent, alone_cpu, full_cpu)
             assert _admitted_bytes(http) == 0
 
         def deadline() -> None:

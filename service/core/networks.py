@@ -327,7 +327,9 @@ class NetworkSource:
             tails = posterior.tails(codes) if self.keep_tails else None
             return _read_only(NetworkBlock(codes, tails)), drawn
 
-        run, drawn = await anyio.to_thread.run_sync(complete, limiter=self._limiter)
+        # Not under the compute limiter: a batch calls this while it holds a compute slot, and
+        # drawing codes is small beside a forward.
+        run, drawn = await anyio.to_thread.run_sync(complete)
         self.local.put(run_key, run)
         self._metrics.local_cache_bytes.set(self.local.nbytes)
         if drawn is not None:
