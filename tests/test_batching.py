@@ -22,6 +22,25 @@ from service.infra.telemetry import Metrics
 from tests.service_support import make_checkpoint, random_images
 
 
+class _Sizes:
+    """Batch sizes, as the batcher reports them."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def observe(self, amount: float) -> None:
+        self.seen.append(amount)
+
+
+def batched_queries(model: ServedModel) -> tuple[float, float]:
+    """(batches, queries) the model's batcher answered, from ``apd_batch_queries``."""
+    labels = {"model": model.name, "version": str(model.version)}
+    registry = model.metrics.registry
+    count = registry.get_sample_value("apd_batch_queries_count", labels) or 0.0
+    total = registry.get_sample_value("apd_batch_queries_sum", labels) or 0.0
+    return count, total
+
+
 def fake_summary(k: int, x: np.ndarray) -> PredictiveSummary:
     """A summary whose rows say which input and K made them (an independent reference)."""
     logits = np.stack([x[:, :3] * (j + 1) for j in range(k)])
@@ -37,7 +56,7 @@ def test_concurrent_queries_share_one_forward_and_get_their_own_rows() -> None:
         await anyio.sleep(0)
         return fake_summary(k, x)
 
-    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=64)
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), _Sizes(), max_rows=64)
     rng = np.random.default_rng(0)
     xs = [rng.random((n, 5)) for n in (1, 2, 1, 3)]
     got: dict[int, PredictiveSummary] = {}
@@ -69,7 +88,7 @@ def test_a_lone_query_runs_at_once_and_those_arriving_while_busy_share_the_next_
         await anyio.sleep(0.2)
         return fake_summary(k, x)
 
-    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=64)
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), _Sizes(), max_rows=64)
     waited: list[float] = []
 
     async def ask(after_s: float) -> None:
@@ -98,7 +117,7 @@ def test_a_full_batch_runs_at_once_and_the_next_query_opens_another() -> None:
 
     # One slot, held by the first batch while the others fill; a long delay: only fullness
     # runs a batch that has its slot.
-    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=4, delay_s=10.0)
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), _Sizes(), max_rows=4, delay_s=10.0)
 
     async def run() -> None:
         with anyio.fail_after(5):
@@ -119,7 +138,7 @@ def test_a_batch_nobody_waits_for_is_cancelled() -> None:
         finished.append(True)
         return fake_summary(k, x)
 
-    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), max_rows=64)
+    batcher = DynamicBatcher(forward, anyio.CapacityLimiter(1), _Sizes(), max_rows=64)
 
     async def run() -> None:
         with anyio.move_on_after(0.2):
@@ -166,7 +185,7 @@ def test_seeded_queries_are_never_batched_and_answer_as_alone(ckpt_path: Path) -
         async with anyio.create_task_group() as tg:
             for i in range(4):
                 tg.start_soon(ask, i)
-        assert batched.batcher is not None and batched.batcher.batches == 0
+        assert batched.batcher is not None and batched_queries(batched) == (0, 0)
         for i in range(4):
             assert np.array_equal(answers[i].probabilities, reference[i].probabilities)
             assert np.array_equal(answers[i].scores, reference[i].scores)
@@ -179,7 +198,7 @@ def test_seeded_queries_are_never_batched_and_answer_as_alone(ckpt_path: Path) -
         async with anyio.create_task_group() as tg:
             for i in range(4):
                 tg.start_soon(ask_pool, i)
-        assert batched.batcher.batches == 1 and batched.batcher.queries == 4
+        assert batched_queries(batched) == (1, 4)
         # K beyond the pool: the batch draws the pool stream's next blocks while it holds its
         # compute slot.
         beyond = await batched.predict(Query(x[:2], 45))

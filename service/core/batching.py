@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 import numpy as np
@@ -35,6 +36,12 @@ from apd.uncertainty import PredictiveSummary
 FloatArray = NDArray[np.float32]
 # The forward of a whole batch, run while the batch holds a compute slot: it must not take one.
 Forward = Callable[[int, FloatArray], Awaitable[PredictiveSummary]]
+
+
+class Observer(Protocol):
+    """Where batch sizes go (a Prometheus histogram: ``apd_batch_queries``)."""
+
+    def observe(self, amount: float) -> None: ...
 
 
 @dataclass(eq=False)
@@ -49,12 +56,14 @@ class _Batch:
 
 class DynamicBatcher:
     """Stacks queries of one model version; ``forward(K, x)`` answers a whole batch while
-    the batch holds one of ``slots`` (the worker's compute limiter)."""
+    the batch holds one of ``slots`` (the worker's compute limiter); each batch's number of
+    queries goes to ``sizes``."""
 
     def __init__(
         self,
         forward: Forward,
         slots: anyio.CapacityLimiter,
+        sizes: Observer,
         *,
         max_rows: int,
         delay_s: float = 0.0,
@@ -63,12 +72,11 @@ class DynamicBatcher:
             raise ValueError("a batcher needs max_rows >= 2 and delay_s >= 0")
         self._forward = forward
         self._slots = slots
+        self._sizes = sizes
         self.max_rows = max_rows
         self.delay_s = delay_s
         self._open: dict[int, _Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # counted for tests and the batch-size metric
-        self.queries = 0
 
     async def __call__(self, num_samples: int, x: FloatArray) -> PredictiveSummary:
         """The summary of ``x``'s rows, computed in a batch with whatever arrives with it."""
@@ -108,8 +116,7 @@ class DynamicBatcher:
                 if self._open.get(batch.num_samples) is batch:
                     del self._open[batch.num_samples]
                 x = batch.parts[0] if len(batch.parts) == 1 else np.concatenate(batch.parts)
-                self.batches += 1
-                self.queries += len(batch.waiters)
+                self._sizes.observe(len(batch.waiters))
                 try:
                     summary = await self._forward(batch.num_samples, x)
                 except Exception as exc:  # each waiter gets it (a cancellation is the scope's)

@@ -222,6 +222,7 @@ class ServedModel:
             DynamicBatcher(
                 self._forward_pool,
                 resources.limiter,
+                resources.metrics.batch_queries.labels(model=name, version=str(version)),
                 max_rows=config.batch_max_rows,
                 delay_s=config.batch_delay_s,
             )

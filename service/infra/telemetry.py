@@ -168,6 +168,13 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.batch_queries = Histogram(
+            "apd_batch_queries",
+            "Queries answered by one forward of the dynamic batcher (unseeded requests)",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.requests_cancelled = Counter(
             "apd_requests_cancelled_total",
             "Requests stopped before their answer: the client disconnected, or the answer "
