@@ -120,7 +120,8 @@ class Settings(BaseSettings):
         description="BLAS threads of one computation (the factored forward's GEMMs): keep "
         "num_threads x compute_concurrency x workers at most the cores (a 2-core box: 1 x 2 "
         "x 1), as computations that run together on more threads than cores spin against "
-        "each other (measured: batched forwards 3-10x slower); 0: the library's default",
+        "each other (benchmarks/results/batching.md at f8685ec, 2 threads: batching then made "
+        "fcNN2 0.34x and LeNet-5 0.16x as fast); 0: the library's default",
     )
     compute_concurrency: int = Field(
         default=2,

@@ -29,6 +29,7 @@ import asyncio
 import enum
 import logging
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger("apd.service.repository")
 CHECKPOINT_FILE: Final = "model.safetensors"
 # A changed file is read once it has not changed for a whole poll and for at least this long.
 SETTLE_S: Final = 1.0
+Fingerprint = tuple[int, int]  # a checkpoint file's (size, mtime_ns)
 _MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -78,8 +80,8 @@ class NoDefaultModel(ValueError):
 @dataclass
 class _Version:
     path: Path
-    fingerprint: tuple[int, int] | None = None  # (size, mtime_ns) when last seen
-    tried: tuple[int, int] | None = None  # the fingerprint last loaded (or failed)
+    fingerprint: Fingerprint | None = None  # when last seen
+    tried: Fingerprint | None = None  # the fingerprint last loaded (or failed)
     state: VersionState = VersionState.LOADING
     reason: str = "waiting for the file to stop changing"
     model: ServedModel | None = None
@@ -90,19 +92,11 @@ class _Model:
     versions: dict[int, _Version] = field(default_factory=dict)
 
 
-def _fingerprint(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns)
-
-
-def scan(root: Path) -> dict[tuple[str, int], Path]:
-    """``(model, version) -> checkpoint path`` for every version folder under ``root`` that
-    holds a checkpoint file. Folders that are not models (hidden, bad names) or versions (not
-    a positive integer) are skipped."""
-    found: dict[tuple[str, int], Path] = {}
+def scan(root: Path) -> dict[tuple[str, int], tuple[Path, Fingerprint]]:
+    """``(model, version) -> (checkpoint path, fingerprint)`` for every version folder under
+    ``root`` that holds a checkpoint file (one ``stat`` each). Folders that are not models
+    (hidden, bad names) or versions (not a positive integer) are skipped."""
+    found: dict[tuple[str, int], tuple[Path, Fingerprint]] = {}
     try:
         models = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError as exc:
@@ -116,8 +110,15 @@ def scan(root: Path) -> dict[tuple[str, int], Path]:
         except OSError:
             continue
         for v in versions:
-            if v.name.isdigit() and int(v.name) > 0 and (v / CHECKPOINT_FILE).is_file():
-                found[(model_dir.name, int(v.name))] = v / CHECKPOINT_FILE
+            if not (v.name.isdigit() and int(v.name) > 0):
+                continue
+            path = v / CHECKPOINT_FILE
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[(model_dir.name, int(v.name))] = (path, (st.st_size, st.st_mtime_ns))
     return found
 
 
@@ -198,11 +199,10 @@ class ModelRepository:
                         v.model.retire()
             if not m.versions:
                 del self._models[name]
-        for (name, version), path in sorted(found.items()):
+        for (name, version), (path, seen) in sorted(found.items()):
             v = self._models.setdefault(name, _Model()).versions.setdefault(version, _Version(path))
-            seen = await anyio.to_thread.run_sync(_fingerprint, path)
-            settled = seen is not None and time.time() - seen[1] / 1e9 >= SETTLE_S
-            stable = seen is not None and (first or (seen == v.fingerprint and settled))
+            settled = time.time() - seen[1] / 1e9 >= SETTLE_S
+            stable = first or (seen == v.fingerprint and settled)
             v.fingerprint = seen
             if not stable or seen == v.tried:
                 if not stable and v.model is None:
@@ -213,9 +213,7 @@ class ModelRepository:
                 continue
             await self._load(name, version, v, seen)
 
-    async def _load(
-        self, name: str, version: int, v: _Version, seen: tuple[int, int] | None
-    ) -> None:
+    async def _load(self, name: str, version: int, v: _Version, seen: Fingerprint) -> None:
         v.tried = seen
         if v.model is None:
             v.state, v.reason = VersionState.LOADING, "loading"

@@ -1,21 +1,14 @@
-"""Caches of network codes: in-process LRU, then Redis, then the generator.
+"""Stores of network codes: the in-process LRU and Redis, and the Redis value format.
 
-A block (:mod:`service.core.networks`) is 10 networks, each held as its code ``c (r,)``
-(:mod:`apd.factored`): 184 bytes per network for the shipped fcNN1 (r = 46), where the
-materialised network is 318 KB. Lookup order for the blocks of a request:
+A block is 10 networks, each held as its code ``c (r,)`` (:mod:`apd.factored`): 184 bytes per
+network for the shipped fcNN1 (r = 46), where the materialised network is 318 KB. The order in
+which a request's networks are looked up (LRU, then Redis, then the generator) and the keys
+(``{prefix}:codes:{model}/{version}:{checkpoint_sha256}:{stream}:{block}``) are the core's,
+:class:`service.core.networks.NetworkSource`; here are the stores it calls:
 
-1. the in-process LRU (:class:`LocalBlockCache`, bounded in bytes), which also keeps each
-   block's tails when the architecture's are small (:class:`NetworkBlock`);
-2. Redis (:class:`RedisBlockStore`), key ``{prefix}:codes:{checkpoint_sha256}:{stream}:{block}``,
-   one pipelined round trip for all of a request's blocks, each read only up to one entry's
-   length plus a byte (``GETRANGE``), with a TTL;
-3. the generator, for whatever is still missing, in one pass over all missing blocks; the
-   new blocks are written back to Redis.
-
-Generating codes is cheap (benchmarks/results/serve_factored.md measures a Redis hit against
-regeneration), so there is no cross-worker lock, no polling for another worker's result and
-no in-process single flight: two workers that miss the same block both compute it, in less
-time than coordinating would take, and write the same bytes.
+1. :class:`LocalBlockCache`, an LRU bounded in bytes;
+2. :class:`RedisBlockStore`, one pipelined round trip for all of a request's blocks, each read
+   only up to one entry's length plus a byte (``GETRANGE``), written with a TTL.
 
 Redis values are :func:`encode_block` bytes, never pickle: a fixed header (magic ``APDC``,
 format version, checkpoint sha256, stream tag, block index, rows, code length), the raw
