@@ -895,7 +895,7 @@ def test_the_seed_fills_an_empty_claim_once_and_leaves_a_used_one_alone(
         assert proc.returncode == 0, err
     found = scan(claim)
     assert set(found) == {("mnist-fcnn1", 1)}
-    assert found[("mnist-fcnn1", 1)].read_bytes() == shipped
+    assert found[("mnist-fcnn1", 1)][0].read_bytes() == shipped
     assert sorted(p.name for p in claim.iterdir()) == ["lost+found", "mnist-fcnn1"]
 
     used = tmp_path / "used"
