@@ -11,7 +11,7 @@ Tensors (float32 unless noted; weights are ``(fan_in, fan_out)`` and a layer is 
         Each direction's scale: the basis is ``int8 row * scale`` (:func:`decode_basis`).
     ``generator.mean`` (P,) (optional)
         The offset of the generated weights.
-    ``generator.residual_std`` (P,) (optional)
+    ``generator.residual_std`` (P,) float16 (optional)
         Per-weight standard deviation of independent Gaussian noise added to the output.
     ``support.mean`` (D,), ``support.components`` (r, D) float16, ``support.variances`` (r,)
         The data-support score (:mod:`apd.support`), with ``data_support`` in the metadata.
@@ -587,7 +587,7 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
         expected[MEAN] = (p,)
     if g.has_residual:
         expected[RESIDUAL_STD] = (p,)
-    dtypes = {BASIS: g.basis_dtype, support.COMPONENTS: "float16"}
+    dtypes = {BASIS: g.basis_dtype, RESIDUAL_STD: "float16", support.COMPONENTS: "float16"}
     d, c = meta.input.input_dim, meta.target.spec().num_classes
     if meta.data_support is not None:
         r = meta.data_support.rank
@@ -762,10 +762,11 @@ class Checkpoint:
         return [(self.tensors[w], self.tensors[b]) for w, b in _generator_layer_names(n)]
 
     @property
-    def is_affine(self) -> bool:
-        """Whether every network lies in the affine subspace ``offset + code @ directions``
-        (no residual noise), so that it can be served from its code alone."""
-        return not self.meta.generator.has_residual
+    def residual_std(self) -> NDArray[np.float32] | None:
+        """``(P,)``: the standard deviation of the generator's independent residual noise per
+        weight; None where it adds none (every network then lies in :attr:`affine`'s
+        subspace)."""
+        return self.tensors[RESIDUAL_STD] if self.meta.generator.has_residual else None
 
     @property
     def code_dim(self) -> int:

@@ -29,6 +29,23 @@ those counts (measured: benchmarks/results/factored_crossover.md). Both give the
 up to float32 rounding (tests check 1e-5 against :meth:`Checkpoint.generate` +
 :func:`forward_probs`).
 
+**Residual noise** (``theta_k = offset + c_k @ directions + s * eps_k``, ``eps_k ~ N(0, I_P)``;
+MLPs) is served without materialising it, by the local reparameterisation (Kingma, Salimans &
+Welling 2015). For one input ``x`` the first layer's noise ``x @ (s_W * E) + s_b * e`` is
+Gaussian with independent units of standard deviation ``sigma(x) = sqrt(x^2 @ s_W^2 + s_b^2)``,
+so the network's pre-activations on ``x`` have exactly the distribution of::
+
+    a_k(x) = sum_j c~_kj (x @ W1_j + b1_j) + sigma(x) * xi_k,          xi_k ~ N(0, I_H1)
+
+``sigma`` is one more GEMM of ``x^2`` (independent of K) and ``xi_k`` is H1 numbers per network;
+the tails take their residual ``s_tail * eps_tail_k`` as they are (P_tail numbers). A network
+of such a posterior is therefore its **code** ``(c_k, xi_k, eps_tail_k)`` (:attr:`code_dim`
+numbers; fcNN1 at r = 89: 1,199), still never P weights. Each input's answer from a network is
+distributed exactly as under the weight-space noise (:meth:`apd.checkpoint.Checkpoint.generate`);
+what differs is only how the noise of two inputs *of one request* is correlated, which no
+per-input score (predictive, entropy, mutual information, variance) sees. A convolution's
+positions share their kernel's noise, so a CNN's residual is not factorised this way.
+
 Networks go through in chunks whose working set is at most ``chunk_bytes``, and their
 softmax outputs are folded into a :class:`apd.uncertainty.PredictiveAccumulator`, so memory is
 bounded whatever K: the largest array a request creates is ``U`` (``N (r+1) H1`` floats).
@@ -98,6 +115,7 @@ class AffinePosterior:
         offset: FloatArray,
         directions: FloatArray,
         *,
+        residual_std: FloatArray | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         p = spec.num_params
@@ -108,8 +126,16 @@ class AffinePosterior:
             )
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if residual_std is not None:
+            if not isinstance(spec, MLPSpec):
+                raise ValueError(
+                    "residual noise is factorised for MLPs only (a convolution's positions "
+                    "share their kernel's noise): materialise the networks instead"
+                )
+            if residual_std.shape != (p,):
+                raise ValueError(f"expected residual_std ({p},), got {residual_std.shape}")
         self.spec = spec
-        self.code_dim = r = directions.shape[0]
+        self.subspace_dim = r = directions.shape[0]
         self.chunk_bytes = chunk_bytes
         w_shape, (out,) = spec.layer_shapes[0]
         ws, bs = spec.offsets()[0]
@@ -135,12 +161,25 @@ class AffinePosterior:
             np.ascontiguousarray(offset[start:]),
             np.ascontiguousarray(directions[:, start:]),
         )
+        # Residual noise: the first layer's weight and bias variances (for sigma(x)) and the
+        # tails' standard deviations; a code is (c, xi, eps_tail) (module docstring).
+        self._residual: tuple[FloatArray, FloatArray, FloatArray] | None = None
+        self.residual_dim = 0
+        if residual_std is not None:
+            var = np.square(residual_std, dtype=np.float32)
+            self._residual = (
+                np.ascontiguousarray(var[ws].reshape(fan_in, out)),
+                np.ascontiguousarray(var[bs]),
+                np.ascontiguousarray(residual_std[start:]),
+            )
+            self.residual_dim = out + self.tail_params
+        self.code_dim = r + self.residual_dim
 
     @property
     def stacked_bytes(self) -> int:
         """Memory held for the factored first layer and the tails' affine maps."""
         arrays = (self._stacked_w1, self._stacked_b1, *self._w1, *self._b1, *self._tail)
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self._residual or ())
 
     def peak_bytes(self, num_inputs: int) -> int:
         """The most memory one :meth:`summarize` on ``num_inputs`` inputs holds at once,
@@ -149,17 +188,20 @@ class AffinePosterior:
         networks, and the running sums."""
         n = num_inputs
         rows = n * self._macs_per_input // max(1, self._stacked_b1.shape[1]) * 4
-        projection = min(2 * 4 * (self.code_dim + 1) * n * self._outputs_per_input,
+        projection = min(2 * 4 * (self.subspace_dim + 1) * n * self._outputs_per_input,
                          4 * self.chunk_bytes)  # fmt: skip
         sums = n * self.spec.num_classes * 8 * 4
-        return n * self.spec.input_dim * 4 + rows + projection + self.chunk_bytes + sums
+        noise_scale = 0 if self._residual is None else 4 * n * self._outputs_per_input
+        return (
+            n * self.spec.input_dim * 4 + rows + projection + noise_scale + self.chunk_bytes + sums
+        )
 
     def plan(self, num_networks: int, num_inputs: int) -> ForwardPlan:
         """The cheaper first-layer path (by multiply-add counts, within the chunk budget for
         the projection) and the chunk size."""
         if num_networks < 1 or num_inputs < 1:
             raise ValueError("need at least one network and one input")
-        k, n, r = num_networks, num_inputs, self.code_dim
+        k, n, r = num_networks, num_inputs, self.subspace_dim
         outputs = n * self._outputs_per_input
         factored = (r + 1) * n * self._macs_per_input + k * (r + 1) * outputs
         materialised = k * r * self._first_weights * FORMING_COST + k * n * self._macs_per_input
@@ -192,6 +234,16 @@ class AffinePosterior:
         order = (1, 2, 0) if isinstance(self.spec, MLPSpec) else (1, 0, 2)
         return np.ascontiguousarray(u.transpose(order)).reshape(r1, -1)
 
+    def noise_scale(self, x: FloatArray) -> FloatArray | None:
+        """``sigma(x)``, unit-major ``(H1, N)``: the standard deviation of the first layer's
+        residual noise on each input (module docstring); None without residual noise."""
+        if self._residual is None:
+            return None
+        var_w, var_b, _ = self._residual
+        var = np.square(x) @ var_w
+        var += var_b
+        return np.ascontiguousarray(np.sqrt(var, out=var).T)
+
     def _first_layer_materialised(self, codes: FloatArray, x: FloatArray) -> FloatArray:
         w_shape = self.spec.layer_shapes[0][0]
         w = (codes @ self._w1[1] + self._w1[0]).reshape(-1, *w_shape)
@@ -201,9 +253,14 @@ class AffinePosterior:
         return first_layer(self.spec, x, w, b)
 
     def tails(self, codes: FloatArray) -> FloatArray:
-        """The layers after the first of the networks ``codes (k, r)``, as flat ``(k, P_tail)``
-        vectors in the spec's layout (small enough to keep beside the codes for fcNN1)."""
-        return codes @ self._tail[1] + self._tail[0]
+        """The layers after the first of the networks ``codes (k, code_dim)``, as flat ``(k,
+        P_tail)`` vectors in the spec's layout, residual noise included (small enough to keep
+        beside the codes for fcNN1)."""
+        r = self.subspace_dim
+        tails = codes[:, :r] @ self._tail[1] + self._tail[0]
+        if self._residual is not None:
+            tails += self._residual[2] * codes[:, r + self._outputs_per_input :]
+        return tails
 
     @property
     def tail_params(self) -> int:
@@ -216,26 +273,35 @@ class AffinePosterior:
         plan: ForwardPlan,
         u: FloatArray | None = None,
         tails: FloatArray | None = None,
+        sigma: FloatArray | None = None,
     ) -> FloatArray:
-        """Softmax outputs ``(k, C, N)`` (class-major) of the networks ``codes (k, r)`` (one
-        chunk) on ``x (N, D)``.
+        """Softmax outputs ``(k, C, N)`` (class-major) of the networks ``codes (k,
+        code_dim)`` (one chunk) on ``x (N, D)``.
 
         ``u`` is :meth:`project`'s output for ``x`` (computed here if absent on the factored
-        path); ``tails`` the chunk's :meth:`tails` (computed here if absent). An MLP's
+        path); ``tails`` the chunk's :meth:`tails` (computed here if absent); ``sigma``
+        :meth:`noise_scale`'s (computed here if absent, with residual noise). An MLP's
         activations are kept unit-major, ``(k, H, N)``, so that the softmax reduces over a
         middle axis; a CNN's layers after the first are the reference ones
         (:func:`apd.networks.forward_after_first`).
         """
-        k, n = codes.shape[0], x.shape[0]
+        k, n, r = codes.shape[0], x.shape[0], self.subspace_dim
         if plan.first_layer is FirstLayer.FACTORED:
             if u is None:
                 u = self.project(x)
-            extended = np.empty((k, self.code_dim + 1), dtype=np.float32)
+            extended = np.empty((k, r + 1), dtype=np.float32)
             extended[:, 0] = 1.0
-            extended[:, 1:] = codes
+            extended[:, 1:] = codes[:, :r]
             h = extended @ u
         else:
-            h = self._first_layer_materialised(codes, x)
+            h = self._first_layer_materialised(codes[:, :r], x)
+        if self._residual is not None:
+            if sigma is None:
+                sigma = self.noise_scale(x)
+            assert sigma is not None
+            xi = codes[:, r : r + self._outputs_per_input]
+            h = h.reshape(k, -1, n)
+            h += xi[:, :, None] * sigma
         layers = unflatten_tail(self.spec, self.tails(codes) if tails is None else tails)
         if not isinstance(self.spec, MLPSpec):
             shape = (k, n, *np.roll(self.spec.output_shapes[0], -1))  # (k, N, Ho, Wo, O)
@@ -281,6 +347,7 @@ class AffinePosterior:
         x = np.ascontiguousarray(x, dtype=np.float32)
         plan = self.plan(sum(len(codes) for codes, _ in segments), x.shape[0])
         u = self.project(x) if plan.first_layer is FirstLayer.FACTORED else None
+        sigma = self.noise_scale(x)
         acc = PredictiveAccumulator()
         for codes, tails in segments:
             for start in range(0, len(codes), plan.chunk):
@@ -288,6 +355,6 @@ class AffinePosterior:
                     interrupt()
                 rows = slice(start, start + plan.chunk)
                 chunk_tails = None if tails is None else tails[rows]
-                probs = self.member_probs(codes[rows], x, plan, u, chunk_tails)
+                probs = self.member_probs(codes[rows], x, plan, u, chunk_tails, sigma)
                 acc.add(probs.transpose(0, 2, 1))
         return acc.summary()

@@ -233,8 +233,10 @@ def forward_per_row(checkpoint: Path, k: int, batch: int = 16, repeats: int = 15
     from service.core.networks import POOL_STREAM, draw_codes, num_blocks
 
     ckpt = load_checkpoint(checkpoint)
-    posterior = AffinePosterior(ckpt.spec, *ckpt.affine, chunk_bytes=8 << 20)
-    codes = draw_codes(ckpt, POOL_STREAM, range(num_blocks(k)))[:k]
+    posterior = AffinePosterior(
+        ckpt.spec, *ckpt.affine, residual_std=ckpt.residual_std, chunk_bytes=8 << 20
+    )
+    codes = draw_codes(ckpt, posterior, POOL_STREAM, range(num_blocks(k)))[:k]
     tails = posterior.tails(codes)  # the pool keeps them (tail_cache_mb)
     rng = np.random.default_rng(0)
     ms = {}

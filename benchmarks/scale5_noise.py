@@ -9,7 +9,10 @@ multiplied by s):
 * ``sgld_b``: a second draw of 100 samples from the same run, disjoint from the teacher's
   and spread the same way (evenly over each chain's samples that the teacher did not take);
 * ``apd_N``: 100 networks drawn from the checkpoint with NumPy seed N, for each N of
-  ``--apd-seeds`` (default 0 and 1);
+  ``--apd-seeds`` (default 0 and 1), as weights (:meth:`apd.checkpoint.Checkpoint.generate`);
+* ``served_N`` (``--served``): 100 networks as the service runs them, codes in the factored
+  forward (:class:`apd.factored.AffinePosterior`; with residual noise, the local
+  reparameterisation of docs/serving.md), NumPy seed N;
 * ``proj``: the teacher's own 100 samples projected onto the checkpoint's affine subspace
   (least-squares codes on its stored basis), the best any generator of that subspace can do
   network by network;
@@ -39,6 +42,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -47,7 +51,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd.checkpoint import BasisDtype, load_checkpoint
+from apd.checkpoint import BasisDtype, Checkpoint, load_checkpoint
+from apd.factored import AffinePosterior, FirstLayer, ForwardPlan
 from apd.networks import NetworkSpec
 from apd.uncertainty import ScoreName, summarize
 from training.distillation.fidelity import ood_aurocs
@@ -100,18 +105,46 @@ def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray
     return np.sort(np.concatenate(picks))
 
 
+Members = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+
+
+def weights_members(spec: NetworkSpec, theta: torch.Tensor) -> Members:
+    """Softmax outputs ``(K, N, C)`` of the networks ``theta (K, P)``."""
+    return lambda x: member_probs(spec, theta, x).numpy()
+
+
+def served_members(ckpt: Checkpoint, seed: int) -> Members:
+    """Softmax outputs ``(K, N, C)`` of K networks run as the service runs them: codes (and
+    residual noise) from NumPy seed ``seed`` through the factored forward, inputs in
+    chunks of 1,000."""
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine, residual_std=ckpt.residual_std)
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((K, ckpt.noise_dim), dtype=np.float32)
+    noise = rng.standard_normal((K, posterior.residual_dim), dtype=np.float32)
+    codes = np.concatenate([ckpt.codes(z), noise], axis=1)
+
+    def run(x: NDArray[np.float32]) -> NDArray[np.float32]:
+        parts = []
+        for start in range(0, len(x), 1000):
+            chunk = np.ascontiguousarray(x[start : start + 1000])
+            plan = ForwardPlan(FirstLayer.FACTORED, K, K, len(chunk))
+            parts.append(posterior.member_probs(codes, chunk, plan).transpose(0, 2, 1))
+        return np.concatenate(parts, axis=1)
+
+    return run
+
+
 def aurocs(
-    spec: NetworkSpec,
-    theta: torch.Tensor,
+    members: Members,
     test_x: NDArray[np.float32],
     ood: dict[str, NDArray[np.float32]],
 ) -> dict[str, float]:
     """AUROC of every (set, scale, score) row, keyed ``set/scale/score``."""
-    inside = summarize(member_probs(spec, theta, test_x).numpy())
+    inside = summarize(members(test_x))
     out: dict[str, float] = {}
     for name, x in ood.items():
         for scale in SCALES:
-            s = summarize(member_probs(spec, theta, scaled(x, scale)).numpy())
+            s = summarize(members(scaled(x, scale)))
             for score, value in ood_aurocs(inside, s, SCORES).items():
                 out[f"{name}/{scale:g}/{score}"] = value
     return out
@@ -135,6 +168,11 @@ def main() -> None:
         nargs="+",
         default=[0, 1],
         help="NumPy seeds of the checkpoint's draws of 100 networks (apd_SEED each)",
+    )
+    ap.add_argument(
+        "--served",
+        action="store_true",
+        help="also the networks as the service runs them (served_SEED for each --apd-seeds)",
     )
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -169,11 +207,14 @@ def main() -> None:
             thetas[f"proj_r{rank}{suffix}"] = torch.from_numpy(
                 project(sub.mean, sub.basis, samples)
             )
-    who = [name for name in thetas if name != "sgld_a"]
-    table = {who: aurocs(spec, theta, test_x, ood) for who, theta in thetas.items()}
+    members = {name: weights_members(spec, theta) for name, theta in thetas.items()}
+    if args.served:
+        members |= {f"served_{seed}": served_members(ckpt, seed) for seed in args.apd_seeds}
+    who = [name for name in members if name != "sgld_a"]
+    table = {who: aurocs(run, test_x, ood) for who, run in members.items()}
     test = {}
-    for name, theta in thetas.items():
-        probs = member_probs(spec, theta, test_x).mean(dim=0).numpy()
+    for name, run in members.items():
+        probs = run(test_x).mean(axis=0)
         test[name] = {
             "accuracy": accuracy(probs, mnist.test_y),
             "nll": negative_log_likelihood(probs, mnist.test_y),
@@ -233,7 +274,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
         "100 other samples of the same run, spread the same way. apd_N: 100 networks "
-        "from the checkpoint, NumPy seed N. proj / proj_b: the teacher's / sgld_b's samples "
+        "from the checkpoint, NumPy seed N (served_N: run as the service runs them, "
+        "docs/serving.md). proj / proj_b: the teacher's / sgld_b's samples "
         "projected onto the checkpoint's subspace (proj_b: what a perfect generator of that "
         "subspace would draw). proj_rN / proj_rN_int8: the teacher's samples projected onto "
         "the run's top-N principal subspace, basis in float16 / in 8 bits with one scale per "

@@ -236,7 +236,7 @@ def k_sweep(base: str, ckpt: Any, x1: np.ndarray, x64: np.ndarray, n: int) -> di
 
     from apd.factored import AffinePosterior
 
-    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine, residual_std=ckpt.residual_std)
     out: dict[str, Any] = {}
     with httpx.Client(base_url=base, timeout=120) as c:
         for name, x in (("batch1", x1), ("batch64", x64)):
@@ -246,8 +246,13 @@ def k_sweep(base: str, ckpt: Any, x1: np.ndarray, x64: np.ndarray, n: int) -> di
                 variants[f"http_K{k}"] = poster(
                     c, "/predict", body, {"content-type": "application/json"}
                 )
-                codes = ckpt.codes(
-                    np.random.default_rng(k).standard_normal((k, ckpt.noise_dim), dtype=np.float32)
+                rng = np.random.default_rng(k)
+                codes = np.concatenate(  # the subspace codes, and residual noise if any
+                    [
+                        ckpt.codes(rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)),
+                        rng.standard_normal((k, posterior.residual_dim), dtype=np.float32),
+                    ],
+                    axis=1,
                 )
                 variants[f"inproc_K{k}"] = lambda cc=codes, xx=x: posterior.summarize(cc, xx)
             rounds = max(5, n // (4 if name == "batch64" else 1))
@@ -271,13 +276,13 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
     from service.infra.cache import BlockLayout, LocalBlockCache, RedisBlockStore
     from service.infra.telemetry import Metrics
 
-    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
+    posterior = AffinePosterior(ckpt.spec, *ckpt.affine, residual_std=ckpt.residual_std)
     keep_tails = posterior.tail_params <= MAX_KEPT_TAIL_PARAMS
     blocks = tuple(range(100))  # K = 1000
     stream = Stream.for_seed(424242)
 
     def complete() -> Any:
-        codes = draw_codes(ckpt, stream, blocks)
+        codes = draw_codes(ckpt, posterior, stream, blocks)
         return codes, posterior.tails(codes) if keep_tails else None
 
     async def measure() -> dict[str, float]:
@@ -320,7 +325,7 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
             assert len(await cache._read_redis(stream, blocks)) == len(blocks)
             times["read_codes"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            draw_codes(ckpt, stream, blocks)
+            draw_codes(ckpt, posterior, stream, blocks)
             times["draw_codes"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             await cache._run(stream, blocks)

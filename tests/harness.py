@@ -103,7 +103,7 @@ def tiny_tensors(meta: CheckpointMeta, seed: int = 0) -> dict[str, np.ndarray]:
     t[BASIS] = (0.05 * rng.standard_normal((g.output_dim, p))).astype(np.float32)
     t[MEAN] = (0.05 * rng.standard_normal(p)).astype(np.float32)
     if g.has_residual:
-        t[RESIDUAL_STD] = np.full(p, 0.01, dtype=np.float32)
+        t[RESIDUAL_STD] = np.full(p, 0.01, dtype=np.float16)
     return t
 
 

@@ -90,7 +90,7 @@ def make_checkpoint(
         tensors |= encode_basis(basis, basis_dtype)
         tensors[MEAN] = (rng.standard_normal(p) * scale).astype(np.float32)
         if residual:
-            tensors[RESIDUAL_STD] = (0.2 * scale * rng.random(p)).astype(np.float32)
+            tensors[RESIDUAL_STD] = (0.2 * scale * rng.random(p)).astype(np.float16)
     generator = GeneratorConfig(
         noise_dim=noise_dim,
         hidden_sizes=list(hidden),
@@ -185,3 +185,28 @@ def redis_prefix(url: str) -> Iterator[str]:
             client.close()
         except (redis.RedisError, OSError):
             pass
+
+
+def weight_noise_matching(
+    spec: MLPSpec,
+    residual_std: NDArray[np.float32],
+    residual: NDArray[np.float32],
+    x: NDArray[np.float32],
+) -> NDArray[np.float32]:
+    """The weight-space noise ``eps (K, P)`` under which the networks
+    ``offset + c @ directions + residual_std * eps`` give, on the one input ``x (D,)``, exactly
+    what the factored forward gives for the networks' residual codes ``residual (K, H1 +
+    P_tail)`` (``xi``, then ``eps_tail``): each unit's first-layer noise ``x @ (s_W * E) + s_b
+    * e`` is set to ``sigma(x) * xi`` by ``E_ij = xi_j x_i s_ij / sigma_j`` and ``e_j = xi_j s_bj
+    / sigma_j``. Written from the definitions, independently of :mod:`apd.factored`."""
+    (ws, bs), *_ = spec.offsets()
+    h1 = bs.stop - bs.start
+    s_w = residual_std[ws].astype(np.float64).reshape(-1, h1)
+    s_b = residual_std[bs].astype(np.float64)
+    sigma = np.sqrt((x.astype(np.float64) ** 2) @ s_w**2 + s_b**2)
+    xi = residual[:, :h1].astype(np.float64)
+    eps = np.empty((len(residual), spec.num_params), np.float64)
+    eps[:, ws] = (xi[:, None, :] * (x[:, None] * s_w / sigma)[None]).reshape(len(residual), -1)
+    eps[:, bs] = xi * (s_b / sigma)
+    eps[:, bs.stop :] = residual[:, h1:]
+    return eps.astype(np.float32)

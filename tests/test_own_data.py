@@ -246,9 +246,7 @@ def seeded_reference(ckpt: Checkpoint, raw: np.ndarray, seed: int = SEED, k: int
     reference forward (:func:`apd.networks.forward_probs`)."""
     stream = Stream.for_seed(seed)
     blocks = range(-(-k // 10))
-    z = np.concatenate(
-        [block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, False)[0] for b in blocks]
-    )
+    z = np.concatenate([block_noise(stream, b, ckpt.noise_dim, 0)[0] for b in blocks])
     x = ckpt.meta.input.preprocess(np.asarray(raw, dtype=np.float32))
     return summarize(forward_probs(ckpt.spec, ckpt.generate(z[:k]), x))
 

@@ -70,9 +70,7 @@ def seeded_probabilities(path: Path, x: np.ndarray, seed: int, k: int) -> np.nda
     g = ckpt.meta.generator
     stream = Stream.for_seed(seed)
     blocks = range(-(-k // 10))
-    z = np.concatenate(
-        [block_noise(stream, b, g.noise_dim, ckpt.num_params, False)[0] for b in blocks]
-    )
+    z = np.concatenate([block_noise(stream, b, g.noise_dim, 0)[0] for b in blocks])
     theta = ckpt.generate(z[:k], None)
     return ckpt.probabilities(summarize(forward_probs(ckpt.spec, theta, x)))
 

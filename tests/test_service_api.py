@@ -18,12 +18,18 @@ from numpy.typing import NDArray
 from safetensors.numpy import load_file
 
 from apd.checkpoint import BASIS, BASIS_SCALE, Checkpoint, load_checkpoint
-from apd.networks import forward_probs
+from apd.networks import MLPSpec, forward_probs, tail_start
 from apd.uncertainty import PREDICTIVE_SCORES, ScoreName, summarize
 from service.api.app import create_app
 from service.config import Settings
 from service.core.networks import Stream, block_noise
-from tests.service_support import TARGET_SIZES, make_checkpoint, make_client, random_images
+from tests.service_support import (
+    TARGET_SIZES,
+    make_checkpoint,
+    make_client,
+    random_images,
+    weight_noise_matching,
+)
 
 MAX_BATCH = 8
 MAX_BODY = 256 * 1024
@@ -71,8 +77,8 @@ def reference_networks(ckpt: Checkpoint, seed: int, k: int) -> NDArray[np.float3
     for b in range(math.ceil(k / 10)):
         rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(b,)))
         z = rng.standard_normal((10, g.noise_dim), dtype=np.float32)
-        eps = rng.standard_normal((10, ckpt.num_params), dtype=np.float32)
-        blocks.append(ckpt.generate(z, eps if g.has_residual else None))
+        assert not g.has_residual  # residual noise: test_a_residual_generator_is_served_...
+        blocks.append(ckpt.generate(z))
     return np.concatenate(blocks)[:k]
 
 
@@ -244,9 +250,7 @@ def test_seed_reproducible_across_instances_and_equal_to_the_reference(
         assert predict(other, **body) == first
     assert client.get("/v1/model").json()["backend"] == "numpy-factored"
     stream = Stream.for_seed(2024)
-    z = np.concatenate(
-        [block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, False)[0] for b in range(4)]
-    )
+    z = np.concatenate([block_noise(stream, b, ckpt.noise_dim, 0)[0] for b in range(4)])
     reference = summarize(forward_probs(ckpt.spec, ckpt.generate(z[:35]), x))
     for i, p in enumerate(first["predictions"]):
         assert p["label"] == int(reference.labels[i])
@@ -751,23 +755,31 @@ def test_openapi_is_the_contract(client: Any) -> None:
     }
 
 
-def test_a_residual_generator_is_served_by_the_materialised_path(tmp_path: Path) -> None:
-    """With residual noise the networks leave the affine subspace: the service draws their
-    weights (and the residual eps of each block) and answers what the reference computes."""
+def test_a_residual_generator_is_served_from_codes_exactly_per_input(tmp_path: Path) -> None:
+    """With residual noise a network is its code and the noise of its forward (the local
+    reparameterisation, :mod:`apd.factored`): each input's answer is what the weight-space
+    networks give it for the weight noise :func:`weight_noise_matching` builds, and seeded
+    answers repeat."""
     path = make_checkpoint(tmp_path / "residual.safetensors", residual=True)
     ckpt = load_checkpoint(path)
-    assert not ckpt.is_affine
+    std = ckpt.residual_std
+    assert std is not None and isinstance(ckpt.spec, MLPSpec)
     x = random_images(3, seed=11)
     with make_client(create_app(settings_for(path))) as c:
         got = predict(c, inputs=x.tolist(), num_samples=15, seed=9)
+        assert predict(c, inputs=x.tolist(), num_samples=15, seed=9) == got
+    residual_dim = ckpt.spec.layer_sizes[1] + ckpt.num_params - tail_start(ckpt.spec)
     stream = Stream.for_seed(9)
-    zs, epss = zip(
-        *(block_noise(stream, b, ckpt.noise_dim, ckpt.num_params, True) for b in range(2)),
-        strict=True,
+    zs, noise = zip(
+        *(block_noise(stream, b, ckpt.noise_dim, residual_dim) for b in range(2)), strict=True
     )
-    theta = ckpt.generate(np.concatenate(zs), np.concatenate(epss))[:15]
-    reference = summarize(forward_probs(ckpt.spec, theta, x))
+    z, residual = np.concatenate(zs)[:15], np.concatenate(noise)[:15]
     for i, p in enumerate(got["predictions"]):
+        eps = weight_noise_matching(ckpt.spec, std, residual, x[i])
+        reference = summarize(forward_probs(ckpt.spec, ckpt.generate(z, eps), x[i : i + 1]))
         np.testing.assert_allclose(
-            p["probabilities"], reference.probabilities[i], rtol=1e-5, atol=1e-7
+            p["probabilities"], reference.probabilities[0], rtol=1e-4, atol=1e-6
+        )
+        assert p["uncertainty"]["mutual_information"] == pytest.approx(
+            float(reference.mutual_information[0]), rel=1e-3, abs=1e-6
         )

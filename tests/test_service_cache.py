@@ -89,20 +89,20 @@ def test_pool_plan_is_a_window_of_distinct_pool_blocks() -> None:
 
 
 def test_noise_is_reproducible_and_distinct_per_block_and_stream() -> None:
-    z, eps = block_noise(STREAM, 3, noise_dim=4, num_params=P, residual=True)
-    z2, eps2 = block_noise(Stream.for_seed(5), 3, noise_dim=4, num_params=P, residual=True)
+    z, eps = block_noise(STREAM, 3, noise_dim=4, residual_dim=P)
+    z2, eps2 = block_noise(Stream.for_seed(5), 3, noise_dim=4, residual_dim=P)
     assert eps is not None and eps2 is not None
     assert np.array_equal(z, z2) and np.array_equal(eps, eps2)
     assert z.shape == (10, 4) and z.dtype == np.float32 and eps.shape == (10, P)
-    other_block, _ = block_noise(STREAM, 4, noise_dim=4, num_params=P, residual=True)
-    other_seed, _ = block_noise(Stream.for_seed(6), 3, noise_dim=4, num_params=P, residual=True)
-    pool, _ = block_noise(POOL_STREAM, 3, noise_dim=4, num_params=P, residual=True)
+    other_block, _ = block_noise(STREAM, 4, noise_dim=4, residual_dim=P)
+    other_seed, _ = block_noise(Stream.for_seed(6), 3, noise_dim=4, residual_dim=P)
+    pool, _ = block_noise(POOL_STREAM, 3, noise_dim=4, residual_dim=P)
     for other in (other_block, other_seed, pool):
         assert not np.allclose(z, other)
     # The documented scheme, written out.
     rng = np.random.default_rng(np.random.SeedSequence(entropy=5, spawn_key=(3,)))
     assert np.array_equal(z, rng.standard_normal((10, 4), dtype=np.float32))
-    assert block_noise(STREAM, 3, 4, P, residual=False)[1] is None
+    assert block_noise(STREAM, 3, 4, 0)[1] is None
 
 
 def test_pool_stream_is_out_of_reach_of_seeds() -> None:
@@ -153,12 +153,18 @@ def test_pool_segments_are_views_of_one_read_only_pool(ckpt_path: Path) -> None:
         assert segment.codes.shape == (30, ckpt.code_dim)
         assert not segment.codes.flags.writeable and segment.tails is not None
         pool = np.concatenate([s.codes for s in await source.segments(source.plan(50, None))])
-        assert np.allclose(pool, draw_codes(ckpt, POOL_STREAM, range(5)), rtol=1e-5)  # in order
+        assert np.allclose(
+            pool, draw_codes(ckpt, source.posterior, POOL_STREAM, range(5)), rtol=1e-5
+        )  # in order
         big = await source.segments(source.plan(65, None))  # the pool + 2 further blocks
         assert [len(s) for s in big] == [50, 15]
-        assert np.allclose(big[1].codes, draw_codes(ckpt, POOL_STREAM, [5, 6])[:15], rtol=1e-5)
+        assert np.allclose(
+            big[1].codes, draw_codes(ckpt, source.posterior, POOL_STREAM, [5, 6])[:15], rtol=1e-5
+        )
         (seeded,) = await source.segments(source.plan(15, 3))  # one run, whole
-        assert np.array_equal(seeded.codes, draw_codes(ckpt, Stream.for_seed(3), [0, 1])[:15])
+        assert np.array_equal(
+            seeded.codes, draw_codes(ckpt, source.posterior, Stream.for_seed(3), [0, 1])[:15]
+        )
         again = await source.segments(source.plan(15, 3))
         assert np.shares_memory(again[0].codes, seeded.codes)  # the LRU's run, not a copy
 
@@ -168,7 +174,7 @@ def test_pool_segments_are_views_of_one_read_only_pool(ckpt_path: Path) -> None:
 def test_small_requests_use_the_pool_networks_kept_with_their_tails(ckpt_path: Path) -> None:
     source = _source(ckpt_path, 100, 30)
     ckpt = load_checkpoint(ckpt_path)
-    first = draw_codes(ckpt, POOL_STREAM, range(3))
+    first = draw_codes(ckpt, AffinePosterior(ckpt.spec, *ckpt.affine), POOL_STREAM, range(3))
 
     async def run() -> None:
         await source.load()

@@ -6,13 +6,14 @@ gRPC) decodes its request into a :class:`Query` of validated inputs, K, seed and
 :meth:`ServedModel.predict`, and encodes the :class:`Answer`: the predictive summary, the
 probabilities served (recalibrated where the checkpoint says so) and the anomaly flags.
 
-A query's K networks are codes in the generator's affine subspace, run by the factored
-forward (:class:`apd.factored.AffinePosterior`): the cost of a query is about one network's
-first layer plus a small per-network part, and its memory is bounded by ``forward_chunk_mb``
-whatever K. Generators with residual noise are not affine; their networks are materialised
-a block at a time (:func:`summarize_materialised`), slower but equally bounded. The networks
-come from the version's :class:`~service.core.networks.NetworkSource`; unseeded queries may
-be batched with others (:mod:`service.core.batching`).
+A query's K networks are codes in the generator's affine subspace (with the residual noise
+of their forward, where the generator adds some), run by the factored forward
+(:class:`apd.factored.AffinePosterior`): the cost of a query is about one network's first
+layer plus a small per-network part, and its memory is bounded by ``forward_chunk_mb``
+whatever K. A CNN whose generator adds residual noise is the exception: its networks are
+materialised a block at a time (:func:`summarize_materialised`), slower but equally bounded.
+The networks come from the version's :class:`~service.core.networks.NetworkSource`; unseeded
+queries may be batched with others (:mod:`service.core.batching`).
 
 A query stops at its forward's next chunk when its caller is cancelled (a client that
 disconnected, a gRPC deadline) or when its deadline passes (:class:`DeadlineExceeded`).
@@ -35,7 +36,7 @@ from numpy.typing import NDArray
 
 from apd.checkpoint import Checkpoint, CheckpointError
 from apd.factored import AffinePosterior
-from apd.networks import forward_probs
+from apd.networks import MLPSpec, forward_probs
 from apd.uncertainty import PredictiveAccumulator, PredictiveSummary, ScoreName
 from service.core.batching import DynamicBatcher
 from service.core.limits import Limits
@@ -161,15 +162,14 @@ def check_servable(ckpt: Checkpoint, config: ServingConfig) -> None:
 def summarize_materialised(
     ckpt: Checkpoint, plan: NetworkPlan, x: FloatArray, interrupt: Callable[[], None]
 ) -> PredictiveSummary:
-    """The reference path, for generators with residual noise: each block's networks are
-    drawn as weights (:meth:`Checkpoint.generate`) and run (:func:`forward_probs`), one block
-    at a time."""
-    g = ckpt.meta.generator
+    """The reference path, for CNNs whose generator adds residual noise: each block's networks
+    are drawn as weights (:meth:`Checkpoint.generate`) and run (:func:`forward_probs`), one
+    block at a time."""
     acc = PredictiveAccumulator()
     left = plan.num_networks
     for b in plan.blocks:
         interrupt()
-        z, eps = block_noise(plan.stream, b, g.noise_dim, ckpt.num_params, g.has_residual)
+        z, eps = block_noise(plan.stream, b, ckpt.noise_dim, ckpt.num_params)
         theta = ckpt.generate(z, eps)[: min(left, NETWORKS_PER_BLOCK)]
         acc.add(forward_probs(ckpt.spec, theta, x))
         left -= len(theta)
@@ -190,14 +190,20 @@ class ServedModel:
         self.request_timeout_s = config.request_timeout_s
         self.default_num_samples = config.default_num_samples or ckpt.meta.num_samples_default
         offset, directions = ckpt.affine
-        # The factored forward; with residual noise only its memory bound is used (its
-        # networks are materialised: summarize_materialised).
+        residual = ckpt.residual_std
+        # The factored forward; for a CNN with residual noise only its memory bound is used
+        # (its networks are materialised: summarize_materialised).
+        self.factored = residual is None or isinstance(ckpt.spec, MLPSpec)
         self.posterior = AffinePosterior(
-            ckpt.spec, offset, directions, chunk_bytes=config.forward_chunk_bytes
+            ckpt.spec,
+            offset,
+            directions,
+            residual_std=residual if self.factored else None,
+            chunk_bytes=config.forward_chunk_bytes,
         )
         tailed = 0
         keep_tails = False
-        if ckpt.is_affine:
+        if self.factored:
             keep_tails = self.posterior.tail_params <= MAX_KEPT_TAIL_PARAMS
             per_block = NETWORKS_PER_BLOCK * self.posterior.tail_params * 4
             tailed = min(
@@ -205,7 +211,7 @@ class ServedModel:
             )
         self.source = NetworkSource(
             ckpt,
-            self.posterior if ckpt.is_affine else None,
+            self.posterior if self.factored else None,
             namespace=f"{name}/{version}",
             pool_size=config.pool_size,
             tailed_size=tailed,
@@ -249,7 +255,7 @@ class ServedModel:
             model.source.nbytes / 1e6,
             time.perf_counter() - t0,
             ckpt.sha256[:12],
-            "factored forward" if ckpt.is_affine else "materialised networks (residual)",
+            "factored forward" if model.factored else "materialised networks (CNN residual)",
         )
         resources.metrics.model_info.labels(
             model=name,
@@ -360,7 +366,7 @@ class ServedModel:
         """The summary of the plan's networks on preprocessed ``x``, computed in a worker
         thread (the data-support score too) under a compute slot (unless the caller holds
         one), interrupted at a chunk if cancelled."""
-        posterior = self.posterior if self.checkpoint.is_affine else None
+        posterior = self.posterior if self.factored else None
         segments = None if posterior is None else await self.source.segments(plan)
         support = self.checkpoint.data_support
         ckpt = self.checkpoint

@@ -5,7 +5,10 @@ generator applied (10 networks at once, always) to noise drawn with NumPy from::
 
     rng = np.random.default_rng(np.random.SeedSequence(entropy=s.entropy, spawn_key=(b,)))
     z   = rng.standard_normal((10, noise_dim), dtype=np.float32)
-    eps = rng.standard_normal((10, P), dtype=np.float32)   # only if the generator has a residual
+    eps = rng.standard_normal((10, E), dtype=np.float32)   # only if the generator has a residual
+
+(``E``: the residual noise a network needs, :attr:`apd.factored.AffinePosterior.residual_dim`
+for an MLP, all P weights' for a CNN; see :func:`draw_codes`)
 
 so a block is a pure function of (checkpoint, stream, block): any worker or replica draws the
 same networks, which is what makes ``seed`` reproducible and lets workers share
@@ -23,8 +26,9 @@ Streams:
   Pool networks are independent draws from the generator, so any K distinct ones are as good
   as any other; a window is a view of the pool, never a copy.
 
-A network is held as its code in the generator's affine subspace (:mod:`apd.factored`), not
-as its P weights; checkpoints with residual noise are the exception (:mod:`service.core.model`).
+A network is held as its code (:mod:`apd.factored`): its coordinates in the generator's affine
+subspace and, with residual noise, the noise its forward adds; never as its P weights. A CNN
+with residual noise is the exception (:mod:`service.core.model` materialises its networks).
 """
 
 from __future__ import annotations
@@ -82,14 +86,15 @@ def num_blocks(num_networks: int) -> int:
 
 
 def block_noise(
-    stream: Stream, block: int, noise_dim: int, num_params: int, residual: bool
+    stream: Stream, block: int, noise_dim: int, residual_dim: int
 ) -> tuple[FloatArray, FloatArray | None]:
-    """The generator's input for ``block`` of ``stream`` (see the module docstring)."""
+    """The generator's input for ``block`` of ``stream`` and, if ``residual_dim``, the
+    residual noise of its networks (see the module docstring)."""
     rng = np.random.default_rng(np.random.SeedSequence(entropy=stream.entropy, spawn_key=(block,)))
     z = rng.standard_normal((NETWORKS_PER_BLOCK, noise_dim), dtype=np.float32)
     eps = (
-        rng.standard_normal((NETWORKS_PER_BLOCK, num_params), dtype=np.float32)
-        if residual
+        rng.standard_normal((NETWORKS_PER_BLOCK, residual_dim), dtype=np.float32)
+        if residual_dim
         else None
     )
     return z, eps
@@ -169,12 +174,21 @@ def truncate(segments: Sequence[NetworkBlock], num_networks: int) -> list[Networ
     return out
 
 
-def draw_codes(ckpt: Checkpoint, stream: Stream, blocks: Sequence[int]) -> FloatArray:
-    """The codes ``(10 * len(blocks), r)`` of ``blocks`` of ``stream``: their noise drawn
-    (:func:`block_noise`) and the generator run over all of them in one pass."""
-    noise_dim = ckpt.meta.generator.noise_dim
-    z = [block_noise(stream, b, noise_dim, ckpt.num_params, False)[0] for b in blocks]
-    return ckpt.codes(np.concatenate(z))
+def draw_codes(
+    ckpt: Checkpoint, posterior: AffinePosterior, stream: Stream, blocks: Sequence[int]
+) -> FloatArray:
+    """The codes ``(10 * len(blocks), posterior.code_dim)`` of ``blocks`` of ``stream``: their
+    noise drawn (:func:`block_noise`), the generator run over all of it in one pass, and the
+    residual noise, if any, beside it."""
+    noise = [
+        block_noise(stream, b, ckpt.meta.generator.noise_dim, posterior.residual_dim)
+        for b in blocks
+    ]
+    codes = ckpt.codes(np.concatenate([z for z, _ in noise]))
+    if not posterior.residual_dim:
+        return codes
+    residual = np.concatenate([eps for _, eps in noise if eps is not None])
+    return np.concatenate([codes, residual], axis=1)
 
 
 def _read_only(block: NetworkBlock) -> NetworkBlock:
@@ -259,7 +273,7 @@ class NetworkSource:
         t, per = self.tailed_blocks, NETWORKS_PER_BLOCK
 
         def draw() -> tuple[NetworkBlock, NetworkBlock]:
-            codes = draw_codes(self.ckpt, POOL_STREAM, range(self.pool_blocks))
+            codes = draw_codes(self.ckpt, posterior, POOL_STREAM, range(self.pool_blocks))
             tails = posterior.tails(codes[: t * per]) if t else None
             tailed = NetworkBlock(np.ascontiguousarray(codes[: t * per]), tails)
             return _read_only(tailed), _read_only(NetworkBlock(codes[t * per :].copy()))
@@ -314,7 +328,7 @@ class NetworkSource:
         assert posterior is not None and self.layout is not None
 
         def complete() -> tuple[NetworkBlock, FloatArray | None]:
-            drawn = draw_codes(self.ckpt, stream, todo) if todo else None
+            drawn = draw_codes(self.ckpt, posterior, stream, todo) if todo else None
             parts, i = [], 0
             for b in blocks:
                 if b in known:

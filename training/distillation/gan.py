@@ -152,8 +152,11 @@ class Generator(nn.Module):
         f32 = torch.float32
         self.register_buffer("basis", None if basis is None else basis.to(f32).contiguous())
         self.register_buffer("mean", None if mean is None else mean.to(f32).contiguous())
+        # The checkpoint stores the residual std in float16: the generator draws with exactly
+        # what will be served.
         self.register_buffer(
-            "residual_std", None if residual_std is None else residual_std.to(f32).contiguous()
+            "residual_std",
+            None if residual_std is None else residual_std.half().to(f32).contiguous(),
         )
         ones, zeros = torch.ones(self.output_dim), torch.zeros(self.output_dim)
         self.register_buffer("scale", ones if scale is None else scale.to(f32).reshape(-1))
@@ -302,7 +305,7 @@ class Generator(nn.Module):
             if self.mean is not None:
                 out[MEAN] = self.mean.cpu().numpy()
             if self.residual_std is not None:
-                out[RESIDUAL_STD] = self.residual_std.cpu().numpy()
+                out[RESIDUAL_STD] = self.residual_std.cpu().numpy().astype(np.float16)
         return out
 
     def checkpoint_hidden_sizes(self) -> list[int]:
