@@ -168,15 +168,15 @@ def request_examples(example: JsonValue) -> dict[str, list[JsonValue]]:
 # examples (the first MNIST test image, num_samples 100, seed 7), numbers to 4 significant
 # digits; tests/test_api_doc.py answers the request with that checkpoint and compares. The
 # OpenAPI document shows them when that checkpoint is served (service/api/app.py).
-SHIPPED_SHA256: Final = "f19d65c71a752f1480ae7b8733ee8ef2d7b9dc8b86e6a2702d5792ee62050353"
-_SHIPPED_THRESHOLD: Final = 0.23626839145806866  # mutual_information, 5% FPR
+SHIPPED_SHA256: Final = "85cfae5cc72fba9a63e6d5f9903054af8592f0b98b25c9889c6f7a0ab06f3567"
+_SHIPPED_THRESHOLD: Final = 0.2661091959046892  # mutual_information, 5% FPR
 
 
 class ModelRef(BaseModel):
     name: str = Field(examples=["mnist-fcnn1"], description="The model's name in the repository")
     repository_version: str = Field(examples=["1"], description="Its version in the repository")
     id: str = Field(examples=["mnist-fcnn1"])
-    version: str = Field(examples=["2026.12.06-fcnn1"])
+    version: str = Field(examples=["2026.12.06-2308"])
     checkpoint_sha256: str = Field(examples=[SHIPPED_SHA256])
 
 
@@ -223,28 +223,29 @@ _EXAMPLE_MODEL: dict[str, JsonValue] = {
     "name": "mnist-fcnn1",
     "repository_version": "1",
     "id": "mnist-fcnn1",
-    "version": "2026.12.06-fcnn1",
+    "version": "2026.12.06-2308",
     "checkpoint_sha256": SHIPPED_SHA256,
 }
 _EXAMPLE_PREDICTION: dict[str, JsonValue] = {
     "label": MNIST_TEST_0_LABEL,
+    "label_name": str(MNIST_TEST_0_LABEL),
     "probabilities": [
-        1.308e-07,
-        5.252e-08,
-        9.879e-06,
-        8.494e-05,
-        1.676e-10,
-        3.979e-07,
-        3.324e-10,
+        9.273e-08,
+        3.03e-08,
+        1.775e-05,
+        7.881e-05,
+        2.17e-11,
+        1.747e-07,
+        1.255e-10,
         0.9999,
-        2.81e-07,
-        4.294e-06,
+        1.081e-07,
+        3.012e-06,
     ],
     "uncertainty": {
-        "predictive_entropy": 0.001442,
-        "expected_entropy": 0.001014,
-        "mutual_information": 0.000428,
-        "model_variance": 1.443e-07,
+        "predictive_entropy": 0.001379,
+        "expected_entropy": 0.001075,
+        "mutual_information": 0.0003042,
+        "model_variance": 3.649e-08,
         "data_support": 0.7305,
     },
     "anomaly": {
@@ -284,7 +285,7 @@ class AnomalyScoreResponse(BaseModel):
                     "score_name": "mutual_information",
                     "threshold": _SHIPPED_THRESHOLD,
                     "target_fpr": 0.05,
-                    "scores": [0.000428],
+                    "scores": [0.0003042],
                     "is_anomaly": [False],
                     "num_samples": 100,
                     "seed": 7,
