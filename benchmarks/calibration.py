@@ -404,8 +404,9 @@ def _markdown(record: dict[str, Any]) -> list[str]:
         f"{record['code_revision'][:12]}. 1-minute load average "
         f"{record['load_average_1min']['start']} -> {record['load_average_1min']['end']} "
         f"(2 cores). Checkpoint `{record['checkpoint']}` (sha256 "
-        f"{record['checkpoint_sha256'][:12]}): the shipped fcNN1 generator with the map "
-        f"`apd calibrate` fitted on {rec['fit_size']:,} {rec['fitted_on']} digits "
+        f"{record['checkpoint_sha256'][:12]}): the shipped fcNN1 generator with its stored "
+        f"map (`apd distill` or `apd calibrate`) fitted on {rec['fit_size']:,} "
+        f"{rec['fitted_on']} digits "
         f"(K = {rec['num_samples']}, seed 0): {rec['knots']} knots, cap {rec['cap']:.6f}. "
         f"ECE over {record['bins']} equal-width bins; target ECE <= {record['target_ece']}.",
         "",
