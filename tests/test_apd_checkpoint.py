@@ -261,7 +261,7 @@ def test_the_shipped_checkpoint_reads_unchanged() -> None:
     its target is the same MLP, its target record serialises to the very JSON in the file
     (an MLP's record has no CNN fields), and its input convention is MNIST's (28 x 28 pixels
     in [0, 1], no preprocessing); it carries the data-support score, the combined default
-    flag, probes and the recalibration map that `apd calibrate` adds."""
+    flag, probes and the recalibration map that `apd distill` writes."""
     card = (SHIPPED.parent / "MODEL_CARD.md").read_text()
     published = re.search(r"sha256 `([0-9a-f]{64})`", card)
     assert published is not None
@@ -279,7 +279,8 @@ def test_the_shipped_checkpoint_reads_unchanged() -> None:
     assert ckpt.meta.recalibration is not None
     convention = ckpt.meta.input
     assert convention.shape == [28, 28] and convention.image_mode == "L"
-    assert (convention.scale, convention.shift, convention.class_names) == (1.0, 0.0, None)
+    assert (convention.scale, convention.shift) == (1.0, 0.0)
+    assert convention.class_names == [str(d) for d in range(10)]
     x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
     np.testing.assert_array_equal(convention.preprocess(x), x.reshape(3, 784))
 

@@ -154,13 +154,24 @@ def test_accumulated_chunks_equal_one_summary() -> None:
 
 
 def test_the_shipped_checkpoint_is_served_as_it_generates() -> None:
+    """The shipped fcNN1 adds residual noise: each input's answer from a network's code is
+    what its weights give that input (:func:`weight_noise_matching`)."""
     path = Path(__file__).resolve().parents[1] / "models" / "mnist-fcnn1" / "model.safetensors"
     ckpt = load_checkpoint(path)
-    z = np.random.default_rng(6).standard_normal((100, ckpt.noise_dim), dtype=np.float32)
-    x = random_images(8, seed=6)
-    posterior = AffinePosterior(ckpt.spec, *ckpt.affine)
-    assert ckpt.residual_std is None and ckpt.code_dim == 46
-    assert_agree(posterior.summarize(ckpt.codes(z), x), reference(ckpt, z, x))
+    spec, std = ckpt.spec, ckpt.residual_std
+    assert isinstance(spec, MLPSpec) and std is not None and ckpt.code_dim == 89
+    posterior = AffinePosterior(spec, *ckpt.affine, residual_std=std)
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((30, ckpt.noise_dim), dtype=np.float32)
+    residual = rng.standard_normal((30, posterior.residual_dim), dtype=np.float32)
+    x = random_images(4, seed=6)
+    got = posterior.member_probs(
+        np.concatenate([ckpt.codes(z), residual], axis=1), x, posterior.plan(30, 4)
+    )
+    for i in range(len(x)):
+        eps = weight_noise_matching(spec, std, residual, x[i])
+        want = forward_probs(spec, ckpt.generate(z, eps), x[i : i + 1])[:, 0]
+        np.testing.assert_allclose(got[:, :, i], want, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_shapes_are_refused(ckpt: Checkpoint) -> None:
