@@ -154,7 +154,9 @@ class AffinePosterior:
         self._stacked_b1 = np.concatenate([offset[None, bs], directions[:, bs]])  # (r+1, O)
         self._first_weights = math.prod(w_shape) + out
         self._macs_per_input = self._outputs_per_input * fan_in
-        self._w1 = (np.ascontiguousarray(offset[ws]), np.ascontiguousarray(directions[:, ws]))
+        # The directions' first layers as a view of ``directions`` (rows strided: BLAS takes
+        # them as they are), not a third copy of the largest array beside the stacked one.
+        self._w1 = (np.ascontiguousarray(offset[ws]), directions[:, ws])
         self._b1 = (np.ascontiguousarray(offset[bs]), np.ascontiguousarray(directions[:, bs]))
         start = tail_start(spec)
         self._tail = (
@@ -174,12 +176,6 @@ class AffinePosterior:
             )
             self.residual_dim = out + self.tail_params
         self.code_dim = r + self.residual_dim
-
-    @property
-    def stacked_bytes(self) -> int:
-        """Memory held for the factored first layer and the tails' affine maps."""
-        arrays = (self._stacked_w1, self._stacked_b1, *self._w1, *self._b1, *self._tail)
-        return sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self._residual or ())
 
     def peak_bytes(self, num_inputs: int) -> int:
         """The most memory one :meth:`summarize` on ``num_inputs`` inputs holds at once,

@@ -206,8 +206,7 @@ def http_vs_stored(base: str, ckpt: Any, x64: np.ndarray, threads: int, n: int) 
 
     from apd.networks import forward_probs
 
-    z = np.random.default_rng(0).standard_normal((100, ckpt.noise_dim), dtype=np.float32)
-    theta = np.ascontiguousarray(ckpt.generate(z))
+    theta = np.ascontiguousarray(ckpt.generate(**ckpt.noise(100, 0)))  # 100 stored networks
     body = json_body(x64, num_samples=100)
     v2_body, v2_headers = v2_binary_body(x64, 100)
     v2_url = f"/v2/models/{ckpt.meta.model_id}/infer"
@@ -343,7 +342,7 @@ def redis_hit_vs_regeneration(ckpt: Any, url: str, n: int) -> dict[str, Any]:
     med = anyio.run(measure)
     return {
         "networks": len(blocks) * NETWORKS_PER_BLOCK,
-        "entry_bytes": BlockLayout(ckpt.sha256, ckpt.code_dim, HMAC_KEY.encode()).entry_bytes,
+        "entry_bytes": BlockLayout(ckpt.sha256, posterior.code_dim, HMAC_KEY.encode()).entry_bytes,
         "tails_kept": keep_tails,
         "p50_ms": {k: round(v * 1e3, 3) for k, v in med.items() if k != "redis_hits"},
         "codes_hit_over_regeneration": round(med["read_codes"] / med["draw_codes"], 3),
