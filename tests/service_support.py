@@ -66,8 +66,8 @@ def make_checkpoint(
     """Write a random checkpoint of a ``sizes`` (default ``784-32-10``) target network, or of
     ``spec`` (any architecture, a CNN included) when given.
 
-    ``residual`` (subspace design only) adds residual noise, so that the networks are not
-    affine in their codes and the service takes its materialised path."""
+    ``residual`` (subspace design only) adds residual noise (float16 std), so that the
+    networks leave the affine subspace and the service adds the noise in its forward."""
     rng = np.random.default_rng(seed)
     spec = spec or MLPSpec(arch, sizes)
     p = spec.num_params
