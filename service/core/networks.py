@@ -134,9 +134,9 @@ def plan_networks(
 
 @dataclass(frozen=True)
 class NetworkBlock:
-    """Consecutive networks of one stream: their codes ``(k, r)`` and, where kept, their tails
-    ``(k, P_tail)`` (:meth:`apd.factored.AffinePosterior.tails`; see
-    :mod:`service.core.model`)."""
+    """Consecutive networks of one stream: their codes ``(k, code_dim)`` (:mod:`apd.factored`)
+    and, where kept, their tails ``(k, P_tail)`` (:meth:`apd.factored.AffinePosterior.tails`;
+    see :mod:`service.core.model`)."""
 
     codes: FloatArray
     tails: FloatArray | None = None
