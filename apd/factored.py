@@ -177,6 +177,26 @@ class AffinePosterior:
             self.residual_dim = out + self.tail_params
         self.code_dim = r + self.residual_dim
 
+    def codes(self, subspace: FloatArray, noise: FloatArray | None = None) -> FloatArray:
+        """Networks' codes ``(k, code_dim)``: the generator's subspace codes ``(k, r)`` and,
+        for a posterior with residual noise, their standard normal noise ``(k,
+        residual_dim)`` beside them (the ``(c, xi, eps_tail)`` layout, module docstring)."""
+        if subspace.ndim != 2 or subspace.shape[1] != self.subspace_dim:
+            raise ValueError(
+                f"expected subspace codes of shape (k, {self.subspace_dim}), got {subspace.shape}"
+            )
+        if not self.residual_dim:
+            if noise is not None:
+                raise ValueError("this posterior has no residual noise")
+            return subspace
+        if noise is None or noise.shape != (len(subspace), self.residual_dim):
+            got = None if noise is None else noise.shape
+            raise ValueError(
+                f"expected residual noise of shape ({len(subspace)}, {self.residual_dim}), "
+                f"got {got}"
+            )
+        return np.concatenate([subspace, noise], axis=1)
+
     def peak_bytes(self, num_inputs: int) -> int:
         """The most memory one :meth:`summarize` on ``num_inputs`` inputs holds at once,
         whatever K: the inputs and their first-layer rows (im2col patches for a CNN), the

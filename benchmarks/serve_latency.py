@@ -246,13 +246,9 @@ def k_sweep(base: str, ckpt: Any, x1: np.ndarray, x64: np.ndarray, n: int) -> di
                     c, "/predict", body, {"content-type": "application/json"}
                 )
                 rng = np.random.default_rng(k)
-                codes = np.concatenate(  # the subspace codes, and residual noise if any
-                    [
-                        ckpt.codes(rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)),
-                        rng.standard_normal((k, posterior.residual_dim), dtype=np.float32),
-                    ],
-                    axis=1,
-                )
+                z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
+                eps = rng.standard_normal((k, posterior.residual_dim), dtype=np.float32)
+                codes = posterior.codes(ckpt.codes(z), eps if posterior.residual_dim else None)
                 variants[f"inproc_K{k}"] = lambda cc=codes, xx=x: posterior.summarize(cc, xx)
             rounds = max(5, n // (4 if name == "batch64" else 1))
             med = interleaved(variants, rounds)

@@ -165,9 +165,7 @@ def test_the_shipped_checkpoint_is_served_as_it_generates() -> None:
     z = rng.standard_normal((30, ckpt.noise_dim), dtype=np.float32)
     residual = rng.standard_normal((30, posterior.residual_dim), dtype=np.float32)
     x = random_images(4, seed=6)
-    got = posterior.member_probs(
-        np.concatenate([ckpt.codes(z), residual], axis=1), x, posterior.plan(30, 4)
-    )
+    got = posterior.member_probs(posterior.codes(ckpt.codes(z), residual), x, posterior.plan(30, 4))
     for i in range(len(x)):
         eps = weight_noise_matching(spec, std, residual, x[i])
         want = forward_probs(spec, ckpt.generate(z, eps), x[i : i + 1])[:, 0]
@@ -185,6 +183,10 @@ def test_bad_shapes_are_refused(ckpt: Checkpoint) -> None:
         posterior.summarize(
             np.zeros((3, ckpt.code_dim), np.float32), x, tails=np.zeros((3, 2), np.float32)
         )
+    with pytest.raises(ValueError, match="subspace codes"):
+        posterior.codes(np.zeros((3, ckpt.code_dim + 1), np.float32))
+    with pytest.raises(ValueError, match="no residual noise"):
+        posterior.codes(np.zeros((3, ckpt.code_dim), np.float32), np.zeros((3, 4), np.float32))
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -214,11 +216,13 @@ def test_residual_networks_answer_each_input_as_their_weights_would(
     h1 = spec.layer_sizes[1]
     assert posterior.residual_dim == h1 + spec.num_params - tail_start(spec)
     assert posterior.code_dim == ckpt.code_dim + posterior.residual_dim
+    with pytest.raises(ValueError, match="residual noise of shape"):
+        posterior.codes(np.zeros((3, ckpt.code_dim), np.float32))
     rng = np.random.default_rng(chunk)
     k, n = 23, 5
     z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
     residual = rng.standard_normal((k, posterior.residual_dim), dtype=np.float32)
-    codes = np.concatenate([ckpt.codes(z), residual], axis=1)
+    codes = posterior.codes(ckpt.codes(z), residual)
     x = random_images(n, seed=chunk)
     plan = ForwardPlan(path, chunk, k, n)
     u = posterior.project(x) if path is FirstLayer.FACTORED else None
@@ -244,8 +248,8 @@ def test_residual_networks_have_the_weight_space_predictive(tmp_path: Path) -> N
     k = 4000
     x = random_images(4, seed=1)
     z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
-    codes = np.concatenate(
-        [ckpt.codes(z), rng.standard_normal((k, posterior.residual_dim), dtype=np.float32)], 1
+    codes = posterior.codes(
+        ckpt.codes(z), rng.standard_normal((k, posterior.residual_dim), dtype=np.float32)
     )
     local = posterior.member_probs(codes, x, posterior.plan(k, 4)).transpose(0, 2, 1)
     z2 = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)

@@ -185,10 +185,8 @@ def draw_codes(
         for b in blocks
     ]
     codes = ckpt.codes(np.concatenate([z for z, _ in noise]))
-    if not posterior.residual_dim:
-        return codes
-    residual = np.concatenate([eps for _, eps in noise if eps is not None])
-    return np.concatenate([codes, residual], axis=1)
+    residual = [eps for _, eps in noise if eps is not None]
+    return posterior.codes(codes, np.concatenate(residual) if residual else None)
 
 
 def _read_only(block: NetworkBlock) -> NetworkBlock:
