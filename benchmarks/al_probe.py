@@ -17,6 +17,24 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     with BALD and with random acquisition (seed 0, rounds 0-5): a short check that the
     reference learner learns and that its BALD ranks, not the 50-round result.
 
+``continuation``
+    How SGLD's chains should carry on from round to round, on the random-acquisition curve
+    (seed 0, rounds 0-10, so no acquisition score is involved): the protocol's warm start
+    (150 steps a round from the last round's chains) against a fresh start every round (620
+    steps), and warm starts under a tighter prior and under pSGLD. ``benchmarks/al_fit.py``
+    fits the same label counts once from a fresh start; a warm chain that ends below that
+    has been held back by where the earlier, smaller labelled sets left it.
+
+``prior``
+    SGLD's warm-started chains under tighter priors over the whole protocol (seed 0, 50
+    rounds), with BALD and with random acquisition: does the prior that stops the chains
+    drifting at small data also leave BALD something to rank?
+
+``learners``
+    Online APD and MC-Dropout over the whole protocol at its settings (seed 0, 50 rounds),
+    with BALD and with random acquisition: the ``prior`` probe's SGLD at N(0, 0.3^2) is the
+    third learner (same seed, same labelled sets drawn, same test images).
+
 Writes ``benchmarks/results/al_probe-PROBE.{json,md}``.
 
     python benchmarks/al_probe.py PROBE [--arch lenet5] [--rounds R] [--test 2000]
@@ -40,6 +58,7 @@ import numpy as np
 import torch
 
 from apd.networks import MNIST_INPUT_SHAPE, get_spec
+from training import sgld
 from training.evaluation.active_learning import (
     Acquisition,
     ActiveLearningSettings,
@@ -72,10 +91,44 @@ def mc_dropout(base: ActiveLearningSettings) -> Variants:
     return [("MC-Dropout and SGLD, BALD and random", s)]
 
 
+def continuation(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0,), learners=(Learner.SGLD,), acquisitions=(Acquisition.RANDOM,))
+    rms = sgld.Preconditioner.RMSPROP
+    return [
+        ("warm start (the protocol)", s),
+        ("fresh start every round", replace(s, warm_start=False)),
+        ("warm start, prior std 0.3", replace(s, prior_std=0.3)),
+        ("warm start, pSGLD step 1e-3", replace(s, preconditioner=rms, sgld_lr=1e-3)),
+    ]
+
+
+def prior(base: ActiveLearningSettings) -> Variants:
+    s = replace(
+        base,
+        seeds=(0,),
+        learners=(Learner.SGLD,),
+        acquisitions=(Acquisition.BALD, Acquisition.RANDOM),
+    )
+    return [(f"prior std {std}", replace(s, prior_std=std)) for std in (0.3, 0.15)]
+
+
+def learners(base: ActiveLearningSettings) -> Variants:
+    s = replace(
+        base,
+        seeds=(0,),
+        learners=(Learner.APD, Learner.DROPOUT),
+        acquisitions=(Acquisition.BALD, Acquisition.RANDOM),
+    )
+    return [("the protocol", s)]
+
+
 PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int, int]]] = {
     # name: (variants, default rounds, default test_every)
     "moment-init": (moment_init, 6, 1),
     "mc-dropout": (mc_dropout, 5, 1),
+    "continuation": (continuation, 10, 5),
+    "prior": (prior, 50, 10),
+    "learners": (learners, 50, 10),
 }
 
 

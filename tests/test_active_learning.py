@@ -46,6 +46,7 @@ TINY = ActiveLearningSettings(
     apd_rank=3,
     selection_inputs=30,
     dropout_arch="cnn:conv4x3,pool2,fc8",
+    dropout_rates=(0.25, 0.5),
     dropout_epochs=5,
     dropout_passes=6,
 )
@@ -156,6 +157,7 @@ def test_both_learners_fit_a_cnn(
 GAL = replace(
     TINY,
     dropout_arch="cnn:conv8x3,pool2,fc32",
+    dropout_rates=(0.25, 0.5),
     dropout_epochs=300,
     dropout_lr=3e-3,
     dropout_passes=40,

@@ -99,6 +99,7 @@ class ActiveLearningSettingsRecord(TypedDict):
     acquisitions: list[str]
     chains: int
     sgld_lr: float
+    preconditioner: NotRequired[str]
     temperature: float
     prior_std: float
     batch_size: NotRequired[int]

@@ -208,12 +208,23 @@ def _al_fits(st: ActiveLearningSettingsRecord) -> str:
     return f"{text} {_al_dropout(st)}" if "dropout" in st["learners"] else text
 
 
+GAL_CNN: Final = "cnn:conv32x4,conv32x4,pool2,fc128"
+"""Gal, Islam & Ghahramani (2017)'s MC-Dropout CNN, as :func:`apd.networks.build_spec` names it."""
+
+
 def _al_dropout(st: ActiveLearningSettingsRecord) -> str:
     """The MC-Dropout learner's sentence (Gal et al. 2017's protocol)."""
     rates = ", ".join(f"{r:g}" for r in st.get("dropout_rates", []))
-    layers = st.get("dropout_arch", "").removeprefix("cnn:").replace(",", ", ")
+    arch = st.get("dropout_arch", "")
+    layers = arch.removeprefix("cnn:").replace(",", ", ")
+    network = (
+        f"their CNN ({layers}"
+        if arch == GAL_CNN
+        else f"{layers}, not their CNN (the choice is measured in "
+        "training/evaluation/active_learning.py"
+    )
     return (
-        f"MC-Dropout (Gal, Islam & Ghahramani 2017's protocol) trains their CNN ({layers}; "
+        f"MC-Dropout (Gal, Islam & Ghahramani 2017's protocol) trains {network}; "
         f"dropout {rates} on the dense layers' inputs) from scratch every round: Adam (rate "
         f"{st.get('dropout_lr', 0):g}), minibatches of {st.get('dropout_batch_size')}, "
         f"{st.get('dropout_epochs')} epochs, L2 {st.get('dropout_weight_decay', 0):g} / N on "
