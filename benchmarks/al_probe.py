@@ -31,14 +31,17 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     drifting at small data also leave BALD something to rank?
 
 ``learners``
-    Online APD and MC-Dropout over the whole protocol at its settings (seed 0, 50 rounds),
-    with BALD and with random acquisition: the ``prior`` probe's SGLD at N(0, 0.3^2) is the
-    third learner (same seed, same labelled sets drawn, same test images).
+    The three learners over the whole protocol at its settings (seed 0, 50 rounds), with
+    BALD and with random acquisition (recorded first for online APD and MC-Dropout only: the
+    ``prior`` probe's SGLD at N(0, 0.3^2) is the same run of the third learner).
+
+``--seeds`` runs a probe's variants on other seeds (written to
+``al_probe-PROBE-seedsS.{json,md}``).
 
 Writes ``benchmarks/results/al_probe-PROBE.{json,md}``.
 
     python benchmarks/al_probe.py PROBE [--arch lenet5] [--rounds R] [--test 2000]
-        [--test-every E] [--workers 2]
+        [--test-every E] [--workers 2] [--seeds S ...]
 """
 
 from __future__ import annotations
@@ -116,7 +119,6 @@ def learners(base: ActiveLearningSettings) -> Variants:
     s = replace(
         base,
         seeds=(0,),
-        learners=(Learner.APD, Learner.DROPOUT),
         acquisitions=(Acquisition.BALD, Acquisition.RANDOM),
     )
     return [("the protocol", s)]
@@ -140,6 +142,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=2000, help="random test images scored")
     ap.add_argument("--test-every", type=int, default=None, help="default: the probe's")
     ap.add_argument("--workers", type=int, default=2, help="processes of one thread each")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the probe's")
     args = ap.parse_args()
     make, rounds, test_every = PROBES[args.probe]
     rounds = rounds if args.rounds is None else args.rounds
@@ -155,7 +158,10 @@ def main() -> None:
         ActiveLearningSettings(), rounds=rounds, test_every=test_every, test_size=args.test
     )
     variants: list[dict[str, Any]] = []
-    for name, settings in make(base):
+    for name, probe_settings in make(base):
+        settings = probe_settings
+        if args.seeds is not None:
+            settings = replace(settings, seeds=tuple(args.seeds))
         print(f"{args.probe}: {name}", flush=True)
         result = run_active_learning(
             spec,
@@ -186,7 +192,8 @@ def main() -> None:
         "variants": variants,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"al_probe-{args.probe}"
+    suffix = "" if args.seeds is None else "-seeds" + "-".join(map(str, args.seeds))
+    out = RESULTS / f"al_probe-{args.probe}{suffix}"
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record, args.workers))
     print(markdown(record, args.workers))
