@@ -91,7 +91,6 @@ VARIANTS: Final = {
         _v("psgld-3e-4", preconditioner=RMSPROP, sgld_lr=3e-4),
         _v("psgld-1e-3-2000", preconditioner=RMSPROP, sgld_lr=1e-3, first_burn_in=1880),
         _v("sgld-galcnn", arch=GAL_CNN),
-        _v("psgld-1e-3-galcnn", arch=GAL_CNN, preconditioner=RMSPROP, sgld_lr=1e-3),
         _v("dropout-galcnn", learner=Learner.DROPOUT),
         _v(
             "dropout-lenet5",
