@@ -35,6 +35,11 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     BALD and with random acquisition (recorded first for online APD and MC-Dropout only: the
     ``prior`` probe's SGLD at N(0, 0.3^2) is the same run of the third learner).
 
+``scoring``
+    What BALD ranks with, over the first rounds where it trails random (seeds 0 and 1, rounds
+    0-10, BALD): the protocol's K = 20 networks against 80 (of the 96 samples a round
+    retains), and a pool subset of 500 candidates against Gal et al.'s 2,000.
+
 ``--seeds`` runs a probe's variants on other seeds (written to
 ``al_probe-PROBE-seedsS.{json,md}``).
 
@@ -124,6 +129,15 @@ def learners(base: ActiveLearningSettings) -> Variants:
     return [("the protocol", s)]
 
 
+def scoring(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0, 1), learners=(Learner.SGLD,), acquisitions=(Acquisition.BALD,))
+    return [
+        ("K = 20, 2,000 candidates (the protocol)", s),
+        ("K = 80", replace(s, num_samples=80)),
+        ("500 candidates", replace(s, candidates=500)),
+    ]
+
+
 PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int, int]]] = {
     # name: (variants, default rounds, default test_every)
     "moment-init": (moment_init, 6, 1),
@@ -131,6 +145,7 @@ PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int,
     "continuation": (continuation, 10, 5),
     "prior": (prior, 50, 10),
     "learners": (learners, 50, 10),
+    "scoring": (scoring, 10, 5),
 }
 
 
