@@ -73,7 +73,11 @@ class Variant:
 
 
 def _v(name: str, arch: str = "lenet5", learner: Learner = Learner.SGLD, **kw: Any) -> Variant:
-    return Variant(name, learner, arch, replace(PROTOCOL, **kw))
+    return Variant(name, learner, arch, replace(PROTOCOL, learners=(learner,), **kw))
+
+
+# Settings that shape the active-learning loop, not one fit: not part of a variant's identity.
+LOOP_ONLY: Final = ("seeds", "learners", "acquisitions")
 
 
 VARIANTS: Final = {
@@ -225,7 +229,14 @@ def main() -> None:
 
 
 def describe(v: Variant) -> dict[str, Any]:
-    return {"learner": v.learner.value, "arch": v.arch, "settings": v.settings.to_dict()}
+    return _identity(
+        {"learner": v.learner.value, "arch": v.arch, "settings": dict(v.settings.to_dict())}
+    )
+
+
+def _identity(described: dict[str, Any]) -> dict[str, Any]:
+    settings = {k: v for k, v in described["settings"].items() if k not in LOOP_ONLY}
+    return {**described, "settings": settings}
 
 
 def kept_rows(
@@ -239,7 +250,10 @@ def kept_rows(
     if old.get("test_images") != test_images:
         return []
     return [
-        r for r in old["rows"] if old["variants"].get(r["variant"]) == described.get(r["variant"])
+        r
+        for r in old["rows"]
+        if r["variant"] in old["variants"]
+        and _identity(old["variants"][r["variant"]]) == described.get(r["variant"])
     ]
 
 

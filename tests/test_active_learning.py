@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 
 from apd.networks import build_spec
 from apd.uncertainty import ScoreName
+from training import sgld
 from training.evaluation.active_learning import (
     Acquisition,
     ActiveLearningSettings,
@@ -138,6 +139,12 @@ def test_settings_refuse_impossible_protocols() -> None:
         ActiveLearningSettings(pool_size=100)
     with pytest.raises(ValueError, match="test_every must be positive"):
         ActiveLearningSettings(test_every=0)
+    with pytest.raises(ValueError, match="online APD runs plain SGLD"):
+        ActiveLearningSettings(preconditioner=sgld.Preconditioner.RMSPROP)
+    psgld = ActiveLearningSettings(
+        preconditioner=sgld.Preconditioner.RMSPROP, learners=(Learner.SGLD,)
+    )
+    assert psgld.to_dict()["preconditioner"] == "rmsprop"
 
 
 def test_both_learners_fit_a_cnn(

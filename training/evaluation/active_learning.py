@@ -165,6 +165,8 @@ class ActiveLearningSettings:
                 raise ValueError(f"{name} must be positive")
         if not (self.dropout_lr > 0 and self.dropout_weight_decay >= 0):
             raise ValueError("dropout_lr must be positive and dropout_weight_decay >= 0")
+        if self.preconditioner is not sgld.Preconditioner.IDENTITY and Learner.APD in self.learners:
+            raise ValueError("online APD runs plain SGLD: a preconditioner is for the sgld learner")
         if self.candidates < self.acquire:
             raise ValueError("candidates must be at least acquire")
         if (
