@@ -180,13 +180,14 @@ class AffinePosterior:
     def codes(self, subspace: FloatArray, noise: FloatArray | None = None) -> FloatArray:
         """Networks' codes ``(k, code_dim)``: the generator's subspace codes ``(k, r)`` and,
         for a posterior with residual noise, their standard normal noise ``(k,
-        residual_dim)`` beside them (the ``(c, xi, eps_tail)`` layout, module docstring)."""
+        residual_dim)`` beside them (the ``(c, xi, eps_tail)`` layout, module docstring);
+        without residual noise, ``noise`` is None or ``(k, 0)``."""
         if subspace.ndim != 2 or subspace.shape[1] != self.subspace_dim:
             raise ValueError(
                 f"expected subspace codes of shape (k, {self.subspace_dim}), got {subspace.shape}"
             )
         if not self.residual_dim:
-            if noise is not None:
+            if noise is not None and noise.size:
                 raise ValueError("this posterior has no residual noise")
             return subspace
         if noise is None or noise.shape != (len(subspace), self.residual_dim):

@@ -76,6 +76,13 @@ def _v(name: str, arch: str = "lenet5", learner: Learner = Learner.SGLD, **kw: A
     return Variant(name, learner, arch, replace(PROTOCOL, learners=(learner,), **kw))
 
 
+# MC-Dropout on LeNet-5: dropout before each of its three dense layers.
+LENET5_DROPOUT: Final[dict[str, Any]] = {
+    "learner": Learner.DROPOUT,
+    "dropout_arch": "lenet5",
+    "dropout_rates": (0.25, 0.5, 0.5),
+}
+
 # Settings that shape the active-learning loop, not one fit: not part of a variant's identity.
 LOOP_ONLY: Final = ("seeds", "learners", "acquisitions")
 
@@ -96,24 +103,11 @@ VARIANTS: Final = {
         _v("psgld-1e-3-2000", preconditioner=RMSPROP, sgld_lr=1e-3, first_burn_in=1880),
         _v("sgld-galcnn", arch=GAL_CNN),
         _v("dropout-galcnn", learner=Learner.DROPOUT),
-        _v(
-            "dropout-lenet5",
-            learner=Learner.DROPOUT,
-            dropout_arch="lenet5",
-            dropout_rates=(0.25, 0.5, 0.5),
-        ),
-        _v(
-            "dropout-lenet5-batch32",
-            learner=Learner.DROPOUT,
-            dropout_arch="lenet5",
-            dropout_rates=(0.25, 0.5, 0.5),
-            dropout_batch_size=32,
-        ),
+        _v("dropout-lenet5", **LENET5_DROPOUT),
+        _v("dropout-lenet5-batch32", **LENET5_DROPOUT, dropout_batch_size=32),
         _v(
             "dropout-lenet5-batch32-200epochs",
-            learner=Learner.DROPOUT,
-            dropout_arch="lenet5",
-            dropout_rates=(0.25, 0.5, 0.5),
+            **LENET5_DROPOUT,
             dropout_batch_size=32,
             dropout_epochs=200,
         ),

@@ -174,9 +174,11 @@ def main() -> None:
     )
     variants: list[dict[str, Any]] = []
     for name, probe_settings in make(base):
-        settings = probe_settings
-        if args.seeds is not None:
-            settings = replace(settings, seeds=tuple(args.seeds))
+        settings = (
+            probe_settings
+            if args.seeds is None
+            else replace(probe_settings, seeds=tuple(args.seeds))
+        )
         print(f"{args.probe}: {name}", flush=True)
         result = run_active_learning(
             spec,
@@ -193,6 +195,10 @@ def main() -> None:
                 "name": name,
                 "settings": settings.to_dict(),
                 "seconds": result["seconds"],
+                "curve_seconds": {
+                    f"{c['learner']}/{c['acquisition']}/seed {c['seed']}": c["seconds"]
+                    for c in result["curves"]
+                },
                 "curves": result["summary"],
             }
         )

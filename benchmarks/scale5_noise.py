@@ -121,7 +121,7 @@ def served_members(ckpt: Checkpoint, seed: int) -> Members:
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((K, ckpt.noise_dim), dtype=np.float32)
     noise = rng.standard_normal((K, posterior.residual_dim), dtype=np.float32)
-    codes = posterior.codes(ckpt.codes(z), noise if posterior.residual_dim else None)
+    codes = posterior.codes(ckpt.codes(z), noise)
 
     def run(x: NDArray[np.float32]) -> NDArray[np.float32]:
         parts = []

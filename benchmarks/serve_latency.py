@@ -248,7 +248,7 @@ def k_sweep(base: str, ckpt: Any, x1: np.ndarray, x64: np.ndarray, n: int) -> di
                 rng = np.random.default_rng(k)
                 z = rng.standard_normal((k, ckpt.noise_dim), dtype=np.float32)
                 eps = rng.standard_normal((k, posterior.residual_dim), dtype=np.float32)
-                codes = posterior.codes(ckpt.codes(z), eps if posterior.residual_dim else None)
+                codes = posterior.codes(ckpt.codes(z), eps)
                 variants[f"inproc_K{k}"] = lambda cc=codes, xx=x: posterior.summarize(cc, xx)
             rounds = max(5, n // (4 if name == "batch64" else 1))
             med = interleaved(variants, rounds)

@@ -187,6 +187,8 @@ def test_bad_shapes_are_refused(ckpt: Checkpoint) -> None:
         posterior.codes(np.zeros((3, ckpt.code_dim + 1), np.float32))
     with pytest.raises(ValueError, match="no residual noise"):
         posterior.codes(np.zeros((3, ckpt.code_dim), np.float32), np.zeros((3, 4), np.float32))
+    plain = np.ones((3, ckpt.code_dim), np.float32)
+    assert posterior.codes(plain, np.zeros((3, 0), np.float32)) is plain
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
