@@ -3,10 +3,13 @@
 Runs (unless ``--summarize-only``)
 
     apd evaluate --arch ARCH --runs RUNS --name NAME --reference \\
-        --experiments active_learning --threads WORKERS
+        --experiments active_learning --threads WORKERS \\
+        --al-log OUT/active_learning-curves.jsonl
 
-which writes the reference report ``docs/results/NAME/`` (20 labels, 10 per round, 50
-rounds, BALD / entropy / random, SGLD, online APD and MC-Dropout, 3 seeds: see
+which logs each finished curve (a run cut short resumes from the log: the curves it holds
+under the same settings are not run again, and the wall time adds up the runs) and writes
+the reference report ``docs/results/NAME/`` (20 labels, 10 per round, 50 rounds, BALD /
+entropy / random, SGLD, online APD and MC-Dropout, 3 seeds: see
 :mod:`training.evaluation.active_learning`), then reads its ``results.json`` and checks
 
 * the run's wall time against the budget of one 3-hour session on this CPU;
@@ -175,6 +178,7 @@ def main() -> None:
         args.runs.mkdir(parents=True, exist_ok=True)
         argv = ["evaluate", "--arch", args.arch, "--runs", str(args.runs), "--name", name]
         argv += ["--reference", "--experiments", "active_learning", "--al-rounds", str(args.rounds)]
+        argv += ["--al-log", str(args.out / "active_learning-curves.jsonl")]
         if apd_main([*argv, "--threads", str(args.workers)]) != 0:
             raise SystemExit("apd evaluate failed")
         load["end"] = round(os.getloadavg()[0], 2)

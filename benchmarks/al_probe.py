@@ -40,6 +40,13 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     0-10, BALD): the protocol's K = 20 networks against 80 (of the 96 samples a round
     retains), and a pool subset of 500 candidates against Gal et al.'s 2,000.
 
+``batch``
+    How BALD picks its 10 from the 2,000 scored candidates, over the first rounds (seeds
+    0-2, rounds 0-10, SGLD): the protocol's top 10 against power acquisition (10 drawn
+    without replacement in proportion to the score, Kirsch et al. 2023), random beside them.
+    Top-k spends a round's labels on one cluster of near-duplicates when the scores of a
+    small-data posterior single out one confusion.
+
 ``--seeds`` runs a probe's variants on other seeds (written to
 ``al_probe-PROBE-seedsS.{json,md}``).
 
@@ -70,6 +77,7 @@ from training import sgld
 from training.evaluation.active_learning import (
     Acquisition,
     ActiveLearningSettings,
+    BatchRule,
     Learner,
     run_active_learning,
 )
@@ -138,6 +146,20 @@ def scoring(base: ActiveLearningSettings) -> Variants:
     ]
 
 
+def batch(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0, 1, 2), learners=(Learner.SGLD,))
+    return [
+        (
+            "top-10 (the protocol), BALD and random",
+            replace(s, acquisitions=(Acquisition.BALD, Acquisition.RANDOM)),
+        ),
+        (
+            "power: 10 drawn in proportion to the score",
+            replace(s, acquisitions=(Acquisition.BALD,), batch_rule=BatchRule.POWER),
+        ),
+    ]
+
+
 PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int, int]]] = {
     # name: (variants, default rounds, default test_every)
     "moment-init": (moment_init, 6, 1),
@@ -146,6 +168,7 @@ PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int,
     "prior": (prior, 50, 10),
     "learners": (learners, 50, 10),
     "scoring": (scoring, 10, 5),
+    "batch": (batch, 10, 5),
 }
 
 

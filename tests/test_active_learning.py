@@ -4,6 +4,7 @@ warm starts, and parallel curves that equal the serial ones exactly."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +12,13 @@ import torch
 from sklearn.datasets import load_digits
 
 from apd.networks import build_spec
-from apd.uncertainty import ScoreName
+from apd.uncertainty import PredictiveSummary, ScoreName
 from training import sgld
+from training.errors import UserError
 from training.evaluation.active_learning import (
     Acquisition,
     ActiveLearningSettings,
+    BatchRule,
     Learner,
     dropout_spec,
     fit_dropout,
@@ -101,6 +104,63 @@ def test_a_failed_curve_stops_the_parallel_run_and_its_workers(
     with pytest.raises(RuntimeError, match=r"shape|65|64"):
         run_active_learning(wrong, *digits, many, progress=False, workers=2, image_shape=IMAGE)
     assert set(multiprocessing.active_children()) <= before
+
+
+def test_an_interrupted_run_resumes_from_its_curve_log(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A run that logs its curves and is then asked for more reruns none of the logged ones:
+    the resumed run equals an uninterrupted one, and its wall time adds up both runs. Curves
+    logged under other settings are not reused; a corrupt log is refused, not overwritten."""
+    s = replace(TINY, learners=(Learner.SGLD, Learner.DROPOUT))
+    log = tmp_path / "curves.jsonl"
+    whole = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
+    first = run_active_learning(
+        SPEC, *digits, replace(s, learners=(Learner.DROPOUT,)), False, image_shape=IMAGE, log=log
+    )
+    assert len(log.read_text().splitlines()) == 2
+    resumed = run_active_learning(SPEC, *digits, s, False, image_shape=IMAGE, log=log)
+    assert [_key(c) for c in resumed["curves"]] == [_key(c) for c in whole["curves"]]
+    for a, b in zip(resumed["curves"], whole["curves"], strict=True):
+        np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-12)
+    assert len(log.read_text().splitlines()) == 4  # only the two SGLD curves ran
+    assert resumed["seconds"] >= first["seconds"]
+    # other settings: nothing reused, every curve runs (and is logged) again
+    other = replace(s, learners=(Learner.DROPOUT,), dropout_epochs=4)
+    run_active_learning(SPEC, *digits, other, False, image_shape=IMAGE, log=log)
+    assert len(log.read_text().splitlines()) == 6
+    log.write_text(log.read_text() + "{not json\n")
+    with pytest.raises(UserError, match=r"curves.jsonl:7: not a curve-log line"):
+        run_active_learning(SPEC, *digits, s, False, image_shape=IMAGE, log=log)
+
+
+def _key(curve: dict[str, object]) -> tuple[object, ...]:
+    return curve["learner"], curve["acquisition"], curve["seed"]
+
+
+def test_power_acquisition_draws_in_proportion_to_the_score() -> None:
+    """BatchRule.POWER picks k distinct candidates, each first pick with probability
+    score / sum(scores) (checked against that law over many draws), never one of score 0;
+    TOP picks the k highest."""
+    scores = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    n = len(scores)
+    summary = PredictiveSummary(np.full((n, 2), 0.5), np.zeros(n), np.zeros(n), scores, np.zeros(n))
+    candidates = np.arange(100, 100 + n)
+    rng = np.random.default_rng(0)
+    top = select(summary, Acquisition.BALD, candidates, 2, rng, BatchRule.TOP)
+    np.testing.assert_array_equal(top, [103, 104])
+    draws = 20_000
+    singles = np.array(
+        [
+            select(summary, Acquisition.BALD, candidates, 1, rng, BatchRule.POWER)[0]
+            for _ in range(draws)
+        ]
+    )
+    freq = np.bincount(singles - 100, minlength=n) / draws
+    np.testing.assert_allclose(freq, scores / scores.sum(), atol=0.014)  # 4 sd of the binomial
+    for _ in range(200):
+        pair = select(summary, Acquisition.BALD, candidates, 4, rng, BatchRule.POWER)
+        assert len(set(pair)) == 4 and 100 not in pair
 
 
 def test_random_acquisition_draws_the_same_labels_for_both_learners(

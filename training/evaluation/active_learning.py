@@ -12,6 +12,14 @@ fit). Acquisition functions:
 * ``entropy``  predictive entropy (max-entropy sampling);
 * ``random``   a uniformly random batch (the baseline).
 
+BALD and entropy pick their ``acquire`` candidates by ``batch_rule``: by default ``power``
+acquisition (Kirsch et al. 2023), ``acquire`` drawn without replacement with probability
+proportional to the score, not Gal et al.'s top ``acquire``. Measured (``python
+benchmarks/al_probe.py batch``, SGLD, seeds 0-2): with 120 labels top-10 BALD reaches
+87.1 % (83.4-90.0) against random's 85.8 % (84.8-87.3), power BALD 89.3 % (88.2-90.1):
+a small-data posterior's scores single out one confusion, and top-10 spends the round's
+labels on near-duplicates of it.
+
 Learners; SGLD and online APD are warm-started every round from the last round's chain states
 (as the reference code does; ``warm_start=False`` refits from scratch):
 
@@ -65,22 +73,29 @@ generator's on unlabelled pool images).
 from __future__ import annotations
 
 import enum
+import json
 import math
 import multiprocessing
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from pydantic import TypeAdapter
 from tqdm import tqdm
+from typing_extensions import TypedDict
 
 from apd.networks import CNNSpec, Conv2d, NetworkSpec, build_spec
 from apd.uncertainty import PredictiveSummary, ScoreName
 from training import metrics, sgld, torch_ops
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
+from training.errors import UserError
 from training.evaluation.methods import MemberNetworks, spread_indices
 from training.evaluation.results import (
     ActiveLearningSection,
@@ -89,12 +104,20 @@ from training.evaluation.results import (
     CurveSummary,
     as_record,
 )
+from training.revision import code_revision
 
 
 class Acquisition(enum.StrEnum):
     BALD = "bald"
     ENTROPY = "entropy"
     RANDOM = "random"
+
+
+class BatchRule(enum.StrEnum):
+    """How a scored acquisition picks its ``acquire`` candidates."""
+
+    TOP = "top"  # the highest scores (Gal et al. 2017)
+    POWER = "power"  # drawn without replacement, with probability proportional to the score
 
 
 class Learner(enum.StrEnum):
@@ -122,6 +145,7 @@ class ActiveLearningSettings:
         Acquisition.ENTROPY,
         Acquisition.RANDOM,
     )
+    batch_rule: BatchRule = BatchRule.POWER
     chains: int = 4
     sgld_lr: float = 0.05
     preconditioner: sgld.Preconditioner = sgld.Preconditioner.IDENTITY
@@ -259,11 +283,20 @@ def select(
     candidates: NDArray[np.int64],
     k: int,
     rng: np.random.Generator,
+    rule: BatchRule = BatchRule.TOP,
 ) -> NDArray[np.int64]:
-    """The ``k`` candidates to label next: highest score first (ties broken at random)."""
+    """The ``k`` candidates to label next. ``TOP``: the highest scores (ties broken at
+    random). ``POWER``: ``k`` drawn without replacement with probability proportional to the
+    score (power acquisition, Kirsch et al. 2023, exponent 1), as the top ``k`` of
+    ``log score + Gumbel noise``: the batch keeps to high scores but does not spend all ten
+    labels on one cluster of near-duplicates that top-``k`` would rank together."""
     if acquisition is Acquisition.RANDOM or summary is None:
         return np.sort(rng.choice(candidates, size=k, replace=False))
     scores = acquisition_scores(summary, acquisition)
+    if rule is BatchRule.POWER:
+        with np.errstate(divide="ignore"):  # a zero score gets log 0 = -inf: drawn last
+            keys = np.log(np.maximum(scores, 0.0)) + rng.gumbel(size=len(scores))
+        return np.sort(candidates[np.argsort(-keys, kind="stable")[:k]])
     jitter = rng.random(len(scores)) * 1e-12
     order = np.lexsort((jitter, -scores))
     return np.sort(candidates[order[:k]])
@@ -472,7 +505,7 @@ def run_curve(
             size = min(s.candidates, len(unlabelled))
             candidates = np.sort(candidate_rng.choice(unlabelled, size=size, replace=False))
             summary = members.summary(pool_x[candidates], seed=fit_seed + 1)
-            new = select(summary, acquisition, candidates, s.acquire, rng)
+            new = select(summary, acquisition, candidates, s.acquire, rng, s.batch_rule)
         labelled = np.sort(np.concatenate([labelled, new]))
     return {
         "learner": learner.value,
@@ -494,6 +527,7 @@ def run_active_learning(
     progress: bool = True,
     workers: int = 1,
     image_shape: Sequence[int] | None = None,
+    log: Path | None = None,
 ) -> ActiveLearningSection:
     """Every learner x acquisition x seed. The pool is the training split (or a random
     ``pool_size`` subset of it, fixed per seed), the test set likewise with ``test_size``.
@@ -502,8 +536,14 @@ def run_active_learning(
 
     The curves are independent: ``workers`` > 1 runs them in that many processes, each on
     one torch thread (on a CPU, two single-threaded processes do twice the work of one
-    two-threaded one: these networks are too small for intra-op threads to pay)."""
+    two-threaded one: these networks are too small for intra-op threads to pay).
+
+    ``log``: a :class:`CurveLog` file. Each finished curve is appended to it, and the curves
+    it already holds under these settings are not run again: a run of hours that is
+    interrupted resumes where it stopped."""
     t0 = time.perf_counter()
+    curve_log = CurveLog(log, s) if log is not None else None
+    earlier = curve_log.curves() if curve_log is not None else {}
     specs = {
         learner: dropout_spec(spec, s, image_shape) if learner is Learner.DROPOUT else spec
         for learner in s.learners
@@ -516,31 +556,124 @@ def run_active_learning(
         for learner in s.learners:
             for acquisition in s.acquisitions:
                 jobs.append((specs[learner], pool, test, learner, acquisition, seed))
-    order = {(j[3].value, j[4].value, j[5]): i for i, j in enumerate(jobs)}
+    order = {_job_key(j): i for i, j in enumerate(jobs)}
+    curves = [earlier[key] for key in order if key in earlier]
+    jobs = [j for j in jobs if _job_key(j) not in earlier]
     # Run the longest (online APD's) first, so that no long curve starts last on its own.
     jobs.sort(key=lambda j: j[3] is not Learner.APD)
     bar = tqdm(
-        total=len(jobs), desc="active learning", disable=not progress, unit="curve", miniters=1
+        total=len(order),
+        initial=len(curves),
+        desc="active learning",
+        disable=not progress,
+        unit="curve",
+        miniters=1,
     )
-    curves: list[CurveRecord] = []
+
+    def finished(curve: CurveRecord) -> None:
+        curves.append(curve)
+        if curve_log is not None:
+            curve_log.append(curve, time.perf_counter() - t0)
+        bar.update()
+
     if workers <= 1:
         data = (train_x, train_y, test_x, test_y)
         for job in jobs:
             bar.set_postfix_str(f"{job[3].value}/{job[4].value} seed {job[5]}", refresh=False)
-            curves.append(_job_curve(data, s, *job))
-            bar.update()
-    else:
+            finished(_job_curve(data, s, *job))
+    elif jobs:
         ctx = multiprocessing.get_context("spawn")
         init = ((train_x, train_y, test_x, test_y), s)
         # Leaving the block terminates the workers: the first failed curve stops the run
         # instead of waiting for the curves still running.
         with ctx.Pool(workers, _worker_init, init) as procs:
             for curve in procs.imap_unordered(_worker_curve, jobs):
-                curves.append(curve)
-                bar.update()
+                finished(curve)
     curves.sort(key=lambda c: order[(c["learner"], c["acquisition"], c["seed"])])
     bar.close()
-    return active_learning_section(s, curves, round(time.perf_counter() - t0, 1))
+    seconds = time.perf_counter() - t0 + (curve_log.earlier_seconds() if curve_log else 0.0)
+    return active_learning_section(s, curves, round(seconds, 1))
+
+
+class CurveLog:
+    """The finished curves of a run, one JSON line each: the settings that shape a curve
+    (all but which seeds, learners and acquisitions the run covers), the curve, when its run
+    started and how long that run had taken when the curve finished.
+
+    :meth:`curves` returns the logged curves whose settings equal ``s``'s (the code that
+    ran them is not compared: a change that alters results must change a setting or start
+    a new log); :meth:`earlier_seconds` the wall time of the earlier runs that finished
+    them (each run's time to its last finished curve: a curve cut off mid-way is lost)."""
+
+    def __init__(self, path: Path, s: ActiveLearningSettings) -> None:
+        self.path = path
+        self.settings = _curve_settings(s)
+        self.run = uuid.uuid4().hex  # tells this run's lines from earlier runs'
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
+        self.revision = code_revision()  # the code this run imported, whatever lands meanwhile
+        self.entries: list[_LogLine] = []
+        if path.is_file():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    entry = _LINE.validate_json(line)
+                except ValueError as exc:
+                    raise UserError(
+                        f"{path}:{n}: not a curve-log line ({exc}); move the file away to "
+                        "start the run afresh"
+                    ) from None
+                if entry["settings"] == self.settings:
+                    self.entries.append(entry)
+
+    def curves(self) -> dict[tuple[str, str, int], CurveRecord]:
+        return {
+            (e["curve"]["learner"], e["curve"]["acquisition"], e["curve"]["seed"]): e["curve"]
+            for e in self.entries
+        }
+
+    def earlier_seconds(self) -> float:
+        runs: dict[str, float] = {}
+        for e in self.entries:
+            if e["run"] != self.run:
+                runs[e["run"]] = max(runs.get(e["run"], 0.0), e["elapsed"])
+        return sum(runs.values())
+
+    def append(self, curve: CurveRecord, elapsed: float) -> None:
+        entry: _LogLine = {
+            "settings": self.settings,
+            "curve": curve,
+            "run": self.run,
+            "run_started": self.started,
+            "elapsed": round(elapsed, 1),
+            "code_revision": self.revision,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.entries.append(entry)
+
+
+class _LogLine(TypedDict):
+    settings: dict[str, Any]
+    curve: CurveRecord
+    run: str
+    run_started: str
+    elapsed: float
+    code_revision: str
+
+
+_LINE: Final = TypeAdapter(_LogLine)
+
+
+def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
+    """What shapes one curve: the settings less the lists of curves a run covers."""
+    record = dict(s.to_dict())
+    for run_only in ("seeds", "learners", "acquisitions"):
+        record.pop(run_only)
+    return json.loads(json.dumps(record))
+
+
+def _job_key(job: _Job) -> tuple[str, str, int]:
+    return job[3].value, job[4].value, job[5]
 
 
 _Data = tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], NDArray[np.int64]]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from training.errors import UserError
-from training.evaluation.active_learning import ActiveLearningSettings
+from training.evaluation.active_learning import ActiveLearningSettings, BatchRule
 from training.evaluation.adversarial import AttackKind, AttackSettings
 from training.evaluation.suite import (
     DEFAULT_EXPERIMENTS,
@@ -106,6 +106,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="pool of unlabelled images (default: the whole training split)",
     )
     p.add_argument(
+        "--al-batch-rule",
+        choices=[r.value for r in BatchRule],
+        default=al.batch_rule.value,
+        help="how BALD and entropy pick a round's images: the top scores, or drawn in "
+        "proportion to the score (power acquisition)",
+    )
+    p.add_argument(
+        "--al-log",
+        type=Path,
+        default=None,
+        help="append each finished curve to this JSON-lines file, and skip the curves it "
+        "already holds under the same settings (resumes an interrupted run)",
+    )
+    p.add_argument(
         "--al-gan-steps", type=int, default=al.gan_steps, help="online APD GAN steps per fit"
     )
     p.add_argument(
@@ -178,6 +192,7 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
             pool_size=args.al_pool,
             gan_steps=args.al_gan_steps,
             temperature=args.al_temperature,
+            batch_rule=BatchRule(args.al_batch_rule),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -192,6 +207,7 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
         sgd_run=args.sgd_run,
         dropout_run=args.dropout_run,
         ensemble_runs=tuple(args.ensemble) if args.ensemble else None,
+        active_learning_log=args.al_log,
         num_samples=args.num_samples,
         dropout_passes=args.dropout_passes,
         gaussian_rank=args.gaussian_rank,

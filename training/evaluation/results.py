@@ -83,8 +83,9 @@ class AttackSettingsRecord(TypedDict):
 
 @with_config(_CLOSED)
 class ActiveLearningSettingsRecord(TypedDict):
-    """The ``NotRequired`` fields came with warm starts, candidate subsets and the MC-Dropout
-    learner; the settings recorded in reports written before lack them."""
+    """The ``NotRequired`` fields came with warm starts, candidate subsets, the MC-Dropout
+    learner, preconditioners and batch rules; the settings recorded in reports written
+    before lack them."""
 
     seeds: list[int]
     rounds: int
@@ -97,6 +98,7 @@ class ActiveLearningSettingsRecord(TypedDict):
     num_samples: int
     learners: list[str]
     acquisitions: list[str]
+    batch_rule: NotRequired[str]
     chains: int
     sgld_lr: float
     preconditioner: NotRequired[str]

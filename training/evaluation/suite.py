@@ -90,6 +90,7 @@ class SuiteConfig:
     sgd_run: Path | None = None
     dropout_run: Path | None = None
     ensemble_runs: tuple[Path, ...] | None = None
+    active_learning_log: Path | None = None  # resumable curve log (active_learning.CurveLog)
     num_samples: int = 100
     dropout_passes: int = 200
     gaussian_rank: int | None = None
@@ -137,7 +138,10 @@ class SuiteConfig:
         return as_record(
             self,
             SuiteConfigRecord,
-            exclude=("data_dir", "sgld_run", "sgd_run", "dropout_run", "ensemble_runs", "progress"),
+            exclude=(
+                *("data_dir", "sgld_run", "sgd_run", "dropout_run", "ensemble_runs"),
+                *("active_learning_log", "progress"),
+            ),
             attacks=self.attacks.to_dict(),
             active_learning=self.active_learning.to_dict(),
             toy=self.toy.to_dict(),
@@ -409,6 +413,7 @@ def run_suite(
                 cfg.progress,
                 workers=cfg.threads,
                 image_shape=MNIST_INPUT_SHAPE,
+                log=cfg.active_learning_log,
             )
         results["active_learning"] = al
         seconds["active_learning"] = round(time.perf_counter() - t0, 1)
