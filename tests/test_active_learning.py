@@ -304,7 +304,7 @@ def test_the_dropout_learner_is_recorded_and_described_in_the_report(
 
     from pydantic import TypeAdapter
 
-    from training.evaluation.report.sections import _al_fits
+    from training.evaluation.report.sections import _al_fits, _al_protocol
     from training.evaluation.results import ActiveLearningSection
 
     s = replace(TINY, rounds=1, acquisitions=(Acquisition.RANDOM,))
@@ -316,3 +316,7 @@ def test_the_dropout_learner_is_recorded_and_described_in_the_report(
     assert "MC-Dropout (Gal, Islam & Ghahramani 2017's protocol)" in text
     assert "conv4x3, pool2, fc8" in text and "dropout 0.25, 0.5" in text
     assert "K = 6 dropout passes" in text and "L2 3.5 / N" in text
+    assert loaded["settings"]["batch_rule"] == "power"
+    assert "draw the round's 5 from them in proportion to the score" in _al_protocol(loaded)
+    top = {**loaded, "settings": {**loaded["settings"], "batch_rule": "top"}}
+    assert "BALD and entropy take the top 5" in _al_protocol(top)  # type: ignore[arg-type]

@@ -158,10 +158,22 @@ def _al_protocol(al: ActiveLearningSection) -> str:
         )
     return (
         f"Run here in {al['seconds'] / 60:.0f} min: seeds {seeds}, {start}pool = "
-        f"{_al_pool(st)}, each round scoring {st['candidates']} random unlabelled pool images; "
-        f"test accuracy on {_al_test(st)} every {st['test_every']} rounds and at the "
-        f"last, K = {st['num_samples']} networks. {_al_fits(st)}"
+        f"{_al_pool(st)}, each round scoring {st['candidates']} random unlabelled pool images"
+        f"{_al_batch(st)}; test accuracy on {_al_test(st)} every {st['test_every']} rounds "
+        f"and at the last, K = {st['num_samples']} networks. {_al_fits(st)}"
     )
+
+
+def _al_batch(st: ActiveLearningSettingsRecord) -> str:
+    """How BALD and entropy pick a round's images (sections written before batch rules took
+    the top scores and do not say so)."""
+    rule, k = st.get("batch_rule"), st["acquire"]
+    if rule == "power":
+        return (
+            f" (BALD and entropy draw the round's {k} from them in proportion to the score, "
+            f"power acquisition after Kirsch et al. 2023, not Gal et al.'s top {k})"
+        )
+    return f" (BALD and entropy take the top {k})" if rule == "top" else ""
 
 
 def _al_pool(st: ActiveLearningSettingsRecord) -> str:
