@@ -22,7 +22,17 @@ multiplied by s):
   subspace of all the run's samples, the same construction (float16 basis) with more
   directions (what a bigger checkpoint would hold), and ``proj_rN_int8`` onto the same
   basis rounded to 8 bits per entry (one scale per direction), which holds twice the
-  directions of a float16 basis in the same bytes.
+  directions of a float16 basis in the same bytes;
+* ``kronAxB`` (``--kron A:B ...``, MLPs): the teacher's samples projected onto a structured
+  subspace, one per weight matrix ``W (in, out)``: its deviations from the mean restricted
+  to ``L C R^T``, ``L`` the top-``A`` eigenvectors of ``sum_s D_s D_s^T`` and ``R`` the
+  top-``B`` (at most ``out``) of ``sum_s D_s^T D_s`` over the run's samples (``D_s = W_s -
+  mean``), biases kept whole. Such a basis costs ``in A + out B`` numbers per layer where a
+  flat direction costs ``in out``: it spans ``A B`` directions of a layer for the bytes of a
+  few flat ones (what fits fcNN2 in 8 MB, if the rows survive it);
+* ``--residual``: every projection also with residual noise (``_res``): independent
+  Gaussian noise per weight with the standard deviation of what the projection leaves out
+  of the run's samples, as a checkpoint's residual adds it (NumPy seed 0).
 
 If the AUROC of ``sgld_b`` differs from the teacher's by as much as APD's does on the rows
 APD misses, the miss is within what swapping one set of 100 SGLD samples for another does:
@@ -53,7 +63,7 @@ from numpy.typing import NDArray
 
 from apd.checkpoint import BasisDtype, Checkpoint, load_checkpoint
 from apd.factored import AffinePosterior, FirstLayer, ForwardPlan
-from apd.networks import NetworkSpec
+from apd.networks import MLPSpec, NetworkSpec
 from apd.uncertainty import ScoreName, summarize
 from training.distillation.fidelity import ood_aurocs
 from training.distillation.package import sample_networks
@@ -89,6 +99,72 @@ def project(
     offset64, directions64 = offset.astype(np.float64), directions.astype(np.float64)
     codes, *_ = np.linalg.lstsq(directions64.T, (theta - offset64).T, rcond=None)
     return (offset64 + codes.T @ directions64).astype(np.float32)
+
+
+class KroneckerSubspace:
+    """Per weight matrix ``W (in, out)`` of an MLP, the deviations ``D = W - mean`` restricted
+    to ``L L^T D R R^T`` (module docstring, ``--kron``); biases pass whole."""
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        mean: NDArray[np.float64],
+        factors: list[tuple[NDArray[np.float64], NDArray[np.float64]]],
+        held: float,
+    ) -> None:
+        self.spec, self.mean, self.factors, self.variance_held = spec, mean, factors, held
+        self.directions = sum(lf.shape[1] * rf.shape[1] for lf, rf in factors)
+        self.directions += sum(bs.stop - bs.start for _, bs in spec.offsets())  # biases
+        self.basis_numbers = sum(lf.size + rf.size for lf, rf in factors)
+        self.residual_std = np.zeros(spec.num_params, np.float32)
+
+    @classmethod
+    def fit(
+        cls, theta: NDArray[np.floating], spec: MLPSpec, a: int, b: int, chunk: int = 50
+    ) -> KroneckerSubspace:
+        """The row and column spaces of every layer's deviations over all ``theta``'s rows
+        (``(S, P)``, a memmap is read ``chunk`` rows at a time), and the residual std."""
+        s = len(theta)
+        mean = np.zeros(spec.num_params)
+        for start in range(0, s, chunk):
+            mean += np.asarray(theta[start : start + chunk], np.float64).sum(axis=0)
+        mean /= s
+        factors, total, kept = [], 0.0, 0.0
+        for ((i, o), _), (ws, _) in zip(spec.layer_shapes, spec.offsets(), strict=True):
+            left, right = np.zeros((i, i)), np.zeros((o, o))
+            for start in range(0, s, chunk):
+                d = (np.asarray(theta[start : start + chunk, ws], np.float64) - mean[ws]).reshape(
+                    -1, i, o
+                )
+                left += np.einsum("sio,sjo->ij", d, d)
+                right += np.einsum("sio,sip->op", d, d)
+            lf = np.linalg.eigh(left)[1][:, ::-1][:, : min(a, i)]
+            rf = np.linalg.eigh(right)[1][:, ::-1][:, : min(b, o)]
+            factors.append((lf, rf))
+            total += float(np.trace(left))
+        out = cls(spec, mean, factors, 0.0)
+        sq = np.zeros(spec.num_params)
+        for start in range(0, s, chunk):
+            rows = np.asarray(theta[start : start + chunk], np.float64)
+            left_out = rows - out.project(rows, np.float64)
+            sq += np.square(left_out).sum(axis=0)
+            for (ws, _), (lf, rf) in zip(spec.offsets(), factors, strict=True):
+                d = (rows[:, ws] - mean[ws]).reshape(len(rows), len(lf), len(rf))
+                kept += float(np.square(lf.T @ d @ rf).sum())
+        out.variance_held = kept / total
+        out.residual_std = np.sqrt(sq / (s - 1)).astype(np.float32)
+        return out
+
+    def project(
+        self, theta: NDArray[np.floating], dtype: type[np.floating] = np.float32
+    ) -> NDArray[Any]:
+        """``theta (K, P)`` with every layer's deviation replaced by its projection."""
+        out = np.array(theta, dtype=np.float64)
+        for (ws, _), (lf, rf) in zip(self.spec.offsets(), self.factors, strict=True):
+            d = (out[:, ws] - self.mean[ws]).reshape(len(out), len(lf), len(rf))
+            proj = lf @ (lf.T @ d @ rf) @ rf.T
+            out[:, ws] = self.mean[ws] + proj.reshape(len(out), -1)
+        return out.astype(dtype)
 
 
 def second_draw(store: SampleStore, first: NDArray[np.int64], k: int) -> NDArray[np.int64]:
@@ -174,11 +250,27 @@ def main() -> None:
         action="store_true",
         help="also the networks as the service runs them (served_SEED for each --apd-seeds)",
     )
+    ap.add_argument(
+        "--kron",
+        nargs="*",
+        default=[],
+        metavar="A:B",
+        help="also project the teacher onto per-layer row/column subspaces of ranks A and B",
+    )
+    ap.add_argument(
+        "--residual", action="store_true", help="also each projection with residual noise"
+    )
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
     if any(rank <= 0 for rank in args.ranks):
         ap.error(f"--ranks must be positive, got {args.ranks}")
+    try:
+        kron = [tuple(int(v) for v in item.split(":")) for item in args.kron]
+    except ValueError:
+        kron = []
+    if len(kron) != len(args.kron) or any(len(k) != 2 or min(k) <= 0 for k in kron):
+        ap.error(f"--kron takes positive A:B pairs, got {args.kron}")
     load_start = round(os.getloadavg()[0], 2)
     torch.set_num_threads(args.threads)
 
@@ -201,12 +293,34 @@ def main() -> None:
         "proj": torch.from_numpy(project(*ckpt.affine, samples)),
         "proj_b": torch.from_numpy(project(*ckpt.affine, np.asarray(store.theta[second]))),
     }
+    structure: dict[str, dict[str, int | float]] = {}
+    noise_rng = np.random.default_rng(0)
+
+    def add(name: str, projected: NDArray[np.float32], residual_std: NDArray[np.float32]) -> None:
+        thetas[name] = torch.from_numpy(projected)
+        if args.residual:
+            eps = noise_rng.standard_normal(projected.shape, dtype=np.float32)
+            thetas[f"{name}_res"] = torch.from_numpy(projected + residual_std * eps)
+
     for rank in args.ranks:
         for dtype, suffix in BASES:
             sub = fit_subspace(store.theta, rank, basis_dtype=dtype)
-            thetas[f"proj_r{rank}{suffix}"] = torch.from_numpy(
-                project(sub.mean, sub.basis, samples)
-            )
+            add(f"proj_r{rank}{suffix}", project(sub.mean, sub.basis, samples), sub.residual_std)
+            structure[f"proj_r{rank}{suffix}"] = {
+                "directions": rank,
+                "basis_numbers": rank * spec.num_params,
+                "variance_held": sub.explained_variance_ratio,
+            }
+    for a, b in kron:
+        if not isinstance(spec, MLPSpec):
+            ap.error("--kron is for MLPs (dense layers only)")
+        ks = KroneckerSubspace.fit(store.theta, spec, a, b)
+        add(f"kron{a}x{b}", ks.project(samples), ks.residual_std)
+        structure[f"kron{a}x{b}"] = {
+            "directions": ks.directions,
+            "basis_numbers": ks.basis_numbers,
+            "variance_held": ks.variance_held,
+        }
     members = {name: weights_members(spec, theta) for name, theta in thetas.items()}
     if args.served:
         members |= {f"served_{seed}": served_members(ckpt, seed) for seed in args.apd_seeds}
@@ -235,6 +349,7 @@ def main() -> None:
         "samples": len(store),
         "rows": rows,
         "predictives": who,
+        "structure": structure,
         "summary": summarise(rows, who),
         "test": test,
     }
@@ -301,6 +416,21 @@ def markdown(r: dict[str, Any]) -> str:
             *(
                 f"| {name} | {100 * m['accuracy']:.2f} % | {m['nll']:.4f} |"
                 for name, m in r["test"].items()
+            ),
+        ]
+    if r.get("structure"):
+        lines += [
+            "",
+            "Subspaces: directions spanned (kron: A B per layer plus the biases), numbers the "
+            "basis stores (a flat direction stores every weight; a kron layer its two factors), "
+            "share of the run's sample variance they hold (kron: of the weight matrices'):",
+            "",
+            "| subspace | directions | basis numbers | basis at 8 bits | variance held |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | {m['directions']:,} | {m['basis_numbers']:,} | "
+                f"{m['basis_numbers'] / 1e6:.2f} MB | {100 * m['variance_held']:.2f} % |"
+                for name, m in r["structure"].items()
             ),
         ]
     lines += [

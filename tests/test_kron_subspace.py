@@ -1,0 +1,52 @@
+"""The structured (per-layer row x column) subspace of benchmarks/scale5_noise.py ``--kron``,
+checked against the dense projector onto the outer products of its factors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from apd.networks import MLPSpec, build_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from scale5_noise import KroneckerSubspace
+
+_SPEC = build_spec("mlp:6", (5,), 3)
+assert isinstance(_SPEC, MLPSpec)
+SPEC: MLPSpec = _SPEC
+
+
+def _samples(s: int = 40) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((s, SPEC.num_params)).astype(np.float32)
+
+
+def test_full_ranks_keep_every_sample_and_leave_no_residual() -> None:
+    theta = _samples()
+    full = KroneckerSubspace.fit(theta, SPEC, 100, 100, chunk=7)
+    np.testing.assert_allclose(full.project(theta), theta, atol=1e-5)
+    assert abs(full.variance_held - 1.0) < 1e-9 and float(full.residual_std.max()) < 1e-6
+
+
+def test_projection_equals_the_dense_projector_and_its_residual_is_what_is_left() -> None:
+    theta = _samples()
+    ks = KroneckerSubspace.fit(theta, SPEC, 2, 2, chunk=7)
+    x = theta.astype(np.float64)
+    out = ks.project(x, np.float64)
+    total = kept = 0.0
+    for (ws, bs), (lf, rf) in zip(SPEC.offsets(), ks.factors, strict=True):
+        # row-major W (in, out): vec(l r^T) is np.outer(l, r).ravel()
+        basis = np.stack(
+            [np.outer(lf[:, p], rf[:, q]).ravel() for p in range(2) for q in range(rf.shape[1])]
+        )
+        np.testing.assert_allclose(basis @ basis.T, np.eye(len(basis)), atol=1e-10)
+        d = x[:, ws] - x[:, ws].mean(axis=0)
+        np.testing.assert_allclose(out[:, ws], x[:, ws].mean(axis=0) + d @ basis.T @ basis)
+        np.testing.assert_array_equal(out[:, bs], x[:, bs])  # biases pass whole
+        total += float(np.square(d).sum())
+        kept += float(np.square(d @ basis.T).sum())
+    assert abs(ks.variance_held - kept / total) < 1e-9
+    np.testing.assert_allclose(ks.residual_std, (x - out).std(axis=0, ddof=1), atol=1e-6)
+    # factors span the leading row / column spaces: 2 x 2 per layer, plus the 9 biases
+    assert ks.directions == 4 + 4 + 9 and ks.basis_numbers == (5 + 6 + 6 + 3) * 2
