@@ -281,6 +281,9 @@ def test_acquisition_picks_the_highest_scores_and_initial_labels_are_balanced() 
         (["--arch", "fcnn1", "--experiments", "anomaly,magic"], "unknown experiment"),
         (["--arch", "fcnn1", "--mixture-rank", "1"], "mixture's rank must be at least 2"),
         (["--arch", "fcnn1", "--laplace-fit-inputs", "0"], "laplace_fit_inputs must be positive"),
+        (["--arch", "fcnn1", "--variant", "rank46"], "--variant takes NAME=CHECKPOINT"),
+        (["--arch", "fcnn1", "--variant", "r/46=x"], "--variant takes NAME=CHECKPOINT"),
+        (["--arch", "fcnn1", "--variant", "r46=/nonexistent.safetensors"], "does not exist"),
     ],
 )
 def test_bad_evaluate_flags_give_one_line(
@@ -476,3 +479,64 @@ def test_the_check_fails_on_a_report_that_differs(tmp_path: Path) -> None:
     assert main([str(tmp_path / "results.json")]) == 0  # renders it again
     assert main([str(tmp_path / "results.json"), "--check"]) == 0
     assert (tmp_path / "report.md").read_text() == (src / "report.md").read_text()
+
+
+def test_an_apd_variant_stands_beside_apd_in_the_tables_and_against_sgld(tmp_path: Path) -> None:
+    """``apd evaluate --variant NAME=CHECKPOINT``: the other checkpoint loads as method
+    ``apd-NAME`` (one of another network is reported missing, not fatal), has its own row in
+    the methods and classification tables and its fidelity against SGLD beside APD's, and
+    the report renders again from results.json."""
+    from tests.service_support import make_checkpoint
+    from training.evaluation.suite import load_methods, variant_key
+
+    spec = MLPSpec("fcnn-test", (784, 32, 10))
+    main_ck = make_checkpoint(tmp_path / "main.safetensors", rank=12, seed=0)
+    small = make_checkpoint(tmp_path / "small.safetensors", rank=4, seed=1)
+    other = make_checkpoint(tmp_path / "other.safetensors", sizes=(784, 16, 10), seed=2)
+    assert variant_key("Rank 4.5") == "apd-rank-4-5"
+    cfg = SuiteConfig(
+        arch="fcnn-test",
+        runs=tmp_path,
+        checkpoint=main_ck,
+        name="variants",
+        num_samples=6,
+        experiments=("classification", "anomaly"),
+        variants=(("rank 4", small), ("wrong net", other)),
+    )
+    found, missing = load_methods(cfg, spec, lambda _: None)
+    assert list(found) == ["apd", "apd-rank-4"]
+    assert found["apd-rank-4"].label == "APD (rank 4)"
+    assert "apd-wrong-net" in missing and "generator targets" in missing["apd-wrong-net"]
+    g = torch.Generator().manual_seed(5)
+    sgld = MemberNetworks(spec, torch.randn(6, spec.num_params, generator=g) * 0.05)
+    members = {"sgld": sgld, **{k: m.draw(6, 0) for k, m in found.items()}}
+    rng = np.random.default_rng(0)
+    test_x, test_y = rng.random((60, 784), dtype=np.float32), rng.integers(0, 10, 60)
+    ood = {"uniform": rng.random((30, 784), dtype=np.float32)}
+    results: EvaluationResults = {
+        **_results(tmp_path),
+        "methods": {
+            "sgld": {
+                "label": "SGLD",
+                "num_members": 6,
+                "stored_bytes": 1,
+                "provenance": {"run": "runs/sgld", "seed": 0},
+            },
+            **method_records(found, {k: members[k] for k in found}),
+        },
+    }
+    results.update(
+        classification_and_anomaly(members, test_x, test_y, ood, {"uniform": "noise"}, (1.0,))
+    )
+    variant = results["fidelity_variants"]["apd-rank-4"]
+    assert len(variant["anomaly"]) == len(results["fidelity"]["anomaly"]) > 0
+    report = render_markdown(results)
+    table = report.split("### Does the GAN beat a Gaussian?")[1].split("\n## ")[0]
+    mb = results["methods"]["apd-rank-4"]["stored_bytes"] / 1e6
+    assert f"| APD (rank 4), rank 4, {mb:.2f} MB |" in table
+    assert "| APD, rank 12, " in table
+    assert "| APD (rank 4) | `apd-rank-4` | 6 |" in report
+    assert "apd-rank-4=small.safetensors" in report
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert render_markdown(load_results(path)) == report

@@ -13,6 +13,7 @@ inputs are missing is reported as missing, not silently dropped.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -46,6 +47,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="APD checkpoint (default: models/mnist-<arch>/model.safetensors if present)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=CHECKPOINT",
+        help="another APD checkpoint of the same network, evaluated beside the main one as "
+        "'APD (NAME)' in every table and against SGLD (an ablation: e.g. the rank before); "
+        "repeatable",
     )
     p.add_argument("--name", default=None, help="report name (default: the architecture)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder")
@@ -178,6 +188,9 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
         raise UserError(f"checkpoint {checkpoint} does not exist")
     if not args.runs.is_dir():
         raise UserError(f"runs folder {args.runs} does not exist")
+    variants = tuple(_variant(v) for v in args.variant)
+    if len({name for name, _ in variants}) != len(variants):
+        raise UserError(f"--variant names must differ, got {[n for n, _ in variants]}")
     try:
         attacks = AttackSettings(
             eps=_floats(args.attack_eps, "--attack-eps"),
@@ -208,6 +221,7 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
         dropout_run=args.dropout_run,
         ensemble_runs=tuple(args.ensemble) if args.ensemble else None,
         active_learning_log=args.al_log,
+        variants=variants,
         num_samples=args.num_samples,
         dropout_passes=args.dropout_passes,
         gaussian_rank=args.gaussian_rank,
@@ -282,3 +296,18 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _variant(text: str) -> tuple[str, Path]:
+    """``NAME=CHECKPOINT`` of ``--variant``: a name of letters, digits, spaces, dots and
+    dashes, and a checkpoint file that exists."""
+    name, sep, path = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not re.fullmatch(r"[A-Za-z0-9 .\-]+", name):
+        raise UserError(
+            f"--variant takes NAME=CHECKPOINT with a name of letters, digits, spaces, dots "
+            f"and dashes, got {text!r}"
+        )
+    if not Path(path).is_file():
+        raise UserError(f"--variant {name}: checkpoint {path} does not exist")
+    return name, Path(path)

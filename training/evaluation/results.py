@@ -347,6 +347,11 @@ class AnomalySection(TypedDict):
     flag_rates: NotRequired[list[FlagRateRecord]]
 
 
+VARIANT_PREFIX: Final = "apd-"
+"""The method keys of the APD checkpoints evaluated beside the main one (``apd evaluate
+--variant``); their fidelity against SGLD is ``fidelity_variants``."""
+
+
 @with_config(_CLOSED)
 class FidelityRecord(TypedDict):
     """A student's AUROC against its teacher's on one anomaly row."""
@@ -397,7 +402,8 @@ class Fidelity(TypedDict):
 
 @with_config(_CLOSED)
 class GaussianFidelity(TypedDict):
-    """The one Gaussian, or the mixture, against the same SGLD teacher."""
+    """The one Gaussian, the mixture or an APD variant (``apd evaluate --variant``) against
+    the same SGLD teacher."""
 
     anomaly: list[FidelityRecord]
     classification: ClassificationFidelityRecord
@@ -435,6 +441,7 @@ class ClassificationAndAnomaly(TypedDict):
     fidelity: NotRequired[Fidelity]
     fidelity_gaussian: NotRequired[GaussianFidelity]
     fidelity_mixture: NotRequired[GaussianFidelity]
+    fidelity_variants: NotRequired[dict[str, GaussianFidelity]]  # method key -> fidelity
 
 
 # --------------------------------------------------------------------------- experiment 3
@@ -559,6 +566,7 @@ class EvaluationResults(TypedDict):
     fidelity: NotRequired[Fidelity]
     fidelity_gaussian: NotRequired[GaussianFidelity]
     fidelity_mixture: NotRequired[GaussianFidelity]
+    fidelity_variants: NotRequired[dict[str, GaussianFidelity]]  # method key -> fidelity
     gaussian_diagnostics: NotRequired[GaussianDiagnostics]
     adversarial: NotRequired[AdversarialSection]
     cost: NotRequired[CostSection]

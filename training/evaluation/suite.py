@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ from training.evaluation.cost import measure_cost
 from training.evaluation.laplace_peer import LaplaceFlavour, LaplaceSettings, fit_laplace
 from training.evaluation.results import (
     EXPERIMENTS,
+    VARIANT_PREFIX,
     AccuracyNLL,
     AnomalyRecord,
     CalibrationRecord,
@@ -91,6 +93,7 @@ class SuiteConfig:
     dropout_run: Path | None = None
     ensemble_runs: tuple[Path, ...] | None = None
     active_learning_log: Path | None = None  # resumable curve log (active_learning.CurveLog)
+    variants: tuple[tuple[str, Path], ...] = ()  # (name, checkpoint): APD beside APD
     num_samples: int = 100
     dropout_passes: int = 200
     gaussian_rank: int | None = None
@@ -140,7 +143,7 @@ class SuiteConfig:
             SuiteConfigRecord,
             exclude=(
                 *("data_dir", "sgld_run", "sgd_run", "dropout_run", "ensemble_runs"),
-                *("active_learning_log", "progress"),
+                *("active_learning_log", "variants", "progress"),
             ),
             attacks=self.attacks.to_dict(),
             active_learning=self.active_learning.to_dict(),
@@ -207,6 +210,9 @@ def load_methods(
         attempt("apd", apd)
     else:
         missing["apd"] = "no --checkpoint given"
+    for name, path in cfg.variants:
+        key = variant_key(name)
+        attempt(key, partial(_load_variant, path, spec, key, name))
     if "sgld" in found:
         sgld_method = found["sgld"]
         assert isinstance(sgld_method, methods.SGLDSamples)
@@ -241,7 +247,18 @@ def load_methods(
         missing["gaussian"] = "needs the SGLD samples"
         missing["mixture"] = "needs the SGLD samples"
     ordered: dict[str, methods.PosteriorMethod] = {k: found[k] for k in METHOD_ORDER if k in found}
+    ordered |= {k: m for k, m in found.items() if k not in ordered}  # the variants, last
     return ordered, missing
+
+
+def variant_key(name: str) -> str:
+    """The method key of ``--variant NAME=...``: ``apd-`` and the name, lower case, its
+    spaces and dots as dashes."""
+    return VARIANT_PREFIX + re.sub(r"[ .]+", "-", name.strip().lower())
+
+
+def _load_variant(path: Path, spec: NetworkSpec, key: str, name: str) -> methods.PosteriorMethod:
+    return replace(methods.load_apd(path, spec), key=key, label=f"APD ({name})")
 
 
 def _fit_laplace(
@@ -573,6 +590,17 @@ def classification_and_anomaly(
             "anomaly_rows_within": sum(f["within_target"] for f in fid),
             "issue_score_rows": sum(f["issue_target"] for f in fid),
             "issue_score_rows_within": sum(f["within_target"] for f in fid if f["issue_target"]),
+        }
+    variants = [k for k in members if k.startswith(VARIANT_PREFIX)]
+    if "sgld" in members and variants:
+        out["fidelity_variants"] = {
+            k: {
+                "anomaly": anomaly.fidelity_rows(rows, student=k),
+                "classification": anomaly.classification_fidelity(
+                    in_summaries["sgld"], in_summaries[k], test_y
+                ),
+            }
+            for k in variants
         }
     if "sgld" in members and "gaussian" in members:
         fid_g = anomaly.fidelity_rows(rows, student="gaussian")

@@ -16,10 +16,13 @@ from apd.networks import MLPSpec, spec_from_dict
 from training.evaluation import peers
 from training.evaluation.results import (
     EXPERIMENTS,
+    VARIANT_PREFIX,
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
     CalibrationRecord,
     EvaluationResults,
+    Fidelity,
+    GaussianFidelity,
     SpecRecord,
 )
 
@@ -91,8 +94,8 @@ def provenance_line(
         if m is None:
             continue
         prov = m["provenance"]
-        if key == "apd":
-            parts.append(f"apd={Path(prov['checkpoint']).name} sha256 {prov['sha256'][:12]}")
+        if key == "apd" or key.startswith(VARIANT_PREFIX):
+            parts.append(f"{key}={Path(prov['checkpoint']).name} sha256 {prov['sha256'][:12]}")
         elif key == "ensemble":
             seeds = [str(x.get("seed", "?")) for x in prov.get("members", [])]
             parts.append(f"ensemble=sgd seeds {','.join(seeds)}")
@@ -305,7 +308,7 @@ def _header(results: EvaluationResults) -> list[str]:
     rows = []
     for key, m in results["methods"].items():
         prov = m["provenance"]
-        if key == "apd":
+        if key == "apd" or key.startswith(VARIANT_PREFIX):
             src = (
                 f"`{prov['checkpoint']}` (sha256 `{prov['sha256'][:16]}`, {prov['design']} design"
                 + (f", subspace rank {prov['subspace_rank']}" if prov.get("subspace_rank") else "")
@@ -538,7 +541,8 @@ def _teacher_line(results: EvaluationResults) -> str | None:
 def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
     fid, fg = results.get("fidelity"), results.get("fidelity_gaussian")
     fm = results.get("fidelity_mixture")
-    first = fm or fg
+    variants = results.get("fidelity_variants", {})
+    first = fm or fg or next(iter(variants.values()), None)
     if first is None:
         return []
     out = [
@@ -553,11 +557,11 @@ def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
         "",
     ]
     rows = []
-    for name, f in (
-        ("APD", fid),
-        ("Gaussian mixture (MultiSWAG)", fm),
-        ("one Gaussian (illustration)", fg),
-    ):
+    main = _variant_label(results, "apd") if variants and "apd" in results["methods"] else "APD"
+    students: list[tuple[str, Fidelity | GaussianFidelity | None]] = [(main, fid)]
+    students += [(_variant_label(results, key), f) for key, f in variants.items()]
+    students += [("Gaussian mixture (MultiSWAG)", fm), ("one Gaussian (illustration)", fg)]
+    for name, f in students:
         if f is None:
             continue
         c = f["classification"]
@@ -622,8 +626,18 @@ def _gan_vs_gaussian(results: EvaluationResults) -> list[str]:
             "to one chain predicts well, the chains sit in different modes, and one Gaussian "
             "over all of them puts its mass between the modes.",
         ]
-    out += ["", f"_{provenance_line(results, ['sgld', 'apd', 'mixture', 'gaussian'])}_"]
+    keys = ["sgld", "apd", *variants, "mixture", "gaussian"]
+    out += ["", f"_{provenance_line(results, keys)}_"]
     return out
+
+
+def _variant_label(results: EvaluationResults, key: str) -> str:
+    """An APD variant's name with its subspace rank and stored size."""
+    m = results["methods"][key]
+    rank = m["provenance"].get("subspace_rank")
+    what = [f"rank {rank}"] if rank else []
+    what.append(f"{m['stored_bytes'] / 1e6:.2f} MB")
+    return f"{m['label']}, {', '.join(what)}"
 
 
 SERVED_SCORES: Final = ("mutual_information", "data_support", "combined")
@@ -958,7 +972,13 @@ def _peers(results: EvaluationResults) -> list[str]:
         "over the OOD sets, adversarial numbers over the radii (white-box), times from the cost "
         "table. The peers are "
         + ", ".join(labels[v.peer]["label"] for v in found)
-        + "; SGD and the one Gaussian are shown for reference and not judged. A difference "
+        + "; SGD and the one Gaussian"
+        + (
+            " and the other APD checkpoints"
+            if any(m.startswith(VARIANT_PREFIX) for m in table)
+            else ""
+        )
+        + " are shown for reference and not judged. A difference "
         f"within a tolerance is a tie: accuracy {100 * peers.ACCURACY_TOLERANCE:g} points, "
         f"NLL {peers.NLL_TOLERANCE:g}, ECE {peers.ECE_TOLERANCE:g}, anomaly AUROC "
         f"{peers.AUROC_TOLERANCE:g} (the distillation issue's fidelity bars), adversarial "
