@@ -43,6 +43,8 @@ rows say how many directions the scaled inputs need. Writes
 
     python benchmarks/scale5_noise.py --run runs/sgld-fcnn1 \\
         --checkpoint models/mnist-fcnn1/model.safetensors
+    python benchmarks/scale5_noise.py --run runs/sgld-fcnn2 --ranks 9 \\
+        --kron 32:32 64:64 --residual --tag fcnn2-kron      # subspaces only, no checkpoint
 """
 
 from __future__ import annotations
@@ -229,7 +231,12 @@ def aurocs(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="the SGLD run the checkpoint distils")
-    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the APD checkpoint (without one: only the SGLD draws and the projections)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--ranks",
@@ -265,6 +272,8 @@ def main() -> None:
     args = ap.parse_args()
     if any(rank <= 0 for rank in args.ranks):
         ap.error(f"--ranks must be positive, got {args.ranks}")
+    if args.served and args.checkpoint is None:
+        ap.error("--served needs --checkpoint")
     try:
         kron = [tuple(int(v) for v in item.split(":")) for item in args.kron]
     except ValueError:
@@ -281,18 +290,19 @@ def main() -> None:
     test_x = np.asarray(mnist.test_x)
     first = store.select_spread(K)
     second = second_draw(store, first, K)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     samples = np.asarray(store.theta[first])
     thetas = {
         "sgld_a": torch.from_numpy(samples),
         "sgld_b": torch.from_numpy(np.asarray(store.theta[second])),
-        **{
+    }
+    if ckpt is not None:
+        thetas |= {
             f"apd_{seed}": torch.from_numpy(sample_networks(ckpt, K, seed=seed))
             for seed in args.apd_seeds
-        },
-        "proj": torch.from_numpy(project(*ckpt.affine, samples)),
-        "proj_b": torch.from_numpy(project(*ckpt.affine, np.asarray(store.theta[second]))),
-    }
+        }
+        thetas["proj"] = torch.from_numpy(project(*ckpt.affine, samples))
+        thetas["proj_b"] = torch.from_numpy(project(*ckpt.affine, np.asarray(store.theta[second])))
     structure: dict[str, dict[str, int | float]] = {}
     noise_rng = np.random.default_rng(0)
 
@@ -323,6 +333,7 @@ def main() -> None:
         }
     members = {name: weights_members(spec, theta) for name, theta in thetas.items()}
     if args.served:
+        assert ckpt is not None  # checked with the arguments
         members |= {f"served_{seed}": served_members(ckpt, seed) for seed in args.apd_seeds}
     who = [name for name in members if name != "sgld_a"]
     table = {who: aurocs(run, test_x, ood) for who, run in members.items()}
@@ -345,7 +356,7 @@ def main() -> None:
         "code_revision": code_revision(),
         "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
         "run": str(args.run),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None,
         "samples": len(store),
         "rows": rows,
         "predictives": who,
@@ -383,9 +394,9 @@ def markdown(r: dict[str, Any]) -> str:
         "# Scale-5 anomaly rows: APD against a second SGLD draw and its own subspace",
         "",
         f"Recorded {r['created_at']} by `{r['command']}`, code {r['code_revision'][:12]}; "
-        f"run {r['run']} ({r['samples']} samples), checkpoint {r['checkpoint']}. 1-minute "
-        f"load average {r['load_average_1min']['start']} -> {r['load_average_1min']['end']} "
-        "(2 cores).",
+        f"run {r['run']} ({r['samples']} samples), checkpoint {r['checkpoint'] or 'none'}. "
+        f"1-minute load average {r['load_average_1min']['start']} -> "
+        f"{r['load_average_1min']['end']} (2 cores).",
         "",
         "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
         "100 other samples of the same run, spread the same way. apd_N: 100 networks "
