@@ -284,6 +284,10 @@ def test_acquisition_picks_the_highest_scores_and_initial_labels_are_balanced() 
         (["--arch", "fcnn1", "--variant", "rank46"], "--variant takes NAME=CHECKPOINT"),
         (["--arch", "fcnn1", "--variant", "r/46=x"], "--variant takes NAME=CHECKPOINT"),
         (["--arch", "fcnn1", "--variant", "r46=/nonexistent.safetensors"], "does not exist"),
+        (
+            ["--arch", "fcnn1", "--variant", f"r46={__file__}", "--variant", f"R46={__file__}"],
+            "--variant names must differ",
+        ),
     ],
 )
 def test_bad_evaluate_flags_give_one_line(

@@ -28,6 +28,7 @@ from training.evaluation.suite import (
     DEFAULT_MIXTURE_RANK,
     EXPERIMENTS,
     SuiteConfig,
+    variant_key,
 )
 from training.evaluation.toy2d import ToySettings
 
@@ -189,8 +190,11 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
     if not args.runs.is_dir():
         raise UserError(f"runs folder {args.runs} does not exist")
     variants = tuple(_variant(v) for v in args.variant)
-    if len({name for name, _ in variants}) != len(variants):
-        raise UserError(f"--variant names must differ, got {[n for n, _ in variants]}")
+    if len({variant_key(name) for name, _ in variants}) != len(variants):
+        raise UserError(
+            f"--variant names must differ (case, spaces and dots aside), got "
+            f"{[n for n, _ in variants]}"
+        )
     try:
         attacks = AttackSettings(
             eps=_floats(args.attack_eps, "--attack-eps"),
