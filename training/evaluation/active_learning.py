@@ -21,8 +21,9 @@ BALD reaches 89.3 % (88.2-90.1) against top-10's 87.1 % (83.4-90.0) and random's
 spends the round's labels on near-duplicates of it. But as the posterior sharpens, most of
 the 2,000 candidates keep a small nonzero score whose summed mass outweighs the few high
 ones, and the draw drifts towards random: online APD's power-BALD curve (seed 0, whole test
-set) ended at 94.7 % with 520 labels, where its top-10 curve reached 96.7 % (2,000 test
-images, ``python benchmarks/al_probe.py learners``); so the protocol keeps top-10.
+set) ended at 94.7 % with 520 labels (entropy 95.1 %), where its top-10 curves reach 96.5 %
+(entropy 96.5 %; benchmarks/results/active_learning-curves-power.jsonl against the report's
+curves); so the protocol keeps top-10.
 
 Learners; SGLD and online APD are warm-started every round from the last round's chain states
 (as the reference code does; ``warm_start=False`` refits from scratch):
