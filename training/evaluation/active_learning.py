@@ -22,8 +22,8 @@ spends the round's labels on near-duplicates of it. But as the posterior sharpen
 the 2,000 candidates keep a small nonzero score whose summed mass outweighs the few high
 ones, and the draw drifts towards random: online APD's power-BALD curve (seed 0, whole test
 set) ended at 94.7 % with 520 labels (entropy 95.1 %), where its top-10 curves reach 96.5 %
-(entropy 96.5 %; benchmarks/results/active_learning-curves-power.jsonl against the report's
-curves); so the protocol keeps top-10.
+(entropy 96.5 %; benchmarks/results/active_learning-curves-power.jsonl against
+active_learning-curves.jsonl); so the protocol keeps top-10.
 
 Learners; SGLD and online APD are warm-started every round from the last round's chain states
 (as the reference code does; ``warm_start=False`` refits from scratch):
