@@ -293,8 +293,9 @@ def select(
     """The ``k`` candidates to label next. ``TOP``: the highest scores (ties broken at
     random). ``POWER``: ``k`` drawn without replacement with probability proportional to the
     score (power acquisition, Kirsch et al. 2023, exponent 1), as the top ``k`` of
-    ``log score + Gumbel noise``: the batch keeps to high scores but does not spend all ten
-    labels on one cluster of near-duplicates that top-``k`` would rank together."""
+    ``log score + Gumbel noise``: it favours high scores without spending the whole batch on
+    one cluster of near-duplicates that top-``k`` ranks together, but drifts towards random
+    once most candidates hold small nonzero scores (module docstring)."""
     if acquisition is Acquisition.RANDOM or summary is None:
         return np.sort(rng.choice(candidates, size=k, replace=False))
     scores = acquisition_scores(summary, acquisition)
