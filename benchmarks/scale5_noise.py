@@ -148,11 +148,10 @@ class KroneckerSubspace:
         sq = np.zeros(spec.num_params)
         for start in range(0, s, chunk):
             rows = np.asarray(theta[start : start + chunk], np.float64)
-            left_out = rows - out.project(rows, np.float64)
-            sq += np.square(left_out).sum(axis=0)
-            for (ws, _), (lf, rf) in zip(spec.offsets(), factors, strict=True):
-                d = (rows[:, ws] - mean[ws]).reshape(len(rows), len(lf), len(rf))
-                kept += float(np.square(lf.T @ d @ rf).sum())
+            projected = out.project(rows, np.float64)
+            sq += np.square(rows - projected).sum(axis=0)
+            for ws, _ in spec.offsets():  # the factors are orthonormal: |L C R^T| = |C|
+                kept += float(np.square(projected[:, ws] - mean[ws]).sum())
         out.variance_held = kept / total
         out.residual_std = np.sqrt(sq / (s - 1)).astype(np.float32)
         return out
