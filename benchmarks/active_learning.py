@@ -178,7 +178,8 @@ def main() -> None:
         args.runs.mkdir(parents=True, exist_ok=True)
         argv = ["evaluate", "--arch", args.arch, "--runs", str(args.runs), "--name", name]
         argv += ["--reference", "--experiments", "active_learning", "--al-rounds", str(args.rounds)]
-        argv += ["--al-log", str(args.out / "active_learning-curves.jsonl")]
+        # relative to the working directory, so that the report's command reads as typed
+        argv += ["--al-log", os.path.relpath(args.out / "active_learning-curves.jsonl")]
         if apd_main([*argv, "--threads", str(args.workers)]) != 0:
             raise SystemExit("apd evaluate failed")
         load["end"] = round(os.getloadavg()[0], 2)

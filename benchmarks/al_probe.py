@@ -47,6 +47,18 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     Top-k spends a round's labels on one cluster of near-duplicates when the scores of a
     small-data posterior single out one confusion.
 
+``apd-rank``
+    Why online APD's BALD trails SGLD's in the first rounds (seeds 0-2, rounds 0-10, BALD,
+    SGLD beside it): the protocol's generator spans 20 directions of the round's 40 warm-up
+    samples; with 39 it spans all they hold, so its networks keep the within-chain spread
+    that BALD's disagreement term measures.
+
+``apd-networks``
+    Online APD scoring and predicting with K = 100 networks drawn from its generator (what
+    a generator affords; MC-Dropout scores with 100 passes) against the protocol's 20, over
+    the whole protocol (seeds 0-2, 50 rounds, BALD), SGLD beside them: online APD's BALD
+    trails SGLD's by 0.5-2 points from 220 labels on where its random curve does not.
+
 ``--seeds`` runs a probe's variants on other seeds (written to
 ``al_probe-PROBE-seedsS.{json,md}``).
 
@@ -160,6 +172,29 @@ def batch(base: ActiveLearningSettings) -> Variants:
     ]
 
 
+def apd_rank(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0, 1, 2), acquisitions=(Acquisition.BALD,))
+    apd = replace(s, learners=(Learner.APD,))
+    return [
+        (
+            f"the protocol (APD rank {s.apd_rank}), SGLD beside it",
+            replace(s, learners=(Learner.SGLD, Learner.APD)),
+        ),
+        (f"APD rank {s.warmup_samples - 1}", replace(apd, apd_rank=s.warmup_samples - 1)),
+    ]
+
+
+def apd_networks(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0, 1, 2), acquisitions=(Acquisition.BALD,))
+    return [
+        (
+            f"the protocol (K = {s.apd_networks}), SGLD beside it",
+            replace(s, learners=(Learner.SGLD, Learner.APD)),
+        ),
+        ("APD K = 100", replace(s, learners=(Learner.APD,), apd_networks=100)),
+    ]
+
+
 PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int, int]]] = {
     # name: (variants, default rounds, default test_every)
     "moment-init": (moment_init, 6, 1),
@@ -169,6 +204,8 @@ PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int,
     "learners": (learners, 50, 10),
     "scoring": (scoring, 10, 5),
     "batch": (batch, 10, 5),
+    "apd-rank": (apd_rank, 10, 5),
+    "apd-networks": (apd_networks, 50, 10),
 }
 
 

@@ -3,12 +3,14 @@ warm starts, and parallel curves that equal the serial ones exactly."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydantic import TypeAdapter
 from sklearn.datasets import load_digits
 
 from apd.networks import build_spec
@@ -29,6 +31,10 @@ from training.evaluation.active_learning import (
     select,
 )
 from training.evaluation.methods import MemberNetworks
+from training.evaluation.report.sections import _al_runs
+from training.evaluation.results import ActiveLearningSection
+from training.revision import code_revision
+from training.threads import cpu_model
 
 SPEC = build_spec("mlp:16", (64,), 10)
 IMAGE = (8, 8)  # the digits' shape, for the MC-Dropout learner's CNN
@@ -110,8 +116,10 @@ def test_an_interrupted_run_resumes_from_its_curve_log(
     digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
     """A run that logs its curves and is then asked for more reruns none of the logged ones:
-    the resumed run equals an uninterrupted one, and its wall time adds up both runs. Curves
-    logged under other settings are not reused; a corrupt log is refused, not overwritten."""
+    the resumed run equals an uninterrupted one, its wall time adds up both runs and it
+    names them. Curves logged under settings that shape their learner otherwise are not
+    reused (other learners' settings do not count); a corrupt log is refused, not
+    overwritten."""
     s = replace(TINY, learners=(Learner.SGLD, Learner.DROPOUT))
     log = tmp_path / "curves.jsonl"
     whole = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
@@ -119,12 +127,32 @@ def test_an_interrupted_run_resumes_from_its_curve_log(
         SPEC, *digits, replace(s, learners=(Learner.DROPOUT,)), False, image_shape=IMAGE, log=log
     )
     assert len(log.read_text().splitlines()) == 2
+    line = json.loads(log.read_text().splitlines()[0])
+    assert line["cpu"] == cpu_model() and line["code_revision"] == code_revision()
     resumed = run_active_learning(SPEC, *digits, s, False, image_shape=IMAGE, log=log)
     assert [_key(c) for c in resumed["curves"]] == [_key(c) for c in whole["curves"]]
     for a, b in zip(resumed["curves"], whole["curves"], strict=True):
         np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-12)
     assert len(log.read_text().splitlines()) == 4  # only the two SGLD curves ran
     assert resumed["seconds"] >= first["seconds"]
+    assert [r["curves"] for r in resumed["runs"]] == [2, 2]
+    checked = TypeAdapter(ActiveLearningSection).validate_json(json.dumps(resumed), strict=True)
+    text = "\n".join(_al_runs(checked))
+    assert "from 2 runs of the same command" in text and text.count(cpu_model()) == 2
+    # a setting that shapes no learner of the run (online APD's rank) reuses every curve
+    again = run_active_learning(
+        SPEC, *digits, replace(s, apd_rank=3), False, image_shape=IMAGE, log=log
+    )
+    assert len(log.read_text().splitlines()) == 4
+    assert again["curves"] == resumed["curves"]
+    # a line logged before a setting existed: reused when the setting does not shape its
+    # learner (online APD's K and these SGLD and MC-Dropout curves)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    for line in lines:
+        del line["settings"]["apd_networks"]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    older = run_active_learning(SPEC, *digits, s, False, image_shape=IMAGE, log=log)
+    assert len(log.read_text().splitlines()) == 4 and older["curves"] == resumed["curves"]
     # other settings: nothing reused, every curve runs (and is logged) again
     other = replace(s, learners=(Learner.DROPOUT,), dropout_epochs=4)
     run_active_learning(SPEC, *digits, other, False, image_shape=IMAGE, log=log)

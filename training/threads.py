@@ -31,14 +31,17 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def device_description(threads: int) -> str:
-    """``"cpu: <model name>, N threads (of M cores)"``: what the numbers were measured on."""
-    model = platform.processor() or platform.machine()
-    try:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's name where there is none).
+    Results of long stochastic runs (SGLD chains) are bit-for-bit reproducible only on the
+    same CPU model: its math kernels round differently, and the chains amplify it."""
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {threads} torch threads (of {os.cpu_count()} cores)"
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_description(threads: int) -> str:
+    """``"cpu: <model name>, N threads (of M cores)"``: what the numbers were measured on."""
+    return f"cpu: {cpu_model()}, {threads} torch threads (of {os.cpu_count()} cores)"

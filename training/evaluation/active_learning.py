@@ -32,7 +32,13 @@ Learners; SGLD and online APD are warm-started every round from the last round's
                samples;
 * ``apd``      online APD (Algorithm 2, :func:`training.distillation.online.distill_online`):
                the GAN trains alongside the same SGLD chains on a buffer of recent samples, and
-               the K networks are drawn from the generator; no sample outlives the round;
+               ``apd_networks`` (100) networks are drawn from the generator, which draws any
+               number (SGLD has its round's samples, MC-Dropout scores with 100 passes); no
+               sample outlives the round. With 20 networks, as many as SGLD's, its BALD curve
+               ends level with SGLD's too but has less to average over (``python
+               benchmarks/al_probe.py apd-networks``, seeds 0-2, 2,000 test images: 47.6 /
+               85.6 / 93.7 / 96.6 % at 20 / 120 / 320 / 520 labels against 54.9 / 84.5 /
+               94.7 / 97.0 % with 100, and SGLD's 57.1 / 84.5 / 94.4 / 96.7 %);
 * ``dropout``  MC-Dropout as the field's reference runs it (Gal, Islam & Ghahramani 2017, their
                Keras code), on its own network (``dropout_arch``: LeNet-5, what the other
                learners run in the reference report), trained from scratch every round
@@ -87,7 +93,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NotRequired
 
 import numpy as np
 import torch
@@ -106,10 +112,12 @@ from training.evaluation.results import (
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
     CurveRecord,
+    CurveRunRecord,
     CurveSummary,
     as_record,
 )
 from training.revision import code_revision
+from training.threads import cpu_model
 
 
 class Acquisition(enum.StrEnum):
@@ -164,6 +172,9 @@ class ActiveLearningSettings:
     warmup_samples: int = 40
     gan_steps: int = 70
     apd_rank: int = 20
+    # networks online APD draws to score and predict with: its generator draws any number
+    # (MC-Dropout scores with its 100 passes; SGLD with num_samples of a round's samples)
+    apd_networks: int = 100
     moment_init_steps: int = 300
     selection_inputs: int = 500
     warm_start: bool = True
@@ -189,6 +200,7 @@ class ActiveLearningSettings:
             "dropout_batch_size",
             "dropout_epochs",
             "dropout_passes",
+            "apd_networks",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -391,7 +403,7 @@ def fit_online_apd(
     # labels passed along are placeholders that only feed the monitor's log lines.
     val = (selection_x, np.zeros(len(selection_x), dtype=np.int64))
     result = distill_online(spec, x, y, config, val=val, progress=False, init=init)
-    theta = result.generator.sample(s.num_samples, torch.Generator().manual_seed(seed + 7))
+    theta = result.generator.sample(s.apd_networks, torch.Generator().manual_seed(seed + 7))
     assert result.final_chains is not None
     return theta, result.final_chains
 
@@ -597,19 +609,27 @@ def run_active_learning(
                 finished(curve)
     curves.sort(key=lambda c: order[(c["learner"], c["acquisition"], c["seed"])])
     bar.close()
-    seconds = time.perf_counter() - t0 + (curve_log.earlier_seconds() if curve_log else 0.0)
-    return active_learning_section(s, curves, round(seconds, 1))
+    if curve_log is None:
+        return active_learning_section(s, curves, round(time.perf_counter() - t0, 1))
+    seconds = time.perf_counter() - t0 + curve_log.earlier_seconds()
+    return active_learning_section(s, curves, round(seconds, 1)) | {"runs": curve_log.runs()}
 
 
 class CurveLog:
     """The finished curves of a run, one JSON line each: the settings that shape a curve
     (all but which seeds, learners and acquisitions the run covers), the curve, when its run
-    started and how long that run had taken when the curve finished.
+    started, how long that run had taken when the curve finished, and the CPU it ran on
+    (a curve's figures are reproducible bit-for-bit only on the same CPU model: SGLD's
+    chains amplify the kernels' rounding, so a seed's first fit can differ by a few points
+    between machines).
 
-    :meth:`curves` returns the logged curves whose settings equal ``s``'s (the code that
-    ran them is not compared: a change that alters results must change a setting or start
-    a new log); :meth:`earlier_seconds` the wall time of the earlier runs that finished
-    them (each run's time to its last finished curve: a curve cut off mid-way is lost)."""
+    :meth:`curves` returns the logged curves whose learner's settings equal ``s``'s (the
+    settings of the other learners do not shape them, :data:`_SHAPES`; a line logged before
+    a setting that shapes its learner existed does not match; the code that ran them is not
+    compared: a change that alters results must change a setting or start a new log);
+    :meth:`runs` the runs that finished them, and :meth:`earlier_seconds` those runs' wall
+    time before this one (each run's time to its last finished curve: a curve cut off
+    mid-way is lost)."""
 
     def __init__(self, path: Path, s: ActiveLearningSettings) -> None:
         self.path = path
@@ -617,24 +637,48 @@ class CurveLog:
         self.run = uuid.uuid4().hex  # tells this run's lines from earlier runs'
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.revision = code_revision()  # the code this run imported, whatever lands meanwhile
+        self.cpu = cpu_model()
         self.entries: list[_LogLine] = []
         if path.is_file():
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 try:
                     entry = _LINE.validate_json(line)
+                    learner = Learner(entry["curve"]["learner"])
                 except ValueError as exc:
                     raise UserError(
                         f"{path}:{n}: not a curve-log line ({exc}); move the file away to "
                         "start the run afresh"
                     ) from None
-                if entry["settings"] == self.settings:
+                if _shaping(entry["settings"], learner) == _shaping(self.settings, learner):
                     self.entries.append(entry)
 
-    def curves(self) -> dict[tuple[str, str, int], CurveRecord]:
+    def _latest(self) -> dict[tuple[str, str, int], _LogLine]:
         return {
-            (e["curve"]["learner"], e["curve"]["acquisition"], e["curve"]["seed"]): e["curve"]
+            (e["curve"]["learner"], e["curve"]["acquisition"], e["curve"]["seed"]): e
             for e in self.entries
         }
+
+    def curves(self) -> dict[tuple[str, str, int], CurveRecord]:
+        return {key: e["curve"] for key, e in self._latest().items()}
+
+    def runs(self) -> list[CurveRunRecord]:
+        """The runs whose curves :meth:`curves` returns, in the order they started."""
+        runs: dict[str, CurveRunRecord] = {}
+        for e in self.entries:  # a run's time: to its last finished curve, used or not
+            r = runs.setdefault(
+                e["run"],
+                {
+                    "started": e["run_started"],
+                    "code_revision": e["code_revision"],
+                    "cpu": e.get("cpu"),
+                    "curves": 0,
+                    "seconds": 0.0,
+                },
+            )
+            r["seconds"] = max(r["seconds"], e["elapsed"])
+        for e in self._latest().values():
+            runs[e["run"]]["curves"] += 1
+        return sorted((r for r in runs.values() if r["curves"]), key=lambda r: r["started"])
 
     def earlier_seconds(self) -> float:
         runs: dict[str, float] = {}
@@ -651,6 +695,7 @@ class CurveLog:
             "run_started": self.started,
             "elapsed": round(elapsed, 1),
             "code_revision": self.revision,
+            "cpu": self.cpu,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
@@ -665,9 +710,52 @@ class _LogLine(TypedDict):
     run_started: str
     elapsed: float
     code_revision: str
+    cpu: NotRequired[str]  # absent in lines logged before it was recorded
 
 
 _LINE: Final = TypeAdapter(_LogLine)
+
+_CHAINS: Final = frozenset({Learner.SGLD, Learner.APD})
+# The settings that shape only some learners' curves (every other one shapes them all):
+# a logged curve is reused when the settings that shape its learner are unchanged.
+_SHAPES: Final[dict[str, frozenset[Learner]]] = {
+    **dict.fromkeys(
+        (
+            "num_samples",
+            "chains",
+            "sgld_lr",
+            "preconditioner",
+            "temperature",
+            "prior_std",
+            "batch_size",
+            "first_burn_in",
+            "burn_in",
+            "thinning",
+            "warmup_samples",
+            "gan_steps",
+            "warm_start",
+            "sgld_steps_first_round",
+            "sgld_steps_per_round",
+        ),
+        _CHAINS,
+    ),
+    **dict.fromkeys(
+        ("buffer_size", "apd_rank", "apd_networks", "moment_init_steps", "selection_inputs"),
+        frozenset({Learner.APD}),
+    ),
+    **dict.fromkeys(
+        (
+            "dropout_arch",
+            "dropout_rates",
+            "dropout_weight_decay",
+            "dropout_lr",
+            "dropout_batch_size",
+            "dropout_epochs",
+            "dropout_passes",
+        ),
+        frozenset({Learner.DROPOUT}),
+    ),
+}
 
 
 def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
@@ -676,6 +764,11 @@ def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
     for run_only in ("seeds", "learners", "acquisitions"):
         record.pop(run_only)
     return json.loads(json.dumps(record))
+
+
+def _shaping(settings: dict[str, Any], learner: Learner) -> dict[str, Any]:
+    """The logged ``settings`` that shape ``learner``'s curves."""
+    return {k: v for k, v in settings.items() if k not in _SHAPES or learner in _SHAPES[k]}
 
 
 def _job_key(job: _Job) -> tuple[str, str, int]:

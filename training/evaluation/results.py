@@ -84,8 +84,8 @@ class AttackSettingsRecord(TypedDict):
 @with_config(_CLOSED)
 class ActiveLearningSettingsRecord(TypedDict):
     """The ``NotRequired`` fields came with warm starts, candidate subsets, the MC-Dropout
-    learner, preconditioners and batch rules; the settings recorded in reports written
-    before lack them."""
+    learner, preconditioners, batch rules and online APD's own K; the settings recorded in
+    reports written before lack them."""
 
     seeds: list[int]
     rounds: int
@@ -112,6 +112,7 @@ class ActiveLearningSettingsRecord(TypedDict):
     warmup_samples: int
     gan_steps: int
     apd_rank: int
+    apd_networks: NotRequired[int]
     moment_init_steps: NotRequired[int]
     selection_inputs: int
     warm_start: NotRequired[bool]
@@ -543,11 +544,23 @@ class CurveSummary(TypedDict):
 
 
 @with_config(_CLOSED)
+class CurveRunRecord(TypedDict):
+    """One run that finished curves of a section resumed from a curve log."""
+
+    started: str
+    code_revision: str
+    cpu: str | None  # None: logged before the CPU was recorded
+    curves: int
+    seconds: float  # the run's wall time to its last finished curve
+
+
+@with_config(_CLOSED)
 class ActiveLearningSection(TypedDict):
     settings: ActiveLearningSettingsRecord
     curves: list[CurveRecord]
-    seconds: float
+    seconds: float  # wall time, with the earlier runs' when resumed from a curve log
     summary: list[CurveSummary]
+    runs: NotRequired[list[CurveRunRecord]]  # with a curve log: the runs that made the curves
 
 
 # --------------------------------------------------------------------------- the whole

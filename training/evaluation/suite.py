@@ -8,9 +8,7 @@ configs, the checkpoint's digest, the code revision).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
 import re
 import sys
 import time
@@ -54,7 +52,7 @@ from training.evaluation.results import (
 from training.evaluation.toy2d import ToyResult, ToySettings
 from training.revision import code_revision, uncommitted_changes
 from training.run_layout import is_finished
-from training.threads import torch_threads
+from training.threads import cpu_model, torch_threads
 
 # Active learning at the paper's protocol takes hours on a CPU (docs/results/
 # lenet5-active-learning): asked for by name, never by default.
@@ -152,13 +150,7 @@ class SuiteConfig:
 
 
 def machine_description(threads: int) -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"CPU: {model}, {threads} torch threads ({os.cpu_count()} cores, shared)"
+    return f"CPU: {cpu_model()}, {threads} torch threads ({os.cpu_count()} cores, shared)"
 
 
 def load_methods(

@@ -167,6 +167,36 @@ def _al_protocol(al: ActiveLearningSection) -> str:
     )
 
 
+def _resumed_wall_time(results: EvaluationResults) -> str:
+    al = results.get("active_learning")
+    if al is None or len(al.get("runs", [])) < 2:
+        return ""
+    return (
+        f"; the active-learning curves took {al['seconds'] / 60:.0f} min over the runs "
+        "that section 4 lists (this run resumed them from their curve log)"
+    )
+
+
+def _al_runs(al: ActiveLearningSection) -> list[str]:
+    """Which runs made the curves, when the section was resumed from a curve log."""
+    runs = al.get("runs", [])
+    if len(runs) < 2:
+        return []
+    items = [
+        f"- started {r['started']} at code {r['code_revision'][:10]}, "
+        f"{r['cpu'] or 'CPU not recorded'}: {r['curves']} curves in {r['seconds'] / 60:.0f} min"
+        for r in runs
+    ]
+    return [
+        f"The curves come from {len(runs)} runs of the same command and settings, each "
+        "resuming from the curve log of the ones before (`--al-log`; the wall time above is "
+        "their sum):",
+        "",
+        *items,
+        "",
+    ]
+
+
 def _al_batch(st: ActiveLearningSettingsRecord) -> str:
     """How BALD and entropy pick a round's images (sections written before batch rules took
     the top scores and do not say so)."""
@@ -218,9 +248,18 @@ def _al_fits(st: ActiveLearningSettingsRecord) -> str:
     text = (
         f"{fits} Online APD runs the same chains with {st['gan_steps']} GAN steps interleaved "
         f"(subspace rank {st['apd_rank']} refitted each round, buffer {st['buffer_size']}{init}), "
-        "selecting its generator by KL to the chains on unlabelled pool images."
+        "selecting its generator by KL to the chains on unlabelled pool images"
+        + _al_apd_networks(st)
+        + "."
     )
     return f"{text} {_al_dropout(st)}" if "dropout" in st["learners"] else text
+
+
+def _al_apd_networks(st: ActiveLearningSettingsRecord) -> str:
+    k = st.get("apd_networks", st["num_samples"])
+    if k == st["num_samples"]:
+        return ""
+    return f", and scores and predicts with K = {k} networks drawn from it"
 
 
 GAL_CNN: Final = "cnn:conv32x4,conv32x4,pool2,fc128"
@@ -285,7 +324,8 @@ def _header(results: EvaluationResults) -> list[str]:
         f"(MC-Dropout: {cfg['dropout_passes']} passes; SGD: 1; deep ensemble: its members)",
         f"- Wall time: **{secs.get('total', float('nan')):.0f} s** in all ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
-        + ")",
+        + ")"
+        + _resumed_wall_time(results),
     ]
     skipped = [e for e in EXPERIMENTS if e not in cfg["experiments"]]
     if skipped:
@@ -833,6 +873,7 @@ def _active_learning(results: EvaluationResults) -> list[str]:
         "",
         _al_protocol(al),
         "",
+        *_al_runs(al),
     ]
     rows = []
     for s in al["summary"]:
@@ -1048,7 +1089,13 @@ def render_markdown(results: EvaluationResults) -> str:
         "",
         "## Reproducing",
         "",
-        "Everything above (tables, figures, `results.json`) came from one run of",
+        "Everything above (tables, figures, `results.json`) came from one run of"
+        + (
+            " (its active-learning curves from the runs of section 4, each resumed from"
+            " the curve log of the ones before)"
+            if len(results.get("active_learning", {}).get("runs", [])) > 1
+            else ""
+        ),
         "",
         f"    {results['meta']['command'] or 'apd evaluate'}",
         "",
