@@ -54,6 +54,7 @@ TINY = ActiveLearningSettings(
     warmup_samples=4,
     gan_steps=6,
     apd_rank=3,
+    apd_networks=6,  # online APD draws its own K, not SGLD's num_samples
     selection_inputs=30,
     dropout_arch="cnn:conv4x3,pool2,fc8",
     dropout_rates=(0.25, 0.5),
@@ -215,7 +216,8 @@ def test_a_warm_start_continues_the_chains(
     _, fresh = fit_sgld(SPEC, x, y, TINY, seed=1)
     assert 0 < float((moved - chains).norm()) < float((fresh - chains).norm())
     theta_apd, chains_apd = fit_online_apd(SPEC, x, y, TINY, 2, digits[0][40:70], init=chains)
-    assert theta_apd.shape == theta.shape and chains_apd.shape == chains.shape
+    assert theta_apd.shape == (TINY.apd_networks, SPEC.num_params)
+    assert chains_apd.shape == chains.shape
     with pytest.raises(ValueError, match="initial chain states"):
         fit_online_apd(SPEC, x, y, TINY, 2, digits[0][40:70], init=chains[:1])
 
@@ -244,7 +246,8 @@ def test_both_learners_fit_a_cnn(
     theta, chains = fit_sgld(cnn, x, y, TINY, seed=0)
     assert theta.shape == (TINY.num_samples, cnn.num_params)
     theta_apd, _ = fit_online_apd(cnn, x, y, TINY, 1, digits[0][40:70], init=chains)
-    assert theta_apd.shape == theta.shape and bool(torch.isfinite(theta_apd).all())
+    assert theta_apd.shape == (TINY.apd_networks, cnn.num_params)
+    assert bool(torch.isfinite(theta_apd).all())
 
 
 # The MC-Dropout learner: Gal et al. (2017)'s recipe, scaled to the 8 x 8 digits (a small CNN

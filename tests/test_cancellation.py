@@ -19,13 +19,30 @@ from tests.service_support import make_checkpoint
 
 pytestmark = pytest.mark.slow
 
-# Wide enough that K = 1000 over 64 inputs takes seconds on a shared 2-core box.
+# Wide enough that K = 1000 over 64 inputs takes a second on a shared 2-core box; a faster
+# CPU gets more inputs (heavy_rows), up to MAX_ROWS, which the servers here admit.
 SLOW = {"sizes": (784, 1024, 10), "hidden": (64,), "rank": 32}
+MAX_ROWS = 1024
+ENV = {"APD_MAX_BATCH": str(MAX_ROWS), "APD_MAX_BODY_BYTES": str(64 << 20),
+       "APD_MEMORY_BUDGET_MB": "2048"}  # fmt: skip
+ONE_SLOT = ["--compute-concurrency", "1", "--batch-max-rows", "1", "--num-threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def slow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("slow") / "model.safetensors", **SLOW)
+
+
+@pytest.fixture(scope="module")
+def heavy_rows(slow_ckpt: Path) -> int:
+    """Inputs of a K = 1000 request that keep this machine's server busy for 0.6 s or more
+    (its networks cached): what the tests cancel has to run long enough to be cut short."""
+    with apd_serve(slow_ckpt, args=ONE_SLOT, env=ENV) as server:
+        timed_predict(server.base_url, body(1, 1000, seed=3))  # draws and caches the networks
+        n = 64
+        while timed_predict(server.base_url, body(n, 1000, seed=3)) < 0.6 and n < MAX_ROWS:
+            n *= 2
+    return n
 
 
 def metric(base: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -55,12 +72,11 @@ def timed_predict(base: str, payload: bytes) -> float:
 
 
 def test_a_client_that_disconnects_stops_its_computation_and_frees_its_budget(
-    slow_ckpt: Path,
+    slow_ckpt: Path, heavy_rows: int
 ) -> None:
-    args = ["--compute-concurrency", "1", "--batch-max-rows", "1", "--num-threads", "1"]
-    with apd_serve(slow_ckpt, args=args) as server:
+    with apd_serve(slow_ckpt, args=ONE_SLOT, env=ENV) as server:
         base = server.base_url
-        heavy = body(64, 1000, seed=3)
+        heavy = body(heavy_rows, 1000, seed=3)
         alone = timed_predict(base, heavy)  # warm: the seed's networks are cached now
         assert alone > 0.3, f"the heavy request must take a while to test anything ({alone} s)"
         # Send it again, and leave before the answer.
@@ -86,13 +102,12 @@ def test_a_client_that_disconnects_stops_its_computation_and_frees_its_budget(
         assert small < alone
 
 
-def test_a_request_past_its_deadline_is_a_504_and_stops(slow_ckpt: Path) -> None:
-    args = ["--compute-concurrency", "1", "--batch-max-rows", "1", "--num-threads", "1",
-            "--request-timeout-s", "0.2"]  # fmt: skip
-    with apd_serve(slow_ckpt, args=args) as server:
+def test_a_request_past_its_deadline_is_a_504_and_stops(slow_ckpt: Path, heavy_rows: int) -> None:
+    args = [*ONE_SLOT, "--request-timeout-s", "0.2"]
+    with apd_serve(slow_ckpt, args=args, env=ENV) as server:
         base = server.base_url
         t0 = time.perf_counter()
-        r = httpx.post(base + "/predict", content=body(64, 1000), timeout=60,
+        r = httpx.post(base + "/predict", content=body(heavy_rows, 1000), timeout=60,
                        headers={"content-type": "application/json"})  # fmt: skip
         took = time.perf_counter() - t0
         assert r.status_code == 504, r.text
