@@ -23,7 +23,7 @@ the 2,000 candidates keep a small nonzero score whose summed mass outweighs the 
 ones, and the draw drifts towards random: online APD's power-BALD curve (seed 0, whole test
 set) ended at 94.7 % with 520 labels (entropy 95.1 %), where its top-10 curves reach 96.5 %
 (entropy 96.5 %; benchmarks/results/active_learning-curves-power.jsonl against
-active_learning-curves.jsonl); so the protocol keeps top-10.
+active_learning-curves-apd-k20.jsonl, both with 20 networks); so the protocol keeps top-10.
 
 Learners; SGLD and online APD are warm-started every round from the last round's chain states
 (as the reference code does; ``warm_start=False`` refits from scratch):

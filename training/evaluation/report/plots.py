@@ -17,7 +17,11 @@ from training.evaluation.report.sections import (
     _scale,
     provenance_line,
 )
-from training.evaluation.results import ClassificationRecord, EvaluationResults
+from training.evaluation.results import (
+    ActiveLearningSettingsRecord,
+    ClassificationRecord,
+    EvaluationResults,
+)
 
 # --------------------------------------------------------------------------- plots
 
@@ -218,9 +222,15 @@ def plot_active_learning(results: EvaluationResults, path: Path) -> None:
     caption = (
         f"Band: min-max over seeds {', '.join(str(x) for x in st['seeds'])}. "
         f"Pool {_al_pool(st)}, test on {_al_test(st)}, K={st['num_samples']}, "
-        f"T={st['temperature']:g}, online APD {st['gan_steps']} GAN steps per fit. "
-        + provenance_line(results, source=_al_source(results))
+        f"T={st['temperature']:g}, online APD {st['gan_steps']} GAN steps per fit"
+        f"{_apd_k(st)}. " + provenance_line(results, source=_al_source(results))
     )
     start = "warm start" if st.get("warm_start", False) else "cold start"
     fig.suptitle(f"Active learning on MNIST ({start} every round)", fontsize=10)
     _finish(fig, path, caption)
+
+
+def _apd_k(st: ActiveLearningSettingsRecord) -> str:
+    """Online APD's own K, where it draws another number of networks than SGLD keeps."""
+    k = st.get("apd_networks", st["num_samples"])
+    return "" if k == st["num_samples"] else f" and K={k}"
