@@ -15,10 +15,10 @@ from training.evaluation.report.sections import (
     _al_source,
     _al_test,
     _scale,
+    al_apd_networks,
     provenance_line,
 )
 from training.evaluation.results import (
-    ActiveLearningSettingsRecord,
     ClassificationRecord,
     EvaluationResults,
 )
@@ -223,14 +223,10 @@ def plot_active_learning(results: EvaluationResults, path: Path) -> None:
         f"Band: min-max over seeds {', '.join(str(x) for x in st['seeds'])}. "
         f"Pool {_al_pool(st)}, test on {_al_test(st)}, K={st['num_samples']}, "
         f"T={st['temperature']:g}, online APD {st['gan_steps']} GAN steps per fit"
-        f"{_apd_k(st)}. " + provenance_line(results, source=_al_source(results))
+        + ("" if (k := al_apd_networks(st)) is None else f" and K={k}")
+        + ". "
+        + provenance_line(results, source=_al_source(results))
     )
     start = "warm start" if st.get("warm_start", False) else "cold start"
     fig.suptitle(f"Active learning on MNIST ({start} every round)", fontsize=10)
     _finish(fig, path, caption)
-
-
-def _apd_k(st: ActiveLearningSettingsRecord) -> str:
-    """Online APD's own K, where it draws another number of networks than SGLD keeps."""
-    k = st.get("apd_networks", st["num_samples"])
-    return "" if k == st["num_samples"] else f" and K={k}"

@@ -255,11 +255,16 @@ def _al_fits(st: ActiveLearningSettingsRecord) -> str:
     return f"{text} {_al_dropout(st)}" if "dropout" in st["learners"] else text
 
 
-def _al_apd_networks(st: ActiveLearningSettingsRecord) -> str:
+def al_apd_networks(st: ActiveLearningSettingsRecord) -> int | None:
+    """Online APD's own K where it draws another number of networks than SGLD keeps (None
+    where it draws as many, as in sections written before it had its own)."""
     k = st.get("apd_networks", st["num_samples"])
-    if k == st["num_samples"]:
-        return ""
-    return f", and scores and predicts with K = {k} networks drawn from it"
+    return None if k == st["num_samples"] else k
+
+
+def _al_apd_networks(st: ActiveLearningSettingsRecord) -> str:
+    k = al_apd_networks(st)
+    return "" if k is None else f", and scores and predicts with K = {k} networks drawn from it"
 
 
 GAL_CNN: Final = "cnn:conv32x4,conv32x4,pool2,fc128"
