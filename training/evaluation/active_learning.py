@@ -661,10 +661,17 @@ class CurveLog:
     def curves(self) -> dict[tuple[str, str, int], CurveRecord]:
         return {key: e["curve"] for key, e in self._latest().items()}
 
+    def _run_seconds(self) -> dict[str, float]:
+        """Each logged run's wall time: to its last finished curve."""
+        seconds: dict[str, float] = {}
+        for e in self.entries:
+            seconds[e["run"]] = max(seconds.get(e["run"], 0.0), e["elapsed"])
+        return seconds
+
     def runs(self) -> list[CurveRunRecord]:
         """The runs whose curves :meth:`curves` returns, in the order they started."""
-        runs: dict[str, CurveRunRecord] = {}
-        for e in self.entries:  # a run's time: to its last finished curve, used or not
+        seconds, runs = self._run_seconds(), dict[str, CurveRunRecord]()
+        for e in self._latest().values():
             r = runs.setdefault(
                 e["run"],
                 {
@@ -672,20 +679,14 @@ class CurveLog:
                     "code_revision": e["code_revision"],
                     "cpu": e.get("cpu"),
                     "curves": 0,
-                    "seconds": 0.0,
+                    "seconds": seconds[e["run"]],
                 },
             )
-            r["seconds"] = max(r["seconds"], e["elapsed"])
-        for e in self._latest().values():
-            runs[e["run"]]["curves"] += 1
-        return sorted((r for r in runs.values() if r["curves"]), key=lambda r: r["started"])
+            r["curves"] += 1
+        return sorted(runs.values(), key=lambda r: r["started"])
 
     def earlier_seconds(self) -> float:
-        runs: dict[str, float] = {}
-        for e in self.entries:
-            if e["run"] != self.run:
-                runs[e["run"]] = max(runs.get(e["run"], 0.0), e["elapsed"])
-        return sum(runs.values())
+        return sum(t for run, t in self._run_seconds().items() if run != self.run)
 
     def append(self, curve: CurveRecord, elapsed: float) -> None:
         entry: _LogLine = {

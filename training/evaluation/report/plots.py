@@ -18,10 +18,7 @@ from training.evaluation.report.sections import (
     al_apd_networks,
     provenance_line,
 )
-from training.evaluation.results import (
-    ClassificationRecord,
-    EvaluationResults,
-)
+from training.evaluation.results import ClassificationRecord, EvaluationResults
 
 # --------------------------------------------------------------------------- plots
 

@@ -20,6 +20,7 @@ from training.evaluation.results import (
     ActiveLearningSection,
     ActiveLearningSettingsRecord,
     CalibrationRecord,
+    CurveRunRecord,
     EvaluationResults,
     Fidelity,
     GaussianFidelity,
@@ -167,20 +168,27 @@ def _al_protocol(al: ActiveLearningSection) -> str:
     )
 
 
+def _resumed_runs(al: ActiveLearningSection | None) -> list[CurveRunRecord]:
+    """The runs that made the active-learning curves when there were several (a run resumed
+    from a curve log); empty otherwise."""
+    runs = [] if al is None else al.get("runs", [])
+    return runs if len(runs) > 1 else []
+
+
 def _resumed_wall_time(results: EvaluationResults) -> str:
-    al = results.get("active_learning")
-    if al is None or len(al.get("runs", [])) < 2:
+    if not _resumed_runs(results.get("active_learning")):
         return ""
     return (
-        f"; the active-learning curves took {al['seconds'] / 60:.0f} min over the runs "
+        f"; the active-learning curves took "
+        f"{results['active_learning']['seconds'] / 60:.0f} min over the runs "
         "that section 4 lists (this run resumed them from their curve log)"
     )
 
 
 def _al_runs(al: ActiveLearningSection) -> list[str]:
     """Which runs made the curves, when the section was resumed from a curve log."""
-    runs = al.get("runs", [])
-    if len(runs) < 2:
+    runs = _resumed_runs(al)
+    if not runs:
         return []
     items = [
         f"- started {r['started']} at code {r['code_revision'][:10]}, "
@@ -1098,7 +1106,7 @@ def render_markdown(results: EvaluationResults) -> str:
         + (
             " (its active-learning curves from the runs of section 4, each resumed from"
             " the curve log of the ones before)"
-            if len(results.get("active_learning", {}).get("runs", [])) > 1
+            if _resumed_runs(results.get("active_learning"))
             else ""
         ),
         "",
