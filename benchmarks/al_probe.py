@@ -47,6 +47,12 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     Top-k spends a round's labels on one cluster of near-duplicates when the scores of a
     small-data posterior single out one confusion.
 
+``batchbald``
+    BALD and entropy scoring the round's 10 as a batch, greedily on their joint mutual
+    information and joint entropy (BatchBALD, Kirsch et al. 2019; ``BatchRule.JOINT``),
+    against the protocol's top 10 of the per-image scores, random beside them (seeds 0-2,
+    rounds 0-10, SGLD): is what holds BALD at or below random at 120 labels the batch?
+
 ``apd-rank``
     Why online APD's BALD trails SGLD's in the first rounds (seeds 0-2, rounds 0-10, BALD,
     SGLD beside it): the protocol's generator spans 20 directions of the round's 40 warm-up
@@ -86,13 +92,8 @@ import torch
 
 from apd.networks import MNIST_INPUT_SHAPE, get_spec
 from training import sgld
-from training.evaluation.active_learning import (
-    Acquisition,
-    ActiveLearningSettings,
-    BatchRule,
-    Learner,
-    run_active_learning,
-)
+from training.evaluation.acquisition import Acquisition, BatchRule
+from training.evaluation.active_learning import ActiveLearningSettings, Learner, run_active_learning
 from training.mnist import load_mnist
 from training.revision import code_revision
 
@@ -172,6 +173,21 @@ def batch(base: ActiveLearningSettings) -> Variants:
     ]
 
 
+def batchbald(base: ActiveLearningSettings) -> Variants:
+    s = replace(base, seeds=(0, 1, 2), learners=(Learner.SGLD,))
+    return [
+        ("top-10 (the protocol), BALD, entropy and random", s),
+        (
+            "joint: BatchBALD and greedy joint entropy",
+            replace(
+                s,
+                acquisitions=(Acquisition.BALD, Acquisition.ENTROPY),
+                batch_rule=BatchRule.JOINT,
+            ),
+        ),
+    ]
+
+
 def apd_rank(base: ActiveLearningSettings) -> Variants:
     s = replace(base, seeds=(0, 1, 2), acquisitions=(Acquisition.BALD,))
     apd = replace(s, learners=(Learner.APD,))
@@ -204,6 +220,7 @@ PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int,
     "learners": (learners, 50, 10),
     "scoring": (scoring, 10, 5),
     "batch": (batch, 10, 5),
+    "batchbald": (batchbald, 10, 5),
     "apd-rank": (apd_rank, 10, 5),
     "apd-networks": (apd_networks, 50, 10),
 }

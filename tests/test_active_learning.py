@@ -14,13 +14,12 @@ from pydantic import TypeAdapter
 from sklearn.datasets import load_digits
 
 from apd.networks import build_spec
-from apd.uncertainty import PredictiveSummary, ScoreName
+from apd.uncertainty import ScoreName
 from training import sgld
 from training.errors import UserError
+from training.evaluation.acquisition import Acquisition, BatchRule, select
 from training.evaluation.active_learning import (
-    Acquisition,
     ActiveLearningSettings,
-    BatchRule,
     Learner,
     dropout_spec,
     fit_dropout,
@@ -28,7 +27,6 @@ from training.evaluation.active_learning import (
     fit_sgld,
     glorot_theta,
     run_active_learning,
-    select,
 )
 from training.evaluation.methods import MemberNetworks
 from training.evaluation.report.sections import _al_runs
@@ -119,8 +117,8 @@ def test_an_interrupted_run_resumes_from_its_curve_log(
     """A run that logs its curves and is then asked for more reruns none of the logged ones:
     the resumed run equals an uninterrupted one, its wall time adds up both runs and it
     names them. Curves logged under settings that shape their learner otherwise are not
-    reused (other learners' settings do not count); a corrupt log is refused, not
-    overwritten."""
+    reused (other learners' settings do not count, nor the batch rule for random curves); a
+    corrupt log is refused, not overwritten."""
     s = replace(TINY, learners=(Learner.SGLD, Learner.DROPOUT))
     log = tmp_path / "curves.jsonl"
     whole = run_active_learning(SPEC, *digits, s, progress=False, image_shape=IMAGE)
@@ -158,38 +156,24 @@ def test_an_interrupted_run_resumes_from_its_curve_log(
     other = replace(s, learners=(Learner.DROPOUT,), dropout_epochs=4)
     run_active_learning(SPEC, *digits, other, False, image_shape=IMAGE, log=log)
     assert len(log.read_text().splitlines()) == 6
+    # how scored acquisitions pick their batch does not shape a random curve
+    joint = run_active_learning(
+        SPEC, *digits, replace(s, batch_rule=BatchRule.JOINT), False, image_shape=IMAGE, log=log
+    )
+    reran = [json.loads(line) for line in log.read_text().splitlines()[6:]]
+    assert [(e["curve"]["acquisition"], e["settings"]["batch_rule"]) for e in reran] == [
+        ("bald", "joint"),
+        ("bald", "joint"),
+    ]
+    for a, b in zip(joint["curves"], resumed["curves"], strict=True):
+        assert a == b or a["acquisition"] == Acquisition.BALD
     log.write_text(log.read_text() + "{not json\n")
-    with pytest.raises(UserError, match=r"curves.jsonl:7: not a curve-log line"):
+    with pytest.raises(UserError, match=r"curves.jsonl:9: not a curve-log line"):
         run_active_learning(SPEC, *digits, s, False, image_shape=IMAGE, log=log)
 
 
 def _key(curve: dict[str, object]) -> tuple[object, ...]:
     return curve["learner"], curve["acquisition"], curve["seed"]
-
-
-def test_power_acquisition_draws_in_proportion_to_the_score() -> None:
-    """BatchRule.POWER picks k distinct candidates, each first pick with probability
-    score / sum(scores) (checked against that law over many draws), never one of score 0;
-    TOP picks the k highest."""
-    scores = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
-    n = len(scores)
-    summary = PredictiveSummary(np.full((n, 2), 0.5), np.zeros(n), np.zeros(n), scores, np.zeros(n))
-    candidates = np.arange(100, 100 + n)
-    rng = np.random.default_rng(0)
-    top = select(summary, Acquisition.BALD, candidates, 2, rng, BatchRule.TOP)
-    np.testing.assert_array_equal(top, [103, 104])
-    draws = 20_000
-    singles = np.array(
-        [
-            select(summary, Acquisition.BALD, candidates, 1, rng, BatchRule.POWER)[0]
-            for _ in range(draws)
-        ]
-    )
-    freq = np.bincount(singles - 100, minlength=n) / draws
-    np.testing.assert_allclose(freq, scores / scores.sum(), atol=0.014)  # 4 sd of the binomial
-    for _ in range(200):
-        pair = select(summary, Acquisition.BALD, candidates, 4, rng, BatchRule.POWER)
-        assert len(set(pair)) == 4 and 100 not in pair
 
 
 def test_random_acquisition_draws_the_same_labels_for_both_learners(

@@ -23,12 +23,8 @@ from apd.networks import MLPSpec
 from apd.uncertainty import ScoreName, summarize
 from training.errors import UserError
 from training.evaluation import anomaly
-from training.evaluation.active_learning import (
-    Acquisition,
-    ActiveLearningSettings,
-    initial_labels,
-    select,
-)
+from training.evaluation.acquisition import Acquisition, select
+from training.evaluation.active_learning import ActiveLearningSettings, initial_labels
 from training.evaluation.methods import MemberNetworks
 from training.evaluation.report import SCORE_LABELS, render_markdown, write_report
 from training.evaluation.report.__main__ import main

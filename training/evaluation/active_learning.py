@@ -103,10 +103,11 @@ from tqdm import tqdm
 from typing_extensions import TypedDict
 
 from apd.networks import CNNSpec, Conv2d, NetworkSpec, build_spec
-from apd.uncertainty import PredictiveSummary, ScoreName
+from apd.uncertainty import summarize
 from training import metrics, sgld, torch_ops
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
 from training.errors import UserError
+from training.evaluation.acquisition import Acquisition, BatchRule, select, select_joint
 from training.evaluation.methods import MemberNetworks, spread_indices
 from training.evaluation.results import (
     ActiveLearningSection,
@@ -118,19 +119,6 @@ from training.evaluation.results import (
 )
 from training.revision import code_revision
 from training.threads import cpu_model
-
-
-class Acquisition(enum.StrEnum):
-    BALD = "bald"
-    ENTROPY = "entropy"
-    RANDOM = "random"
-
-
-class BatchRule(enum.StrEnum):
-    """How a scored acquisition picks its ``acquire`` candidates."""
-
-    TOP = "top"  # the highest scores (Gal et al. 2017)
-    POWER = "power"  # drawn without replacement, with probability proportional to the score
 
 
 class Learner(enum.StrEnum):
@@ -284,40 +272,6 @@ def initial_labels(
         for c in range(int(y.max()) + 1)
     ]
     return np.sort(np.concatenate(picks)).astype(np.int64)
-
-
-def acquisition_scores(summary: PredictiveSummary, acquisition: Acquisition) -> NDArray[np.float64]:
-    if acquisition is Acquisition.BALD:
-        return summary.score(ScoreName.MUTUAL_INFORMATION)
-    if acquisition is Acquisition.ENTROPY:
-        return summary.score(ScoreName.PREDICTIVE_ENTROPY)
-    raise ValueError(f"{acquisition.value} acquisition has no score")
-
-
-def select(
-    summary: PredictiveSummary | None,
-    acquisition: Acquisition,
-    candidates: NDArray[np.int64],
-    k: int,
-    rng: np.random.Generator,
-    rule: BatchRule = BatchRule.TOP,
-) -> NDArray[np.int64]:
-    """The ``k`` candidates to label next. ``TOP``: the highest scores (ties broken at
-    random). ``POWER``: ``k`` drawn without replacement with probability proportional to the
-    score (power acquisition, Kirsch et al. 2023, exponent 1), as the top ``k`` of
-    ``log score + Gumbel noise``: it favours high scores without spending the whole batch on
-    one cluster of near-duplicates that top-``k`` ranks together, but drifts towards random
-    once most candidates hold small nonzero scores (module docstring)."""
-    if acquisition is Acquisition.RANDOM or summary is None:
-        return np.sort(rng.choice(candidates, size=k, replace=False))
-    scores = acquisition_scores(summary, acquisition)
-    if rule is BatchRule.POWER:
-        with np.errstate(divide="ignore"):  # a zero score gets log 0 = -inf: drawn last
-            keys = np.log(np.maximum(scores, 0.0)) + rng.gumbel(size=len(scores))
-        return np.sort(candidates[np.argsort(-keys, kind="stable")[:k]])
-    jitter = rng.random(len(scores)) * 1e-12
-    order = np.lexsort((jitter, -scores))
-    return np.sort(candidates[order[:k]])
 
 
 def fit_sgld(
@@ -522,8 +476,12 @@ def run_curve(
         else:
             size = min(s.candidates, len(unlabelled))
             candidates = np.sort(candidate_rng.choice(unlabelled, size=size, replace=False))
-            summary = members.summary(pool_x[candidates], seed=fit_seed + 1)
-            new = select(summary, acquisition, candidates, s.acquire, rng, s.batch_rule)
+            member_probs = members.probs(pool_x[candidates], seed=fit_seed + 1)
+            if s.batch_rule is BatchRule.JOINT:
+                new = select_joint(member_probs, acquisition, candidates, s.acquire, rng)
+            else:
+                summary = summarize(member_probs)
+                new = select(summary, acquisition, candidates, s.acquire, rng, s.batch_rule)
         labelled = np.sort(np.concatenate([labelled, new]))
     return {
         "learner": learner.value,
@@ -624,7 +582,8 @@ class CurveLog:
     between machines).
 
     :meth:`curves` returns the logged curves whose learner's settings equal ``s``'s (the
-    settings of the other learners do not shape them, :data:`_SHAPES`; a line logged before
+    settings of the other learners do not shape them, :data:`_SHAPES`, nor, of a random
+    curve, how scored acquisitions pick, :data:`_SCORED`; a line logged before
     a setting that shapes its learner existed does not match; the code that ran them is not
     compared: a change that alters results must change a setting or start a new log);
     :meth:`runs` the runs that finished them, and :meth:`earlier_seconds` those runs' wall
@@ -644,12 +603,14 @@ class CurveLog:
                 try:
                     entry = _LINE.validate_json(line)
                     learner = Learner(entry["curve"]["learner"])
+                    acquisition = Acquisition(entry["curve"]["acquisition"])
                 except ValueError as exc:
                     raise UserError(
                         f"{path}:{n}: not a curve-log line ({exc}); move the file away to "
                         "start the run afresh"
                     ) from None
-                if _shaping(entry["settings"], learner) == _shaping(self.settings, learner):
+                shaping = _shaping(entry["settings"], learner, acquisition)
+                if shaping == _shaping(self.settings, learner, acquisition):
                     self.entries.append(entry)
 
     def _latest(self) -> dict[tuple[str, str, int], _LogLine]:
@@ -759,6 +720,10 @@ _SHAPES: Final[dict[str, frozenset[Learner]]] = {
 }
 
 
+# The settings of scored acquisitions only: a random curve draws no candidates to score.
+_SCORED: Final = frozenset({"candidates", "batch_rule"})
+
+
 def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
     """What shapes one curve: the settings less the lists of curves a run covers."""
     record = dict(s.to_dict())
@@ -767,9 +732,16 @@ def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
     return json.loads(json.dumps(record))
 
 
-def _shaping(settings: dict[str, Any], learner: Learner) -> dict[str, Any]:
-    """The logged ``settings`` that shape ``learner``'s curves."""
-    return {k: v for k, v in settings.items() if k not in _SHAPES or learner in _SHAPES[k]}
+def _shaping(
+    settings: dict[str, Any], learner: Learner, acquisition: Acquisition
+) -> dict[str, Any]:
+    """The logged ``settings`` that shape ``learner``'s curves with ``acquisition``."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if (k not in _SHAPES or learner in _SHAPES[k])
+        and (k not in _SCORED or acquisition is not Acquisition.RANDOM)
+    }
 
 
 def _job_key(job: _Job) -> tuple[str, str, int]:

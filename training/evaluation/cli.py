@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Final
 
 from training.errors import UserError
-from training.evaluation.active_learning import ActiveLearningSettings, BatchRule
+from training.evaluation.acquisition import BatchRule
+from training.evaluation.active_learning import ActiveLearningSettings
 from training.evaluation.adversarial import AttackKind, AttackSettings
 from training.evaluation.suite import (
     DEFAULT_EXPERIMENTS,
