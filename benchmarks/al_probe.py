@@ -53,6 +53,13 @@ each learner x acquisition's test accuracy (mean over seeds, min-max beside it):
     against the protocol's top 10 of the per-image scores, random beside them (seeds 0-2,
     rounds 0-10, SGLD): is what holds BALD at or below random at 120 labels the batch?
 
+``power-exponent``
+    Power acquisition with a colder draw, probability ~ BALD ** beta for beta 2 and 4, over
+    the whole protocol (seeds 0-2, 50 rounds, SGLD, BALD; run with ``--test 10000`` to set
+    it beside the report's curves): beta 1 spreads the early batches (the ``batch`` probe)
+    but drifts towards random late, where a larger beta still concentrates on the few high
+    scores.
+
 ``apd-rank``
     Why online APD's BALD trails SGLD's in the first rounds (seeds 0-2, rounds 0-10, BALD,
     SGLD beside it): the protocol's generator spans 20 directions of the round's 40 warm-up
@@ -188,6 +195,17 @@ def batchbald(base: ActiveLearningSettings) -> Variants:
     ]
 
 
+def power_exponent(base: ActiveLearningSettings) -> Variants:
+    s = replace(
+        base,
+        seeds=(0, 1, 2),
+        learners=(Learner.SGLD,),
+        acquisitions=(Acquisition.BALD,),
+        batch_rule=BatchRule.POWER,
+    )
+    return [(f"power, exponent {b:g}", replace(s, power_exponent=b)) for b in (2.0, 4.0)]
+
+
 def apd_rank(base: ActiveLearningSettings) -> Variants:
     s = replace(base, seeds=(0, 1, 2), acquisitions=(Acquisition.BALD,))
     apd = replace(s, learners=(Learner.APD,))
@@ -221,6 +239,7 @@ PROBES: Final[dict[str, tuple[Callable[[ActiveLearningSettings], Variants], int,
     "scoring": (scoring, 10, 5),
     "batch": (batch, 10, 5),
     "batchbald": (batchbald, 10, 5),
+    "power-exponent": (power_exponent, 50, 10),
     "apd-rank": (apd_rank, 10, 5),
     "apd-networks": (apd_networks, 50, 10),
 }

@@ -36,8 +36,8 @@ def _brute_joint_entropy(p: np.ndarray, inputs: list[int]) -> float:
 
 def test_power_acquisition_draws_in_proportion_to_the_score() -> None:
     """BatchRule.POWER picks k distinct candidates, each first pick with probability
-    score / sum(scores) (checked against that law over many draws), never one of score 0;
-    TOP picks the k highest."""
+    score^beta / sum(scores^beta) (beta 1 and 2, checked against that law over many draws),
+    never one of score 0; TOP picks the k highest."""
     scores = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
     n = len(scores)
     summary = PredictiveSummary(np.full((n, 2), 0.5), np.zeros(n), np.zeros(n), scores, np.zeros(n))
@@ -54,6 +54,14 @@ def test_power_acquisition_draws_in_proportion_to_the_score() -> None:
     )
     freq = np.bincount(singles - 100, minlength=n) / draws
     np.testing.assert_allclose(freq, scores / scores.sum(), atol=0.014)  # 4 sd of the binomial
+    colder = np.array(
+        [
+            select(summary, Acquisition.BALD, candidates, 1, rng, BatchRule.POWER, 2.0)[0]
+            for _ in range(draws)
+        ]
+    )
+    freq = np.bincount(colder - 100, minlength=n) / draws
+    np.testing.assert_allclose(freq, scores**2 / (scores**2).sum(), atol=0.014)
     for _ in range(200):
         pair = select(summary, Acquisition.BALD, candidates, 4, rng, BatchRule.POWER)
         assert len(set(pair)) == 4 and 100 not in pair

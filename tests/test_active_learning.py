@@ -335,3 +335,5 @@ def test_the_dropout_learner_is_recorded_and_described_in_the_report(
     assert "BALD and entropy take the top 5" in _al_protocol(loaded)
     power = {**loaded, "settings": {**loaded["settings"], "batch_rule": "power"}}
     assert "draw the round's 5 from them in proportion" in _al_protocol(power)  # type: ignore[arg-type]
+    joint = {**loaded, "settings": {**loaded["settings"], "batch_rule": "joint"}}
+    assert "score the round's 5 as a batch" in _al_protocol(joint)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ Scores (larger = label me next):
 * ``random``   no score: a uniformly random batch (the baseline).
 
 A round labels ``k`` candidates at once (:class:`BatchRule`). ``top`` takes the ``k``
-highest scores (Gal et al. 2017); ``power`` draws ``k`` in proportion to the score
+highest scores (Gal et al. 2017); ``power`` draws ``k`` in proportion to a power of the score
 (Kirsch et al. 2023); ``joint`` scores the batch as a whole, greedily (BatchBALD, Kirsch,
 van Amersfoort & Gal 2019): the ``i``-th pick is the candidate ``x`` that maximises
 
@@ -48,7 +48,7 @@ class BatchRule(enum.StrEnum):
     """How a scored acquisition picks its ``k`` candidates (module docstring)."""
 
     TOP = "top"  # the highest scores (Gal et al. 2017)
-    POWER = "power"  # drawn without replacement, with probability proportional to the score
+    POWER = "power"  # drawn without replacement, with probability ~ a power of the score
     JOINT = "joint"  # greedy on the batch's joint score (BatchBALD, Kirsch et al. 2019)
 
 
@@ -67,13 +67,16 @@ def select(
     k: int,
     rng: np.random.Generator,
     rule: BatchRule = BatchRule.TOP,
+    exponent: float = 1.0,
 ) -> NDArray[np.int64]:
     """The ``k`` candidates to label next, by a per-candidate score. ``TOP``: the highest
     scores (ties broken at random). ``POWER``: ``k`` drawn without replacement with
-    probability proportional to the score (exponent 1), as the top ``k`` of ``log score +
-    Gumbel noise``: it favours high scores without spending the whole batch on one cluster
+    probability proportional to ``score ** exponent``, as the top ``k`` of ``exponent *
+    log score + Gumbel noise`` (Kirsch et al. 2023's power acquisition; their ``beta`` is
+    the exponent): it favours high scores without spending the whole batch on one cluster
     of near-duplicates, but drifts towards random once most candidates hold small nonzero
-    scores. ``JOINT`` needs the members' predictions: :func:`select_joint`."""
+    scores, the less the larger the exponent (infinite: ``TOP``). ``JOINT`` needs the
+    members' predictions: :func:`select_joint`."""
     if acquisition is Acquisition.RANDOM or summary is None:
         return np.sort(rng.choice(candidates, size=k, replace=False))
     if rule is BatchRule.JOINT:
@@ -81,7 +84,7 @@ def select(
     scores = acquisition_scores(summary, acquisition)
     if rule is BatchRule.POWER:
         with np.errstate(divide="ignore"):  # a zero score gets log 0 = -inf: drawn last
-            keys = np.log(np.maximum(scores, 0.0)) + rng.gumbel(size=len(scores))
+            keys = exponent * np.log(np.maximum(scores, 0.0)) + rng.gumbel(size=len(scores))
         return np.sort(candidates[np.argsort(-keys, kind="stable")[:k]])
     return np.sort(candidates[_top(scores, k, rng)])
 

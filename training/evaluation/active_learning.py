@@ -147,6 +147,8 @@ class ActiveLearningSettings:
         Acquisition.RANDOM,
     )
     batch_rule: BatchRule = BatchRule.TOP
+    # power acquisition's exponent: candidates drawn with probability ~ score ** power_exponent
+    power_exponent: float = 1.0
     chains: int = 4
     sgld_lr: float = 0.05
     preconditioner: sgld.Preconditioner = sgld.Preconditioner.IDENTITY
@@ -192,6 +194,8 @@ class ActiveLearningSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not self.power_exponent > 0:
+            raise ValueError("power_exponent must be positive")
         if not (self.dropout_lr > 0 and self.dropout_weight_decay >= 0):
             raise ValueError("dropout_lr must be positive and dropout_weight_decay >= 0")
         if self.preconditioner is not sgld.Preconditioner.IDENTITY and Learner.APD in self.learners:
@@ -223,6 +227,8 @@ class ActiveLearningSettings:
         return as_record(
             self,
             ActiveLearningSettingsRecord,
+            # recorded where it acts: a curve log reuses top / joint curves logged before it
+            exclude=() if self.batch_rule is BatchRule.POWER else ("power_exponent",),
             sgld_steps_first_round=self.sgld_steps(first=True),
             sgld_steps_per_round=self.sgld_steps(first=False),
         )
@@ -481,7 +487,9 @@ def run_curve(
                 new = select_joint(member_probs, acquisition, candidates, s.acquire, rng)
             else:
                 summary = summarize(member_probs)
-                new = select(summary, acquisition, candidates, s.acquire, rng, s.batch_rule)
+                new = select(
+                    summary, acquisition, candidates, s.acquire, rng, s.batch_rule, s.power_exponent
+                )
         labelled = np.sort(np.concatenate([labelled, new]))
     return {
         "learner": learner.value,
@@ -721,7 +729,7 @@ _SHAPES: Final[dict[str, frozenset[Learner]]] = {
 
 
 # The settings of scored acquisitions only: a random curve draws no candidates to score.
-_SCORED: Final = frozenset({"candidates", "batch_rule"})
+_SCORED: Final = frozenset({"candidates", "batch_rule", "power_exponent"})
 
 
 def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:

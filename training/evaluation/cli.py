@@ -121,8 +121,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--al-batch-rule",
         choices=[r.value for r in BatchRule],
         default=al.batch_rule.value,
-        help="how BALD and entropy pick a round's images: the top scores, or drawn in "
-        "proportion to the score (power acquisition)",
+        help="how BALD and entropy pick a round's images: the top scores, drawn in "
+        "proportion to the score (power acquisition), or greedily by the batch's joint "
+        "score (BatchBALD)",
+    )
+    p.add_argument(
+        "--al-power-exponent",
+        type=float,
+        default=al.power_exponent,
+        help="power acquisition's exponent: candidates drawn in proportion to score ** this",
     )
     p.add_argument(
         "--al-log",
@@ -211,6 +218,7 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
             gan_steps=args.al_gan_steps,
             temperature=args.al_temperature,
             batch_rule=BatchRule(args.al_batch_rule),
+            power_exponent=args.al_power_exponent,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -99,6 +99,7 @@ class ActiveLearningSettingsRecord(TypedDict):
     learners: list[str]
     acquisitions: list[str]
     batch_rule: NotRequired[str]
+    power_exponent: NotRequired[float]  # recorded with the power rule only
     chains: int
     sgld_lr: float
     preconditioner: NotRequired[str]

@@ -209,9 +209,17 @@ def _al_batch(st: ActiveLearningSettingsRecord) -> str:
     """How BALD and entropy pick a round's images (sections written before batch rules took
     the top scores and do not say so)."""
     rule, k = st.get("batch_rule"), st["acquire"]
-    if rule == "power":
+    if rule == "joint":
         return (
-            f" (BALD and entropy draw the round's {k} from them in proportion to the score, "
+            f" (BALD and entropy score the round's {k} as a batch, picked greedily by their "
+            "joint mutual information and joint entropy under the K networks, BatchBALD after "
+            f"Kirsch et al. 2019, not Gal et al.'s top {k} of the per-image scores)"
+        )
+    if rule == "power":
+        beta = st.get("power_exponent", 1.0)
+        power = "the score" if beta == 1 else f"the score to the power {beta:g}"
+        return (
+            f" (BALD and entropy draw the round's {k} from them in proportion to {power}, "
             f"power acquisition after Kirsch et al. 2023, not Gal et al.'s top {k})"
         )
     return f" (BALD and entropy take the top {k})" if rule == "top" else ""
