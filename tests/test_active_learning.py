@@ -331,9 +331,12 @@ def test_the_dropout_learner_is_recorded_and_described_in_the_report(
     assert "MC-Dropout (Gal, Islam & Ghahramani 2017's protocol)" in text
     assert "conv4x3, pool2, fc8" in text and "dropout 0.25, 0.5" in text
     assert "K = 6 dropout passes" in text and "L2 3.5 / N" in text
-    assert loaded["settings"]["batch_rule"] == "top"
-    assert "BALD and entropy take the top 5" in _al_protocol(loaded)
-    power = {**loaded, "settings": {**loaded["settings"], "batch_rule": "power"}}
-    assert "draw the round's 5 from them in proportion" in _al_protocol(power)  # type: ignore[arg-type]
+    assert loaded["settings"]["batch_rule"] == "power"
+    assert loaded["settings"].get("power_exponent") == 4.0
+    assert "in proportion to the score to the power 4," in _al_protocol(loaded)
+    top = {**loaded, "settings": {**loaded["settings"], "batch_rule": "top"}}
+    assert "BALD and entropy take the top 5" in _al_protocol(top)  # type: ignore[arg-type]
+    power = {**loaded, "settings": {**loaded["settings"], "power_exponent": 1.0}}
+    assert "in proportion to the score, power" in _al_protocol(power)  # type: ignore[arg-type]
     joint = {**loaded, "settings": {**loaded["settings"], "batch_rule": "joint"}}
     assert "score the round's 5 as a batch" in _al_protocol(joint)  # type: ignore[arg-type]
