@@ -3,7 +3,8 @@
 The protocol of Wang et al. (2018), after Gal et al. (2017): start from 20 labelled training
 digits (2 per class, drawn at random), and in each of 50 rounds fit the posterior to the
 labelled set, score a fresh random subset of 2,000 unlabelled training images (Gal et al.'s
-size), move the ``acquire`` best-scoring ones (10) into the labelled set, and record the test
+size), move ``acquire`` (10) of them, picked by the acquisition function and
+``batch_rule``, into the labelled set, and record the test
 accuracy of the posterior predictive on the whole MNIST test set (every ``test_every``
 rounds and the last: a test pass of K CNNs over 10,000 images costs as much as a round's
 fit). Acquisition functions:
