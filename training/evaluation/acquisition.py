@@ -102,7 +102,7 @@ def select_joint(
     ``N`` candidates. ``configurations`` bounds the label configurations the joint entropy
     sums over (exactly up to it, sampled beyond)."""
     if acquisition is Acquisition.RANDOM:
-        return np.sort(rng.choice(candidates, size=k, replace=False))
+        return select(None, acquisition, candidates, k, rng)
     p = np.asarray(member_probs, dtype=np.float64)
     if p.ndim != 3 or p.shape[1] != len(candidates) or not 0 < k <= len(candidates):
         raise ValueError(f"expected member_probs (K, {len(candidates)}, C) and 0 < k <= N")
