@@ -30,6 +30,11 @@ acquisition, Kirsch et al. 2023), not Gal et al.'s top ``acquire``. Measured on 
   88.2 / 93.1 / 95.4 / 96.2 / 96.7 % at 120 / 220 / 320 / 420 / 520 labels, against
   top-10's 83.8 / 90.6 / 94.1 / 95.7 / 96.4 and random's 85.5 / 90.5 / 92.1 / 92.6 / 93.8;
   exponent 2 leads early as well (88.6 % at 120) but ends lower (96.2 %);
+* online APD draws with ``apd_power_exponent`` 8: its 100 generated networks keep
+  disagreeing where SGLD's samples come to agree (median BALD over the candidates stays
+  near 0.2 nats while SGLD's falls to 0.03-0.06), so at exponent 4 its draw is 1.4x as
+  random as SGLD's in the first ten rounds and 3-6x in the last twenty (perplexity of the
+  draw, ``python benchmarks/al_draw.py``); at 8 it is about as greedy as SGLD's at 4;
 * BatchBALD (``joint``: greedy on the batch's joint mutual information, Kirsch et al. 2019)
   lifts top-10's 70-label dip (81.8 against 69.7 %, random 81.1) but only ties random at
   120 labels (86.0 against 86.4 %; 2,000 test images, ``python benchmarks/al_probe.py
@@ -159,6 +164,10 @@ class ActiveLearningSettings:
     batch_rule: BatchRule = BatchRule.POWER
     # power acquisition's exponent: candidates drawn with probability ~ score ** power_exponent
     power_exponent: float = 4.0
+    # online APD's: its networks keep disagreeing where SGLD's come to agree (median BALD over
+    # the candidates ~0.2 nats at 300-500 labels against SGLD's ~0.05), which flattens a draw
+    # at one exponent 2-6x; 8 makes its draw as greedy as SGLD's at 4 (benchmarks/al_draw.py)
+    apd_power_exponent: float = 8.0
     chains: int = 4
     sgld_lr: float = 0.05
     preconditioner: sgld.Preconditioner = sgld.Preconditioner.IDENTITY
@@ -204,8 +213,8 @@ class ActiveLearningSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if not self.power_exponent > 0:
-            raise ValueError("power_exponent must be positive")
+        if not (self.power_exponent > 0 and self.apd_power_exponent > 0):
+            raise ValueError("power_exponent and apd_power_exponent must be positive")
         if not (self.dropout_lr > 0 and self.dropout_weight_decay >= 0):
             raise ValueError("dropout_lr must be positive and dropout_weight_decay >= 0")
         if self.preconditioner is not sgld.Preconditioner.IDENTITY and Learner.APD in self.learners:
@@ -229,6 +238,10 @@ class ActiveLearningSettings:
         warm = -(-self.warmup_samples // self.chains) * self.thinning
         return self.round_burn_in(first) + warm + self.gan_steps
 
+    def exponent(self, learner: Learner) -> float:
+        """``learner``'s power-acquisition exponent."""
+        return self.apd_power_exponent if learner is Learner.APD else self.power_exponent
+
     def tested(self, r: int) -> bool:
         """Whether round ``r`` measures test accuracy: every ``test_every`` rounds and the last."""
         return r % self.test_every == 0 or r == self.rounds
@@ -238,7 +251,9 @@ class ActiveLearningSettings:
             self,
             ActiveLearningSettingsRecord,
             # recorded where it acts: a curve log reuses top / joint curves logged before it
-            exclude=() if self.batch_rule is BatchRule.POWER else ("power_exponent",),
+            exclude=()
+            if self.batch_rule is BatchRule.POWER
+            else ("power_exponent", "apd_power_exponent"),
             sgld_steps_first_round=self.sgld_steps(first=True),
             sgld_steps_per_round=self.sgld_steps(first=False),
         )
@@ -498,7 +513,13 @@ def run_curve(
             else:
                 summary = summarize(member_probs)
                 new = select(
-                    summary, acquisition, candidates, s.acquire, rng, s.batch_rule, s.power_exponent
+                    summary,
+                    acquisition,
+                    candidates,
+                    s.acquire,
+                    rng,
+                    s.batch_rule,
+                    s.exponent(learner),
                 )
         labelled = np.sort(np.concatenate([labelled, new]))
     return {
@@ -720,9 +741,17 @@ _SHAPES: Final[dict[str, frozenset[Learner]]] = {
         _CHAINS,
     ),
     **dict.fromkeys(
-        ("buffer_size", "apd_rank", "apd_networks", "moment_init_steps", "selection_inputs"),
+        (
+            "buffer_size",
+            "apd_rank",
+            "apd_networks",
+            "moment_init_steps",
+            "selection_inputs",
+            "apd_power_exponent",
+        ),
         frozenset({Learner.APD}),
     ),
+    "power_exponent": frozenset({Learner.SGLD, Learner.DROPOUT}),
     **dict.fromkeys(
         (
             "dropout_arch",
@@ -739,7 +768,7 @@ _SHAPES: Final[dict[str, frozenset[Learner]]] = {
 
 
 # The settings of scored acquisitions only: a random curve draws no candidates to score.
-_SCORED: Final = frozenset({"candidates", "batch_rule", "power_exponent"})
+_SCORED: Final = frozenset({"candidates", "batch_rule", "power_exponent", "apd_power_exponent"})
 
 
 def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
