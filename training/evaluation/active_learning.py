@@ -31,10 +31,12 @@ acquisition, Kirsch et al. 2023), not Gal et al.'s top ``acquire``. Measured on 
   top-10's 83.8 / 90.6 / 94.1 / 95.7 / 96.4 and random's 85.5 / 90.5 / 92.1 / 92.6 / 93.8;
   exponent 2 leads early as well (88.6 % at 120) but ends lower (96.2 %);
 * online APD draws with ``apd_power_exponent`` 8: its 100 generated networks keep
-  disagreeing where SGLD's samples come to agree (median BALD over the candidates stays
-  near 0.2 nats while SGLD's falls to 0.03-0.06), so at exponent 4 its draw is 1.4x as
-  random as SGLD's in the first ten rounds and 3-6x in the last twenty (perplexity of the
-  draw, ``python benchmarks/al_draw.py``); at 8 it is about as greedy as SGLD's at 4;
+  disagreeing where SGLD's samples come to agree (median BALD over the candidates 0.22
+  nats in the last twenty rounds, SGLD's 0.05-0.07), so at exponent 4 its draw's
+  perplexity is 1.4x SGLD's in the first ten rounds and 2.9-4.9x in the last twenty
+  (seed 0, ``python benchmarks/al_draw.py``, benchmarks/results/al_draw.md); at 8 it is
+  0.5-0.6x SGLD's at 4 until round 40 and 0.9x after, where top-10 had served online APD
+  well (96.8 % at 520 labels, the top-10 report);
 * BatchBALD (``joint``: greedy on the batch's joint mutual information, Kirsch et al. 2019)
   lifts top-10's 70-label dip (81.8 against 69.7 %, random 81.1) but only ties random at
   120 labels (86.0 against 86.4 %; 2,000 test images, ``python benchmarks/al_probe.py
@@ -165,8 +167,8 @@ class ActiveLearningSettings:
     # power acquisition's exponent: candidates drawn with probability ~ score ** power_exponent
     power_exponent: float = 4.0
     # online APD's: its networks keep disagreeing where SGLD's come to agree (median BALD over
-    # the candidates ~0.2 nats at 300-500 labels against SGLD's ~0.05), which flattens a draw
-    # at one exponent 2-6x; 8 makes its draw as greedy as SGLD's at 4 (benchmarks/al_draw.py)
+    # the candidates 0.22 nats at 320-520 labels, SGLD's 0.05-0.07), so at one exponent its
+    # draw is 3-5x flatter late; at 8 about as greedy as SGLD's at 4 (benchmarks/al_draw.py)
     apd_power_exponent: float = 8.0
     chains: int = 4
     sgld_lr: float = 0.05
