@@ -6,7 +6,7 @@ shape of the learner's scores. This benchmark runs one protocol curve per learne
 the protocol's settings, one seed) and records, every round, the BALD scores' median and
 maximum over the candidates and the perplexity ``exp H[p]`` of the power draw at several
 exponents: 1 = the batch is one candidate's, the number of candidates = random. The
-learners' curves acquire exactly as the report's do (the recording wraps ``select``).
+learners' curves acquire exactly as the report's do (the recording wraps ``draw``).
 
 Writes ``benchmarks/results/al_draw.{json,md,png}``.
 
@@ -34,8 +34,8 @@ from scipy.special import softmax
 from scipy.stats import entropy
 
 from apd.networks import MNIST_INPUT_SHAPE, get_spec
-from training.evaluation import active_learning
-from training.evaluation.acquisition import Acquisition, acquisition_scores, select
+from training.evaluation import acquisition
+from training.evaluation.acquisition import Acquisition, draw
 from training.evaluation.active_learning import (
     ActiveLearningSettings,
     Learner,
@@ -62,19 +62,17 @@ def _curve(job: tuple[str, int, int, int, tuple[float, ...]]) -> dict[str, Any]:
     learner = Learner(learner_name)
     rows: list[dict[str, Any]] = []
 
-    def recording_select(summary: Any, acquisition: Acquisition, *args: Any) -> Any:
-        if summary is not None:
-            s = acquisition_scores(summary, acquisition)
-            rows.append(
-                {
-                    "median": float(np.median(s)),
-                    "max": float(s.max()),
-                    "perplexity": {str(b): draw_perplexity(s, b) for b in exponents},
-                }
-            )
-        return select(summary, acquisition, *args)
+    def recording_draw(scores: NDArray[np.float64], *args: Any) -> NDArray[np.int64]:
+        rows.append(
+            {
+                "median": float(np.median(scores)),
+                "max": float(scores.max()),
+                "perplexity": {str(b): draw_perplexity(scores, b) for b in exponents},
+            }
+        )
+        return draw(scores, *args)
 
-    active_learning.select = recording_select  # type: ignore[assignment]
+    acquisition.draw = recording_draw  # type: ignore[assignment]
     data = load_mnist()
     test_idx = np.random.default_rng(0).choice(len(data.test_x), test, replace=False)
     s = replace(ActiveLearningSettings(), rounds=rounds)
