@@ -8,10 +8,10 @@ maximum over the candidates and the perplexity ``exp H[p]`` of the power draw at
 exponents: 1 = the batch is one candidate's, the number of candidates = random. The
 learners' curves acquire exactly as the report's do (the recording wraps ``draw``).
 
-Writes ``benchmarks/results/al_draw.{json,md,png}``.
+Writes ``benchmarks/results/al_draw.{json,md,png}`` (``al_draw-TAG.*`` with ``--tag``).
 
     python benchmarks/al_draw.py [--learners sgld apd] [--seed 0] [--rounds 50]
-        [--exponents 4 6 8] [--test 2000]
+        [--exponents 4 6 8] [--test 2000] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--exponents", type=float, nargs="+", default=[4.0, 6.0, 8.0])
     ap.add_argument("--test", type=int, default=2000, help="random test images scored")
+    ap.add_argument("--tag", default=None, help="write al_draw-TAG.* instead of al_draw.*")
     args = ap.parse_args()
     if args.rounds < 1 or args.test < 1 or min(args.exponents) <= 0:
         ap.error("--rounds, --test and --exponents must be positive")
@@ -110,6 +111,7 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
         learners = pool.map(_curve, jobs)
     settings = replace(ActiveLearningSettings(), rounds=args.rounds).to_dict()
+    out = RESULTS / ("al_draw" if args.tag is None else f"al_draw-{args.tag}")
     record = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/al_draw.py", *sys.argv[1:]]),
@@ -120,9 +122,9 @@ def main() -> None:
         "exponents": list(exponents),
         "settings": settings,
         "learners": learners,
+        "figure": out.with_suffix(".png").name,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "al_draw"
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record))
     plot(record, out.with_suffix(".png"))
@@ -184,7 +186,7 @@ def markdown(r: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "![perplexity by round](al_draw.png)",
+        f"![perplexity by round]({r['figure']})",
         "",
     ]
     return "\n".join(lines)
