@@ -6,12 +6,12 @@ shape of the learner's scores. This benchmark runs one protocol curve per learne
 the protocol's settings, one seed) and records, every round, the BALD scores' median and
 maximum over the candidates and the perplexity ``exp H[p]`` of the power draw at several
 exponents: 1 = the batch is one candidate's, the number of candidates = random. The
-learners' curves acquire exactly as the report's do (the recording wraps ``select``).
+learners' curves acquire exactly as the report's do (the recording wraps ``draw``).
 
-Writes ``benchmarks/results/al_draw.{json,md,png}``.
+Writes ``benchmarks/results/al_draw.{json,md,png}`` (``al_draw-TAG.*`` with ``--tag``).
 
     python benchmarks/al_draw.py [--learners sgld apd] [--seed 0] [--rounds 50]
-        [--exponents 4 6 8] [--test 2000]
+        [--exponents 4 6 8] [--test 2000] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from scipy.special import softmax
 from scipy.stats import entropy
 
 from apd.networks import MNIST_INPUT_SHAPE, get_spec
-from training.evaluation import active_learning
-from training.evaluation.acquisition import Acquisition, acquisition_scores, select
+from training.evaluation import acquisition
+from training.evaluation.acquisition import Acquisition, draw
 from training.evaluation.active_learning import (
     ActiveLearningSettings,
     Learner,
@@ -62,19 +62,17 @@ def _curve(job: tuple[str, int, int, int, tuple[float, ...]]) -> dict[str, Any]:
     learner = Learner(learner_name)
     rows: list[dict[str, Any]] = []
 
-    def recording_select(summary: Any, acquisition: Acquisition, *args: Any) -> Any:
-        if summary is not None:
-            s = acquisition_scores(summary, acquisition)
-            rows.append(
-                {
-                    "median": float(np.median(s)),
-                    "max": float(s.max()),
-                    "perplexity": {str(b): draw_perplexity(s, b) for b in exponents},
-                }
-            )
-        return select(summary, acquisition, *args)
+    def recording_draw(scores: NDArray[np.float64], *args: Any) -> NDArray[np.int64]:
+        rows.append(
+            {
+                "median": float(np.median(scores)),
+                "max": float(scores.max()),
+                "perplexity": {str(b): draw_perplexity(scores, b) for b in exponents},
+            }
+        )
+        return draw(scores, *args)
 
-    active_learning.select = recording_select  # type: ignore[assignment]
+    acquisition.draw = recording_draw  # type: ignore[assignment]
     data = load_mnist()
     test_idx = np.random.default_rng(0).choice(len(data.test_x), test, replace=False)
     s = replace(ActiveLearningSettings(), rounds=rounds)
@@ -102,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--exponents", type=float, nargs="+", default=[4.0, 6.0, 8.0])
     ap.add_argument("--test", type=int, default=2000, help="random test images scored")
+    ap.add_argument("--tag", default=None, help="write al_draw-TAG.* instead of al_draw.*")
     args = ap.parse_args()
     if args.rounds < 1 or args.test < 1 or min(args.exponents) <= 0:
         ap.error("--rounds, --test and --exponents must be positive")
@@ -112,6 +111,7 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
         learners = pool.map(_curve, jobs)
     settings = replace(ActiveLearningSettings(), rounds=args.rounds).to_dict()
+    out = RESULTS / ("al_draw" if args.tag is None else f"al_draw-{args.tag}")
     record = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/al_draw.py", *sys.argv[1:]]),
@@ -122,9 +122,9 @@ def main() -> None:
         "exponents": list(exponents),
         "settings": settings,
         "learners": learners,
+        "figure": out.with_suffix(".png").name,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "al_draw"
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record))
     plot(record, out.with_suffix(".png"))
@@ -152,7 +152,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['load_average_1min']['start']} -> {r['load_average_1min']['end']} (2 cores).",
         "",
         f"One BALD curve per learner, seed {r['seed']}, the protocol's settings (batch rule "
-        f"{r['settings']['batch_rule']}, exponent {r['settings'].get('power_exponent', '-')}) "
+        f"{r['settings']['batch_rule']}, exponent {r['settings'].get('power_exponent', '-')}, "
+        f"online APD's {r['settings'].get('apd_power_exponent', 'the same')}) "
         f"over {r['settings']['candidates']:,} candidates a round. Perplexity of the power "
         "draw ``p ~ BALD ** beta`` (geometric mean over the rounds; 1 = one candidate, "
         f"{r['settings']['candidates']:,} = random), and the BALD scores' median (mean over "
@@ -185,7 +186,7 @@ def markdown(r: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "![perplexity by round](al_draw.png)",
+        f"![perplexity by round]({r['figure']})",
         "",
     ]
     return "\n".join(lines)

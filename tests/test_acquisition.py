@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apd.uncertainty import PredictiveSummary, summarize
+from apd.uncertainty import summarize
 from training.evaluation.acquisition import (
     Acquisition,
     BatchRule,
     JointPredictive,
+    draw,
     select,
-    select_joint,
 )
 
 
@@ -40,33 +40,45 @@ def test_power_acquisition_draws_in_proportion_to_the_score() -> None:
     never one of score 0; TOP picks the k highest."""
     scores = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
     n = len(scores)
-    summary = PredictiveSummary(np.full((n, 2), 0.5), np.zeros(n), np.zeros(n), scores, np.zeros(n))
     candidates = np.arange(100, 100 + n)
     rng = np.random.default_rng(0)
-    top = select(summary, Acquisition.BALD, candidates, 2, rng, BatchRule.TOP)
-    np.testing.assert_array_equal(top, [103, 104])
+    np.testing.assert_array_equal(draw(scores, candidates, 2, rng, BatchRule.TOP), [103, 104])
     draws = 20_000
-    singles = np.array(
-        [
-            select(summary, Acquisition.BALD, candidates, 1, rng, BatchRule.POWER)[0]
-            for _ in range(draws)
-        ]
-    )
+    singles = np.array([draw(scores, candidates, 1, rng, BatchRule.POWER)[0] for _ in range(draws)])
     freq = np.bincount(singles - 100, minlength=n) / draws
     np.testing.assert_allclose(freq, scores / scores.sum(), atol=0.014)  # 4 sd of the binomial
     colder = np.array(
-        [
-            select(summary, Acquisition.BALD, candidates, 1, rng, BatchRule.POWER, 2.0)[0]
-            for _ in range(draws)
-        ]
+        [draw(scores, candidates, 1, rng, BatchRule.POWER, 2.0)[0] for _ in range(draws)]
     )
     freq = np.bincount(colder - 100, minlength=n) / draws
     np.testing.assert_allclose(freq, scores**2 / (scores**2).sum(), atol=0.014)
     for _ in range(200):
-        pair = select(summary, Acquisition.BALD, candidates, 4, rng, BatchRule.POWER)
+        pair = draw(scores, candidates, 4, rng, BatchRule.POWER)
         assert len(set(pair)) == 4 and 100 not in pair
-    with pytest.raises(ValueError, match="select_joint"):
-        select(summary, Acquisition.BALD, candidates, 2, rng, BatchRule.JOINT)
+    with pytest.raises(ValueError, match="use select"):
+        draw(scores, candidates, 2, rng, BatchRule.JOINT)
+
+
+def test_select_scores_the_members_predictions() -> None:
+    """select draws by BALD or predictive entropy of the members' predictions (the top-k
+    of each, checked against the summary's scores); a random batch needs no predictions, a
+    scored one does, with one row per candidate."""
+    p = _members(k=5, n=30, c=4, seed=5)
+    candidates = np.arange(200, 230)
+    rng = np.random.default_rng(2)
+    summary = summarize(p)
+    for acquisition, score in (
+        (Acquisition.BALD, summary.mutual_information),
+        (Acquisition.ENTROPY, summary.predictive_entropy),
+    ):
+        picked = select(p, acquisition, candidates, 4, rng)
+        np.testing.assert_array_equal(picked, np.sort(candidates[np.argsort(-score)[:4]]))
+    random_pick = select(None, Acquisition.RANDOM, candidates, 4, rng)
+    assert len(set(random_pick)) == 4 and set(random_pick) <= set(candidates)
+    with pytest.raises(ValueError, match="scores the members' predictions"):
+        select(None, Acquisition.BALD, candidates, 4, rng)
+    with pytest.raises(ValueError, match="expected member_probs"):
+        select(p[:, :5], Acquisition.BALD, candidates, 4, rng, BatchRule.POWER)
 
 
 def test_joint_entropy_equals_enumeration_while_exact() -> None:
@@ -116,10 +128,10 @@ def test_batchbald_picks_one_of_duplicates_where_top_k_picks_both() -> None:
     candidates = np.arange(len(p[0]))
     mi = summarize(p).mutual_information
     rng = np.random.default_rng(0)
-    top = select(summarize(p), Acquisition.BALD, candidates, 2, rng)
+    top = select(p, Acquisition.BALD, candidates, 2, rng)
     best = int(mi.argmax())
     assert set(top) == {best, 8}
-    joint = select_joint(p, Acquisition.BALD, candidates, 2, rng)
+    joint = select(p, Acquisition.BALD, candidates, 2, rng, BatchRule.JOINT)
     assert len({best, 8} & set(joint)) == 1
     # the second pick maximises I[y_best, y_x; w] = H[y_best, y_x] - E H[y_best] - E H[y_x]
     expected = summarize(p).expected_entropy
@@ -139,9 +151,9 @@ def test_joint_entropy_rule_and_random() -> None:
     p = _members(k=3, n=10, c=3, seed=4)
     candidates = np.arange(50, 60)
     rng = np.random.default_rng(1)
-    picks = select_joint(p, Acquisition.ENTROPY, candidates, 4, rng)
+    picks = select(p, Acquisition.ENTROPY, candidates, 4, rng, BatchRule.JOINT)
     assert len(set(picks)) == 4
     assert 50 + int(summarize(p).predictive_entropy.argmax()) in picks
-    assert len(set(select_joint(p, Acquisition.RANDOM, candidates, 4, rng))) == 4
+    assert len(set(select(p, Acquisition.RANDOM, candidates, 4, rng, BatchRule.JOINT))) == 4
     with pytest.raises(ValueError, match="expected member_probs"):
-        select_joint(p[:, :5], Acquisition.BALD, candidates, 4, rng)
+        select(p[:, :5], Acquisition.BALD, candidates, 4, rng, BatchRule.JOINT)

@@ -281,7 +281,7 @@ def test_bald_on_the_dropout_learner_picks_higher_information_points(
     candidates = np.arange(200, 700)
     pool = digits[0][candidates]
     rng = np.random.default_rng(0)
-    bald = select(dropout_members.summary(pool, seed=1), Acquisition.BALD, candidates, 20, rng)
+    bald = select(dropout_members.probs(pool, seed=1), Acquisition.BALD, candidates, 20, rng)
     rand = select(None, Acquisition.RANDOM, candidates, 20, rng)
     mi = dropout_members.summary(pool, seed=2).score(ScoreName.MUTUAL_INFORMATION)
     assert mi[bald - 200].mean() > 1.15 * mi[rand - 200].mean()

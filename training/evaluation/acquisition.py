@@ -33,7 +33,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from apd.uncertainty import PredictiveSummary, ScoreName, entropy
+from apd.uncertainty import PredictiveSummary, ScoreName, entropy, summarize
 
 _TINY: Final = 1e-300  # a configuration whose probability underflows to 0 is dropped
 
@@ -61,63 +61,67 @@ def acquisition_scores(summary: PredictiveSummary, acquisition: Acquisition) -> 
 
 
 def select(
-    summary: PredictiveSummary | None,
+    member_probs: NDArray[np.floating] | None,
     acquisition: Acquisition,
     candidates: NDArray[np.int64],
     k: int,
     rng: np.random.Generator,
     rule: BatchRule = BatchRule.TOP,
     exponent: float = 1.0,
+    configurations: int = 1000,
 ) -> NDArray[np.int64]:
-    """The ``k`` candidates to label next, by a per-candidate score. ``TOP``: the highest
-    scores (ties broken at random). ``POWER``: ``k`` drawn without replacement with
+    """The ``k`` candidates to label next, from the members' predictions ``member_probs (K,
+    N, C)`` on the ``N`` candidates (``None`` for a random batch): uniformly at random, by
+    :func:`draw` on the per-candidate scores (``TOP``, ``POWER``), or by the batch's joint
+    score (``JOINT``: BatchBALD's greedy rule, module docstring; ``configurations`` bounds
+    the label configurations its joint entropy sums over, exactly up to it, sampled beyond)."""
+    if acquisition is Acquisition.RANDOM:
+        return np.sort(rng.choice(candidates, size=k, replace=False))
+    if member_probs is None:
+        raise ValueError(f"{acquisition.value} acquisition scores the members' predictions")
+    shape = np.shape(member_probs)
+    if len(shape) != 3 or shape[1] != len(candidates) or not 0 < k <= len(candidates):
+        raise ValueError(f"expected member_probs (K, {len(candidates)}, C) and 0 < k <= N")
+    if rule is not BatchRule.JOINT:
+        scores = acquisition_scores(summarize(member_probs), acquisition)
+        return draw(scores, candidates, k, rng, rule, exponent)
+    p = np.asarray(member_probs, dtype=np.float64)
+    expected = entropy(p, axis=-1).mean(axis=0)  # (N,) E_w H[y_x | w]
+    joint = JointPredictive(p.shape[0])
+    picked: list[int] = []
+    for _ in range(k):
+        joint_scores = joint.entropies(p)
+        if acquisition is Acquisition.BALD:
+            joint_scores = joint_scores - expected - expected[picked].sum()
+        joint_scores[picked] = -np.inf
+        best = int(_top(joint_scores, 1, rng)[0])
+        picked.append(best)
+        joint.add(p[:, best], rng, configurations)
+    return np.sort(candidates[picked])
+
+
+def draw(
+    scores: NDArray[np.float64],
+    candidates: NDArray[np.int64],
+    k: int,
+    rng: np.random.Generator,
+    rule: BatchRule = BatchRule.TOP,
+    exponent: float = 1.0,
+) -> NDArray[np.int64]:
+    """The ``k`` candidates a per-candidate batch rule picks by ``scores``. ``TOP``: the
+    highest scores (ties broken at random). ``POWER``: ``k`` drawn without replacement with
     probability proportional to ``score ** exponent``, as the top ``k`` of ``exponent *
     log score + Gumbel noise`` (Kirsch et al. 2023's power acquisition; their ``beta`` is
     the exponent): it favours high scores without spending the whole batch on one cluster
     of near-duplicates, but drifts towards random once most candidates hold small nonzero
-    scores, the less the larger the exponent (infinite: ``TOP``). ``JOINT`` needs the
-    members' predictions: :func:`select_joint`."""
-    if acquisition is Acquisition.RANDOM or summary is None:
-        return np.sort(rng.choice(candidates, size=k, replace=False))
+    scores, the less the larger the exponent (infinite: ``TOP``)."""
     if rule is BatchRule.JOINT:
-        raise ValueError("the joint rule scores the members' predictions: use select_joint")
-    scores = acquisition_scores(summary, acquisition)
+        raise ValueError("the joint rule scores the batch, not each candidate: use select")
     if rule is BatchRule.POWER:
         with np.errstate(divide="ignore"):  # a zero score gets log 0 = -inf: drawn last
             keys = exponent * np.log(np.maximum(scores, 0.0)) + rng.gumbel(size=len(scores))
         return np.sort(candidates[np.argsort(-keys, kind="stable")[:k]])
     return np.sort(candidates[_top(scores, k, rng)])
-
-
-def select_joint(
-    member_probs: NDArray[np.floating],
-    acquisition: Acquisition,
-    candidates: NDArray[np.int64],
-    k: int,
-    rng: np.random.Generator,
-    configurations: int = 1000,
-) -> NDArray[np.int64]:
-    """The ``k`` candidates whose labels, taken together, score highest (BatchBALD's greedy
-    rule, module docstring), from the members' predictions ``member_probs (K, N, C)`` on the
-    ``N`` candidates. ``configurations`` bounds the label configurations the joint entropy
-    sums over (exactly up to it, sampled beyond)."""
-    if acquisition is Acquisition.RANDOM:
-        return select(None, acquisition, candidates, k, rng)
-    p = np.asarray(member_probs, dtype=np.float64)
-    if p.ndim != 3 or p.shape[1] != len(candidates) or not 0 < k <= len(candidates):
-        raise ValueError(f"expected member_probs (K, {len(candidates)}, C) and 0 < k <= N")
-    expected = entropy(p, axis=-1).mean(axis=0)  # (N,) E_w H[y_x | w]
-    joint = JointPredictive(p.shape[0])
-    picked: list[int] = []
-    for _ in range(k):
-        scores = joint.entropies(p)
-        if acquisition is Acquisition.BALD:
-            scores = scores - expected - expected[picked].sum()
-        scores[picked] = -np.inf
-        best = int(_top(scores, 1, rng)[0])
-        picked.append(best)
-        joint.add(p[:, best], rng, configurations)
-    return np.sort(candidates[picked])
 
 
 class JointPredictive:

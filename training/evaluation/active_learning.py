@@ -120,11 +120,10 @@ from tqdm import tqdm
 from typing_extensions import TypedDict
 
 from apd.networks import CNNSpec, Conv2d, NetworkSpec, build_spec
-from apd.uncertainty import summarize
 from training import metrics, sgld, torch_ops
 from training.baselines import ClassificationLikelihood, MinibatchStream, init_theta
 from training.errors import UserError
-from training.evaluation.acquisition import Acquisition, BatchRule, select, select_joint
+from training.evaluation.acquisition import Acquisition, BatchRule, select
 from training.evaluation.methods import MemberNetworks, spread_indices
 from training.evaluation.results import (
     ActiveLearningSection,
@@ -510,19 +509,15 @@ def run_curve(
             size = min(s.candidates, len(unlabelled))
             candidates = np.sort(candidate_rng.choice(unlabelled, size=size, replace=False))
             member_probs = members.probs(pool_x[candidates], seed=fit_seed + 1)
-            if s.batch_rule is BatchRule.JOINT:
-                new = select_joint(member_probs, acquisition, candidates, s.acquire, rng)
-            else:
-                summary = summarize(member_probs)
-                new = select(
-                    summary,
-                    acquisition,
-                    candidates,
-                    s.acquire,
-                    rng,
-                    s.batch_rule,
-                    s.exponent(learner),
-                )
+            new = select(
+                member_probs,
+                acquisition,
+                candidates,
+                s.acquire,
+                rng,
+                s.batch_rule,
+                s.exponent(learner),
+            )
         labelled = np.sort(np.concatenate([labelled, new]))
     return {
         "learner": learner.value,
