@@ -338,7 +338,7 @@ def test_the_dropout_learner_is_recorded_and_described_in_the_report(
     assert loaded["settings"].get("power_exponent") == 4.0
     assert loaded["settings"].get("apd_power_exponent") == 8.0
     text = _al_protocol(loaded)
-    assert "in proportion to the score to the power 4 (online APD's to the power 8)," in text
+    assert "in proportion to the score to the power 4, online APD's to the power 8," in text
     top = {**loaded, "settings": {**loaded["settings"], "batch_rule": "top"}}
     assert "BALD and entropy take the top 5" in _al_protocol(top)  # type: ignore[arg-type]
     older = {k: v for k, v in loaded["settings"].items() if k != "apd_power_exponent"}
