@@ -648,8 +648,8 @@ class CurveLog:
                         f"{path}:{n}: not a curve-log line ({exc}); move the file away to "
                         "start the run afresh"
                     ) from None
-                shaping = _shaping(entry["settings"], learner, acquisition)
-                if shaping == _shaping(self.settings, learner, acquisition):
+                logged = shaping(entry["settings"], learner, acquisition)
+                if logged == shaping(self.settings, learner, acquisition):
                     self.entries.append(entry)
 
     def _latest(self) -> dict[tuple[str, str, int], _LogLine]:
@@ -779,10 +779,9 @@ def _curve_settings(s: ActiveLearningSettings) -> dict[str, Any]:
     return json.loads(json.dumps(record))
 
 
-def _shaping(
-    settings: dict[str, Any], learner: Learner, acquisition: Acquisition
-) -> dict[str, Any]:
-    """The logged ``settings`` that shape ``learner``'s curves with ``acquisition``."""
+def shaping(settings: dict[str, Any], learner: Learner, acquisition: Acquisition) -> dict[str, Any]:
+    """The recorded ``settings`` (:meth:`ActiveLearningSettings.to_dict`, as JSON) that shape
+    ``learner``'s curves with ``acquisition`` (``RANDOM``: what shapes its fits alone)."""
     return {
         k: v
         for k, v in settings.items()
