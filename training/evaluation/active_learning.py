@@ -36,7 +36,8 @@ acquisition, Kirsch et al. 2023), not Gal et al.'s top ``acquire``. Measured on 
   perplexity is 1.4x SGLD's in the first ten rounds and 2.9-4.9x in the last twenty
   (seed 0, ``python benchmarks/al_draw.py``, benchmarks/results/al_draw.md); at 8 it is
   0.5-0.6x SGLD's at 4 until round 40 and 0.9x after, where top-10 had served online APD
-  well (96.8 % at 520 labels, the top-10 report);
+  well (96.8 % at 520 labels, the top-10 report). Measured with the 300-step moment fit
+  below, whose networks over-disperse; with 1,000 steps exponent 4 is not remeasured;
 * BatchBALD (``joint``: greedy on the batch's joint mutual information, Kirsch et al. 2019)
   lifts top-10's 70-label dip (81.8 against 69.7 %, random 81.1) but only ties random at
   120 labels (86.0 against 86.4 %; 2,000 test images, ``python benchmarks/al_probe.py
@@ -170,7 +171,9 @@ class ActiveLearningSettings:
     power_exponent: float = 4.0
     # online APD's: its networks keep disagreeing where SGLD's come to agree (median BALD over
     # the candidates 0.22 nats at 320-520 labels, SGLD's 0.05-0.07), so at one exponent its
-    # draw is 3-5x flatter late; at 8 about as greedy as SGLD's at 4 (benchmarks/al_draw.py)
+    # draw is 3-5x flatter late; at 8 about as greedy as SGLD's at 4 (benchmarks/al_draw.py,
+    # measured with the 300-step moment fit: at 1,000 steps the generator's spread is the
+    # chains', and whether 4 would now serve it as well is not measured)
     apd_power_exponent: float = 8.0
     chains: int = 4
     sgld_lr: float = 0.05
