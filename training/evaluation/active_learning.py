@@ -95,9 +95,11 @@ N(0, 0.15^2) or N(0, 0.1^2), collapses the network to chance. Online APD's gener
 starts every round at the per-chain Gaussian of the round's first samples
 (``moment_init_steps``), as a round's 70 GAN steps cannot place the modes from a random
 start (``python benchmarks/al_probe.py moment-init``: 11-34 % against 39-58 %), with
-1,000 Adam steps of the moment fit: after 300 its networks disagreed 3x as much as the
-chains (validation mutual-information ratio 3.0, KL 0.16 on 320 random labels, seed 0),
-after 1,000 about as much (1.0-1.5, KL 0.04-0.06), at no measurable cost per round. Model
+1,000 Adam steps of the moment fit: after 300 its networks disagreed more than SGLD's
+(mean mutual information on the test images 0.339 / 0.233 nats with 120 / 520 random labels
+against 0.241 / 0.101, NLL 0.344 against 0.250 at 520), after 1,000 about as much (0.226 /
+0.108, NLL 0.259), in fits of 38-39 s against 31-40 s (seeds 0-1, ``python
+benchmarks/al_fit.py --variants apd-moment300 apd-moment1000``). Model
 selection in online APD uses no labels (the KL from the chains' recent predictive to the
 generator's on unlabelled pool images).
 """
