@@ -22,7 +22,10 @@ multiplied by s):
   subspace of all the run's samples, the same construction (float16 basis) with more
   directions (what a bigger checkpoint would hold), and ``proj_rN_int8`` onto the same
   basis rounded to 8 bits per entry (one scale per direction), which holds twice the
-  directions of a float16 basis in the same bytes;
+  directions of a float16 basis in the same bytes; with ``--bits B ...`` also
+  ``proj_rN_bB``: the basis rounded to B bits per entry (2**B uniform levels, one float16
+  step per group of 64 entries of a direction: B + 0.25 bits an entry), what a dense basis
+  of N directions would need to fit a larger network in a few MB;
 * ``kronAxB`` (``--kron A:B ...``, MLPs): the teacher's samples projected onto a structured
   subspace, one per weight matrix ``W (in, out)``: its deviations from the mean restricted
   to ``L C R^T``, ``L`` the top-``A`` eigenvectors of ``sum_s D_s D_s^T`` and ``R`` the
@@ -91,6 +94,28 @@ SCORES: Final = (
     ScoreName.MUTUAL_INFORMATION,
     ScoreName.MODEL_VARIANCE,
 )
+
+
+GROUP: Final = 64  # entries of a direction sharing one scale in the B-bit rounding
+# Max (1960), Table: the step of the mean-square-optimal uniform quantizer with 2**B levels
+# for a unit Gaussian, B = 1..7
+MAX_STEP: Final = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0568}
+
+
+def round_bits(basis: NDArray[np.float32], bits: int) -> NDArray[np.float32]:
+    """``basis (r, P)`` rounded to ``bits`` per entry: each group of :data:`GROUP` entries of a
+    direction on ``2**bits`` mid-rise levels (no level at 0: every code is spent) whose step
+    is the group's root mean square times Max's (1960) optimal uniform step for a Gaussian,
+    clipped beyond the outer levels; the step stored as float16. Returns float32."""
+    r, p = basis.shape
+    pad = -p % GROUP
+    groups = np.pad(basis, ((0, 0), (0, pad))).reshape(r, -1, GROUP).astype(np.float64)
+    half = 2 ** (bits - 1)
+    rms = np.sqrt(np.square(groups).mean(axis=2, keepdims=True))
+    step = (rms * MAX_STEP[bits]).astype(np.float16).astype(np.float64)
+    safe = np.where(step > 0, step, 1.0)
+    codes = np.clip(np.floor(groups / safe), -half, half - 1) + 0.5
+    return (codes * step).reshape(r, -1)[:, :p].astype(np.float32)
 
 
 def project(
@@ -266,11 +291,22 @@ def main() -> None:
     ap.add_argument(
         "--residual", action="store_true", help="also each projection with residual noise"
     )
+    ap.add_argument(
+        "--bits",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also each --ranks basis rounded to this many bits per entry (1-7), per value",
+    )
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
     if any(rank <= 0 for rank in args.ranks):
         ap.error(f"--ranks must be positive, got {args.ranks}")
+    if any(not 1 <= b <= 7 for b in args.bits):
+        ap.error(f"--bits takes 1 to 7 bits per entry, got {args.bits}")
+    if args.bits and not args.ranks:
+        ap.error("--bits rounds the --ranks bases: give --ranks too")
     if args.served and args.checkpoint is None:
         ap.error("--served needs --checkpoint")
     try:
@@ -320,6 +356,20 @@ def main() -> None:
                 "basis_numbers": rank * spec.num_params,
                 "variance_held": sub.explained_variance_ratio,
             }
+        if args.bits:
+            sub = fit_subspace(store.theta, rank)
+            groups = -(-spec.num_params // GROUP)
+            for bits in args.bits:
+                name = f"proj_r{rank}_b{bits}"
+                rounded = round_bits(sub.basis, bits)
+                # residual noise: the float basis's (the rounding's loss not added)
+                add(name, project(sub.mean, rounded, samples), sub.residual_std)
+                structure[name] = {
+                    "directions": rank,
+                    "basis_numbers": rank * spec.num_params,
+                    "variance_held": sub.explained_variance_ratio,
+                    "basis_bytes": rank * (-(-spec.num_params * bits // 8) + 2 * groups),
+                }
     for a, b in kron:
         if not isinstance(spec, MLPSpec):
             ap.error("--kron is for MLPs (dense layers only)")

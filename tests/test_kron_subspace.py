@@ -1,5 +1,6 @@
-"""The structured (per-layer row x column) subspace of benchmarks/scale5_noise.py ``--kron``,
-checked against the dense projector onto the outer products of its factors."""
+"""The what-if bases of benchmarks/scale5_noise.py: the structured (per-layer row x column)
+subspace of ``--kron``, checked against the dense projector onto the outer products of its
+factors, and the B-bit rounding of ``--bits``, against Max's optimal Gaussian quantizer."""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ def test_projection_equals_the_dense_projector_and_its_residual_is_what_is_left(
     np.testing.assert_allclose(ks.residual_std, (x - out).std(axis=0, ddof=1), atol=1e-6)
     # factors span the leading row / column spaces: 2 x 2 per layer, plus the 9 biases
     assert ks.directions == 4 + 4 + 9 and ks.basis_numbers == (5 + 6 + 6 + 3) * 2
+
+
+def test_bit_rounding_meets_maxs_gaussian_distortion() -> None:
+    """``--bits``: on Gaussian directions, the rounding's mean-square error per unit variance
+    is Max's (1960) optimum for a uniform quantizer of 2**B levels (0.3634, 0.1188, 0.03744,
+    0.01154 for B = 1-4) within 5 % (the float16 step, the per-group estimate of the scale);
+    the levels are 2**B per group and none sits at 0."""
+    from scale5_noise import GROUP, round_bits
+
+    basis = np.random.default_rng(1).standard_normal((4, 64 * 500)).astype(np.float32)
+    for bits, optimum in ((1, 0.3634), (2, 0.1188), (3, 0.03744), (4, 0.01154)):
+        rounded = round_bits(basis, bits)
+        mse = float(np.mean(np.square(rounded - basis)))
+        assert 0.95 * optimum <= mse <= 1.05 * optimum, (bits, mse)
+        group = rounded[0, :GROUP]
+        assert len(np.unique(group)) <= 2**bits and not np.any(group == 0)
+    odd = np.random.default_rng(2).standard_normal((2, 100)).astype(np.float32)  # a partial group
+    assert round_bits(odd, 4).shape == (2, 100)
