@@ -152,8 +152,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['load_average_1min']['start']} -> {r['load_average_1min']['end']} (2 cores).",
         "",
         f"One BALD curve per learner, seed {r['seed']}, the protocol's settings (batch rule "
-        f"{r['settings']['batch_rule']}, exponent {r['settings'].get('power_exponent', '-')}, "
-        f"online APD's {r['settings'].get('apd_power_exponent', 'the same')}) "
+        f"{r['settings']['batch_rule']}, exponent {r['settings'].get('power_exponent', '-')}) "
         f"over {r['settings']['candidates']:,} candidates a round. Perplexity of the power "
         "draw ``p ~ BALD ** beta`` (geometric mean over the rounds; 1 = one candidate, "
         f"{r['settings']['candidates']:,} = random), and the BALD scores' median (mean over "

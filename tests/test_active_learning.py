@@ -138,10 +138,8 @@ def test_an_interrupted_run_resumes_from_its_curve_log(
     checked = TypeAdapter(ActiveLearningSection).validate_json(json.dumps(resumed), strict=True)
     text = "\n".join(_al_runs(checked))
     assert "from 2 runs of the same command" in text and text.count(cpu_model()) == 2
-    # settings that shape no learner of the run (online APD's rank and exponent) reuse every
-    # curve
-    apd_only = replace(s, apd_rank=3, apd_power_exponent=2.0)
-    assert (apd_only.exponent(Learner.APD), apd_only.exponent(Learner.SGLD)) == (2.0, 4.0)
+    # a setting that shapes no learner of the run (online APD's rank) reuses every curve
+    apd_only = replace(s, apd_rank=3)
     again = run_active_learning(SPEC, *digits, apd_only, False, image_shape=IMAGE, log=log)
     assert len(log.read_text().splitlines()) == 4
     assert again["curves"] == resumed["curves"]
@@ -214,8 +212,8 @@ def test_settings_refuse_impossible_protocols() -> None:
         ActiveLearningSettings(pool_size=100)
     with pytest.raises(ValueError, match="test_every must be positive"):
         ActiveLearningSettings(test_every=0)
-    with pytest.raises(ValueError, match="apd_power_exponent must be positive"):
-        ActiveLearningSettings(apd_power_exponent=0.0)
+    with pytest.raises(ValueError, match="power_exponent must be positive"):
+        ActiveLearningSettings(power_exponent=0.0)
     with pytest.raises(ValueError, match="online APD runs plain SGLD"):
         ActiveLearningSettings(preconditioner=sgld.Preconditioner.RMSPROP)
     psgld = ActiveLearningSettings(
@@ -336,13 +334,11 @@ def test_the_dropout_learner_is_recorded_and_described_in_the_report(
     assert "K = 6 dropout passes" in text and "L2 3.5 / N" in text
     assert loaded["settings"]["batch_rule"] == "power"
     assert loaded["settings"].get("power_exponent") == 4.0
-    assert loaded["settings"].get("apd_power_exponent") == 8.0
     text = _al_protocol(loaded)
-    assert "in proportion to the score to the power 4, online APD's to the power 8," in text
+    assert "in proportion to the score to the power 4, power acquisition" in text
     top = {**loaded, "settings": {**loaded["settings"], "batch_rule": "top"}}
     assert "BALD and entropy take the top 5" in _al_protocol(top)  # type: ignore[arg-type]
-    older = {k: v for k, v in loaded["settings"].items() if k != "apd_power_exponent"}
-    power = {**loaded, "settings": {**older, "power_exponent": 1.0}}
+    power = {**loaded, "settings": {**loaded["settings"], "power_exponent": 1.0}}
     assert "in proportion to the score, power" in _al_protocol(power)  # type: ignore[arg-type]
     joint = {**loaded, "settings": {**loaded["settings"], "batch_rule": "joint"}}
     assert "score the round's 5 as a batch" in _al_protocol(joint)  # type: ignore[arg-type]

@@ -129,14 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--al-power-exponent",
         type=float,
         default=al.power_exponent,
-        help="power acquisition's exponent: candidates drawn in proportion to score ** this "
-        "(SGLD and MC-Dropout)",
-    )
-    p.add_argument(
-        "--al-apd-power-exponent",
-        type=float,
-        default=al.apd_power_exponent,
-        help="online APD's power-acquisition exponent",
+        help="power acquisition's exponent: candidates drawn in proportion to score ** this",
     )
     p.add_argument(
         "--al-log",
@@ -226,7 +219,6 @@ def build_config(args: argparse.Namespace) -> SuiteConfig:
             temperature=args.al_temperature,
             batch_rule=BatchRule(args.al_batch_rule),
             power_exponent=args.al_power_exponent,
-            apd_power_exponent=args.al_apd_power_exponent,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -100,7 +100,6 @@ class ActiveLearningSettingsRecord(TypedDict):
     acquisitions: list[str]
     batch_rule: NotRequired[str]
     power_exponent: NotRequired[float]  # recorded with the power rule only
-    apd_power_exponent: NotRequired[float]  # likewise; online APD's
     chains: int
     sgld_lr: float
     preconditioner: NotRequired[str]

@@ -218,9 +218,6 @@ def _al_batch(st: ActiveLearningSettingsRecord) -> str:
     if rule == "power":
         beta = st.get("power_exponent", 1.0)
         power = "the score" if beta == 1 else f"the score to the power {beta:g}"
-        apd = st.get("apd_power_exponent", beta)
-        if apd != beta:
-            power += f", online APD's to the power {apd:g}"
         return (
             f" (BALD and entropy draw the round's {k} from them in proportion to {power}, "
             f"power acquisition after Kirsch et al. 2023, not Gal et al.'s top {k})"
