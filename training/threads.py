@@ -32,13 +32,29 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; the platform's name where there is none).
-    Results of long stochastic runs (SGLD chains) are bit-for-bit reproducible only on the
-    same CPU model: its math kernels round differently, and the chains amplify it."""
+    """The CPU's model name with its family, model and stepping numbers (``/proc/cpuinfo``:
+    a virtual machine may name two CPU generations alike, e.g. "AMD EPYC"; the platform's
+    name where there is none). Results of long stochastic runs (SGLD chains) are bit-for-bit
+    reproducible only on the same CPU model: its math kernels round differently, and the
+    chains amplify it."""
     with contextlib.suppress(OSError):
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if not sep:
+                break  # the first processor's block ends at its blank line
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = ", ".join(
+                f"{label} {fields[key]}"
+                for key, label in (
+                    ("cpu family", "family"),
+                    ("model", "model"),
+                    ("stepping", "stepping"),
+                )
+                if key in fields
+            )
+            return fields["model name"] + (f" ({numbers})" if numbers else "")
     return platform.processor() or platform.machine()
 
 
