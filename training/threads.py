@@ -31,15 +31,15 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def cpu_model() -> str:
-    """The CPU's model name with its family, model and stepping numbers (``/proc/cpuinfo``:
-    a virtual machine may name two CPU generations alike, e.g. "AMD EPYC"; the platform's
-    name where there is none). Results of long stochastic runs (SGLD chains) are bit-for-bit
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name with its family, model and stepping numbers (``cpuinfo``: a
+    virtual machine may name two CPU generations alike, e.g. "AMD EPYC"; the platform's name
+    where there is none). Results of long stochastic runs (SGLD chains) are bit-for-bit
     reproducible only on the same CPU model: its math kernels round differently, and the
     chains amplify it."""
     with contextlib.suppress(OSError):
         fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             key, sep, value = line.partition(":")
             if not sep:
                 break  # the first processor's block ends at its blank line
@@ -47,8 +47,8 @@ def cpu_model() -> str:
         if "model name" in fields:
             numbers = ", ".join(
                 f"{label} {fields[key]}"
-                for key, label in (
-                    ("cpu family", "family"),
+                for label, key in (
+                    ("family", "cpu family"),
                     ("model", "model"),
                     ("stepping", "stepping"),
                 )
