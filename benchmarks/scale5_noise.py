@@ -35,7 +35,12 @@ multiplied by s):
   few flat ones (what fits fcNN2 in 8 MB, if the rows survive it);
 * ``--residual``: every projection also with residual noise (``_res``): independent
   Gaussian noise per weight with the standard deviation of what the projection leaves out
-  of the run's samples, as a checkpoint's residual adds it (NumPy seed 0).
+  of the run's samples, as a checkpoint's residual adds it (NumPy seed 0); ``--residual
+  only``: with residual noise only (the design a checkpoint with ``--residual-scales 1``
+  serves).
+
+``--ood-size N`` takes the first N images of each OOD set and of the MNIST test split (default
+all 10,000): the AUROCs of a subset, for a quicker survey of many subspaces.
 
 If the AUROC of ``sgld_b`` differs from the teacher's by as much as APD's does on the rows
 APD misses, the miss is within what swapping one set of 100 SGLD samples for another does:
@@ -289,7 +294,18 @@ def main() -> None:
         help="also project the teacher onto per-layer row/column subspaces of ranks A and B",
     )
     ap.add_argument(
-        "--residual", action="store_true", help="also each projection with residual noise"
+        "--residual",
+        nargs="?",
+        const="also",
+        choices=["also", "only"],
+        default=None,
+        help="also (or: only) each projection with residual noise",
+    )
+    ap.add_argument(
+        "--ood-size",
+        type=int,
+        default=OOD_SIZE,
+        help=f"images per OOD set and of the MNIST test split (default {OOD_SIZE:,})",
     )
     ap.add_argument(
         "--bits",
@@ -305,6 +321,8 @@ def main() -> None:
         ap.error(f"--ranks must be positive, got {args.ranks}")
     if any(not 1 <= b <= 7 for b in args.bits):
         ap.error(f"--bits takes 1 to 7 bits per entry, got {args.bits}")
+    if not 0 < args.ood_size <= OOD_SIZE:
+        ap.error(f"--ood-size takes 1 to {OOD_SIZE:,} images, got {args.ood_size}")
     if args.bits and not args.ranks:
         ap.error("--bits rounds the --ranks bases: give --ranks too")
     if args.served and args.checkpoint is None:
@@ -321,8 +339,9 @@ def main() -> None:
     mnist = load_mnist()
     store = SampleStore.open(args.run / SAMPLES_DIR)
     spec = store.spec
-    ood = {name: load_ood(name, n=OOD_SIZE, seed=0) for name in OOD_SETS}
-    test_x = np.asarray(mnist.test_x)
+    ood = {name: load_ood(name, n=args.ood_size, seed=0) for name in OOD_SETS}
+    test_x = np.asarray(mnist.test_x)[: args.ood_size]
+    test_y = np.asarray(mnist.test_y)[: args.ood_size]
     first = store.select_spread(K)
     second = second_draw(store, first, K)
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint is not None else None
@@ -342,7 +361,8 @@ def main() -> None:
     noise_rng = np.random.default_rng(0)
 
     def add(name: str, projected: NDArray[np.float32], residual_std: NDArray[np.float32]) -> None:
-        thetas[name] = torch.from_numpy(projected)
+        if args.residual != "only":
+            thetas[name] = torch.from_numpy(projected)
         if args.residual:
             eps = noise_rng.standard_normal(projected.shape, dtype=np.float32)
             thetas[f"{name}_res"] = torch.from_numpy(projected + residual_std * eps)
@@ -390,8 +410,8 @@ def main() -> None:
     for name, run in members.items():
         probs = run(test_x).mean(axis=0)
         test[name] = {
-            "accuracy": accuracy(probs, mnist.test_y),
-            "nll": negative_log_likelihood(probs, mnist.test_y),
+            "accuracy": accuracy(probs, test_y),
+            "nll": negative_log_likelihood(probs, test_y),
         }
     rows = []
     for key, teacher in table["sgld_a"].items():
@@ -407,6 +427,7 @@ def main() -> None:
         "run": str(args.run),
         "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None,
         "samples": len(store),
+        "ood_size": args.ood_size,
         "rows": rows,
         "predictives": who,
         "structure": structure,
@@ -445,7 +466,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Recorded {r['created_at']} by `{r['command']}`, code {r['code_revision'][:12]}; "
         f"run {r['run']} ({r['samples']} samples), checkpoint {r['checkpoint'] or 'none'}. "
         f"1-minute load average {r['load_average_1min']['start']} -> "
-        f"{r['load_average_1min']['end']} (2 cores).",
+        f"{r['load_average_1min']['end']} (2 cores). "
+        f"{r.get('ood_size', OOD_SIZE):,} images per OOD set and of the MNIST test split.",
         "",
         "The teacher (sgld_a) is the evaluation's: 100 samples spread over the chains. sgld_b: "
         "100 other samples of the same run, spread the same way. apd_N: 100 networks "
@@ -454,7 +476,8 @@ def markdown(r: dict[str, Any]) -> str:
         "projected onto the checkpoint's subspace (proj_b: what a perfect generator of that "
         "subspace would draw). proj_rN / proj_rN_int8: the teacher's samples projected onto "
         "the run's top-N principal subspace, basis in float16 / in 8 bits with one scale per "
-        f"direction. A miss: AUROC more than {AUROC_TOLERANCE} below "
+        "direction; `_res`: with the residual noise of what the projection leaves out. "
+        f"A miss: AUROC more than {AUROC_TOLERANCE} below "
         "the teacher's.",
         "",
         "| predictive | scale | rows | misses | max abs. difference | mean abs. difference |",

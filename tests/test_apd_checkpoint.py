@@ -28,15 +28,22 @@ from apd.checkpoint import (
     BASIS,
     BASIS_SCALE,
     DIGEST_KEY,
+    MEAN,
+    MEAN_SCALE,
     META_KEY,
+    RESIDUAL_STD,
+    RESIDUAL_STD_SCALE,
     CheckpointError,
     Design,
     InputConvention,
     TargetNetwork,
     content_digest,
+    decode_vector,
     encode_basis,
+    encode_vector,
     load_checkpoint,
     round_basis,
+    round_vector,
 )
 from apd.networks import MLPSpec, build_spec, get_spec
 from apd.uncertainty import PREDICTIVE_SCORES
@@ -49,11 +56,18 @@ from training.distillation.subspace import fit_subspace
 SPEC = MLPSpec("tiny", (6, 5, 3))  # P = 6*5 + 5 + 5*3 + 3 = 53
 
 
-def _subspace_generator(basis_dtype: str, components: int = 1) -> Generator:
+def _subspace_generator(
+    basis_dtype: str, components: int = 1, vector_dtype: str = "float"
+) -> Generator:
     rng = np.random.default_rng(0)
     samples = rng.standard_normal((40, SPEC.num_params)).astype(np.float32)
     samples[:, :10] *= 5.0  # unequal scales, so the standardisation is not the identity
-    sub = fit_subspace(samples, rank=4, basis_dtype=basis_dtype)  # type: ignore[arg-type]
+    sub = fit_subspace(
+        samples,
+        rank=4,
+        basis_dtype=basis_dtype,  # type: ignore[arg-type]
+        vector_dtype=vector_dtype,  # type: ignore[arg-type]
+    )
     weights = list(rng.uniform(0.5, 1.5, components)) if components > 1 else None
     gen, _ = build_subspace_generator(
         sub, WGANGPConfig(noise_dim=3, generator_hidden=(7,)), torch.device("cpu"), weights
@@ -201,6 +215,72 @@ def test_an_int8_basis_is_stored_in_8_bits_and_served_as_its_rounding(tmp_path: 
     # encode(decode(x)) is x: training fits against exactly what the file stores
     again = encode_basis(round_basis(gen.basis.numpy(), "int8"), "int8")
     np.testing.assert_array_equal(again[BASIS], stored[BASIS])
+
+
+def test_int8_vectors_round_each_group_of_64_on_its_own_scale() -> None:
+    rng = np.random.default_rng(3)
+    # four groups of very different sizes (the last one short), one of them all zeros
+    v = rng.standard_normal(200) * np.repeat([1e-4, 1.0, 0.0, 30.0], [64, 64, 64, 8])
+    v = v.astype(np.float32)
+    stored = encode_vector(MEAN, v, "int8")
+    assert stored[MEAN].dtype == np.int8 and stored[MEAN_SCALE].shape == (4,)
+    got = decode_vector(stored, MEAN)
+    for g in range(4):  # the reference, one group at a time
+        part = v[64 * g : 64 * g + 64].astype(np.float64)
+        peak = np.abs(part).max()
+        step = peak / 127 if peak > 0 else 1.0
+        want = np.round(part / step) * step
+        np.testing.assert_allclose(got[64 * g : 64 * g + 64], want, rtol=1e-6, atol=1e-12)
+        assert np.abs(got[64 * g : 64 * g + 64] - part).max() <= step / 2 * (1 + 1e-6)
+    # a standard deviation stays non-negative, and rounding twice is rounding once
+    std = encode_vector(RESIDUAL_STD, np.abs(v), "int8")
+    assert std[RESIDUAL_STD].min() >= 0
+    again = round_vector(RESIDUAL_STD, decode_vector(std, RESIDUAL_STD), "int8")
+    np.testing.assert_array_equal(again, decode_vector(std, RESIDUAL_STD))
+    # float: the mean as float32 and the residual std as float16, as before
+    assert encode_vector(MEAN, v, "float")[MEAN].dtype == np.float32
+    assert encode_vector(RESIDUAL_STD, v, "float")[RESIDUAL_STD].dtype == np.float16
+
+
+def test_int8_vectors_are_stored_in_a_quarter_of_the_bytes_and_served_as_trained(
+    tmp_path: Path,
+) -> None:
+    gen = _subspace_generator("int8", vector_dtype="int8")
+    path = _write(tmp_path / "v8.safetensors", gen, Design.SUBSPACE, "int8")
+    stored = load_file(str(path))
+    assert stored[MEAN].dtype == np.int8 and stored[RESIDUAL_STD].dtype == np.int8
+    assert stored[MEAN_SCALE].shape == stored[RESIDUAL_STD_SCALE].shape == (1,)  # P = 53
+    ckpt = load_checkpoint(path)
+    assert ckpt.meta.generator.vector_dtype == "int8"
+    assert gen.mean is not None and gen.residual_std is not None
+    # the generator trained on exactly the mean and residual std the file serves
+    np.testing.assert_allclose(ckpt.tensors[MEAN], gen.mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ckpt.tensors[RESIDUAL_STD], gen.residual_std.numpy(), rtol=1e-6)
+    assert MEAN_SCALE not in ckpt.tensors and RESIDUAL_STD_SCALE not in ckpt.tensors
+    noise = ckpt.noise(5, seed=0)
+    with torch.no_grad():
+        want = gen.weights(torch.from_numpy(noise["z"]), torch.from_numpy(noise["eps"])).numpy()
+    got = ckpt.generate(noise["z"], noise["eps"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, np.nan])
+def test_refuses_int8_vectors_without_a_positive_scale(tmp_path: Path, scale: float) -> None:
+    gen = _subspace_generator("int8", vector_dtype="int8")
+    good = _write(tmp_path / "v8.safetensors", gen, Design.SUBSPACE, "int8")
+    meta = json.loads(_header(good)[1]["__metadata__"][META_KEY])  # type: ignore[index]
+    bad_scale = np.full(1, scale, np.float32)
+    bad = _rewrite_meta(good, tmp_path / "bad.safetensors", meta, {MEAN_SCALE: bad_scale})
+    with pytest.raises(CheckpointError, match=r"mean_scale|NaN"):
+        load_checkpoint(bad)
+    negative = -np.abs(load_file(str(good))[RESIDUAL_STD]) - 1
+    bad = _rewrite_meta(good, tmp_path / "neg.safetensors", meta, {RESIDUAL_STD: negative})
+    with pytest.raises(CheckpointError, match="non-negative"):
+        load_checkpoint(bad)
+    as_float = {RESIDUAL_STD: load_file(str(good))[RESIDUAL_STD].astype(np.float16)}
+    bad = _rewrite_meta(good, tmp_path / "f16.safetensors", meta, as_float)
+    with pytest.raises(CheckpointError, match="dtype float16, expected int8"):
+        load_checkpoint(bad)
 
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, np.nan])

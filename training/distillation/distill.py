@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apd.checkpoint import BasisDtype, Design, load_checkpoint
+from apd.checkpoint import BasisDtype, Design, VectorDtype, load_checkpoint
 from apd.networks import NetworkSpec, build_spec
 from apd.uncertainty import ScoreName, summarize
 from training.defaults import check_arch, sgld_defaults
@@ -127,6 +127,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=get_args(BasisDtype),
         default=None,
         help="how the checkpoint stores the basis (int8: 8 bits and one scale per direction)",
+    )
+    gan.add_argument(
+        "--vector-dtype",
+        choices=get_args(VectorDtype),
+        default=None,
+        help="how it stores the mean and residual std (float: float32 and float16; int8: "
+        "8 bits and one scale per 64 entries, for a large network in a few MB)",
     )
     gan.add_argument("--max-samples", type=int, default=None, help="SGLD samples to train on")
     gan.add_argument("--eval-every", type=int, default=None, help="steps between validations")
@@ -306,6 +313,7 @@ def _config(args: argparse.Namespace, arch: str) -> DistillConfig:
             rank=AUTO_MAX_RANK if auto else args.rank,
             variance_target=(args.variance_held or AUTO_VARIANCE_HELD) if auto else None,
             basis_dtype=args.basis_dtype,
+            vector_dtype=args.vector_dtype,
             max_train_samples=args.max_samples,
             eval_every=args.eval_every,
             residual_scales=_scales(args.residual_scales),

@@ -66,7 +66,10 @@ from apd.checkpoint import (
     BasisDtype,
     Design,
     GeneratorConfig,
+    VectorDtype,
     encode_basis,
+    encode_vector,
+    round_vector,
 )
 from training import torch_ops
 
@@ -123,8 +126,10 @@ class Generator(nn.Module):
         shift: torch.Tensor | None = None,
         component_weights: Sequence[float] | None = None,
         ramp_slope: float = DEFAULT_RAMP_SLOPE,
+        vector_dtype: VectorDtype = "float",
     ) -> None:
         super().__init__()
+        self.vector_dtype: VectorDtype = vector_dtype
         self.noise_dim = int(noise_dim)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.output_dim = int(output_dim)
@@ -152,12 +157,12 @@ class Generator(nn.Module):
         f32 = torch.float32
         self.register_buffer("basis", None if basis is None else basis.to(f32).contiguous())
         self.register_buffer("mean", None if mean is None else mean.to(f32).contiguous())
-        # The checkpoint stores the residual std in float16: the generator draws with exactly
-        # what will be served.
-        self.register_buffer(
-            "residual_std",
-            None if residual_std is None else residual_std.half().to(f32).contiguous(),
-        )
+        # The generator draws with exactly the residual std the checkpoint will store and serve
+        # (float16, or int8 per group of 64 with ``vector_dtype`` int8).
+        if residual_std is not None:
+            stored = round_vector(RESIDUAL_STD, residual_std.detach().cpu().numpy(), vector_dtype)
+            residual_std = torch.from_numpy(stored).to(residual_std.device)
+        self.register_buffer("residual_std", residual_std)
         ones, zeros = torch.ones(self.output_dim), torch.zeros(self.output_dim)
         self.register_buffer("scale", ones if scale is None else scale.to(f32).reshape(-1))
         self.register_buffer("shift", zeros if shift is None else shift.to(f32).reshape(-1))
@@ -238,6 +243,7 @@ class Generator(nn.Module):
             shift=self.shift,
             component_weights=self.component_weights,
             ramp_slope=self.ramp_slope,
+            vector_dtype=self.vector_dtype,
         )
         g.net.load_state_dict(self.net.state_dict())
         return g.to(self.scale.device)
@@ -303,9 +309,10 @@ class Generator(nn.Module):
             if self.basis is not None:
                 out |= encode_basis(self.basis.cpu().numpy(), basis_dtype)
             if self.mean is not None:
-                out[MEAN] = self.mean.cpu().numpy()
+                out |= encode_vector(MEAN, self.mean.cpu().numpy(), self.vector_dtype)
             if self.residual_std is not None:
-                out[RESIDUAL_STD] = self.residual_std.cpu().numpy().astype(np.float16)
+                std = self.residual_std.cpu().numpy()
+                out |= encode_vector(RESIDUAL_STD, std, self.vector_dtype)
         return out
 
     def checkpoint_hidden_sizes(self) -> list[int]:
@@ -326,6 +333,7 @@ class Generator(nn.Module):
             has_mean=self.mean is not None,
             has_residual=self.residual_std is not None,
             basis_dtype=basis_dtype,
+            vector_dtype=self.vector_dtype,
             design=design,
         )
 

@@ -51,7 +51,7 @@ from .gan import (
     WGANGPConfig,
     fit_to_moments,
 )
-from .subspace import BasisDtype, Subspace, fit_subspace, load_rows
+from .subspace import BasisDtype, Subspace, VectorDtype, fit_subspace, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class DistillConfig:
     steps: int
     rank: int = 40
     basis_dtype: BasisDtype = "float16"
+    vector_dtype: VectorDtype = "float"
     condition_on_chains: bool = False
     residual_scales: tuple[float, ...] = (1.0,)
     max_train_samples: int | None = None
@@ -300,6 +301,7 @@ def build_subspace_generator(
         scale=scale.float(),
         shift=shift.float(),
         component_weights=component_weights,
+        vector_dtype=sub.vector_dtype,
     ).to(device)
     return gen, data.to(device)
 
@@ -434,6 +436,7 @@ def distill_offline(
             rank,
             rows=rows,
             basis_dtype=config.basis_dtype,
+            vector_dtype=config.vector_dtype,
             variance_target=config.variance_target,
         )
         generator, data = build_subspace_generator(

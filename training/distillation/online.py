@@ -465,7 +465,12 @@ class _OnlineRun:
         if dc.design is Design.SUBSPACE:
             ranks = self._ranks()
             total = sum(ranks) if self.cycles > 1 else ranks[0]
-            sub = fit_subspace(raw.cpu().numpy(), ranks[0], basis_dtype=dc.basis_dtype)
+            sub = fit_subspace(
+                raw.cpu().numpy(),
+                ranks[0],
+                basis_dtype=dc.basis_dtype,
+                vector_dtype=dc.vector_dtype,
+            )
             generator, coeffs = build_subspace_generator(sub, dc.gan, dev, self.weights, total)
             self.sub_summary = sub.summary()
             self.used = ranks[0]

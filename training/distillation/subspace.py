@@ -21,7 +21,8 @@ With ``basis_dtype`` float16 or int8 the basis is rounded as the checkpoint stor
 (:func:`apd.checkpoint.round_basis`; int8: 8 bits per entry and one scale per direction, twice
 the directions of float16 in the same bytes), and the coefficients and residual are computed
 with the rounded basis, so the training data is exactly what the stored generator's map can
-reproduce.
+reproduce. With ``vector_dtype`` int8 the mean is rounded the same way before anything is
+centred on it, and the residual std after (:func:`apd.checkpoint.round_vector`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from apd.checkpoint import BasisDtype, round_basis
+from apd.checkpoint import MEAN, RESIDUAL_STD, BasisDtype, VectorDtype, round_basis, round_vector
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Subspace:
     singular_values: NDArray[np.float64]  # (r,)
     total_variance: float  # sum over weights of the sample variance of X
     basis_dtype: BasisDtype
+    vector_dtype: VectorDtype = "float"  # how the mean and residual std are rounded
 
     @property
     def rank(self) -> int:
@@ -71,6 +73,7 @@ class Subspace:
             "total_variance": self.total_variance,
             "mean_residual_std": float(self.residual_std.mean()),
             "basis_dtype": self.basis_dtype,
+            "vector_dtype": self.vector_dtype,
         }
 
 
@@ -107,6 +110,7 @@ def fit_subspace(
     rank: int,
     rows: NDArray[np.integer] | None = None,
     basis_dtype: BasisDtype = "float32",
+    vector_dtype: VectorDtype = "float",
     block: int = 8192,
     variance_target: float | None = None,
 ) -> Subspace:
@@ -131,6 +135,8 @@ def fit_subspace(
     for cols in blocks:
         mean[cols] = _columns(samples, rows, cols).double().mean(dim=0).numpy()
     mean32 = mean.astype(np.float32)
+    if vector_dtype != "float":
+        mean32 = round_vector(MEAN, mean32, vector_dtype)
 
     gram = torch.zeros(s, s, dtype=torch.float64)
     for cols in blocks:
@@ -166,6 +172,8 @@ def fit_subspace(
         xc = _columns(samples, rows, cols) - torch.from_numpy(mean32[cols])
         r = xc - coeff32 @ torch.from_numpy(basis[:, cols])
         residual_std[cols] = (r.double().pow(2).sum(dim=0) / (s - 1)).sqrt().float().numpy()
+    if vector_dtype != "float":
+        residual_std = round_vector(RESIDUAL_STD, residual_std, vector_dtype)
 
     return Subspace(
         mean=mean32,
@@ -175,6 +183,7 @@ def fit_subspace(
         singular_values=sigma.numpy(),
         total_variance=total_variance,
         basis_dtype=basis_dtype,
+        vector_dtype=vector_dtype,
     )
 
 
