@@ -156,13 +156,17 @@ class Generator(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
         f32 = torch.float32
         self.register_buffer("basis", None if basis is None else basis.to(f32).contiguous())
-        self.register_buffer("mean", None if mean is None else mean.to(f32).contiguous())
-        # The generator draws with exactly the residual std the checkpoint will store and serve
-        # (float16, or int8 per group of 64 with ``vector_dtype`` int8).
-        if residual_std is not None:
-            stored = round_vector(RESIDUAL_STD, residual_std.detach().cpu().numpy(), vector_dtype)
-            residual_std = torch.from_numpy(stored).to(residual_std.device)
-        self.register_buffer("residual_std", residual_std)
+        # The generator draws with exactly the mean and residual std the checkpoint will store
+        # and serve (float32 and float16, or int8 per group of 64 with ``vector_dtype`` int8).
+
+        def stored(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            rounded = round_vector(name, t.detach().cpu().numpy(), vector_dtype)
+            return torch.from_numpy(rounded).to(t.device)
+
+        self.register_buffer("mean", stored(MEAN, mean))
+        self.register_buffer("residual_std", stored(RESIDUAL_STD, residual_std))
         ones, zeros = torch.ones(self.output_dim), torch.zeros(self.output_dim)
         self.register_buffer("scale", ones if scale is None else scale.to(f32).reshape(-1))
         self.register_buffer("shift", zeros if shift is None else shift.to(f32).reshape(-1))
