@@ -585,11 +585,16 @@ def encode_vector(name: str, vector: NDArray[np.floating], dtype: VectorDtype) -
     v = np.asarray(vector, dtype=np.float32)
     if dtype == "float":
         return {name: v.astype(np.float16 if name == RESIDUAL_STD else np.float32)}
-    groups = np.pad(v, (0, -len(v) % VECTOR_GROUP)).reshape(-1, VECTOR_GROUP)
+    groups = _vector_groups(v)
     peak = np.abs(groups).max(axis=1)
     scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(groups / scale[:, None]), -127, 127).astype(np.int8)
     return {name: q.reshape(-1)[: len(v)], VECTOR_SCALES[name]: scale}
+
+
+def _vector_groups(v: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``v (P,)`` zero-padded to ``(ceil(P / VECTOR_GROUP), VECTOR_GROUP)``."""
+    return np.pad(v, (0, -len(v) % VECTOR_GROUP)).reshape(-1, VECTOR_GROUP)
 
 
 def decode_vector(tensors: Mapping[str, NDArray[Any]], name: str) -> NDArray[np.float32]:
@@ -598,7 +603,7 @@ def decode_vector(tensors: Mapping[str, NDArray[Any]], name: str) -> NDArray[np.
     scale_name = VECTOR_SCALES[name]
     if scale_name not in tensors:
         return np.ascontiguousarray(v)
-    groups = np.pad(v, (0, -len(v) % VECTOR_GROUP)).reshape(-1, VECTOR_GROUP)
+    groups = _vector_groups(v)
     scale = np.asarray(tensors[scale_name], dtype=np.float32)[:, None]
     return np.ascontiguousarray((groups * scale).reshape(-1)[: len(v)])
 
