@@ -33,6 +33,7 @@ from apd.checkpoint import (
     META_KEY,
     RESIDUAL_STD,
     RESIDUAL_STD_SCALE,
+    VECTOR_GROUP,
     CheckpointError,
     Design,
     InputConvention,
@@ -217,21 +218,22 @@ def test_an_int8_basis_is_stored_in_8_bits_and_served_as_its_rounding(tmp_path: 
     np.testing.assert_array_equal(again[BASIS], stored[BASIS])
 
 
-def test_int8_vectors_round_each_group_of_64_on_its_own_scale() -> None:
+def test_int8_vectors_round_each_group_on_its_own_scale() -> None:
     rng = np.random.default_rng(3)
     # four groups of very different sizes (the last one short), one of them all zeros
-    v = rng.standard_normal(200) * np.repeat([1e-4, 1.0, 0.0, 30.0], [64, 64, 64, 8])
+    n = VECTOR_GROUP
+    v = rng.standard_normal(3 * n + 8) * np.repeat([1e-4, 1.0, 0.0, 30.0], [n, n, n, 8])
     v = v.astype(np.float32)
     stored = encode_vector(MEAN, v, "int8")
     assert stored[MEAN].dtype == np.int8 and stored[MEAN_SCALE].shape == (4,)
     got = decode_vector(stored, MEAN)
     for g in range(4):  # the reference, one group at a time
-        part = v[64 * g : 64 * g + 64].astype(np.float64)
+        part = v[n * g : n * g + n].astype(np.float64)
         peak = np.abs(part).max()
         step = peak / 127 if peak > 0 else 1.0
         want = np.round(part / step) * step
-        np.testing.assert_allclose(got[64 * g : 64 * g + 64], want, rtol=1e-6, atol=1e-12)
-        assert np.abs(got[64 * g : 64 * g + 64] - part).max() <= step / 2 * (1 + 1e-6)
+        np.testing.assert_allclose(got[n * g : n * g + n], want, rtol=1e-6, atol=1e-12)
+        assert np.abs(got[n * g : n * g + n] - part).max() <= step / 2 * (1 + 1e-6)
     # a standard deviation stays non-negative, and rounding twice is rounding once
     std = encode_vector(RESIDUAL_STD, np.abs(v), "int8")
     assert std[RESIDUAL_STD].min() >= 0

@@ -133,7 +133,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=get_args(VectorDtype),
         default=None,
         help="how it stores the mean and residual std (float: float32 and float16; int8: "
-        "8 bits and one scale per 64 entries, for a large network in a few MB)",
+        "8 bits and one scale per 128 entries, for a large network in a few MB)",
     )
     gan.add_argument("--max-samples", type=int, default=None, help="SGLD samples to train on")
     gan.add_argument("--eval-every", type=int, default=None, help="steps between validations")

@@ -157,7 +157,7 @@ class Generator(nn.Module):
         f32 = torch.float32
         self.register_buffer("basis", None if basis is None else basis.to(f32).contiguous())
         # The generator draws with exactly the mean and residual std the checkpoint will store
-        # and serve (float32 and float16, or int8 per group of 64 with ``vector_dtype`` int8).
+        # and serve (float32 and float16, or int8 per group of 128 with ``vector_dtype`` int8).
 
         def stored(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
