@@ -13,7 +13,7 @@ Tensors (float32 unless noted; weights are ``(fan_in, fan_out)`` and a layer is 
         The offset of the generated weights.
     ``generator.residual_std`` (P,) float16 (optional)
         Per-weight standard deviation of independent Gaussian noise added to the output.
-    ``generator.mean_scale``, ``generator.residual_std_scale`` (ceil(P / 64),) (with int8 vectors)
+    ``generator.mean_scale``, ``generator.residual_std_scale`` (ceil(P / 128),) (int8 vectors)
         With ``vector_dtype`` int8 the mean and residual std are int8, each group of
         :data:`VECTOR_GROUP` entries times its own scale (:func:`decode_vector`).
     ``support.mean`` (D,), ``support.components`` (r, D) float16, ``support.variances`` (r,)
