@@ -37,7 +37,9 @@ multiplied by s):
   Gaussian noise per weight with the standard deviation of what the projection leaves out
   of the run's samples, as a checkpoint's residual adds it (NumPy seed 0); ``--residual
   only``: with residual noise only (the design a checkpoint with ``--residual-scales 1``
-  serves).
+  serves). For a ``--bits`` basis ``_res`` is the float basis's residual; ``_ownres`` is what
+  the rounded basis itself leaves out of the run's samples, the rounding's loss included (what
+  a checkpoint fitting its residual after rounding would serve).
 
 ``--ood-size N`` takes the first N images of each OOD set and of the MNIST test split (default
 all 10,000): the AUROCs of a subset, for a quicker survey of many subspaces.
@@ -131,6 +133,27 @@ def project(
     offset64, directions64 = offset.astype(np.float64), directions.astype(np.float64)
     codes, *_ = np.linalg.lstsq(directions64.T, (theta - offset64).T, rcond=None)
     return (offset64 + codes.T @ directions64).astype(np.float32)
+
+
+def residual_std_of(
+    offset: NDArray[np.float32],
+    directions: NDArray[np.float32],
+    theta: NDArray[np.float32],
+    chunk: int = 100,
+) -> NDArray[np.float32]:
+    """Per weight, the standard deviation over all rows of ``theta (S, P)`` of what
+    :func:`project` onto ``offset + span(directions)`` leaves out: the residual noise of that
+    subspace as its own (for a rounded basis, the rounding's loss included), in chunks."""
+    total = np.zeros(theta.shape[1], np.float64)
+    squares = np.zeros(theta.shape[1], np.float64)
+    for start in range(0, len(theta), chunk):
+        part = np.asarray(theta[start : start + chunk], dtype=np.float32)
+        left = (part - project(offset, directions, part)).astype(np.float64)
+        total += left.sum(axis=0)
+        squares += np.square(left).sum(axis=0)
+    n = len(theta)
+    var = np.maximum(squares / n - np.square(total / n), 0.0) * n / max(n - 1, 1)
+    return np.sqrt(var).astype(np.float32)
 
 
 class KroneckerSubspace:
@@ -382,8 +405,13 @@ def main() -> None:
             for bits in args.bits:
                 name = f"proj_r{rank}_b{bits}"
                 rounded = round_bits(sub.basis, bits)
-                # residual noise: the float basis's (the rounding's loss not added)
+                # residual noise: the float basis's (the rounding's loss not added) ...
                 add(name, project(sub.mean, rounded, samples), sub.residual_std)
+                if args.residual:  # ... and the rounded basis's own (``_ownres``)
+                    own = residual_std_of(sub.mean, rounded, store.theta)
+                    eps = noise_rng.standard_normal(samples.shape, dtype=np.float32)
+                    projected = project(sub.mean, rounded, samples)
+                    thetas[f"{name}_ownres"] = torch.from_numpy(projected + own * eps)
                 structure[name] = {
                     "directions": rank,
                     "basis_numbers": rank * spec.num_params,

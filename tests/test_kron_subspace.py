@@ -69,3 +69,18 @@ def test_bit_rounding_meets_maxs_gaussian_distortion() -> None:
         assert len(np.unique(group)) <= 2**bits and not np.any(group == 0)
     odd = np.random.default_rng(2).standard_normal((2, 100)).astype(np.float32)  # a partial group
     assert round_bits(odd, 4).shape == (2, 100)
+
+
+def test_own_residual_is_the_std_of_what_the_dense_projector_leaves_out() -> None:
+    from scale5_noise import residual_std_of
+
+    rng = np.random.default_rng(5)
+    theta = rng.standard_normal((30, 12)).astype(np.float32)
+    offset = rng.standard_normal(12).astype(np.float32)
+    directions = rng.standard_normal((3, 12)).astype(np.float32)  # not orthonormal
+    d = directions.astype(np.float64)
+    projector = d.T @ np.linalg.solve(d @ d.T, d)  # onto the row space of the directions
+    left = (theta - offset) @ (np.eye(12) - projector)
+    want = left.std(axis=0, ddof=1)
+    got = residual_std_of(offset, directions, theta, chunk=7)  # chunks that do not divide 30
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
