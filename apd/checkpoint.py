@@ -88,6 +88,9 @@ VECTOR_SCALES: Final = {MEAN: MEAN_SCALE, RESIDUAL_STD: RESIDUAL_STD_SCALE}
 VECTOR_GROUP: Final = 128
 """Entries of an int8 mean or residual std that share one scale (128, the group size common in
 8- and 4-bit weight quantisation: a scale costs 4 bytes per 128 one-byte entries, 3 %)."""
+LEGACY_VECTOR_GROUP: Final = 64
+"""The group of the first int8-vector checkpoints (written 2026-12-07), still read: a file's
+group is the one whose count of scales its length implies (:func:`vector_group`)."""
 PROBE_INPUTS: Final = "probe.inputs"
 PROBE_PROBABILITIES: Final = "probe.probabilities"
 PROBE_MI: Final = "probe.mutual_information"
@@ -577,25 +580,36 @@ def round_basis(basis: NDArray[np.floating], dtype: BasisDtype) -> NDArray[np.fl
     return decode_basis(encode_basis(basis, dtype))
 
 
-def encode_vector(name: str, vector: NDArray[np.floating], dtype: VectorDtype) -> Tensors:
+def encode_vector(
+    name: str, vector: NDArray[np.floating], dtype: VectorDtype, group: int = VECTOR_GROUP
+) -> Tensors:
     """The stored tensors of the generator's :data:`MEAN` or :data:`RESIDUAL_STD` ``(P,)``:
-    float (the mean float32, the residual std float16), or int8: each group of
-    :data:`VECTOR_GROUP` entries rounded to the nearest of 255 levels, symmetric, with one
+    float (the mean float32, the residual std float16), or int8: each group of ``group``
+    (:data:`VECTOR_GROUP`) entries rounded to the nearest of 255 levels, symmetric, with one
     float32 scale ``max |group| / 127`` (1 for a group of zeros) in ``VECTOR_SCALES[name]``.
     A non-negative vector stays non-negative."""
     v = np.asarray(vector, dtype=np.float32)
     if dtype == "float":
         return {name: v.astype(np.float16 if name == RESIDUAL_STD else np.float32)}
-    groups = _vector_groups(v)
+    groups = _vector_groups(v, group)
     peak = np.abs(groups).max(axis=1)
     scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(groups / scale[:, None]), -127, 127).astype(np.int8)
     return {name: q.reshape(-1)[: len(v)], VECTOR_SCALES[name]: scale}
 
 
-def _vector_groups(v: NDArray[np.float32]) -> NDArray[np.float32]:
-    """``v (P,)`` zero-padded to ``(ceil(P / VECTOR_GROUP), VECTOR_GROUP)``."""
-    return np.pad(v, (0, -len(v) % VECTOR_GROUP)).reshape(-1, VECTOR_GROUP)
+def _vector_groups(v: NDArray[np.float32], group: int) -> NDArray[np.float32]:
+    """``v (P,)`` zero-padded to ``(ceil(P / group), group)``."""
+    return np.pad(v, (0, -len(v) % group)).reshape(-1, group)
+
+
+def vector_group(num_entries: int, num_scales: int) -> int | None:
+    """The group (:data:`VECTOR_GROUP`, else :data:`LEGACY_VECTOR_GROUP`) of an int8 vector of
+    ``num_entries`` stored with ``num_scales`` scales; None if neither gives that count."""
+    for group in (VECTOR_GROUP, LEGACY_VECTOR_GROUP):
+        if -(-num_entries // group) == num_scales:
+            return group
+    return None
 
 
 def decode_vector(tensors: Mapping[str, NDArray[Any]], name: str) -> NDArray[np.float32]:
@@ -604,8 +618,11 @@ def decode_vector(tensors: Mapping[str, NDArray[Any]], name: str) -> NDArray[np.
     scale_name = VECTOR_SCALES[name]
     if scale_name not in tensors:
         return np.ascontiguousarray(v)
-    groups = _vector_groups(v)
     scale = np.asarray(tensors[scale_name], dtype=np.float32)[:, None]
+    group = vector_group(len(v), len(scale))
+    if group is None:
+        raise ValueError(f"{len(scale)} scales fit no group of {len(v)} entries of {name}")
+    groups = _vector_groups(v, group)
     return np.ascontiguousarray((groups * scale).reshape(-1)[: len(v)])
 
 
@@ -656,9 +673,11 @@ def _validate_tensors(meta: CheckpointMeta, tensors: Tensors) -> None:
         expected[RESIDUAL_STD] = (p,)
     dtypes = {BASIS: g.basis_dtype, RESIDUAL_STD: "float16", support.COMPONENTS: "float16"}
     if g.vector_dtype == "int8":
-        groups = -(-p // VECTOR_GROUP)
         vectors = [name for name in VECTOR_SCALES if name in expected]
-        expected |= {VECTOR_SCALES[name]: (groups,) for name in vectors}
+        for name in vectors:  # this format's group, or the legacy one where the scales say so
+            stored = tensors.get(VECTOR_SCALES[name])
+            n = stored.shape[0] if stored is not None and stored.ndim == 1 else 0
+            expected[VECTOR_SCALES[name]] = (n if vector_group(p, n) else -(-p // VECTOR_GROUP),)
         dtypes |= dict.fromkeys(vectors, "int8")
     d, c = meta.input.input_dim, meta.target.spec().num_classes
     if meta.data_support is not None:

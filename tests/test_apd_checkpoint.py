@@ -244,6 +244,25 @@ def test_int8_vectors_round_each_group_on_its_own_scale() -> None:
     assert encode_vector(RESIDUAL_STD, v, "float")[RESIDUAL_STD].dtype == np.float16
 
 
+def test_int8_vectors_of_the_first_format_still_decode_on_their_groups_of_64() -> None:
+    from apd.checkpoint import LEGACY_VECTOR_GROUP, vector_group
+
+    v = np.random.default_rng(4).standard_normal(300).astype(np.float32)
+    v[64:128] *= 100.0  # a group of 64 with its own scale: only its own step rounds it
+    legacy = encode_vector(MEAN, v, "int8", group=LEGACY_VECTOR_GROUP)
+    assert legacy[MEAN_SCALE].shape == (5,) and vector_group(300, 5) == LEGACY_VECTOR_GROUP
+    got = decode_vector(legacy, MEAN)
+    for g in range(5):  # the reference, one group of 64 at a time
+        part = v[64 * g : 64 * g + 64].astype(np.float64)
+        step = np.abs(part).max() / 127
+        np.testing.assert_allclose(
+            got[64 * g : 64 * g + 64], np.round(part / step) * step, rtol=1e-6
+        )
+    assert vector_group(300, 3) == VECTOR_GROUP and vector_group(300, 4) is None
+    with pytest.raises(ValueError, match="scales fit no group"):
+        decode_vector({MEAN: legacy[MEAN], MEAN_SCALE: legacy[MEAN_SCALE][:4]}, MEAN)
+
+
 def test_int8_vectors_are_stored_in_a_quarter_of_the_bytes_and_served_as_trained(
     tmp_path: Path,
 ) -> None:
