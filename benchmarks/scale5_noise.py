@@ -405,12 +405,12 @@ def main() -> None:
             for bits in args.bits:
                 name = f"proj_r{rank}_b{bits}"
                 rounded = round_bits(sub.basis, bits)
+                projected = project(sub.mean, rounded, samples)
                 # residual noise: the float basis's (the rounding's loss not added) ...
-                add(name, project(sub.mean, rounded, samples), sub.residual_std)
+                add(name, projected, sub.residual_std)
                 if args.residual:  # ... and the rounded basis's own (``_ownres``)
                     own = residual_std_of(sub.mean, rounded, store.theta)
                     eps = noise_rng.standard_normal(samples.shape, dtype=np.float32)
-                    projected = project(sub.mean, rounded, samples)
                     thetas[f"{name}_ownres"] = torch.from_numpy(projected + own * eps)
                 structure[name] = {
                     "directions": rank,
